@@ -1,0 +1,106 @@
+"""profilerd probes: step timing hooks that run inside a PyTorch training process.
+
+Importing this package imports only the standard library; torch is imported by ``install()``.
+
+    import probes
+    probes.install()            # or: with probes.profile(): train()
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from probes import core, paths
+from probes.transport import DatagramSender
+
+__all__ = ["install", "installed", "profile", "uninstall"]
+
+log = logging.getLogger("probes")
+_registered_atexit = False
+
+
+def installed() -> bool:
+    return core.active() is not None
+
+
+def install(socket_path: str | os.PathLike[str] | None = None) -> bool:
+    """Install the probes in this process; returns False (with a warning) if it cannot.
+
+    Safe to call twice. The daemon's socket defaults to $PROFILERD_SOCKET or the per-user
+    runtime directory.
+    """
+    global _registered_atexit
+    if core.active() is not None:
+        return True
+    try:
+        sender = DatagramSender(Path(socket_path) if socket_path else paths.socket_path())
+        probe = core.StepProbe(sender)
+        core.set_active(probe)
+        probe.install()
+    except Exception as exc:  # never let profiling break the training script
+        core.disable(exc)
+        return False
+    if not _registered_atexit:
+        _registered_atexit = True
+        atexit.register(_flush_at_exit)
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+    return True
+
+
+def uninstall() -> None:
+    """Remove every hook and patch; sends the step in progress first."""
+    probe = core.active()
+    if probe is None:
+        return
+    try:
+        probe.flush()
+    except Exception as exc:
+        log.debug("flush on uninstall failed: %r", exc)
+    core.set_active(None)
+    try:
+        probe.uninstall()
+    finally:
+        probe.sender.close()
+
+
+@contextlib.contextmanager
+def profile(socket_path: str | os.PathLike[str] | None = None) -> Iterator[None]:
+    """Probe the training inside the ``with`` block only."""
+    install(socket_path)
+    try:
+        yield
+    finally:
+        uninstall()
+
+
+def _flush_at_exit() -> None:
+    probe = core.active()
+    if probe is not None:
+        try:
+            probe.flush()
+            probe.say_goodbye()
+        except Exception as exc:
+            log.debug("flush at exit failed: %r", exc)
+
+
+def _after_fork_in_child() -> None:
+    probe = core.active()
+    if probe is not None:
+        try:
+            probe.after_fork_in_child()
+        except Exception as exc:
+            core.disable(exc)
+
+
+def is_launcher_process() -> bool:
+    """True in torchrun's agent, which starts the ranks but trains nothing itself."""
+    main = sys.modules.get("__main__")
+    spec_name = getattr(getattr(main, "__spec__", None), "name", "") or ""
+    argv0 = os.path.basename(sys.argv[0]) if sys.argv else ""
+    return argv0 == "torchrun" or spec_name in ("torch.distributed.run", "torch.distributed.launch")

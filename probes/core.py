@@ -1,0 +1,561 @@
+"""Step timing inside the training process.
+
+A step runs from one step boundary to the next. Boundaries come from the global
+optimizer-step hooks; loops without an optimizer (hand-written updates, GradScaler skipping a
+step) fall back to "a new batch or a new forward pass after a backward pass". Inside a step the
+probe sums, on the training thread only:
+
+- data wait: time blocked in ``DataLoader.__next__``;
+- forward: time inside root modules (found once with short-lived global module hooks, then
+  timed with per-instance hooks so that PyTorch's fast path stays on for every other module);
+- backward: time inside ``torch.autograd.backward``;
+- optimizer: time between the optimizer's pre- and post-step hooks.
+
+Everything is host wall time from ``time.perf_counter``: the probe never synchronises the GPU.
+Every hook body is guarded; the first internal error disables the probe with one warning and
+the user's code carries on untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import warnings
+import weakref
+from typing import Any
+
+from probes import wire
+from probes.transport import DatagramSender
+
+log = logging.getLogger("probes")
+
+PROBE_VERSION = "0.1.0"
+# Steps at which the configuration snapshot is rebuilt and resent if it changed; later, every
+# CONFIG_REFRESH_STEPS. The first steps are where loaders, optimizers and autocast appear.
+CONFIG_STEPS = (1, 2, 3, 5, 10, 20, 50)
+CONFIG_REFRESH_STEPS = 500
+HELLO_REFRESH_S = 10.0
+REDISCOVERY_STEPS = 100
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def identity() -> dict[str, Any]:
+    """Who this process is within its job, from the launcher's environment."""
+    pid = os.getpid()
+    hostname = socket.gethostname()
+    job_id = (
+        os.environ.get("PROFILERD_JOB_ID")
+        or os.environ.get("TORCHELASTIC_RUN_ID")
+        or os.environ.get("SLURM_JOB_ID")
+        or f"{hostname}-{pid}"
+    )
+    return {
+        "pid": pid,
+        "job": job_id,
+        "run_id": os.environ.get("PROFILERD_RUN_ID") or job_id,
+        "rank": _env_int("RANK", 0),
+        "local_rank": _env_int("LOCAL_RANK", 0),
+        "world_size": _env_int("WORLD_SIZE", 1),
+        "hostname": hostname,
+        "argv": list(sys.argv)[:16],
+        "python": sys.version.split()[0],
+        "probe_version": PROBE_VERSION,
+    }
+
+
+class StepProbe:
+    """Owns the hooks of one process and the accumulators of the step in progress."""
+
+    def __init__(self, sender: DatagramSender) -> None:
+        import torch  # the probe is only installed once torch is importable
+
+        self._torch = torch
+        self.sender = sender
+        self.ident = identity()
+        self._started_unix_s = time.time()
+        self.train_thread = threading.main_thread().ident
+        self.enabled = True
+        self._handles: list[Any] = []
+        self._patches: list[tuple[Any, str, Any]] = []
+        self._root_modules: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._discovering = False
+        self._depth = 0
+        self._forward_start = 0.0
+        self._optimizer_start = 0.0
+        self._hello_sent_at = 0.0
+        self._seq = 0
+        self._next_discovery_step = 0
+        self._discovery_handles: list[Any] = []
+        self.step_index = 0
+        self.optimizer_seen = False
+        self._loader_config: dict[str, Any] = {}
+        self._optimizers: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._autocast: dict[str, Any] = {}
+        self._scaler_used = False
+        self._last_config: dict[str, Any] | None = None
+        self._reset_step(time.perf_counter())
+        self._step_start = None  # the first step starts at the first observed activity
+
+    # ---- step accumulators -------------------------------------------------------------
+    def _reset_step(self, start: float | None) -> None:
+        self._step_start = start
+        self.data_wait_s = 0.0
+        self.forward_s = 0.0
+        self.backward_s = 0.0
+        self.optimizer_s = 0.0
+        self.comm_s = 0.0
+        self._backward_seen = False
+        self._pending_close: float | None = None
+
+    def _activity(self, now: float) -> None:
+        """A new batch or forward pass: close the previous step if it has ended."""
+        if self._pending_close is not None:
+            self._close_step(self._pending_close, fallback=False)
+        elif self._backward_seen:
+            self._close_step(now, fallback=True)
+        if self._step_start is None:
+            self._step_start = now
+
+    def _close_step(self, end: float, fallback: bool) -> None:
+        start = self._step_start if self._step_start is not None else end
+        self.step_index += 1
+        if self._discovering and self.step_index >= 1:
+            self._finish_discovery()
+        if (
+            self._backward_seen
+            and self.forward_s == 0.0
+            and not self._discovering
+            and self.step_index >= self._next_discovery_step
+        ):
+            # A model we do not time yet (created or swapped later): find its root again,
+            # at most every REDISCOVERY_STEPS so a module-less loop pays nothing.
+            self._next_discovery_step = self.step_index + REDISCOVERY_STEPS
+            self._start_discovery()
+        self._maybe_hello()
+        if self.step_index in CONFIG_STEPS or self.step_index % CONFIG_REFRESH_STEPS == 0:
+            self._send_config()
+        self._seq += 1
+        datagram = wire.encode_step(
+            self.ident["pid"],
+            self.ident["rank"],
+            self._seq,
+            self.step_index,
+            time.time() - (time.perf_counter() - end),
+            end - start,
+            self.data_wait_s,
+            self.forward_s,
+            self.backward_s,
+            self.optimizer_s,
+            self.comm_s,
+            self.sender.dropped_total,
+            wire.FLAG_FALLBACK_BOUNDARY if fallback else 0,
+        )
+        self.sender.send(datagram)
+        self._reset_step(end)
+
+    def flush(self) -> None:
+        """Close the step in progress if it has ended (at exit or uninstall)."""
+        if self._pending_close is not None:
+            self._close_step(self._pending_close, fallback=False)
+        elif self._backward_seen:
+            self._close_step(time.perf_counter(), fallback=True)
+
+    def say_goodbye(self) -> None:
+        """At interpreter exit: tells the daemon this process ended normally."""
+        if self.step_index > 0:
+            body = {"pid": self.ident["pid"], "kind": "exit", "steps": self.step_index}
+            self.sender.send(wire.encode_json(wire.KIND_EVENT, body))
+
+    # ---- messages ----------------------------------------------------------------------
+    def _maybe_hello(self) -> None:
+        """Say who we are at the start, periodically, and after the daemon comes back."""
+        now = time.monotonic()
+        if self.sender.reconnected or now - self._hello_sent_at > HELLO_REFRESH_S:
+            self._hello_sent_at = now
+            body = dict(self.ident, started_unix_s=self._started_unix_s)
+            self.sender.send(wire.encode_json(wire.KIND_HELLO, body))
+            if self._last_config is not None:  # a restarted daemon needs the config again
+                self.sender.send(wire.encode_json(wire.KIND_CONFIG, self._last_config))
+            self.sender.reconnected = False
+
+    def _send_config(self) -> None:
+        config = self.config_snapshot()
+        if config != self._last_config:
+            self._last_config = config
+            self.sender.send(wire.encode_json(wire.KIND_CONFIG, config))
+
+    def config_snapshot(self) -> dict[str, Any]:
+        torch = self._torch
+        config: dict[str, Any] = {
+            "pid": self.ident["pid"],
+            "torch_version": torch.__version__,
+            "cuda_available": bool(torch.cuda.is_available()),
+            "cpu_capability": _safe(lambda: torch.backends.cpu.get_cpu_capability()),
+            "num_threads": torch.get_num_threads(),
+            "dataloader": dict(self._loader_config) or None,
+            "autocast": dict(self._autocast) or {"enabled": False},
+            "grad_scaler": self._scaler_used,
+            "tf32": {
+                "matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+                "cudnn": bool(torch.backends.cudnn.allow_tf32),
+                "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            },
+            "rank": self.ident["rank"],
+            "world_size": self.ident["world_size"],
+        }
+        config["optimizers"] = [_describe_optimizer(opt) for opt in list(self._optimizers)[:4]]
+        models = [_describe_model(torch, module) for module in list(self._root_modules)[:4]]
+        config["models"] = [m for m in models if m["parameters"] > 0]
+        devices = {m["device"] for m in config["models"]}
+        config["device_type"] = "cuda" if "cuda" in devices else (devices.pop() if devices else None)
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            config["distributed"] = {
+                "backend": str(dist.get_backend()),
+                "rank": dist.get_rank(),
+                "world_size": dist.get_world_size(),
+            }
+        return config
+
+    # ---- hook bodies (hot path) ----------------------------------------------------------
+    def on_loader_next_start(self, now: float) -> None:
+        self._activity(now)
+
+    def on_forward_pre(self, module: Any) -> None:
+        if threading.get_ident() != self.train_thread:
+            return
+        if self._depth == 0:
+            now = time.perf_counter()
+            self._activity(now)
+            self._forward_start = now
+            if self._discovering:
+                self._root_modules.add(module)
+            if self.step_index < 3 or self.step_index % CONFIG_REFRESH_STEPS == 0:
+                self._sample_autocast(module)
+        self._depth += 1
+
+    def on_forward_post(self) -> None:
+        if threading.get_ident() != self.train_thread or self._depth == 0:
+            return
+        self._depth -= 1
+        if self._depth == 0:
+            self.forward_s += time.perf_counter() - self._forward_start
+
+    def on_backward(self, duration: float) -> None:
+        self.backward_s += duration
+        self._backward_seen = True
+
+    def on_optimizer_pre(self, optimizer: Any) -> None:
+        self._optimizer_start = time.perf_counter()
+        if optimizer not in self._optimizers:
+            self._optimizers.add(optimizer)
+
+    def on_optimizer_post(self) -> None:
+        now = time.perf_counter()
+        self.optimizer_s += now - self._optimizer_start
+        self.optimizer_seen = True
+        self._pending_close = now
+
+    # ---- configuration captured on the way ---------------------------------------------
+    def note_loader(self, loader: Any) -> None:
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        self._loader_config = {
+            "num_workers": int(loader.num_workers),
+            "pin_memory": bool(loader.pin_memory),
+            "prefetch_factor": loader.prefetch_factor,
+            "persistent_workers": bool(loader.persistent_workers),
+            "batch_size": loader.batch_size
+            if loader.batch_size is not None
+            else getattr(batch_sampler, "batch_size", None),
+            "dataset": type(loader.dataset).__name__,
+        }
+
+    def _sample_autocast(self, module: Any) -> None:
+        torch = self._torch
+        device_type = _module_device_type(module) or "cpu"
+        try:
+            enabled = bool(torch.is_autocast_enabled(device_type))
+            dtype = str(torch.get_autocast_dtype(device_type)).replace("torch.", "")
+        except (RuntimeError, TypeError):
+            return
+        self._autocast = {"enabled": enabled, "dtype": dtype if enabled else None}
+
+    # ---- discovery of root modules -------------------------------------------------------
+    def _start_discovery(self) -> None:
+        mod = self._torch.nn.modules.module
+        self._discovery_handles = [
+            mod.register_module_forward_pre_hook(_global_forward_pre),
+            mod.register_module_forward_hook(_global_forward_post, always_call=True),
+        ]
+        self._discovering = True
+
+    def _finish_discovery(self) -> None:
+        for handle in self._discovery_handles:
+            handle.remove()
+        self._discovery_handles = []
+        self._discovering = False
+        for module in list(self._root_modules):
+            if getattr(module, "_profilerd_hooked", False):
+                continue
+            self._handles.append(module.register_forward_pre_hook(_instance_forward_pre))
+            self._handles.append(
+                module.register_forward_hook(_instance_forward_post, always_call=True)
+            )
+            module._profilerd_hooked = True
+
+    # ---- install / uninstall -----------------------------------------------------------
+    def install(self) -> None:
+        torch = self._torch
+        import torch.optim.optimizer as optim_mod
+        from torch.utils.data import dataloader as dl
+
+        self._patch(dl._BaseDataLoaderIter, "__next__", _make_loader_next(dl._BaseDataLoaderIter.__next__))
+        self._patch(dl._BaseDataLoaderIter, "__init__", _make_loader_init(dl._BaseDataLoaderIter.__init__))
+        self._patch(torch.autograd, "backward", _make_backward(torch.autograd.backward))
+        scaler_cls = torch.amp.grad_scaler.GradScaler
+        self._patch(scaler_cls, "update", _make_scaler_update(scaler_cls.update))
+        self._handles.append(optim_mod.register_optimizer_step_pre_hook(_optimizer_pre))
+        self._handles.append(optim_mod.register_optimizer_step_post_hook(_optimizer_post))
+        self._start_discovery()
+
+    def _patch(self, owner: Any, name: str, replacement: Any) -> None:
+        original = owner.__dict__[name] if name in getattr(owner, "__dict__", {}) else getattr(owner, name)
+        self._patches.append((owner, name, original))
+        setattr(owner, name, replacement)
+
+    def uninstall(self) -> None:
+        self.enabled = False
+        for handle in self._handles + getattr(self, "_discovery_handles", []):
+            handle.remove()
+        self._handles = []
+        self._discovery_handles = []
+        for module in list(self._root_modules):
+            if getattr(module, "_profilerd_hooked", False):
+                del module._profilerd_hooked
+        for owner, name, original in reversed(self._patches):
+            setattr(owner, name, original)
+        self._patches = []
+
+    def after_fork_in_child(self) -> None:
+        """Forked children (DataLoader workers, fork-started ranks) start from a clean slate."""
+        self.sender.reset_after_fork()
+        self.ident = identity()
+        self._started_unix_s = time.time()
+        self.train_thread = threading.get_ident()
+        self._seq = 0
+        self.step_index = 0
+        self._hello_sent_at = 0.0
+        self._depth = 0
+        self._reset_step(None)
+
+
+# ---- module-level hook functions: they look up the active probe, so uninstall is total ----
+_active: StepProbe | None = None
+_warned = False
+
+
+def active() -> StepProbe | None:
+    return _active
+
+
+def set_active(probe: StepProbe | None) -> None:
+    global _active
+    _active = probe
+
+
+def disable(exc: BaseException) -> None:
+    """Turn the probe off after an internal error: one warning, hooks removed, training goes on."""
+    global _active, _warned
+    probe, _active = _active, None
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"profilerd probes disabled after an internal error: {exc!r}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    if probe is not None:
+        try:
+            probe.uninstall()
+        except Exception as uninstall_exc:  # already failing; keep the user's code running
+            log.debug("uninstall after failure also failed: %r", uninstall_exc)
+
+
+def _make_loader_next(original: Any) -> Any:
+    perf_counter = time.perf_counter
+    get_ident = threading.get_ident
+
+    def __next__(self: Any) -> Any:
+        probe = _active
+        if probe is None or get_ident() != probe.train_thread:
+            return original(self)
+        start = perf_counter()
+        try:
+            probe.on_loader_next_start(start)
+        except Exception as exc:
+            disable(exc)
+            return original(self)
+        try:
+            return original(self)
+        finally:
+            probe.data_wait_s += perf_counter() - start
+
+    return __next__
+
+
+def _make_loader_init(original: Any) -> Any:
+    def __init__(self: Any, loader: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, loader, *args, **kwargs)
+        probe = _active
+        if probe is not None:
+            try:
+                probe.note_loader(loader)
+            except Exception as exc:
+                disable(exc)
+
+    return __init__
+
+
+def _make_backward(original: Any) -> Any:
+    perf_counter = time.perf_counter
+    get_ident = threading.get_ident
+
+    def backward(*args: Any, **kwargs: Any) -> Any:
+        probe = _active
+        if probe is None:
+            return original(*args, **kwargs)
+        if get_ident() != probe.train_thread and not probe.optimizer_seen and probe.step_index == 0:
+            probe.train_thread = get_ident()  # the training loop runs on another thread
+        start = perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            try:
+                if get_ident() == probe.train_thread:
+                    probe.on_backward(perf_counter() - start)
+            except Exception as exc:
+                disable(exc)
+
+    return backward
+
+
+def _make_scaler_update(original: Any) -> Any:
+    def update(self: Any, *args: Any, **kwargs: Any) -> Any:
+        probe = _active
+        if probe is not None:
+            probe._scaler_used = True
+        return original(self, *args, **kwargs)
+
+    return update
+
+
+def _optimizer_pre(optimizer: Any, args: Any, kwargs: Any) -> None:
+    probe = _active
+    if probe is not None and threading.get_ident() == probe.train_thread:
+        try:
+            probe.on_optimizer_pre(optimizer)
+        except Exception as exc:
+            disable(exc)
+
+
+def _optimizer_post(optimizer: Any, args: Any, kwargs: Any) -> None:
+    probe = _active
+    if probe is not None and threading.get_ident() == probe.train_thread:
+        try:
+            probe.on_optimizer_post()
+        except Exception as exc:
+            disable(exc)
+
+
+def _global_forward_pre(module: Any, args: Any) -> None:
+    probe = _active
+    if probe is not None:
+        try:
+            probe.on_forward_pre(module)
+        except Exception as exc:
+            disable(exc)
+
+
+def _global_forward_post(module: Any, args: Any, output: Any) -> None:
+    probe = _active
+    if probe is not None:
+        try:
+            probe.on_forward_post()
+        except Exception as exc:
+            disable(exc)
+
+
+_instance_forward_pre = _global_forward_pre
+_instance_forward_post = _global_forward_post
+
+
+# ---- descriptions for the configuration snapshot ------------------------------------------
+def _safe(getter: Any) -> Any:
+    try:
+        return getter()
+    except Exception:  # a missing attribute in some torch build is not worth failing for
+        return None
+
+
+def _module_device_type(module: Any) -> str | None:
+    for param in module.parameters():
+        return str(param.device.type)
+    return None
+
+
+def _describe_model(torch: Any, module: Any) -> dict[str, Any]:
+    dtypes: dict[str, int] = {}
+    count = 0
+    trainable = 0
+    device = None
+    has_conv2d = False
+    for param in module.parameters():
+        n = param.numel()
+        count += n
+        if param.requires_grad:
+            trainable += n
+        key = str(param.dtype).replace("torch.", "")
+        dtypes[key] = dtypes.get(key, 0) + n
+        device = device or str(param.device.type)
+    for sub in module.modules():
+        if isinstance(sub, torch.nn.Conv2d):
+            has_conv2d = True
+            break
+    description: dict[str, Any] = {
+        "class": type(module).__name__,
+        "parameters": count,
+        "trainable_parameters": trainable,
+        "parameter_dtypes": dtypes,
+        "device": device,
+        "compiled": type(module).__name__ == "OptimizedModule",
+        "has_conv2d": has_conv2d,
+    }
+    ddp_cls = _safe(lambda: torch.nn.parallel.DistributedDataParallel)
+    if ddp_cls is not None and isinstance(module, ddp_cls):
+        description["ddp"] = {
+            "bucket_cap_mb": round(module.bucket_bytes_cap / 2**20, 3),
+            "find_unused_parameters": bool(module.find_unused_parameters),
+            "static_graph": bool(module.static_graph),
+            "gradient_as_bucket_view": bool(module.gradient_as_bucket_view),
+        }
+    return description
+
+
+def _describe_optimizer(optimizer: Any) -> dict[str, Any]:
+    defaults = getattr(optimizer, "defaults", {})
+    wanted = ("lr", "momentum", "weight_decay", "betas", "eps", "foreach", "fused", "nesterov")
+    hyper = {k: defaults[k] for k in wanted if k in defaults}
+    if "lr" in hyper and not isinstance(hyper["lr"], int | float):
+        hyper["lr"] = _safe(lambda: float(hyper["lr"]))  # a tensor learning rate
+    params = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+    return {"class": type(optimizer).__name__, "hyperparameters": hyper, "parameters": params}

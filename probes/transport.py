@@ -1,0 +1,92 @@
+"""Non-blocking datagram sender: drop and count, never block, never raise."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import time
+from collections import Counter
+from pathlib import Path
+
+# How often to try again after the daemon was found absent; bounds how quickly probes
+# resume after a daemon restart and how much a missing daemon costs per step.
+RECONNECT_INTERVAL_S = 0.5
+
+
+class DatagramSender:
+    """Sends datagrams to the daemon's AF_UNIX socket.
+
+    The socket is connected so that a restarted daemon (a new socket file) shows up as
+    ECONNREFUSED, after which the sender reconnects at most every RECONNECT_INTERVAL_S.
+    Every message that cannot be sent is counted by reason in ``dropped``.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self.dropped: Counter[str] = Counter()
+        self.sent = 0
+        self._sock: socket.socket | None = None
+        self._next_attempt = 0.0
+        self.reconnected = False  # set when a (re)connection succeeds; the caller resends hello
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+    def _connect(self) -> bool:
+        now = time.monotonic()
+        if now < self._next_attempt:
+            return False
+        self._next_attempt = now + RECONNECT_INTERVAL_S
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            return False
+        self._sock = sock
+        self.reconnected = True
+        return True
+
+    def send(self, datagram: bytes) -> bool:
+        if self._sock is None and not self._connect():
+            self.dropped["daemon_absent"] += 1
+            return False
+        sock = self._sock
+        if sock is None:
+            return False
+        try:
+            sock.send(datagram)
+        except BlockingIOError:
+            self.dropped["daemon_busy"] += 1
+            return False
+        except OSError as exc:
+            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTCONN):
+                self.dropped["daemon_absent"] += 1
+            elif exc.errno == errno.EMSGSIZE:
+                self.dropped["oversized"] += 1
+                return False
+            else:
+                self.dropped["send_error"] += 1
+            self.close()
+            return False
+        self.sent += 1
+        return True
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+            self._sock = None
+
+    def reset_after_fork(self) -> None:
+        """A forked child must not share the parent's socket or counters."""
+        self._sock = None
+        self.dropped = Counter()
+        self.sent = 0
+        self._next_attempt = 0.0
+        self.reconnected = False
+

@@ -1,0 +1,147 @@
+"""The wire format between the probes and the daemon: one datagram per message.
+
+This module is the single definition of the format; the probes encode with it and the daemon
+decodes with it. It imports only the standard library because it runs inside training
+processes.
+
+Every datagram starts with a 4-byte header: the magic ``b"PF"``, the format version and the
+message kind. Step records, the hot path, are a fixed binary struct (cheap to pack and to
+unpack, ~0.3 µs each); rarer messages (hello, configuration, events) carry a JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+MAGIC = b"PF"
+VERSION = 1
+HEADER = struct.Struct("<2sBB")
+
+KIND_HELLO = 1
+KIND_STEP = 2
+KIND_CONFIG = 3
+KIND_EVENT = 4
+KIND_RUN_END = 5
+
+JSON_KINDS = {KIND_HELLO: "hello", KIND_CONFIG: "config", KIND_EVENT: "event", KIND_RUN_END: "run_end"}
+
+# pid, rank, seq, step, end_unix_s, step_s, data_wait_s, forward_s, backward_s, optimizer_s,
+# comm_s, sender_dropped, flags
+STEP = struct.Struct("<IiIQddddddd II")
+STEP_SIZE = HEADER.size + STEP.size
+
+# Large enough for any configuration snapshot, small enough to fit the default AF_UNIX
+# datagram limits with room to spare.
+MAX_DATAGRAM_BYTES = 64 * 1024
+
+FLAG_FALLBACK_BOUNDARY = 1  # the step was delimited without optimizer hooks
+FLAG_GRAD_SCALER_SKIPPED = 2
+
+
+class WireError(ValueError):
+    """A datagram that cannot be decoded; ``reason`` is a short, stable label for metrics."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class StepMessage:
+    """One training step as timed by the probes, durations in seconds of host wall time."""
+
+    pid: int
+    rank: int
+    seq: int
+    step: int
+    end_unix_s: float
+    step_s: float
+    data_wait_s: float
+    forward_s: float
+    backward_s: float
+    optimizer_s: float
+    comm_s: float
+    sender_dropped: int
+    flags: int
+
+
+@dataclass(frozen=True, slots=True)
+class JsonMessage:
+    """A hello, config, event or run_end message; ``body`` always has an integer ``pid``."""
+
+    kind: str
+    body: dict[str, Any]
+
+
+def encode_step(
+    pid: int,
+    rank: int,
+    seq: int,
+    step: int,
+    end_unix_s: float,
+    step_s: float,
+    data_wait_s: float,
+    forward_s: float,
+    backward_s: float,
+    optimizer_s: float,
+    comm_s: float,
+    sender_dropped: int,
+    flags: int = 0,
+) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, KIND_STEP) + STEP.pack(
+        pid & 0xFFFFFFFF,
+        rank,
+        seq & 0xFFFFFFFF,
+        step,
+        end_unix_s,
+        step_s,
+        data_wait_s,
+        forward_s,
+        backward_s,
+        optimizer_s,
+        comm_s,
+        min(sender_dropped, 0xFFFFFFFF),
+        flags,
+    )
+
+
+def encode_json(kind: int, body: dict[str, Any]) -> bytes:
+    if kind not in JSON_KINDS:
+        raise ValueError(f"kind {kind} is not a JSON message kind")
+    payload = json.dumps(body, separators=(",", ":"), default=str).encode()
+    return HEADER.pack(MAGIC, VERSION, kind) + payload
+
+
+def decode(datagram: bytes) -> StepMessage | JsonMessage:
+    """Decode one datagram or raise WireError with a reason label."""
+    if len(datagram) < HEADER.size:
+        raise WireError("truncated", f"{len(datagram)} bytes is shorter than the header")
+    if len(datagram) > MAX_DATAGRAM_BYTES:
+        raise WireError("oversized", f"{len(datagram)} bytes")
+    magic, version, kind = HEADER.unpack_from(datagram)
+    if magic != MAGIC:
+        raise WireError("bad_magic", repr(magic))
+    if version != VERSION:
+        raise WireError("bad_version", f"version {version}, expected {VERSION}")
+    if kind == KIND_STEP:
+        if len(datagram) != STEP_SIZE:
+            raise WireError("truncated", f"step record of {len(datagram)} bytes")
+        fields = STEP.unpack_from(datagram, HEADER.size)
+        message = StepMessage(*fields)
+        durations = fields[5:11]
+        # NaN fails every comparison, so `not d >= 0` rejects it as well as negatives.
+        if any(not d >= 0.0 or d > 1e6 for d in durations) or not message.end_unix_s > 0:
+            raise WireError("bad_value", "negative, NaN or absurd duration")
+        return message
+    if kind in JSON_KINDS:
+        try:
+            body = json.loads(datagram[HEADER.size :])
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise WireError("malformed", str(exc)) from None
+        if not isinstance(body, dict) or not isinstance(body.get("pid"), int):
+            raise WireError("bad_type", "JSON body must be an object with an integer pid")
+        return JsonMessage(JSON_KINDS[kind], body)
+    raise WireError("unknown_kind", f"kind {kind}")

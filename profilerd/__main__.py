@@ -1,0 +1,5 @@
+import sys
+
+from profilerd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Analysis: windows of steps -> features -> rules -> a verdict with evidence."""

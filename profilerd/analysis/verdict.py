@@ -1,0 +1,161 @@
+"""From features to a verdict: run every rule, pick the primary bottleneck, explain it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from profilerd.analysis.features import Features
+from profilerd.analysis.rules import REGISTRY, RuleSet
+from profilerd.model import SEVERITIES, Finding
+
+SCHEMA = "profilerd.verdict/v1"
+_SEVERITY_RANK = {name: i for i, name in enumerate(SEVERITIES)}
+_COST_KEY = {"data": "data_wait", "compute": "compute", "communication": "communication", "algorithm": "other"}
+_HEADLINE = {
+    "data": "DATA-BOUND",
+    "compute": "COMPUTE-BOUND",
+    "communication": "COMMUNICATION-BOUND",
+    "algorithm": "ALGORITHM",
+    "none": "NO VERDICT YET",
+}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    primary: str  # data | compute | communication | algorithm | none
+    severity: str  # ok | info | warning | critical
+    summary: str  # the one sentence a user reads first
+    features: Features
+    findings: tuple[Finding, ...] = ()
+    evaluated_unix_s: float = field(default_factory=time.time)
+
+    @property
+    def headline(self) -> str:
+        return _HEADLINE[self.primary]
+
+    def recommendations(self) -> list[dict[str, Any]]:
+        """Every recommendation of every finding, best estimated speedup first, ids unique."""
+        seen: dict[str, dict[str, Any]] = {}
+        for finding in self.findings:
+            for rec in finding.recommendations:
+                if rec.id not in seen or rec.estimated_speedup > seen[rec.id]["estimated_speedup"]:
+                    seen[rec.id] = dict(rec.to_json(), rule=finding.rule)
+        return sorted(seen.values(), key=lambda r: -r["estimated_speedup"])
+
+    def to_json(self, run_id: str, job: str | None = None, **extra: Any) -> dict[str, Any]:
+        f = self.features
+        document: dict[str, Any] = {
+            "schema": SCHEMA,
+            "run_id": run_id,
+            "job": job or run_id,
+            "primary": self.primary,
+            "severity": self.severity,
+            "summary": self.summary,
+            "fractions": {k: round(v, 4) for k, v in f.fractions.items()},
+            "phases": {k: round(v, 4) for k, v in f.phase_fractions.items()},
+            "steps": f.steps,
+            "ranks": f.ranks,
+            "duration_s": round(f.duration_s, 3),
+            "steps_per_s": round(f.steps_per_s, 3),
+            "step_time_s": {"p50": round(f.step_time_p50_s, 6), "p95": round(f.step_time_p95_s, 6),
+                            "mean": round(f.step_time_mean_s, 6)},
+            "findings": [finding.to_json() for finding in self.findings],
+            "recommendations": self.recommendations(),
+            "evaluated_unix_s": round(self.evaluated_unix_s, 3),
+        }
+        if f.ranks > 1 and not f.per_rank.empty:
+            document["per_rank"] = [
+                {
+                    "rank": int(row.rank),
+                    "steps": int(row.steps),
+                    "step_time_s": {"p50": round(float(row.step_time_p50_s), 6),
+                                    "p95": round(float(row.step_time_p95_s), 6)},
+                    "fractions": {
+                        "data_wait": round(float(row.data_wait_fraction), 4),
+                        "compute": round(float(row.compute_fraction), 4),
+                        "communication": round(float(row.communication_fraction), 4),
+                        "other": round(float(row.other_fraction), 4),
+                    },
+                }
+                for row in f.per_rank.itertuples()
+            ]
+        document.update(extra)
+        return document
+
+
+def evaluate(features: Features, ruleset: RuleSet) -> Verdict:
+    """One evaluation, no memory: the same input always gives the same verdict."""
+    missing_steps = features.steps < ruleset.min_steps
+    missing_time = features.duration_s < ruleset.min_seconds
+    if missing_steps or missing_time:
+        summary = (
+            f"Not enough evidence yet: {features.steps} of {ruleset.min_steps} steps, "
+            f"{features.duration_s:.1f} of {ruleset.min_seconds:.0f} s observed"
+        )
+        return Verdict("none", "ok", summary, features)
+    findings = []
+    for rule in REGISTRY.values():
+        finding = rule.check(features, ruleset.thresholds[rule.id], ruleset.assumptions)
+        if finding is not None:
+            findings.append(finding)
+    findings.sort(key=lambda f: (-_SEVERITY_RANK[f.severity], -features.fractions[_COST_KEY[f.category]]))
+    primary, severity = _choose_primary(features, findings)
+    summary = _summary(primary, features, findings)
+    return Verdict(primary, severity, summary, features, tuple(findings))
+
+
+def _choose_primary(features: Features, findings: list[Finding]) -> tuple[str, str]:
+    """The most severe warning-or-worse finding wins, ties going to the larger share of time;
+    without one, the job is bound by whatever takes the largest share (usually compute)."""
+    actionable = [f for f in findings if _SEVERITY_RANK[f.severity] >= _SEVERITY_RANK["warning"]]
+    if actionable:
+        return actionable[0].category, actionable[0].severity
+    shares = {category: features.fractions[key] for category, key in _COST_KEY.items()}
+    primary = max(shares, key=lambda c: shares[c])
+    severities = [f.severity for f in findings if f.category == primary]
+    return primary, severities[0] if severities else "ok"
+
+
+def _summary(primary: str, features: Features, findings: list[Finding]) -> str:
+    for finding in findings:
+        if finding.category == primary:
+            return f"{_HEADLINE[primary]}: {finding.evidence}"
+    share = features.fractions[_COST_KEY[primary]]
+    return f"{_HEADLINE[primary]}: {share:.0%} of step time; no inefficiency found"
+
+
+class VerdictTracker:
+    """Hysteresis for the live verdict: a new primary must win several evaluations in a row."""
+
+    def __init__(self, evaluations: int) -> None:
+        self.evaluations = evaluations
+        self.current: Verdict | None = None
+        self._candidate: str | None = None
+        self._count = 0
+
+    def update(self, fresh: Verdict) -> Verdict:
+        current = self.current
+        if current is None or current.primary == "none" or fresh.primary == current.primary:
+            self._candidate, self._count = None, 0
+            self.current = fresh
+            return fresh
+        if fresh.primary == "none":
+            # Evidence thinned out (an idle window): keep the last verdict, refreshed in time.
+            self.current = replace(current, evaluated_unix_s=fresh.evaluated_unix_s)
+            return self.current
+        if fresh.primary == self._candidate:
+            self._count += 1
+        else:
+            self._candidate, self._count = fresh.primary, 1
+        if self._count >= self.evaluations:
+            self._candidate, self._count = None, 0
+            self.current = fresh
+            return fresh
+        # Not yet: keep the shown category but with the fresh numbers behind it.
+        held = [f for f in fresh.findings if f.category == current.primary]
+        severity = held[0].severity if held else current.severity
+        self.current = replace(fresh, primary=current.primary, severity=severity,
+                               summary=_summary(current.primary, fresh.features, list(fresh.findings)))
+        return self.current

@@ -1,0 +1,433 @@
+"""The `profilerd` command line: serve, run, demo, report, runs, doctor.
+
+Exit codes: 0 success, 2 usage or configuration errors (with a message naming the problem),
+1 other failures; `run` and `demo` exit with the training command's own exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from probes import wire
+from profilerd import __version__
+from profilerd.analysis.rules import RuleSet, load_rules
+from profilerd.config import DaemonConfig, load
+from profilerd.report import render_findings, render_text
+
+log = logging.getLogger("profilerd")
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad flags, config or input: printed as `profilerd: error: ...` with exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"profilerd: error: {message}\n")
+
+
+def _daemon_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("daemon")
+    group.add_argument("--config", type=Path, help="TOML config file (default: $PROFILERD_CONFIG)")
+    group.add_argument("--host", dest="http_host", help="HTTP address (default 127.0.0.1)")
+    group.add_argument("--port", dest="http_port", type=int, help="HTTP port (default 9466; 0 = any free port)")
+    group.add_argument("--socket", dest="socket_path", help="probe socket path")
+    group.add_argument("--data-dir", dest="data_dir", help="where recordings go (default ~/.local/share/profilerd)")
+    group.add_argument("--rules", dest="rules_file", help="rules file overriding thresholds")
+    group.add_argument("--gpu", dest="gpu_backend", choices=["auto", "nvml", "none"], help="GPU backend")
+    group.add_argument("--no-record", dest="record", action="store_false", default=None,
+                       help="do not write recordings")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="profilerd", description="GPU telemetry and bottleneck profiler for PyTorch training.")
+    parser.add_argument("--version", action="version", version=f"profilerd {__version__}")
+    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    serve = sub.add_parser("serve", help="run the daemon in the foreground")
+    _daemon_flags(serve)
+
+    run = sub.add_parser("run", help="run a training command under profilerd",
+                         usage="profilerd run [options] -- CMD [ARGS...]")
+    _daemon_flags(run)
+    run.add_argument("--json", dest="json_path", type=Path, help="also write the verdict JSON here")
+    run.add_argument("--no-status", action="store_true", help="no live status line")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, help="the training command, after --")
+
+    demo = sub.add_parser("demo", help="run a bundled CPU job with a starved input pipeline")
+    _daemon_flags(demo)
+    demo.add_argument("--seconds", type=float, default=14.0, help="how long the demo trains")
+    demo.add_argument("--json", dest="json_path", type=Path)
+    demo.add_argument("--no-status", action="store_true")
+
+    report = sub.add_parser("report", help="rebuild the verdict of a recorded run")
+    report.add_argument("run", help="run id (or a unique prefix, 'latest', or a .sqlite path)")
+    report.add_argument("--format", choices=["text", "json"], default="text")
+    report.add_argument("-o", "--output", type=Path, help="write to this file instead of stdout")
+    report.add_argument("--data-dir", dest="data_dir")
+    report.add_argument("--rules", dest="rules_file")
+
+    runs = sub.add_parser("runs", help="list recordings, or prune them")
+    runs.add_argument("--json", action="store_true", help="machine-readable list")
+    runs.add_argument("--data-dir", dest="data_dir")
+    runs.add_argument("--older-than", help="prune runs older than this (e.g. 7d, 12h, 30m)")
+    runs.add_argument("--keep", type=int, help="prune all but the newest N runs")
+
+    sub.add_parser("doctor", help="what profilerd can see on this machine (GPUs, capabilities)")
+    return parser
+
+
+# ---- shared helpers ------------------------------------------------------------------------
+def _config(args: argparse.Namespace) -> DaemonConfig:
+    keys = ("http_host", "http_port", "socket_path", "data_dir", "rules_file", "gpu_backend", "record")
+    overrides = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    config, problems = load(getattr(args, "config", None), overrides)
+    if problems:
+        raise UsageError("invalid configuration:\n  " + "\n  ".join(problems))
+    return config
+
+
+def _rules(config: DaemonConfig) -> RuleSet:
+    ruleset, problems = load_rules(config.rules_file)
+    if problems:
+        raise UsageError("invalid rules:\n  " + "\n  ".join(problems))
+    return ruleset
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), format="profilerd: %(levelname)s %(message)s",
+                        stream=sys.stderr)
+
+
+def _duration_s(text: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhdw]?)", text.strip())
+    if not match:
+        raise UsageError(f"cannot read duration {text!r}: use e.g. 30m, 12h, 7d")
+    scale = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match.group(2)]
+    return float(match.group(1)) * scale
+
+
+# ---- serve -------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from profilerd.daemon import Daemon, DaemonError
+
+    config = _config(args)
+    daemon = Daemon(config, _rules(config))
+    try:
+        daemon.start()
+    except DaemonError as exc:
+        print(f"profilerd: {exc}", file=sys.stderr)
+        return 1
+    host, port = daemon.http_address
+    gpu_note = "" if daemon.store.gpu_available else f" (no-GPU mode: {daemon.store.gpu_unavailable_reason})"
+    print(f"profilerd {__version__} serving http://{host}:{port}/metrics, probes on {config.socket_path}{gpu_note}",
+          file=sys.stderr, flush=True)
+    return daemon.serve_until_signal()
+
+
+# ---- run -------------------------------------------------------------------------------------
+class _DaemonHandle:
+    """The daemon a run talks to: one already running for this user, or one started here."""
+
+    def __init__(self, config: DaemonConfig, ruleset: RuleSet) -> None:
+        from profilerd.daemon import Daemon, DaemonError, read_running_daemon
+
+        self.owned = None
+        running = read_running_daemon(config.runtime_dir)
+        if running:
+            self.base_url = f"http://{running['http_host']}:{running['http_port']}"
+            self.socket_path = Path(running.get("socket") or config.socket_path)
+            self.data_dir = Path(running.get("data_dir") or config.data_dir)
+            return
+        daemon = Daemon(config, ruleset)
+        try:
+            daemon.start()
+        except DaemonError as exc:
+            if "cannot listen" not in str(exc):
+                raise UsageError(str(exc)) from exc
+            # The default port is taken by something else: any free port will do for a run.
+            daemon = Daemon(replace(config, http_port=0), ruleset)
+            daemon.start()
+        self.owned = daemon
+        host, port = daemon.http_address
+        self.base_url = f"http://{host}:{port}"
+        self.socket_path = config.socket_path
+        self.data_dir = config.data_dir
+
+    def get(self, path: str, timeout: float = 1.0) -> dict[str, Any] | None:
+        try:
+            with urllib.request.urlopen(self.base_url + path, timeout=timeout) as response:
+                return json.loads(response.read())
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
+
+    def send(self, datagram: bytes) -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            try:
+                sock.sendto(datagram, str(self.socket_path))
+            except OSError as exc:
+                log.warning("could not reach the daemon at %s: %s", self.socket_path, exc)
+
+    def close(self) -> None:
+        if self.owned is not None:
+            self.owned.stop()
+
+
+def _bootstrap_dir() -> Path:
+    """A temporary PYTHONPATH entry with our sitecustomize and the probes package only.
+
+    Only these two go on the child's path, so a training job in another environment does not
+    see profilerd's own dependencies.
+    """
+    import probes
+
+    directory = Path(tempfile.mkdtemp(prefix="profilerd-boot-"))
+    package = Path(probes.__file__).parent
+    shutil.copy(package / "bootstrap" / "sitecustomize.py", directory / "sitecustomize.py")
+    (directory / "probes").symlink_to(package, target_is_directory=True)
+    return directory
+
+
+def _run_id(cmd: list[str]) -> str:
+    if "-m" in cmd[:-1]:
+        scripts = [cmd[cmd.index("-m") + 1].rsplit(".", 1)[-1]]
+    else:
+        words = [Path(c).stem for c in cmd if not c.startswith("-")]
+        scripts = [w for w in words if not re.fullmatch(r"python[\d.]*|torchrun|env", w)] or ["job"]
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", scripts[0]).strip("-")[:32] or "job"
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{secrets.token_hex(2)}"
+
+
+def _status_line(handle: _DaemonHandle, job: str) -> str:
+    document = handle.get(f"/api/v1/jobs/{job}?steps=0", timeout=0.3)
+    if document is None:
+        return "profilerd ▸ waiting for the first training step…"
+    verdict = document.get("verdict") or {}
+    rate = verdict.get("steps_per_s") or 0.0
+    return (f"profilerd ▸ {document['steps_total']} steps · {rate:.1f} steps/s · "
+            f"{document['summary'][:90]}")
+
+
+def _wait_for_child(child: subprocess.Popen[bytes], handle: _DaemonHandle, job: str, show_status: bool) -> int:
+    def forward(signum: int, frame: Any) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    width = shutil.get_terminal_size((100, 20)).columns - 1
+    try:
+        while True:
+            try:
+                return child.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                if show_status:
+                    sys.stderr.write("\r\x1b[2K" + _status_line(handle, job)[:width])
+                    sys.stderr.flush()
+    finally:
+        if show_status:
+            sys.stderr.write("\r\x1b[2K")
+            sys.stderr.flush()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_command(cmd: list[str], args: argparse.Namespace, config: DaemonConfig, ruleset: RuleSet) -> int:
+    from profilerd import runs
+
+    run_id = _run_id(cmd)
+    job = os.environ.get("PROFILERD_JOB_ID") or run_id
+    handle = _DaemonHandle(config, ruleset)
+    boot = _bootstrap_dir()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(boot), env.get("PYTHONPATH", "")) if p)
+    env.update({"PROFILERD_SOCKET": str(handle.socket_path), "PROFILERD_RUN_ID": run_id, "PROFILERD_JOB_ID": job})
+    try:
+        try:
+            child = subprocess.Popen(cmd, env=env)
+        except (FileNotFoundError, PermissionError) as exc:
+            print(f"profilerd: cannot run {cmd[0]!r}: {exc.strerror}", file=sys.stderr)
+            return 127 if isinstance(exc, FileNotFoundError) else 126
+        show_status = not args.no_status and sys.stderr.isatty()
+        code = _wait_for_child(child, handle, job, show_status)
+        handle.send(wire.encode_json(wire.KIND_RUN_END, {"pid": os.getpid(), "run_id": run_id, "exit_code": code}))
+        recording = _wait_for_recording(handle, run_id, config)
+        if recording is None:
+            print(f"profilerd: no training steps were recorded for `{' '.join(cmd)}`: "
+                  "did it import torch and run a training loop?", file=sys.stderr)
+            document = None
+        else:
+            verdict = runs.analyse(runs.load(recording), ruleset)
+            document = verdict.to_json(run_id, job, recording=str(recording), exit_code=code)
+            print(render_text(document), file=sys.stderr)
+        if args.json_path is not None:
+            _write_json(args.json_path, document or {"schema": "profilerd.verdict/v1", "run_id": run_id,
+                                                      "job": job, "primary": "none", "steps": 0,
+                                                      "error": "no training steps were recorded",
+                                                      "exit_code": code})
+        return code if code >= 0 else 128 - code
+    finally:
+        handle.close()
+        shutil.rmtree(boot, ignore_errors=True)
+
+
+def _wait_for_recording(handle: _DaemonHandle, run_id: str, config: DaemonConfig, timeout: float = 15.0) -> Path | None:
+    """Wait until the daemon has flushed and closed the run's recording."""
+    from profilerd.recording import recording_file
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = handle.get(f"/api/v1/runs/{run_id}")
+        if run is None:
+            if handle.get("/healthz") is not None:
+                return None  # the daemon never heard of this run: no probe ever said hello
+        elif run.get("state") in ("closed", "aborted"):
+            path = run.get("recording_path")
+            return Path(path) if path else None
+        time.sleep(0.1)
+    fallback = recording_file(handle.data_dir / "runs", run_id)
+    return fallback if fallback.exists() else None
+
+
+def _write_json(path: Path, document: dict[str, Any]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(document, indent=2) + "\n")
+    except OSError as exc:
+        print(f"profilerd: cannot write {path}: {exc.strerror}", file=sys.stderr)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise UsageError("no command to run: use `profilerd run -- python train.py`")
+    config = _config(args)
+    return run_command(cmd, args, config, _rules(config))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    config = _config(args)
+    print("profilerd demo: training a small model whose input pipeline is too slow "
+          f"({args.seconds:.0f} s)…", file=sys.stderr)
+    cmd = [sys.executable, "-m", "profilerd.demo.starved", "--seconds", str(args.seconds)]
+    return run_command(cmd, args, config, _rules(config))
+
+
+# ---- report / runs / doctor ----------------------------------------------------------------
+def cmd_report(args: argparse.Namespace) -> int:
+    from profilerd import runs
+
+    config = _config(args)
+    ruleset = _rules(config)
+    try:
+        path = runs.resolve(config.runs_dir, args.run)
+        recording = runs.load(path)
+    except runs.RecordingError as exc:
+        raise UsageError(str(exc)) from exc
+    verdict = runs.analyse(recording, ruleset)
+    exit_code = recording.meta.get("exit_code")
+    document = verdict.to_json(
+        recording.run_id, recording.job, recording=str(path),
+        exit_code=int(exit_code) if exit_code not in (None, "None") else None,
+    )
+    if args.format == "json":
+        output = json.dumps(document, indent=2) + "\n"
+    else:
+        output = render_text(document) + render_findings(document) + "\n"
+    if args.output:
+        try:
+            args.output.write_text(output)
+        except OSError as exc:
+            raise UsageError(f"cannot write {args.output}: {exc.strerror}") from exc
+    else:
+        sys.stdout.write(output)
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from profilerd import runs
+
+    config = _config(args)
+    if args.older_than is not None or args.keep is not None:
+        if args.keep is not None and args.keep < 0:
+            raise UsageError("--keep must be 0 or more")
+        older = _duration_s(args.older_than) if args.older_than else None
+        removed = runs.prune(config.runs_dir, older_than_s=older, keep=args.keep)
+        print(f"removed {len(removed)} recording(s)")
+        return 0
+    listing = runs.list_runs(config.runs_dir)
+    if args.json:
+        print(json.dumps([r.to_json() for r in listing], indent=2))
+        return 0
+    if not listing:
+        print(f"no recordings in {config.runs_dir}")
+        return 0
+    print(f"{'RUN':44} {'STARTED':19} {'DURATION':>9} {'STEPS':>7} {'STATE':8} VERDICT")
+    for r in listing:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started_unix_s)) if r.started_unix_s else "-"
+        duration = f"{(r.ended_unix_s - r.started_unix_s):.0f}s" if r.started_unix_s and r.ended_unix_s else "-"
+        print(f"{r.run_id[:44]:44} {started:19} {duration:>9} {r.steps:>7} {r.state:8} {r.primary or '-'}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from profilerd.samplers.gpu import open_backend
+
+    backend = open_backend("auto")
+    try:
+        try:
+            from profilerd.doctor import render_doctor
+        except ImportError:
+            print(f"GPU: {'available' if backend.available else backend.unavailable_reason}")
+            return 0
+        print(render_doctor(backend))
+    finally:
+        backend.close()
+    return 0
+
+
+COMMANDS = {
+    "serve": cmd_serve, "run": cmd_run, "demo": cmd_demo, "report": cmd_report, "runs": cmd_runs,
+    "doctor": cmd_doctor,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        print(f"profilerd: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Daemon configuration: defaults, then a TOML file, then environment, then command-line flags.
+
+``load()`` never raises on bad user input: it returns the config and a list of problems, each
+naming the key and where it came from, so the CLI can print them all at once and exit 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from probes import paths as probe_paths
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+# 9100 is node_exporter and 9400 dcgm-exporter; 9466 collides with neither.
+DEFAULT_HTTP_PORT = 9466
+CONFIG_ENV = "PROFILERD_CONFIG"
+
+
+def default_data_dir() -> Path:
+    override = os.environ.get("PROFILERD_DATA_DIR")
+    if override:
+        return Path(override)
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "profilerd"
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    socket_path: Path = dataclasses.field(default_factory=probe_paths.socket_path)
+    http_host: str = "127.0.0.1"
+    http_port: int = DEFAULT_HTTP_PORT
+    data_dir: Path = dataclasses.field(default_factory=default_data_dir)
+    record: bool = True
+    host_interval_s: float = 1.0
+    gpu_interval_s: float = 1.0
+    gpu_backend: str = "auto"  # auto | nvml | none
+    analysis_interval_s: float = 1.0
+    window_steps: int = 500  # steps kept per rank for live analysis
+    window_s: float = 120.0  # and no older than this
+    rules_file: Path | None = None
+    max_jobs: int = 256
+    retention_days: float | None = None  # prune recordings older than this at start
+
+    @property
+    def runtime_dir(self) -> Path:
+        return self.socket_path.parent
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.data_dir / "runs"
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "socket_path": (str,),
+    "http_host": (str,),
+    "http_port": (int,),
+    "data_dir": (str,),
+    "record": (bool,),
+    "host_interval_s": (int, float),
+    "gpu_interval_s": (int, float),
+    "gpu_backend": (str,),
+    "analysis_interval_s": (int, float),
+    "window_steps": (int,),
+    "window_s": (int, float),
+    "rules_file": (str,),
+    "max_jobs": (int,),
+    "retention_days": (int, float),
+}
+_PATH_KEYS = {"socket_path", "data_dir", "rules_file"}
+_ENV = {
+    "PROFILERD_SOCKET": "socket_path",
+    "PROFILERD_HTTP_HOST": "http_host",
+    "PROFILERD_HTTP_PORT": "http_port",
+    "PROFILERD_DATA_DIR": "data_dir",
+    "PROFILERD_RULES": "rules_file",
+    "PROFILERD_GPU_BACKEND": "gpu_backend",
+}
+
+
+def _coerce_env(key: str, raw: str) -> Any:
+    kind = _TYPES[key][0]
+    if kind is bool:
+        return raw.lower() in ("1", "true", "yes", "on")
+    if kind is int:
+        return int(raw)
+    if kind is float:
+        return float(raw)
+    return raw
+
+
+def _check(key: str, value: Any, source: str, problems: list[str]) -> bool:
+    if key not in _TYPES:
+        problems.append(f"{source}: unknown key '{key}'")
+        return False
+    wanted = _TYPES[key]
+    # bool is an int in Python; do not accept true for a port
+    if isinstance(value, bool) and bool not in wanted or not isinstance(value, wanted):
+        names = " or ".join(t.__name__ for t in wanted)
+        problems.append(f"{source}: '{key}' must be {names}, got {type(value).__name__} {value!r}")
+        return False
+    return True
+
+
+def validate(config: DaemonConfig) -> list[str]:
+    problems = []
+    if not 0 <= config.http_port <= 65535:
+        problems.append(f"http_port {config.http_port} is not a TCP port")
+    if not 0.1 <= config.gpu_interval_s <= 60:
+        problems.append("gpu_interval_s must be between 0.1 (10 Hz) and 60")
+    if not 0.05 <= config.host_interval_s <= 60:
+        problems.append("host_interval_s must be between 0.05 and 60")
+    if config.gpu_backend not in ("auto", "nvml", "none"):
+        problems.append(f"gpu_backend must be auto, nvml or none, got {config.gpu_backend!r}")
+    if config.window_steps < 20:
+        problems.append("window_steps must be at least 20")
+    if config.rules_file is not None and not config.rules_file.is_file():
+        problems.append(f"rules_file {config.rules_file} does not exist")
+    return problems
+
+
+def load(
+    file: Path | None = None, overrides: dict[str, Any] | None = None
+) -> tuple[DaemonConfig, list[str]]:
+    """Build the config; ``overrides`` come from flags and win over everything else."""
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    if file is None and os.environ.get(CONFIG_ENV):
+        file = Path(os.environ[CONFIG_ENV])
+    if file is not None:
+        try:
+            with open(file, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            problems.append(f"{file}: config file not found")
+            data = {}
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            problems.append(f"{file}: not valid TOML: {exc}")
+            data = {}
+        except OSError as exc:
+            problems.append(f"{file}: cannot read: {exc.strerror}")
+            data = {}
+        section = data.get("daemon", data)
+        if not isinstance(section, dict):
+            problems.append(f"{file}: [daemon] must be a table")
+            section = {}
+        for key, value in section.items():
+            if _check(key, value, str(file), problems):
+                values[key] = value
+    for env, key in _ENV.items():
+        raw = os.environ.get(env)
+        if raw:
+            try:
+                values[key] = _coerce_env(key, raw)
+            except ValueError:
+                problems.append(f"environment {env}={raw!r}: not a valid {_TYPES[key][0].__name__}")
+    for key, value in (overrides or {}).items():
+        if value is not None and _check(key, value, "command line", problems):
+            values[key] = value
+    for key in _PATH_KEYS:
+        if key in values and values[key] is not None:
+            values[key] = Path(values[key]).expanduser()
+    for key in ("host_interval_s", "gpu_interval_s", "analysis_interval_s", "window_s"):
+        if key in values:
+            values[key] = float(values[key])
+    config = DaemonConfig(**values)
+    problems.extend(validate(config))
+    return config, problems

@@ -1,0 +1,263 @@
+"""Build the daemon from its config and run its lifecycle.
+
+Config -> single-instance lock -> socket, recorder, samplers, analysis, HTTP -> wait for
+SIGTERM/SIGINT -> stop HTTP, join threads, flush the recording, close NVML -> exit code.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from profilerd import __version__
+from profilerd.analysis.live import LiveAnalyzer
+from profilerd.analysis.rules import RuleSet
+from profilerd.config import DaemonConfig
+from profilerd.exporters.http import DaemonHttpServer
+from profilerd.recording import Recorder
+from profilerd.samplers.gpu import GpuBackend, open_backend
+from profilerd.samplers.host import HostSampler, ProcessSampler
+from profilerd.samplers.ingest import Ingest, IngestError, bind_socket, prepare_runtime_dir
+from profilerd.samplers.loop import SamplerLoop
+from profilerd.store import Store
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "daemon.lock"
+INFO_NAME = "daemon.json"
+# A run whose processes are all gone is closed after this long without a run_end message.
+ORPHAN_GRACE_S = 3.0
+
+
+class DaemonError(RuntimeError):
+    """The daemon cannot start; the message is for the user."""
+
+
+def read_running_daemon(runtime_dir: Path) -> dict[str, Any] | None:
+    """The running daemon's address, or None if no daemon holds the lock."""
+    lock_path = runtime_dir / LOCK_NAME
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                return None
+            try:
+                return json.loads((runtime_dir / INFO_NAME).read_text())
+            except (OSError, ValueError):
+                return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig, ruleset: RuleSet, gpu_backend: GpuBackend | None = None) -> None:
+        self.config = config
+        self.ruleset = ruleset
+        self.stop_event = threading.Event()
+        self.store = Store(config.window_steps, config.window_s, config.max_jobs)
+        self._gpu = gpu_backend
+        self._lock_fd: int | None = None
+        self._threads: list[Any] = []
+        self.recorder: Recorder | None = None
+        self.http: DaemonHttpServer | None = None
+        self.ingest: Ingest | None = None
+
+    @property
+    def http_address(self) -> tuple[str, int]:
+        if self.http is None:
+            raise DaemonError("the daemon is not started")
+        host, port = self.http.server_address[:2]
+        return str(host), int(port)
+
+    # ---- start ---------------------------------------------------------------------------
+    def start(self) -> None:
+        cfg = self.config
+        try:
+            prepare_runtime_dir(cfg.runtime_dir)
+        except (OSError, IngestError) as exc:
+            raise DaemonError(f"cannot use runtime directory {cfg.runtime_dir}: {exc}") from exc
+        self._acquire_lock()
+        try:
+            self._start_components()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _acquire_lock(self) -> None:
+        path = self.config.runtime_dir / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            running = read_running_daemon(self.config.runtime_dir) or {}
+            where = f" (pid {running.get('pid')}, http://{running.get('http_host')}:{running.get('http_port')})" if running else ""
+            raise DaemonError(f"another profilerd daemon is already running for this user{where}") from None
+        self._lock_fd = fd
+
+    def _start_components(self) -> None:
+        cfg = self.config
+        store = self.store
+        if cfg.retention_days is not None:
+            from profilerd.runs import prune
+
+            prune(cfg.runs_dir, older_than_s=cfg.retention_days * 86400)
+        if cfg.record:
+            self.recorder = Recorder(cfg.runs_dir, on_closed=store.finish_run, on_status=self._recording_status)
+            try:
+                self.recorder.start()
+            except OSError as exc:
+                raise DaemonError(f"cannot create the data directory {cfg.runs_dir}: {exc.strerror}") from exc
+        try:
+            sock = bind_socket(cfg.socket_path)
+        except OSError as exc:
+            raise DaemonError(f"cannot bind the probe socket {cfg.socket_path}: {exc.strerror or exc}") from exc
+        self.ingest = Ingest(sock, store, self.recorder, self.stop_event)
+        self.ingest.start()
+        if self._gpu is None:
+            self._gpu = open_backend(cfg.gpu_backend)
+        store.gpu_available = self._gpu.available
+        store.gpu_unavailable_reason = self._gpu.unavailable_reason
+        if not self._gpu.available:
+            log.info("no-GPU mode: %s", self._gpu.unavailable_reason)
+        host = HostSampler()
+        processes = ProcessSampler(on_exit=store.mark_process_exited)
+        analyzer = LiveAnalyzer(store, self.ruleset, self.recorder)
+
+        def host_tick(now: float) -> None:
+            sample = host.sample(now)
+            store.set_host(sample)
+            samples = processes.sample(now, store.training_pids())
+            store.set_processes(samples)
+            if self.recorder is not None:
+                self.recorder.host(store.running_run_ids(), sample)
+                for proc in samples:
+                    session = store.session_for(proc.pid)
+                    if session is not None:
+                        self.recorder.process(session.run_id, proc)
+            self._close_orphaned_runs()
+
+        gpu = self._gpu
+
+        def gpu_tick(now: float) -> None:
+            samples = gpu.sample(now)
+            store.set_gpus(samples, gpu.drain_events())
+            if self.recorder is not None and samples:
+                run_ids = store.running_run_ids()
+                for sample in samples:
+                    self.recorder.gpu(run_ids, sample)
+
+        loops = [SamplerLoop("host", cfg.host_interval_s, host_tick, store, self.stop_event),
+                 SamplerLoop("analysis", cfg.analysis_interval_s, analyzer.tick, store, self.stop_event)]
+        if gpu.available:
+            loops.append(SamplerLoop("gpu", cfg.gpu_interval_s, gpu_tick, store, self.stop_event))
+        for loop in loops:
+            loop.start()
+        self._threads.extend(loops)
+        info = {"socket": str(cfg.socket_path), "data_dir": str(cfg.data_dir)}
+        try:
+            self.http = DaemonHttpServer((cfg.http_host, cfg.http_port), store, info)
+        except OSError as exc:
+            raise DaemonError(
+                f"cannot listen on {cfg.http_host}:{cfg.http_port}: {exc.strerror or exc} "
+                "(choose another with --port, or 0 for any free port)"
+            ) from exc
+        host_name, port = self.http_address
+        info.update({"http_host": host_name, "http_port": port})
+        self.http.serve_in_thread()
+        self._write_info({"pid": os.getpid(), "version": __version__, **info})
+        log.info("profilerd %s listening on http://%s:%d, probes on %s", __version__, host_name, port, cfg.socket_path)
+
+    def _write_info(self, info: dict[str, Any]) -> None:
+        path = self.config.runtime_dir / INFO_NAME
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, path)
+
+    def _recording_status(self, reason: str | None) -> None:
+        with self.store.lock:
+            self.store.recording_paused_reason = reason
+
+    def _close_orphaned_runs(self) -> None:
+        """Close runs whose processes are all gone without a run_end (killed, or not under `run`)."""
+        now = time.time()
+        store = self.store
+        with store.lock:
+            candidates = []
+            for job in store.jobs.values():
+                run = store.runs.get(job.run_id)
+                if run is None or run.state != "running" or not job.ranks:
+                    continue
+                if any(r.alive for r in job.ranks.values()):
+                    continue
+                last = max((r.last_step_unix_s for r in job.ranks.values()), default=0.0)
+                if now - max(last, job.first_seen_unix_s) > ORPHAN_GRACE_S:
+                    clean = all(r.clean_exit for r in job.ranks.values())
+                    candidates.append((job.run_id, clean))
+        for run_id, clean in candidates:
+            run = store.end_run(run_id, None if clean else -1, aborted=not clean)
+            if self.recorder is not None and run is not None:
+                self.recorder.close_run(run_id, run.final_state, run.exit_code)
+            else:
+                store.finish_run(run_id, None)
+
+    # ---- stop ----------------------------------------------------------------------------
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.http is not None:
+            self.http.shutdown()
+            self.http.server_close()
+        if self.ingest is not None:
+            self.ingest.join(2.0)
+            self.ingest.sock.close()
+            try:
+                if self.config.socket_path.exists():
+                    self.config.socket_path.unlink()
+            except OSError as exc:
+                log.debug("socket cleanup: %s", exc)
+            self.ingest = None
+        for thread in self._threads:
+            thread.join(2.0)
+        self._threads = []
+        if self.recorder is not None:
+            self.recorder.stop()
+            self.recorder = None
+        if self._gpu is not None:
+            self._gpu.close()
+        if self._lock_fd is not None:
+            try:
+                (self.config.runtime_dir / INFO_NAME).unlink()
+            except OSError:
+                pass
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def serve_until_signal(self) -> int:
+        """Run until SIGTERM or SIGINT, then shut down cleanly; returns the exit code."""
+        def on_signal(signum: int, frame: Any) -> None:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            self.stop_event.set()
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.stop_event.wait()
+        finally:
+            self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return 0

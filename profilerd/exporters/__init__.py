@@ -1,0 +1,1 @@
+"""Read-only views of the store: Prometheus metrics and the JSON API."""

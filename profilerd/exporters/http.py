@@ -1,0 +1,232 @@
+"""The daemon's HTTP server: /metrics, /healthz and the read-only JSON API under /api/v1/.
+
+Handlers only read the store's snapshots; nothing here calls NVML or waits on a sampler.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import asdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from profilerd import __version__
+from profilerd.exporters.prometheus import ProfilerdCollector
+from profilerd.store import Store
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1/"
+# Command lines can carry secrets; these patterns are masked in everything the API returns.
+_SECRET = re.compile(
+    r"(?i)((?:token|secret|password|passwd|api[_-]?key|access[_-]?key|auth)[A-Za-z_-]*[=:])\S+"
+)
+_BEARER = re.compile(r"(?i)\b(?:hf|ghp|gho|sk|xox[bp])[_-][A-Za-z0-9_-]{8,}")
+
+
+def redact(text: str) -> str:
+    return _BEARER.sub("[redacted]", _SECRET.sub(r"\1[redacted]", text))
+
+
+def redact_argv(argv: tuple[str, ...] | list[str]) -> list[str]:
+    """Mask values of secret-looking flags, including the `--token VALUE` two-word form."""
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            out.append("[redacted]")
+            hide_next = False
+            continue
+        out.append(redact(arg))
+        if re.fullmatch(r"(?i)--?[a-z_-]*(token|secret|password|api[_-]?key|access[_-]?key)", arg):
+            hide_next = True
+    return out
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class DaemonHttpServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], store: Store, info: dict[str, Any]) -> None:
+        self.store = store
+        self.info = info
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(ProfilerdCollector(store))
+        super().__init__(address, _Handler)
+
+    def serve_in_thread(self) -> threading.Thread:
+        thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2},
+                                  name="profilerd-http", daemon=True)
+        thread.start()
+        return thread
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: DaemonHttpServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("http %s - %s", self.address_string(), format % args)
+
+    def do_GET(self) -> None:
+        parts = urlsplit(self.path)
+        try:
+            if parts.path == "/metrics":
+                body = generate_latest(self.server.registry)
+                self._send(200, body, CONTENT_TYPE_LATEST)
+                return
+            if parts.path == "/healthz":
+                self._json(200, {"status": "ok", "uptime_s": round(time.time() - self.server.store.started_unix_s, 3)})
+                return
+            if parts.path.startswith(API_PREFIX):
+                query = parse_qs(parts.query, max_num_fields=20)
+                self._json(200, route(self.server, parts.path[len(API_PREFIX):], query))
+                return
+            raise ApiError(404, f"no such path: {parts.path}")
+        except ApiError as exc:
+            self._json(exc.status, {"error": str(exc), "status": exc.status})
+        except ValueError as exc:
+            self._json(400, {"error": str(exc), "status": 400})
+
+    def _refuse(self) -> None:
+        self._json(405, {"error": "the API is read-only: use GET", "status": 405})
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = _refuse
+
+    def _json(self, status: int, document: Any) -> None:
+        self._send(status, json.dumps(document, default=str).encode(), "application/json")
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def _int_param(query: dict[str, list[str]], name: str, default: int, low: int, high: int) -> int:
+    raw = query.get(name, [str(default)])[-1]
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, f"parameter {name} must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ApiError(400, f"parameter {name} must be between {low} and {high}")
+    return value
+
+
+def route(server: DaemonHttpServer, path: str, query: dict[str, list[str]]) -> Any:
+    store = server.store
+    segments = [unquote(s) for s in path.strip("/").split("/")] if path.strip("/") else []
+    if segments == ["status"]:
+        return status_document(server)
+    if segments == ["jobs"]:
+        return {"jobs": [job_summary(store, name) for name in store.job_names()]}
+    if len(segments) == 2 and segments[0] == "jobs":
+        steps = _int_param(query, "steps", 120, 0, 5000)
+        return job_document(store, segments[1], steps)
+    if segments == ["runs"]:
+        with store.lock:
+            return {"runs": [asdict(run) for run in store.runs.values()]}
+    if len(segments) == 2 and segments[0] == "runs":
+        with store.lock:
+            run = store.runs.get(segments[1])
+            if run is None:
+                raise ApiError(404, f"no run {segments[1]!r} in this daemon")
+            return asdict(run)
+    if segments == ["host"]:
+        with store.lock:
+            return {"host": asdict(store.host) if store.host else None}
+    if segments == ["gpus"]:
+        with store.lock:
+            return {
+                "available": store.gpu_available,
+                "reason": store.gpu_unavailable_reason,
+                "gpus": [asdict(g) for g in store.gpus],
+                "events": [asdict(e) for e in list(store.gpu_events)[-50:]],
+            }
+    raise ApiError(404, f"no such API path: {API_PREFIX}{path}")
+
+
+def status_document(server: DaemonHttpServer) -> dict[str, Any]:
+    store = server.store
+    with store.lock:
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            **server.info,
+            "uptime_s": round(time.time() - store.started_unix_s, 3),
+            "gpu_available": store.gpu_available,
+            "gpu_unavailable_reason": store.gpu_unavailable_reason,
+            "recording_paused": store.recording_paused_reason,
+            "messages_received": dict(store.received),
+            "messages_dropped": dict(store.dropped),
+            "jobs": len(store.jobs),
+        }
+
+
+def job_summary(store: Store, name: str) -> dict[str, Any]:
+    with store.lock:
+        job = store.jobs.get(name)
+        if job is None:
+            raise ApiError(404, f"no job {name!r}")
+        verdict = job.verdict
+        return {
+            "job": job.job,
+            "run_id": job.run_id,
+            "ranks": sorted(job.ranks),
+            "alive": any(r.alive for r in job.ranks.values()),
+            "steps_total": sum(r.steps_total for r in job.ranks.values()),
+            "primary": verdict.primary if verdict else "none",
+            "severity": verdict.severity if verdict else "ok",
+            "summary": verdict.summary if verdict else "waiting for steps",
+        }
+
+
+def job_document(store: Store, name: str, recent_steps: int) -> dict[str, Any]:
+    summary = job_summary(store, name)
+    with store.lock:
+        job = store.jobs[name]
+        verdict = job.verdict
+        ranks = []
+        for rank_id, rank in sorted(job.ranks.items()):
+            recent = list(rank.steps)[-recent_steps:] if recent_steps else []
+            ranks.append({
+                "rank": rank_id,
+                "pid": rank.session.pid,
+                "hostname": rank.session.hostname,
+                "argv": redact_argv(rank.session.argv),
+                "alive": rank.alive,
+                "steps_total": rank.steps_total,
+                "last_step_unix_s": rank.last_step_unix_s,
+                "recent_steps": [
+                    {"step": s.step, "end_unix_s": s.end_unix_s, "step_s": s.step_s,
+                     "data_wait_s": s.data_wait_s, "compute_s": s.forward_s + s.backward_s + s.optimizer_s,
+                     "comm_s": s.comm_s, "other_s": s.other_s}
+                    for s in recent
+                ],
+            })
+        pids = {r.session.pid for r in job.ranks.values()}
+        processes = [asdict(p) for p in store.processes.values() if p.pid in pids]
+        config = next((r.config for _, r in sorted(job.ranks.items()) if r.config), None)
+    document = dict(summary)
+    document["verdict"] = verdict.to_json(job.run_id, name) if verdict else None
+    document["rank_detail"] = ranks
+    document["processes"] = processes
+    document["config"] = config
+    return document

@@ -1,0 +1,180 @@
+"""A stateless Prometheus collector over the store's latest state.
+
+Every scrape builds the families from what the store holds now; nothing is pushed or removed
+by hand. Labels stay low-cardinality: job and rank for training series, never pid or hostname.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from profilerd import __version__
+from profilerd.model import CATEGORIES, SEVERITIES
+from profilerd.store import STEP_BUCKETS_S, Store
+
+PHASE_LABELS = {
+    "data_wait_s": "data_wait",
+    "forward_s": "forward",
+    "backward_s": "backward",
+    "optimizer_s": "optimizer",
+    "comm_s": "communication",
+    "other_s": "other",
+}
+
+
+class ProfilerdCollector(Collector):
+    def __init__(self, store: Store, recorder: Any = None) -> None:
+        self.store = store
+        self.recorder = recorder
+
+    def describe(self) -> Iterator[Metric]:
+        # Descriptions only; collect() decides what is present at scrape time.
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        store = self.store
+        with store.lock:
+            yield from self._daemon_metrics()
+            yield from self._training_metrics()
+            yield from self._host_metrics()
+            gpus = list(store.gpus)
+            gpu_available = store.gpu_available
+            events = dict(store.gpu_event_counts)
+        available = GaugeMetricFamily("profilerd_gpu_sampling_available", "1 when a GPU backend is active")
+        available.add_metric([], 1.0 if gpu_available else 0.0)
+        yield available
+        if gpus or events:
+            from profilerd.exporters.gpu_metrics import gpu_metric_families
+
+            yield from gpu_metric_families(gpus, events)
+
+    def _daemon_metrics(self) -> Iterator[Metric]:
+        store = self.store
+        info = InfoMetricFamily("profilerd_build", "profilerd build information")
+        info.add_metric([], {"version": __version__})
+        yield info
+        received = CounterMetricFamily(
+            "profilerd_probe_messages_received", "Probe messages accepted, by kind", labels=["kind"]
+        )
+        for kind, count in sorted(store.received.items()):
+            received.add_metric([kind], count)
+        yield received
+        dropped = CounterMetricFamily(
+            "profilerd_probe_messages_dropped", "Probe messages lost or rejected, by reason", labels=["reason"]
+        )
+        for reason, count in sorted(store.dropped.items()):
+            dropped.add_metric([reason], count)
+        yield dropped
+        errors = CounterMetricFamily("profilerd_sampler_errors", "Failed sampler cycles", labels=["sampler"])
+        lag = GaugeMetricFamily("profilerd_sampler_lag_seconds", "How late the last cycle started", labels=["sampler"])
+        duration = GaugeMetricFamily(
+            "profilerd_sampler_duration_seconds", "How long the last cycle took", labels=["sampler"]
+        )
+        for name, health in sorted(store.health.items()):
+            errors.add_metric([name], health.errors_total)
+            lag.add_metric([name], health.lag_s)
+            duration.add_metric([name], health.last_duration_s)
+        yield errors
+        yield lag
+        yield duration
+        paused = GaugeMetricFamily("profilerd_recording_paused", "1 while recording is paused (disk full, ...)")
+        paused.add_metric([], 1.0 if store.recording_paused_reason else 0.0)
+        yield paused
+
+    def _training_metrics(self) -> Iterator[Metric]:
+        store = self.store
+        steps = HistogramMetricFamily(
+            "profilerd_step_duration_seconds", "Training step time", labels=["job", "rank"]
+        )
+        phase_total = CounterMetricFamily(
+            "profilerd_step_phase_seconds", "Time spent per step phase", labels=["job", "rank", "phase"]
+        )
+        phase_ratio = GaugeMetricFamily(
+            "profilerd_step_phase_ratio", "Share of step time per phase over the analysis window",
+            labels=["job", "phase"],
+        )
+        last_step = GaugeMetricFamily(
+            "profilerd_last_step_timestamp_seconds", "When the rank last finished a step", labels=["job", "rank"]
+        )
+        verdict = GaugeMetricFamily(
+            "profilerd_verdict", "1 for the job's current bottleneck category", labels=["job", "category"]
+        )
+        severity = GaugeMetricFamily(
+            "profilerd_verdict_severity", "0 ok, 1 info, 2 warning, 3 critical", labels=["job"]
+        )
+        speedup = GaugeMetricFamily(
+            "profilerd_recommendation_estimated_speedup_ratio",
+            "Estimated whole-step speedup of each current recommendation", labels=["job", "recommendation"],
+        )
+        for job in store.jobs.values():
+            for rank_id, rank in sorted(job.ranks.items()):
+                labels = [job.job, str(rank_id)]
+                cumulative = 0
+                buckets = []
+                for bound, count in zip(STEP_BUCKETS_S, rank.bucket_counts, strict=False):
+                    cumulative += count
+                    buckets.append((_bound(bound), cumulative))
+                buckets.append(("+Inf", rank.steps_total))
+                steps.add_metric(labels, buckets, rank.step_seconds_sum)
+                for field, phase in PHASE_LABELS.items():
+                    phase_total.add_metric([*labels, phase], rank.phase_seconds_total[field])
+                if rank.last_step_unix_s:
+                    last_step.add_metric(labels, rank.last_step_unix_s)
+            current = job.verdict
+            if current is None:
+                continue
+            for phase, value in current.features.phase_fractions.items():
+                if current.features.steps:
+                    phase_ratio.add_metric([job.job, phase], value)
+            for category in (*CATEGORIES, "none"):
+                verdict.add_metric([job.job, category], 1.0 if current.primary == category else 0.0)
+            severity.add_metric([job.job], float(SEVERITIES.index(current.severity)))
+            for rec in current.recommendations():
+                speedup.add_metric([job.job, rec["id"]], rec["estimated_speedup"])
+        yield from (steps, phase_total, phase_ratio, last_step, verdict, severity, speedup)
+
+    def _host_metrics(self) -> Iterator[Metric]:
+        host = self.store.host
+        if host is not None:
+            cpu = GaugeMetricFamily("profilerd_host_cpu_utilization_ratio", "Busy share per core", labels=["cpu"])
+            for index, value in enumerate(host.cpu_per_core_ratio):
+                cpu.add_metric([str(index)], value)
+            yield cpu
+            yield _gauge("profilerd_host_memory_used_bytes", "Host memory in use", host.memory_used_bytes)
+            yield _gauge("profilerd_host_memory_total_bytes", "Host memory", host.memory_total_bytes)
+            if host.iowait_ratio is not None:
+                yield _gauge("profilerd_host_iowait_ratio", "Share of CPU time waiting for I/O", host.iowait_ratio)
+        trainer = GaugeMetricFamily(
+            "profilerd_process_cpu_cores", "CPU use in cores of training processes and their DataLoader workers",
+            labels=["job", "rank", "role"],
+        )
+        workers = GaugeMetricFamily("profilerd_dataloader_workers", "Live DataLoader workers", labels=["job", "rank"])
+        for sample in self.store.processes.values():
+            if not sample.alive or sample.cpu_ratio is None:
+                continue
+            labels = [sample.job, str(sample.rank)]
+            trainer.add_metric([*labels, "trainer"], sample.cpu_ratio)
+            trainer.add_metric([*labels, "dataloader_worker"], sample.workers_cpu_ratio)
+            workers.add_metric(labels, len(sample.worker_pids))
+        yield trainer
+        yield workers
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation)
+    family.add_metric([], value)
+    return family
+
+
+def _bound(value: float) -> str:
+    return repr(float(value))

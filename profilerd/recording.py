@@ -1,0 +1,299 @@
+"""Run recordings: one SQLite file (WAL) per run, written by a single background thread.
+
+Rows are queued by the samplers and committed every COMMIT_INTERVAL_S, so a kill -9 of the
+daemon loses at most about that much. A full disk or a read-only directory pauses recording
+with one warning; the rows wait (bounded) and are written once there is room again, while the
+live view carries on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import re
+import sqlite3
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from profilerd import __version__
+from profilerd.model import GpuSample, HostSample, ProbeSession, ProcessSample, StepRecord
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+COMMIT_INTERVAL_S = 0.25
+RETRY_INTERVAL_S = 2.0
+MAX_PENDING_ROWS = 2_000_000  # beyond this, rows are dropped and counted
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS sessions (
+    pid INTEGER, rank INTEGER, local_rank INTEGER, world_size INTEGER, hostname TEXT,
+    argv TEXT, started_unix_s REAL, probe_version TEXT);
+CREATE TABLE IF NOT EXISTS steps (
+    end_unix_s REAL, rank INTEGER, pid INTEGER, step INTEGER, step_s REAL, data_wait_s REAL,
+    forward_s REAL, backward_s REAL, optimizer_s REAL, comm_s REAL, flags INTEGER);
+CREATE TABLE IF NOT EXISTS configs (ts_unix_s REAL, pid INTEGER, rank INTEGER, config TEXT);
+CREATE TABLE IF NOT EXISTS host_samples (
+    ts_unix_s REAL, cpu_count INTEGER, cpu_ratio REAL, iowait_ratio REAL,
+    memory_used_bytes INTEGER, memory_total_bytes INTEGER, load1 REAL, cpu_per_core TEXT);
+CREATE TABLE IF NOT EXISTS process_samples (
+    ts_unix_s REAL, pid INTEGER, rank INTEGER, alive INTEGER, cpu_ratio REAL, rss_bytes INTEGER,
+    num_workers INTEGER, workers_cpu_ratio REAL, worker_cpu_max_ratio REAL);
+CREATE TABLE IF NOT EXISTS gpu_samples (
+    ts_unix_s REAL, gpu_index INTEGER, uuid TEXT, name TEXT, lost INTEGER,
+    utilization_gpu_ratio REAL, memory_used_bytes INTEGER, memory_total_bytes INTEGER,
+    power_watts REAL, power_limit_watts REAL, temperature_celsius REAL,
+    sm_active_ratio REAL, tensor_active_ratio REAL, sample TEXT);
+CREATE TABLE IF NOT EXISTS verdicts (ts_unix_s REAL, job TEXT, primary_category TEXT,
+    severity TEXT, verdict TEXT);
+CREATE TABLE IF NOT EXISTS events (ts_unix_s REAL, kind TEXT, detail TEXT);
+CREATE INDEX IF NOT EXISTS steps_by_time ON steps (end_unix_s);
+"""
+
+INSERTS = {
+    "sessions": "INSERT INTO sessions VALUES (?,?,?,?,?,?,?,?)",
+    "steps": "INSERT INTO steps VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+    "configs": "INSERT INTO configs VALUES (?,?,?,?)",
+    "host_samples": "INSERT INTO host_samples VALUES (?,?,?,?,?,?,?,?)",
+    "process_samples": "INSERT INTO process_samples VALUES (?,?,?,?,?,?,?,?,?)",
+    "gpu_samples": "INSERT INTO gpu_samples VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+    "verdicts": "INSERT INTO verdicts VALUES (?,?,?,?,?)",
+    "events": "INSERT INTO events VALUES (?,?,?)",
+}
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def recording_file(runs_dir: Path, run_id: str) -> Path:
+    """The file of a run; run ids are sanitised so a hostile id cannot escape the directory."""
+    safe = _SAFE_NAME.sub("_", run_id).strip("._") or "run"
+    return runs_dir / f"{safe[:120]}.sqlite"
+
+
+def open_recording(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.executescript(SCHEMA)
+    return conn
+
+
+def step_row(step: StepRecord) -> tuple[Any, ...]:
+    return (
+        step.end_unix_s, step.rank, step.pid, step.step, step.step_s, step.data_wait_s,
+        step.forward_s, step.backward_s, step.optimizer_s, step.comm_s, step.flags,
+    )
+
+
+class Recorder:
+    """Queues rows per run and commits them from one thread."""
+
+    def __init__(
+        self,
+        runs_dir: Path,
+        on_closed: Callable[[str, str], None] | None = None,
+        on_status: Callable[[str | None], None] | None = None,
+    ) -> None:
+        self.runs_dir = runs_dir
+        self._queue: queue.SimpleQueue[tuple[str, str, Any]] = queue.SimpleQueue()
+        self._conns: dict[str, sqlite3.Connection] = {}
+        self._pending: dict[str, dict[str, list[Any]]] = defaultdict(lambda: defaultdict(list))
+        self._pending_rows = 0
+        self._closing: dict[str, dict[str, Any]] = {}
+        self._on_closed = on_closed
+        self._on_status = on_status
+        self._paused_reason: str | None = None
+        self._next_retry = 0.0
+        self.rows_written = 0
+        self.rows_dropped = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="profilerd-recorder", daemon=True)
+
+    # ---- producers (any thread) --------------------------------------------------------
+    def start_run(self, run_id: str, meta: dict[str, Any]) -> None:
+        self._queue.put((run_id, "_start", meta))
+
+    def add(self, run_id: str, table: str, row: tuple[Any, ...]) -> None:
+        self._queue.put((run_id, table, row))
+
+    def step(self, run_id: str, step: StepRecord) -> None:
+        self._queue.put((run_id, "steps", step_row(step)))
+
+    def session(self, session: ProbeSession) -> None:
+        row = (
+            session.pid, session.rank, session.local_rank, session.world_size, session.hostname,
+            json.dumps(list(session.argv)), session.started_unix_s, session.probe_version,
+        )
+        self._queue.put((session.run_id, "sessions", row))
+
+    def config(self, run_id: str, pid: int, rank: int, config: dict[str, Any]) -> None:
+        self._queue.put((run_id, "configs", (time.time(), pid, rank, json.dumps(config))))
+
+    def host(self, run_ids: list[str], sample: HostSample) -> None:
+        row = (
+            sample.ts_unix_s, sample.cpu_count, sample.cpu_ratio, sample.iowait_ratio,
+            sample.memory_used_bytes, sample.memory_total_bytes, sample.load1,
+            json.dumps([round(c, 4) for c in sample.cpu_per_core_ratio]),
+        )
+        for run_id in run_ids:
+            self._queue.put((run_id, "host_samples", row))
+
+    def process(self, run_id: str, sample: ProcessSample) -> None:
+        ratios = sample.worker_cpu_ratios
+        row = (
+            sample.ts_unix_s, sample.pid, sample.rank, int(sample.alive), sample.cpu_ratio,
+            sample.rss_bytes, len(sample.worker_pids), sample.workers_cpu_ratio,
+            max(ratios) if ratios else None,
+        )
+        self._queue.put((run_id, "process_samples", row))
+
+    def gpu(self, run_ids: list[str], sample: GpuSample) -> None:
+        full = asdict(sample)
+        row = (
+            sample.ts_unix_s, sample.index, sample.uuid, sample.name, int(sample.lost),
+            sample.utilization_gpu_ratio, sample.memory_used_bytes, sample.memory_total_bytes,
+            sample.power_watts, sample.power_limit_watts, sample.temperature_celsius,
+            sample.sm_active_ratio, sample.tensor_active_ratio, json.dumps(full, default=str),
+        )
+        for run_id in run_ids:
+            self._queue.put((run_id, "gpu_samples", row))
+
+    def event(self, run_id: str, kind: str, detail: dict[str, Any]) -> None:
+        self._queue.put((run_id, "events", (time.time(), kind, json.dumps(detail, default=str))))
+
+    def close_run(self, run_id: str, state: str, exit_code: int | None) -> None:
+        self._queue.put((run_id, "_close", {"state": state, "exit_code": exit_code}))
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        self.runs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Write what is queued, close every open run as it stands, and stop."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+    @property
+    def paused_reason(self) -> str | None:
+        return self._paused_reason
+
+    # ---- writer thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            stopping = self._stop.wait(COMMIT_INTERVAL_S)
+            self._drain()
+            self._flush()
+            if stopping:
+                for conn in self._conns.values():
+                    try:
+                        conn.close()
+                    except sqlite3.Error as exc:
+                        log.debug("closing a recording failed: %s", exc)
+                self._conns.clear()
+                return
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                run_id, table, payload = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if table == "_close":
+                self._closing[run_id] = payload
+                continue
+            if self._pending_rows >= MAX_PENDING_ROWS and table != "_start":
+                self.rows_dropped += 1
+                continue
+            self._pending[run_id][table].append(payload)
+            self._pending_rows += 1
+
+    def _conn(self, run_id: str) -> sqlite3.Connection:
+        conn = self._conns.get(run_id)
+        if conn is None:
+            conn = self._conns[run_id] = open_recording(recording_file(self.runs_dir, run_id))
+            conn.execute(
+                "INSERT OR IGNORE INTO meta VALUES (?, ?), (?, ?), (?, ?), (?, ?)",
+                ("schema_version", str(SCHEMA_VERSION), "run_id", run_id,
+                 "profilerd_version", __version__, "state", "running"),
+            )
+        return conn
+
+    def _flush(self) -> None:
+        now = time.monotonic()
+        if self._paused_reason is not None and now < self._next_retry:
+            return
+        for run_id in list(self._pending):
+            tables = self._pending[run_id]
+            try:
+                conn = self._conn(run_id)
+                conn.execute("BEGIN")
+                for meta in tables.pop("_start", []):
+                    conn.executemany(
+                        "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                        [(k, str(v)) for k, v in meta.items()],
+                    )
+                for table, rows in tables.items():
+                    conn.executemany(INSERTS[table], rows)
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback(run_id)
+                self._pause(f"recording paused: {exc} (in {self.runs_dir})")
+                self._next_retry = now + RETRY_INTERVAL_S
+                return
+            written = sum(len(rows) for rows in tables.values())
+            self.rows_written += written
+            self._pending_rows -= written
+            del self._pending[run_id]
+        self._resume()
+        for run_id in list(self._closing):
+            self._finish(run_id, self._closing.pop(run_id))
+
+    def _rollback(self, run_id: str) -> None:
+        conn = self._conns.pop(run_id, None)
+        if conn is not None:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                log.debug("rollback failed: %s", exc)
+            conn.close()
+
+    def _pause(self, reason: str) -> None:
+        if self._paused_reason is None:
+            log.warning("%s; the live view continues and recording resumes when possible", reason)
+        self._paused_reason = reason
+        if self._on_status:
+            self._on_status(reason)
+
+    def _resume(self) -> None:
+        if self._paused_reason is not None:
+            log.warning("recording resumed")
+            self._paused_reason = None
+            if self._on_status:
+                self._on_status(None)
+
+    def _finish(self, run_id: str, close: dict[str, Any]) -> None:
+        path = recording_file(self.runs_dir, run_id)
+        try:
+            conn = self._conn(run_id)
+            conn.executemany(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                [("state", close["state"]), ("exit_code", str(close["exit_code"])),
+                 ("ended_unix_s", str(time.time()))],
+            )
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            conn.close()
+            del self._conns[run_id]
+        except sqlite3.Error as exc:
+            self._pause(f"recording paused: {exc} (closing {run_id})")
+            self._closing[run_id] = close
+            return
+        if self._on_closed:
+            self._on_closed(run_id, str(path))

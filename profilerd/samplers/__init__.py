@@ -1,0 +1,1 @@
+"""Samplers write into the store: probe ingest, host and processes, GPUs."""

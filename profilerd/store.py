@@ -1,0 +1,278 @@
+"""The daemon's in-memory state: bounded rings of steps per rank and the latest snapshots.
+
+Samplers write, analysis reads windows and writes verdicts, exporters and the API only read.
+All access goes through one lock held for short, allocation-light sections.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from profilerd.model import GpuEvent, GpuSample, HostSample, ProbeSession, ProcessSample, StepRecord
+
+# Step-time histogram buckets (seconds): from fast CPU loops to multi-second LLM steps.
+STEP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+PHASE_FIELDS = ("data_wait_s", "forward_s", "backward_s", "optimizer_s", "comm_s")
+
+
+@dataclass
+class RankState:
+    session: ProbeSession
+    steps: deque[StepRecord]
+    steps_total: int = 0
+    phase_seconds_total: dict[str, float] = field(default_factory=lambda: dict.fromkeys((*PHASE_FIELDS, "other_s"), 0.0))
+    step_seconds_sum: float = 0.0
+    bucket_counts: list[int] = field(default_factory=lambda: [0] * (len(STEP_BUCKETS_S) + 1))
+    config: dict[str, Any] | None = None
+    last_step_unix_s: float = 0.0
+    last_seq: int = 0
+    sender_dropped: int = 0
+    alive: bool = True
+    clean_exit: bool = False
+
+
+@dataclass
+class JobState:
+    job: str
+    run_id: str
+    ranks: dict[int, RankState] = field(default_factory=dict)
+    verdict: Any = None  # profilerd.analysis.verdict.Verdict, set by analysis
+    first_seen_unix_s: float = field(default_factory=time.time)
+
+
+@dataclass
+class RunState:
+    run_id: str
+    job: str
+    state: str = "running"  # running -> closing (flushing the recording) -> closed | aborted
+    final_state: str = "closed"
+    exit_code: int | None = None
+    started_unix_s: float = field(default_factory=time.time)
+    ended_unix_s: float | None = None
+    recording_path: str | None = None
+
+
+@dataclass
+class SamplerHealth:
+    cycles_total: int = 0
+    errors_total: int = 0
+    lag_s: float = 0.0
+    last_duration_s: float = 0.0
+    last_error: str | None = None
+
+
+class Store:
+    def __init__(self, window_steps: int = 500, window_s: float = 120.0, max_jobs: int = 256) -> None:
+        self.lock = threading.Lock()
+        self.window_steps = window_steps
+        self.window_s = window_s
+        self.max_jobs = max_jobs
+        self.started_unix_s = time.time()
+        self.sessions: dict[int, ProbeSession] = {}
+        self.jobs: dict[str, JobState] = {}
+        self.runs: dict[str, RunState] = {}
+        self.received: Counter[str] = Counter()
+        self.dropped: Counter[str] = Counter()
+        self.host: HostSample | None = None
+        self.host_history: deque[HostSample] = deque(maxlen=600)
+        self.processes: dict[int, ProcessSample] = {}
+        self.process_history: deque[ProcessSample] = deque(maxlen=20_000)
+        self.gpus: list[GpuSample] = []
+        self.gpu_available = False
+        self.gpu_unavailable_reason: str | None = None
+        self.gpu_events: deque[GpuEvent] = deque(maxlen=1000)
+        self.gpu_event_counts: Counter[tuple[int, str]] = Counter()
+        self.health: dict[str, SamplerHealth] = {}
+        self.recording_paused_reason: str | None = None
+
+    # ---- ingest side -----------------------------------------------------------------
+    def add_session(self, session: ProbeSession) -> bool:
+        """Register a hello; False if the job table is full (the sender is then dropped)."""
+        with self.lock:
+            job = self.jobs.get(session.job)
+            if job is None:
+                if len(self.jobs) >= self.max_jobs and not self._evict_finished_job():
+                    return False
+                job = self.jobs[session.job] = JobState(session.job, session.run_id)
+            if session.run_id not in self.runs:
+                self.runs[session.run_id] = RunState(session.run_id, session.job)
+            self.sessions[session.pid] = session
+            rank = job.ranks.get(session.rank)
+            if rank is None or rank.session.pid != session.pid:
+                job.ranks[session.rank] = RankState(session, deque(maxlen=self.window_steps))
+            else:
+                rank.session = session
+                rank.alive = True
+            return True
+
+    def _evict_finished_job(self) -> bool:
+        for name, job in self.jobs.items():
+            if not any(r.alive for r in job.ranks.values()):
+                del self.jobs[name]
+                return True
+        return False
+
+    def add_step(self, step: StepRecord, seq: int, sender_dropped: int) -> None:
+        with self.lock:
+            job = self.jobs.get(step.job)
+            rank = job.ranks.get(step.rank) if job else None
+            if rank is None:
+                self.dropped["unknown_sender"] += 1
+                return
+            if rank.last_seq and seq > rank.last_seq + 1:
+                self.dropped["sequence_gap"] += seq - rank.last_seq - 1
+            rank.last_seq = seq
+            if sender_dropped > rank.sender_dropped:
+                self.dropped["sender_side"] += sender_dropped - rank.sender_dropped
+            rank.sender_dropped = sender_dropped
+            rank.steps.append(step)
+            rank.steps_total += 1
+            rank.last_step_unix_s = step.end_unix_s
+            totals = rank.phase_seconds_total
+            totals["data_wait_s"] += step.data_wait_s
+            totals["forward_s"] += step.forward_s
+            totals["backward_s"] += step.backward_s
+            totals["optimizer_s"] += step.optimizer_s
+            totals["comm_s"] += step.comm_s
+            totals["other_s"] += step.other_s
+            rank.step_seconds_sum += step.step_s
+            bucket = 0
+            for bound in STEP_BUCKETS_S:
+                if step.step_s <= bound:
+                    break
+                bucket += 1
+            rank.bucket_counts[bucket] += 1
+            self.received["step"] += 1
+
+    def set_config(self, pid: int, config: dict[str, Any]) -> bool:
+        with self.lock:
+            session = self.sessions.get(pid)
+            if session is None:
+                return False
+            rank = self.jobs[session.job].ranks.get(session.rank)
+            if rank is not None:
+                rank.config = config
+            return True
+
+    def session_for(self, pid: int) -> ProbeSession | None:
+        return self.sessions.get(pid)
+
+    def count_received(self, kind: str) -> None:
+        with self.lock:
+            self.received[kind] += 1
+
+    def count_dropped(self, reason: str, n: int = 1) -> None:
+        with self.lock:
+            self.dropped[reason] += n
+
+    def set_host(self, sample: HostSample) -> None:
+        with self.lock:
+            self.host = sample
+            self.host_history.append(sample)
+
+    def set_processes(self, samples: list[ProcessSample]) -> None:
+        with self.lock:
+            self.processes = {s.pid: s for s in samples}
+            self.process_history.extend(samples)
+
+    def set_gpus(self, samples: list[GpuSample], events: list[GpuEvent]) -> None:
+        with self.lock:
+            self.gpus = samples
+            for event in events:
+                self.gpu_events.append(event)
+                self.gpu_event_counts[(event.index if event.index is not None else -1, event.kind)] += 1
+
+    def set_verdict(self, job: str, verdict: Any) -> None:
+        with self.lock:
+            state = self.jobs.get(job)
+            if state is not None:
+                state.verdict = verdict
+
+    def job_config(self, job: str) -> dict[str, Any] | None:
+        """The configuration snapshot of the job's lowest rank that sent one."""
+        with self.lock:
+            state = self.jobs.get(job)
+            if state is None:
+                return None
+            for rank in sorted(state.ranks):
+                if state.ranks[rank].config is not None:
+                    return state.ranks[rank].config
+            return None
+
+    def history(self, job: str) -> tuple[list[HostSample], list[ProcessSample]]:
+        with self.lock:
+            return list(self.host_history), [p for p in self.process_history if p.job == job]
+
+    def running_run_ids(self) -> list[str]:
+        with self.lock:
+            return [run.run_id for run in self.runs.values() if run.state == "running"]
+
+    # ---- run lifecycle -----------------------------------------------------------------
+    def end_run(self, run_id: str, exit_code: int | None, aborted: bool) -> RunState | None:
+        with self.lock:
+            run = self.runs.get(run_id)
+            if run is None:
+                run = self.runs[run_id] = RunState(run_id, run_id)
+            if run.state == "running":
+                run.final_state = "aborted" if aborted else "closed"
+                run.state = "closing"
+                run.exit_code = exit_code
+                run.ended_unix_s = time.time()
+            for job in self.jobs.values():
+                if job.run_id == run_id:
+                    for rank in job.ranks.values():
+                        rank.alive = False
+            return run
+
+    def finish_run(self, run_id: str, recording_path: str | None) -> None:
+        """The recording of the run is complete (or there is none)."""
+        with self.lock:
+            run = self.runs.get(run_id)
+            if run is not None:
+                run.state = run.final_state
+                run.recording_path = recording_path
+
+    def mark_process_exited(self, pid: int, clean: bool = False) -> None:
+        """A training process is gone; ``clean`` when it said goodbye at interpreter exit."""
+        with self.lock:
+            session = self.sessions.get(pid)
+            if session is None:
+                return
+            job = self.jobs.get(session.job)
+            if job and session.rank in job.ranks and job.ranks[session.rank].session.pid == pid:
+                rank = job.ranks[session.rank]
+                rank.alive = False
+                rank.clean_exit = rank.clean_exit or clean
+
+    # ---- readers -----------------------------------------------------------------------
+    def window(self, job: str, now_unix_s: float | None = None) -> dict[int, list[StepRecord]]:
+        """Recent steps per rank, no older than window_s: a copy analysis can use unlocked."""
+        cutoff = (now_unix_s or time.time()) - self.window_s
+        with self.lock:
+            state = self.jobs.get(job)
+            if state is None:
+                return {}
+            return {
+                rank: [s for s in r.steps if s.end_unix_s >= cutoff] for rank, r in state.ranks.items()
+            }
+
+    def job_names(self) -> list[str]:
+        with self.lock:
+            return list(self.jobs)
+
+    def training_pids(self) -> dict[int, ProbeSession]:
+        with self.lock:
+            return {
+                r.session.pid: r.session
+                for job in self.jobs.values()
+                for r in job.ranks.values()
+                if r.alive
+            }
+
+    def health_for(self, name: str) -> SamplerHealth:
+        with self.lock:
+            return self.health.setdefault(name, SamplerHealth())
