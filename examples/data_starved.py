@@ -37,8 +37,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=14.0)
     args = parser.parse_args()
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
-                          nn.Flatten(), nn.Linear(128, 10))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(128, 10)
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loader = DataLoader(DecodeOnTheFly(2048), batch_size=8, shuffle=True)
     deadline = time.monotonic() + args.seconds

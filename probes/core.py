@@ -308,9 +308,7 @@ class StepProbe:
             if getattr(module, "_profilerd_hooked", False):
                 continue
             self._handles.append(module.register_forward_pre_hook(_instance_forward_pre))
-            self._handles.append(
-                module.register_forward_hook(_instance_forward_post, always_call=True)
-            )
+            self._handles.append(module.register_forward_hook(_instance_forward_post, always_call=True))
             module._profilerd_hooked = True
 
     # ---- install / uninstall -----------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 import time
@@ -76,10 +77,8 @@ class DatagramSender:
 
     def close(self) -> None:
         if self._sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self._sock.close()
-            except OSError:
-                pass
             self._sock = None
 
     def reset_after_fork(self) -> None:
@@ -89,4 +88,3 @@ class DatagramSender:
         self.sent = 0
         self._next_attempt = 0.0
         self.reconnected = False
-

@@ -51,17 +51,24 @@ def _daemon_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("daemon")
     group.add_argument("--config", type=Path, help="TOML config file (default: $PROFILERD_CONFIG)")
     group.add_argument("--host", dest="http_host", help="HTTP address (default 127.0.0.1)")
-    group.add_argument("--port", dest="http_port", type=int, help="HTTP port (default 9466; 0 = any free port)")
+    group.add_argument(
+        "--port", dest="http_port", type=int, help="HTTP port (default 9466; 0 = any free port)"
+    )
     group.add_argument("--socket", dest="socket_path", help="probe socket path")
-    group.add_argument("--data-dir", dest="data_dir", help="where recordings go (default ~/.local/share/profilerd)")
+    group.add_argument(
+        "--data-dir", dest="data_dir", help="where recordings go (default ~/.local/share/profilerd)"
+    )
     group.add_argument("--rules", dest="rules_file", help="rules file overriding thresholds")
     group.add_argument("--gpu", dest="gpu_backend", choices=["auto", "nvml", "none"], help="GPU backend")
-    group.add_argument("--no-record", dest="record", action="store_false", default=None,
-                       help="do not write recordings")
+    group.add_argument(
+        "--no-record", dest="record", action="store_false", default=None, help="do not write recordings"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="profilerd", description="GPU telemetry and bottleneck profiler for PyTorch training.")
+    parser = _Parser(
+        prog="profilerd", description="GPU telemetry and bottleneck profiler for PyTorch training."
+    )
     parser.add_argument("--version", action="version", version=f"profilerd {__version__}")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -70,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the daemon in the foreground")
     _daemon_flags(serve)
 
-    run = sub.add_parser("run", help="run a training command under profilerd",
-                         usage="profilerd run [options] -- CMD [ARGS...]")
+    run = sub.add_parser(
+        "run", help="run a training command under profilerd", usage="profilerd run [options] -- CMD [ARGS...]"
+    )
     _daemon_flags(run)
     run.add_argument("--json", dest="json_path", type=Path, help="also write the verdict JSON here")
     run.add_argument("--no-status", action="store_true", help="no live status line")
@@ -118,8 +126,11 @@ def _rules(config: DaemonConfig) -> RuleSet:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), format="profilerd: %(levelname)s %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="profilerd: %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
 
 
 def _duration_s(text: str) -> float:
@@ -143,8 +154,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     host, port = daemon.http_address
     gpu_note = "" if daemon.store.gpu_available else f" (no-GPU mode: {daemon.store.gpu_unavailable_reason})"
-    print(f"profilerd {__version__} serving http://{host}:{port}/metrics, probes on {config.socket_path}{gpu_note}",
-          file=sys.stderr, flush=True)
+    print(
+        f"profilerd {__version__} serving http://{host}:{port}/metrics, probes on {config.socket_path}{gpu_note}",
+        file=sys.stderr,
+        flush=True,
+    )
     return daemon.serve_until_signal()
 
 
@@ -227,11 +241,12 @@ def _status_line(handle: _DaemonHandle, job: str) -> str:
         return "profilerd ▸ waiting for the first training step…"
     verdict = document.get("verdict") or {}
     rate = verdict.get("steps_per_s") or 0.0
-    return (f"profilerd ▸ {document['steps_total']} steps · {rate:.1f} steps/s · "
-            f"{document['summary'][:90]}")
+    return f"profilerd ▸ {document['steps_total']} steps · {rate:.1f} steps/s · {document['summary'][:90]}"
 
 
-def _wait_for_child(child: subprocess.Popen[bytes], handle: _DaemonHandle, job: str, show_status: bool) -> int:
+def _wait_for_child(
+    child: subprocess.Popen[bytes], handle: _DaemonHandle, job: str, show_status: bool
+) -> int:
     def forward(signum: int, frame: Any) -> None:
         with contextlib.suppress(ProcessLookupError):
             child.send_signal(signum)
@@ -263,7 +278,9 @@ def run_command(cmd: list[str], args: argparse.Namespace, config: DaemonConfig, 
     boot = _bootstrap_dir()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(boot), env.get("PYTHONPATH", "")) if p)
-    env.update({"PROFILERD_SOCKET": str(handle.socket_path), "PROFILERD_RUN_ID": run_id, "PROFILERD_JOB_ID": job})
+    env.update(
+        {"PROFILERD_SOCKET": str(handle.socket_path), "PROFILERD_RUN_ID": run_id, "PROFILERD_JOB_ID": job}
+    )
     try:
         try:
             child = subprocess.Popen(cmd, env=env)
@@ -272,28 +289,44 @@ def run_command(cmd: list[str], args: argparse.Namespace, config: DaemonConfig, 
             return 127 if isinstance(exc, FileNotFoundError) else 126
         show_status = not args.no_status and sys.stderr.isatty()
         code = _wait_for_child(child, handle, job, show_status)
-        handle.send(wire.encode_json(wire.KIND_RUN_END, {"pid": os.getpid(), "run_id": run_id, "exit_code": code}))
+        handle.send(
+            wire.encode_json(wire.KIND_RUN_END, {"pid": os.getpid(), "run_id": run_id, "exit_code": code})
+        )
         recording = _wait_for_recording(handle, run_id, config)
         if recording is None:
-            print(f"profilerd: no training steps were recorded for `{' '.join(cmd)}`: "
-                  "did it import torch and run a training loop?", file=sys.stderr)
+            print(
+                f"profilerd: no training steps were recorded for `{' '.join(cmd)}`: "
+                "did it import torch and run a training loop?",
+                file=sys.stderr,
+            )
             document = None
         else:
             verdict = runs.analyse(runs.load(recording), ruleset)
             document = verdict.to_json(run_id, job, recording=str(recording), exit_code=code)
             print(render_text(document), file=sys.stderr)
         if args.json_path is not None:
-            _write_json(args.json_path, document or {"schema": "profilerd.verdict/v1", "run_id": run_id,
-                                                      "job": job, "primary": "none", "steps": 0,
-                                                      "error": "no training steps were recorded",
-                                                      "exit_code": code})
+            _write_json(
+                args.json_path,
+                document
+                or {
+                    "schema": "profilerd.verdict/v1",
+                    "run_id": run_id,
+                    "job": job,
+                    "primary": "none",
+                    "steps": 0,
+                    "error": "no training steps were recorded",
+                    "exit_code": code,
+                },
+            )
         return code if code >= 0 else 128 - code
     finally:
         handle.close()
         shutil.rmtree(boot, ignore_errors=True)
 
 
-def _wait_for_recording(handle: _DaemonHandle, run_id: str, config: DaemonConfig, timeout: float = 15.0) -> Path | None:
+def _wait_for_recording(
+    handle: _DaemonHandle, run_id: str, config: DaemonConfig, timeout: float = 15.0
+) -> Path | None:
     """Wait until the daemon has flushed and closed the run's recording."""
     from profilerd.recording import recording_file
 
@@ -331,8 +364,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     config = _config(args)
-    print("profilerd demo: training a small model whose input pipeline is too slow "
-          f"({args.seconds:.0f} s)…", file=sys.stderr)
+    print(
+        f"profilerd demo: training a small model whose input pipeline is too slow ({args.seconds:.0f} s)…",
+        file=sys.stderr,
+    )
     cmd = [sys.executable, "-m", "profilerd.demo.starved", "--seconds", str(args.seconds)]
     return run_command(cmd, args, config, _rules(config))
 
@@ -351,7 +386,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     verdict = runs.analyse(recording, ruleset)
     exit_code = recording.meta.get("exit_code")
     document = verdict.to_json(
-        recording.run_id, recording.job, recording=str(path),
+        recording.run_id,
+        recording.job,
+        recording=str(path),
         exit_code=int(exit_code) if exit_code not in (None, "None") else None,
     )
     if args.format == "json":
@@ -388,8 +425,12 @@ def cmd_runs(args: argparse.Namespace) -> int:
         return 0
     print(f"{'RUN':44} {'STARTED':19} {'DURATION':>9} {'STEPS':>7} {'STATE':8} VERDICT")
     for r in listing:
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started_unix_s)) if r.started_unix_s else "-"
-        duration = f"{(r.ended_unix_s - r.started_unix_s):.0f}s" if r.started_unix_s and r.ended_unix_s else "-"
+        started = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started_unix_s)) if r.started_unix_s else "-"
+        )
+        duration = (
+            f"{(r.ended_unix_s - r.started_unix_s):.0f}s" if r.started_unix_s and r.ended_unix_s else "-"
+        )
         print(f"{r.run_id[:44]:44} {started:19} {duration:>9} {r.steps:>7} {r.state:8} {r.primary or '-'}")
     return 0
 
@@ -411,7 +452,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "serve": cmd_serve, "run": cmd_run, "demo": cmd_demo, "report": cmd_report, "runs": cmd_runs,
+    "serve": cmd_serve,
+    "run": cmd_run,
+    "demo": cmd_demo,
+    "report": cmd_report,
+    "runs": cmd_runs,
     "doctor": cmd_doctor,
 }
 

@@ -104,7 +104,7 @@ def _check(key: str, value: Any, source: str, problems: list[str]) -> bool:
         return False
     wanted = _TYPES[key]
     # bool is an int in Python; do not accept true for a port
-    if isinstance(value, bool) and bool not in wanted or not isinstance(value, wanted):
+    if (isinstance(value, bool) and bool not in wanted) or not isinstance(value, wanted):
         names = " or ".join(t.__name__ for t in wanted)
         problems.append(f"{source}: '{key}' must be {names}, got {type(value).__name__} {value!r}")
         return False
@@ -128,9 +128,7 @@ def validate(config: DaemonConfig) -> list[str]:
     return problems
 
 
-def load(
-    file: Path | None = None, overrides: dict[str, Any] | None = None
-) -> tuple[DaemonConfig, list[str]]:
+def load(file: Path | None = None, overrides: dict[str, Any] | None = None) -> tuple[DaemonConfig, list[str]]:
     """Build the config; ``overrides`` come from flags and win over everything else."""
     problems: list[str] = []
     values: dict[str, Any] = {}

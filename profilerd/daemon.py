@@ -6,6 +6,7 @@ SIGTERM/SIGINT -> stop HTTP, join threads, flush the recording, close NVML -> ex
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -106,7 +107,11 @@ class Daemon:
         except OSError:
             os.close(fd)
             running = read_running_daemon(self.config.runtime_dir) or {}
-            where = f" (pid {running.get('pid')}, http://{running.get('http_host')}:{running.get('http_port')})" if running else ""
+            where = (
+                f" (pid {running.get('pid')}, http://{running.get('http_host')}:{running.get('http_port')})"
+                if running
+                else ""
+            )
             raise DaemonError(f"another profilerd daemon is already running for this user{where}") from None
         self._lock_fd = fd
 
@@ -118,7 +123,9 @@ class Daemon:
 
             prune(cfg.runs_dir, older_than_s=cfg.retention_days * 86400)
         if cfg.record:
-            self.recorder = Recorder(cfg.runs_dir, on_closed=store.finish_run, on_status=self._recording_status)
+            self.recorder = Recorder(
+                cfg.runs_dir, on_closed=store.finish_run, on_status=self._recording_status
+            )
             try:
                 self.recorder.start()
             except OSError as exc:
@@ -126,7 +133,9 @@ class Daemon:
         try:
             sock = bind_socket(cfg.socket_path)
         except OSError as exc:
-            raise DaemonError(f"cannot bind the probe socket {cfg.socket_path}: {exc.strerror or exc}") from exc
+            raise DaemonError(
+                f"cannot bind the probe socket {cfg.socket_path}: {exc.strerror or exc}"
+            ) from exc
         self.ingest = Ingest(sock, store, self.recorder, self.stop_event)
         self.ingest.start()
         if self._gpu is None:
@@ -162,8 +171,10 @@ class Daemon:
                 for sample in samples:
                     self.recorder.gpu(run_ids, sample)
 
-        loops = [SamplerLoop("host", cfg.host_interval_s, host_tick, store, self.stop_event),
-                 SamplerLoop("analysis", cfg.analysis_interval_s, analyzer.tick, store, self.stop_event)]
+        loops = [
+            SamplerLoop("host", cfg.host_interval_s, host_tick, store, self.stop_event),
+            SamplerLoop("analysis", cfg.analysis_interval_s, analyzer.tick, store, self.stop_event),
+        ]
         if gpu.available:
             loops.append(SamplerLoop("gpu", cfg.gpu_interval_s, gpu_tick, store, self.stop_event))
         for loop in loops:
@@ -181,7 +192,13 @@ class Daemon:
         info.update({"http_host": host_name, "http_port": port})
         self.http.serve_in_thread()
         self._write_info({"pid": os.getpid(), "version": __version__, **info})
-        log.info("profilerd %s listening on http://%s:%d, probes on %s", __version__, host_name, port, cfg.socket_path)
+        log.info(
+            "profilerd %s listening on http://%s:%d, probes on %s",
+            __version__,
+            host_name,
+            port,
+            cfg.socket_path,
+        )
 
     def _write_info(self, info: dict[str, Any]) -> None:
         path = self.config.runtime_dir / INFO_NAME
@@ -240,15 +257,14 @@ class Daemon:
         if self._gpu is not None:
             self._gpu.close()
         if self._lock_fd is not None:
-            try:
+            with contextlib.suppress(OSError):
                 (self.config.runtime_dir / INFO_NAME).unlink()
-            except OSError:
-                pass
             os.close(self._lock_fd)
             self._lock_fd = None
 
     def serve_until_signal(self) -> int:
         """Run until SIGTERM or SIGINT, then shut down cleanly; returns the exit code."""
+
         def on_signal(signum: int, frame: Any) -> None:
             log.info("received %s, shutting down", signal.Signals(signum).name)
             self.stop_event.set()

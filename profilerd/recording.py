@@ -87,8 +87,17 @@ def open_recording(path: Path) -> sqlite3.Connection:
 
 def step_row(step: StepRecord) -> tuple[Any, ...]:
     return (
-        step.end_unix_s, step.rank, step.pid, step.step, step.step_s, step.data_wait_s,
-        step.forward_s, step.backward_s, step.optimizer_s, step.comm_s, step.flags,
+        step.end_unix_s,
+        step.rank,
+        step.pid,
+        step.step,
+        step.step_s,
+        step.data_wait_s,
+        step.forward_s,
+        step.backward_s,
+        step.optimizer_s,
+        step.comm_s,
+        step.flags,
     )
 
 
@@ -128,8 +137,14 @@ class Recorder:
 
     def session(self, session: ProbeSession) -> None:
         row = (
-            session.pid, session.rank, session.local_rank, session.world_size, session.hostname,
-            json.dumps(list(session.argv)), session.started_unix_s, session.probe_version,
+            session.pid,
+            session.rank,
+            session.local_rank,
+            session.world_size,
+            session.hostname,
+            json.dumps(list(session.argv)),
+            session.started_unix_s,
+            session.probe_version,
         )
         self._queue.put((session.run_id, "sessions", row))
 
@@ -138,8 +153,13 @@ class Recorder:
 
     def host(self, run_ids: list[str], sample: HostSample) -> None:
         row = (
-            sample.ts_unix_s, sample.cpu_count, sample.cpu_ratio, sample.iowait_ratio,
-            sample.memory_used_bytes, sample.memory_total_bytes, sample.load1,
+            sample.ts_unix_s,
+            sample.cpu_count,
+            sample.cpu_ratio,
+            sample.iowait_ratio,
+            sample.memory_used_bytes,
+            sample.memory_total_bytes,
+            sample.load1,
             json.dumps([round(c, 4) for c in sample.cpu_per_core_ratio]),
         )
         for run_id in run_ids:
@@ -148,8 +168,14 @@ class Recorder:
     def process(self, run_id: str, sample: ProcessSample) -> None:
         ratios = sample.worker_cpu_ratios
         row = (
-            sample.ts_unix_s, sample.pid, sample.rank, int(sample.alive), sample.cpu_ratio,
-            sample.rss_bytes, len(sample.worker_pids), sample.workers_cpu_ratio,
+            sample.ts_unix_s,
+            sample.pid,
+            sample.rank,
+            int(sample.alive),
+            sample.cpu_ratio,
+            sample.rss_bytes,
+            len(sample.worker_pids),
+            sample.workers_cpu_ratio,
             max(ratios) if ratios else None,
         )
         self._queue.put((run_id, "process_samples", row))
@@ -157,10 +183,20 @@ class Recorder:
     def gpu(self, run_ids: list[str], sample: GpuSample) -> None:
         full = asdict(sample)
         row = (
-            sample.ts_unix_s, sample.index, sample.uuid, sample.name, int(sample.lost),
-            sample.utilization_gpu_ratio, sample.memory_used_bytes, sample.memory_total_bytes,
-            sample.power_watts, sample.power_limit_watts, sample.temperature_celsius,
-            sample.sm_active_ratio, sample.tensor_active_ratio, json.dumps(full, default=str),
+            sample.ts_unix_s,
+            sample.index,
+            sample.uuid,
+            sample.name,
+            int(sample.lost),
+            sample.utilization_gpu_ratio,
+            sample.memory_used_bytes,
+            sample.memory_total_bytes,
+            sample.power_watts,
+            sample.power_limit_watts,
+            sample.temperature_celsius,
+            sample.sm_active_ratio,
+            sample.tensor_active_ratio,
+            json.dumps(full, default=str),
         )
         for run_id in run_ids:
             self._queue.put((run_id, "gpu_samples", row))
@@ -221,8 +257,16 @@ class Recorder:
             conn = self._conns[run_id] = open_recording(recording_file(self.runs_dir, run_id))
             conn.execute(
                 "INSERT OR IGNORE INTO meta VALUES (?, ?), (?, ?), (?, ?), (?, ?)",
-                ("schema_version", str(SCHEMA_VERSION), "run_id", run_id,
-                 "profilerd_version", __version__, "state", "running"),
+                (
+                    "schema_version",
+                    str(SCHEMA_VERSION),
+                    "run_id",
+                    run_id,
+                    "profilerd_version",
+                    __version__,
+                    "state",
+                    "running",
+                ),
             )
         return conn
 
@@ -285,8 +329,11 @@ class Recorder:
             conn = self._conn(run_id)
             conn.executemany(
                 "INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                [("state", close["state"]), ("exit_code", str(close["exit_code"])),
-                 ("ended_unix_s", str(time.time()))],
+                [
+                    ("state", close["state"]),
+                    ("exit_code", str(close["exit_code"])),
+                    ("ended_unix_s", str(time.time())),
+                ],
             )
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             conn.close()

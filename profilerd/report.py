@@ -47,8 +47,11 @@ def render_text(document: dict[str, Any], top: int = 3) -> str:
         for number, rec in enumerate(recommendations, 1):
             lines.append(f"  {number}. {rec['title']}  ~{rec['estimated_speedup']:.2f}x  [{rec['id']}]")
             if rec.get("why"):
-                lines.extend(textwrap.wrap(f"why: {rec['why']}", width=96, initial_indent="     ",
-                                           subsequent_indent="          "))
+                lines.extend(
+                    textwrap.wrap(
+                        f"why: {rec['why']}", width=96, initial_indent="     ", subsequent_indent="          "
+                    )
+                )
             lines.append(textwrap.indent(rec["how"], "       | "))
     elif document["primary"] != "none":
         lines.append("No recommendations: nothing measured points to a cheaper way to run this job.")

@@ -64,11 +64,15 @@ def load(path: Path) -> Recording:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         steps = pd.read_sql_query(f"SELECT {', '.join(STEP_COLUMNS)} FROM steps ORDER BY end_unix_s", conn)
         configs = []
-        for _ts, rank, config in conn.execute("SELECT ts_unix_s, rank, config FROM configs ORDER BY ts_unix_s"):
+        for _ts, rank, config in conn.execute(
+            "SELECT ts_unix_s, rank, config FROM configs ORDER BY ts_unix_s"
+        ):
             document = json.loads(config)
             document.setdefault("rank", rank)
             configs.append(document)
-        hosts = pd.read_sql_query(f"SELECT {', '.join(HOST_COLUMNS)} FROM host_samples ORDER BY ts_unix_s", conn)
+        hosts = pd.read_sql_query(
+            f"SELECT {', '.join(HOST_COLUMNS)} FROM host_samples ORDER BY ts_unix_s", conn
+        )
         processes = pd.read_sql_query(
             f"SELECT {', '.join(PROCESS_COLUMNS)} FROM process_samples ORDER BY ts_unix_s", conn
         )
@@ -106,9 +110,15 @@ class RunSummary:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "run_id": self.run_id, "path": str(self.path), "job": self.job, "state": self.state,
-            "started_unix_s": self.started_unix_s, "ended_unix_s": self.ended_unix_s,
-            "steps": self.steps, "primary": self.primary, "size_bytes": self.size_bytes,
+            "run_id": self.run_id,
+            "path": str(self.path),
+            "job": self.job,
+            "state": self.state,
+            "started_unix_s": self.started_unix_s,
+            "ended_unix_s": self.ended_unix_s,
+            "steps": self.steps,
+            "primary": self.primary,
+            "size_bytes": self.size_bytes,
         }
 
 
@@ -116,7 +126,9 @@ def summarize(path: Path) -> RunSummary:
     conn = connect_readonly(path)
     try:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-        steps, first, last = conn.execute("SELECT COUNT(*), MIN(end_unix_s), MAX(end_unix_s) FROM steps").fetchone()
+        steps, first, last = conn.execute(
+            "SELECT COUNT(*), MIN(end_unix_s), MAX(end_unix_s) FROM steps"
+        ).fetchone()
         row = conn.execute("SELECT primary_category FROM verdicts ORDER BY ts_unix_s DESC LIMIT 1").fetchone()
     except sqlite3.DatabaseError as exc:
         raise RecordingError(f"{path}: {exc}") from None
@@ -125,9 +137,15 @@ def summarize(path: Path) -> RunSummary:
     started = _float(meta.get("started_unix_s")) or first
     ended = _float(meta.get("ended_unix_s")) or last
     return RunSummary(
-        run_id=meta.get("run_id", path.stem), path=path, job=meta.get("job", path.stem),
-        state=meta.get("state", "unknown"), started_unix_s=started, ended_unix_s=ended,
-        steps=int(steps), primary=row[0] if row else None, size_bytes=_size(path),
+        run_id=meta.get("run_id", path.stem),
+        path=path,
+        job=meta.get("job", path.stem),
+        state=meta.get("state", "unknown"),
+        started_unix_s=started,
+        ended_unix_s=ended,
+        steps=int(steps),
+        primary=row[0] if row else None,
+        size_bytes=_size(path),
     )
 
 
@@ -183,7 +201,9 @@ def prune(runs_dir: Path, older_than_s: float | None = None, keep: int | None = 
     doomed: list[RunSummary] = []
     now = time.time()
     for index, run in enumerate(runs):
-        too_old = older_than_s is not None and (run.ended_unix_s or run.started_unix_s or now) < now - older_than_s
+        too_old = (
+            older_than_s is not None and (run.ended_unix_s or run.started_unix_s or now) < now - older_than_s
+        )
         beyond = keep is not None and index >= keep
         if too_old or beyond:
             doomed.append(run)

@@ -24,7 +24,9 @@ class RankState:
     session: ProbeSession
     steps: deque[StepRecord]
     steps_total: int = 0
-    phase_seconds_total: dict[str, float] = field(default_factory=lambda: dict.fromkeys((*PHASE_FIELDS, "other_s"), 0.0))
+    phase_seconds_total: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys((*PHASE_FIELDS, "other_s"), 0.0)
+    )
     step_seconds_sum: float = 0.0
     bucket_counts: list[int] = field(default_factory=lambda: [0] * (len(STEP_BUCKETS_S) + 1))
     config: dict[str, Any] | None = None
@@ -256,9 +258,7 @@ class Store:
             state = self.jobs.get(job)
             if state is None:
                 return {}
-            return {
-                rank: [s for s in r.steps if s.end_unix_s >= cutoff] for rank, r in state.ranks.items()
-            }
+            return {rank: [s for s in r.steps if s.end_unix_s >= cutoff] for rank, r in state.ranks.items()}
 
     def job_names(self) -> list[str]:
         with self.lock:
@@ -267,10 +267,7 @@ class Store:
     def training_pids(self) -> dict[int, ProbeSession]:
         with self.lock:
             return {
-                r.session.pid: r.session
-                for job in self.jobs.values()
-                for r in job.ranks.values()
-                if r.alive
+                r.session.pid: r.session for job in self.jobs.values() for r in job.ranks.values() if r.alive
             }
 
     def health_for(self, name: str) -> SamplerHealth:

@@ -11,8 +11,16 @@ from profilerd.analysis.features import Context
 from profilerd.model import HostSample, ProcessSample
 
 HOST_COLUMNS = ["ts_unix_s", "cpu_count", "cpu_ratio"]
-PROCESS_COLUMNS = ["ts_unix_s", "pid", "rank", "alive", "cpu_ratio", "num_workers",
-                   "workers_cpu_ratio", "worker_cpu_max_ratio"]
+PROCESS_COLUMNS = [
+    "ts_unix_s",
+    "pid",
+    "rank",
+    "alive",
+    "cpu_ratio",
+    "num_workers",
+    "workers_cpu_ratio",
+    "worker_cpu_max_ratio",
+]
 
 
 def host_frame(samples: Iterable[HostSample]) -> pd.DataFrame:
@@ -21,8 +29,16 @@ def host_frame(samples: Iterable[HostSample]) -> pd.DataFrame:
 
 def process_frame(samples: Iterable[ProcessSample]) -> pd.DataFrame:
     rows = [
-        (s.ts_unix_s, s.pid, s.rank, int(s.alive), s.cpu_ratio, len(s.worker_pids),
-         s.workers_cpu_ratio, max(s.worker_cpu_ratios) if s.worker_cpu_ratios else None)
+        (
+            s.ts_unix_s,
+            s.pid,
+            s.rank,
+            int(s.alive),
+            s.cpu_ratio,
+            len(s.worker_pids),
+            s.workers_cpu_ratio,
+            max(s.worker_cpu_ratios) if s.worker_cpu_ratios else None,
+        )
         for s in samples
     ]
     return pd.DataFrame(rows, columns=PROCESS_COLUMNS)
@@ -44,10 +60,13 @@ def build_context(
         busy = float((hosts["cpu_ratio"] * hosts["cpu_count"]).mean())
     trainer = workers = worker_max = None
     workers_seen = None
-    alive = processes[processes["alive"] == 1].dropna(subset=["cpu_ratio"]) if not processes.empty else processes
+    alive = (
+        processes[processes["alive"] == 1].dropna(subset=["cpu_ratio"]) if not processes.empty else processes
+    )
     if not alive.empty:
         per_tick = alive.groupby("ts_unix_s").agg(
-            trainer=("cpu_ratio", "sum"), workers=("workers_cpu_ratio", "sum"),
+            trainer=("cpu_ratio", "sum"),
+            workers=("workers_cpu_ratio", "sum"),
             workers_seen=("num_workers", "sum"),
         )
         trainer = float(per_tick["trainer"].mean())

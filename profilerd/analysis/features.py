@@ -15,8 +15,17 @@ import pandas as pd
 from profilerd.model import StepRecord
 
 STEP_COLUMNS = [
-    "end_unix_s", "rank", "pid", "step", "step_s", "data_wait_s", "forward_s", "backward_s",
-    "optimizer_s", "comm_s", "flags",
+    "end_unix_s",
+    "rank",
+    "pid",
+    "step",
+    "step_s",
+    "data_wait_s",
+    "forward_s",
+    "backward_s",
+    "optimizer_s",
+    "comm_s",
+    "flags",
 ]
 FRACTION_KEYS = ("data_wait", "compute", "communication", "other")
 PHASE_KEYS = ("data_wait", "forward", "backward", "optimizer", "communication", "other")
@@ -24,8 +33,19 @@ PHASE_KEYS = ("data_wait", "forward", "backward", "optimizer", "communication", 
 
 def steps_frame(records: Iterable[StepRecord]) -> pd.DataFrame:
     rows = [
-        (s.end_unix_s, s.rank, s.pid, s.step, s.step_s, s.data_wait_s, s.forward_s, s.backward_s,
-         s.optimizer_s, s.comm_s, s.flags)
+        (
+            s.end_unix_s,
+            s.rank,
+            s.pid,
+            s.step,
+            s.step_s,
+            s.data_wait_s,
+            s.forward_s,
+            s.backward_s,
+            s.optimizer_s,
+            s.comm_s,
+            s.flags,
+        )
         for s in records
     ]
     return pd.DataFrame(rows, columns=STEP_COLUMNS)
@@ -87,8 +107,20 @@ class Features:
 
 def empty_features(context: Context | None = None) -> Features:
     zero = dict.fromkeys(FRACTION_KEYS, 0.0)
-    return Features(0, 0, 0.0, zero, dict.fromkeys(PHASE_KEYS, 0.0), 0.0, 0.0, 0.0, 0.0, 0.0,
-                    pd.DataFrame(), context or Context())
+    return Features(
+        0,
+        0,
+        0.0,
+        zero,
+        dict.fromkeys(PHASE_KEYS, 0.0),
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        pd.DataFrame(),
+        context or Context(),
+    )
 
 
 def compute_features(steps: pd.DataFrame, context: Context, warmup_steps: int = 2) -> Features:
@@ -100,8 +132,9 @@ def compute_features(steps: pd.DataFrame, context: Context, warmup_steps: int = 
     total = float(frame["step_s"].sum())
     if total <= 0:
         return empty_features(context)
-    sums = frame[["data_wait_s", "compute_s", "comm_s", "other_s", "forward_s", "backward_s",
-                  "optimizer_s"]].sum()
+    sums = frame[
+        ["data_wait_s", "compute_s", "comm_s", "other_s", "forward_s", "backward_s", "optimizer_s"]
+    ].sum()
     # Normalise by the attributed sum so the four fractions add up to exactly 1 even when the
     # probes' phases overlap a little (nested timers, clock granularity).
     attributed = float(sums["data_wait_s"] + sums["compute_s"] + sums["comm_s"] + sums["other_s"])
@@ -155,7 +188,11 @@ def per_rank_summary(frame: pd.DataFrame) -> pd.DataFrame:
         comm_s_total=("comm_s", "sum"),
         other_s_total=("other_s", "sum"),
     )
-    for name, column in (("data_wait", "data_wait_s_total"), ("compute", "compute_s_total"),
-                         ("communication", "comm_s_total"), ("other", "other_s_total")):
+    for name, column in (
+        ("data_wait", "data_wait_s_total"),
+        ("compute", "compute_s_total"),
+        ("communication", "comm_s_total"),
+        ("other", "other_s_total"),
+    ):
         summary[f"{name}_fraction"] = summary[column] / summary["step_s_total"]
     return summary.reset_index()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from profilerd.analysis.context import build_context, host_frame, process_frame
@@ -27,7 +28,9 @@ class LiveAnalyzer:
         frame = steps_frame(step for steps in window.values() for step in steps)
         since = float((frame["end_unix_s"] - frame["step_s"]).min()) if not frame.empty else now_unix_s
         hosts, processes = self.store.history(job)
-        context = build_context(self.store.job_config(job), host_frame(hosts), process_frame(processes), since)
+        context = build_context(
+            self.store.job_config(job), host_frame(hosts), process_frame(processes), since
+        )
         return evaluate(compute_features(frame, context, self.ruleset.warmup_steps), self.ruleset)
 
     def tick(self, now_unix_s: float) -> None:
@@ -51,11 +54,17 @@ class LiveAnalyzer:
             return
         last = self._recorded.get(job)
         now = time.monotonic()
-        if last and last[0] == verdict.primary and last[1] == verdict.severity and now - last[2] < RECORD_EVERY_S:
+        if (
+            last
+            and last[0] == verdict.primary
+            and last[1] == verdict.severity
+            and now - last[2] < RECORD_EVERY_S
+        ):
             return
         self._recorded[job] = (verdict.primary, verdict.severity, now)
         document = verdict.to_json(run_id, job)
-        import json
-
-        self.recorder.add(run_id, "verdicts", (verdict.evaluated_unix_s, job, verdict.primary,
-                                               verdict.severity, json.dumps(document)))
+        self.recorder.add(
+            run_id,
+            "verdicts",
+            (verdict.evaluated_unix_s, job, verdict.primary, verdict.severity, json.dumps(document)),
+        )

@@ -101,12 +101,12 @@ def prefetch_factor(features: Features) -> Recommendation:
 def autocast(features: Features, device: str, local_speedup: float) -> Recommendation:
     dtype = "torch.bfloat16"
     snippet = (
-        f"with torch.autocast(device_type=\"{device}\", dtype={dtype}):\n"
+        f'with torch.autocast(device_type="{device}", dtype={dtype}):\n'
         "    loss = loss_fn(model(inputs), targets)\n"
         "loss.backward()"
     )
     if device == "cuda":
-        snippet += "\n# fp16 instead of bf16 needs torch.amp.GradScaler(\"cuda\")"
+        snippet += '\n# fp16 instead of bf16 needs torch.amp.GradScaler("cuda")'
     compute = features.fractions["compute"] - features.phase_fractions["optimizer"]
     return Recommendation(
         id="amp.autocast",

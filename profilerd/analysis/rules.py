@@ -39,7 +39,9 @@ class Rule:
 REGISTRY: dict[str, Rule] = {}
 
 
-def rule(id: str, category: str, title: str, recommendation_ids: tuple[str, ...] = ()) -> Callable[[Check], Check]:
+def rule(
+    id: str, category: str, title: str, recommendation_ids: tuple[str, ...] = ()
+) -> Callable[[Check], Check]:
     def register(check: Check) -> Check:
         REGISTRY[id] = Rule(id, category, title, (check.__doc__ or "").strip(), check, recommendation_ids)
         return check
@@ -87,13 +89,17 @@ def load_rules(path: Path | None = None) -> tuple[RuleSet, list[str]]:
         for key in user:
             if key not in ("rules", "evidence", "hysteresis", "assumptions"):
                 problems.append(f"{path}: unknown section '{key}'")
-        for section, target in (("evidence", evidence), ("hysteresis", hysteresis), ("assumptions", assumptions)):
+        for section, target in (
+            ("evidence", evidence),
+            ("hysteresis", hysteresis),
+            ("assumptions", assumptions),
+        ):
             _merge(user.get(section, {}), target, f"{path} [{section}]", problems)
         for rule_id, values in user.get("rules", {}).items():
             if rule_id not in thresholds:
                 problems.append(f"{path}: unknown rule '{rule_id}' (known: {', '.join(sorted(thresholds))})")
                 continue
-            _merge(values, thresholds[rule_id], f"{path} [rules.\"{rule_id}\"]", problems)
+            _merge(values, thresholds[rule_id], f'{path} [rules."{rule_id}"]', problems)
     ruleset = RuleSet(
         thresholds,
         **_evidence_kwargs(evidence, hysteresis),
@@ -147,8 +153,12 @@ def _confidence(features: Features, value: float, threshold: float) -> float:
     "data.input_wait",
     "data",
     "The training loop waits for input batches",
-    ("dataloader.num_workers", "dataloader.pin_memory", "dataloader.persistent_workers",
-     "dataloader.prefetch_factor"),
+    (
+        "dataloader.num_workers",
+        "dataloader.pin_memory",
+        "dataloader.persistent_workers",
+        "dataloader.prefetch_factor",
+    ),
 )
 def check_input_wait(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
     """Share of step time the training thread spends blocked in DataLoader.__next__."""
@@ -175,8 +185,16 @@ def check_input_wait(features: Features, t: dict[str, float], a: dict[str, float
         metrics["free_cores"] = free
     if saturation is not None:
         metrics["worker_cpu_max_ratio"] = saturation
-    return Finding("data.input_wait", "data", severity, evidence, _confidence(features, wait, t["warning"]),
-                   metrics, t, tuple(sorted(found, key=lambda r: -r.estimated_speedup)))
+    return Finding(
+        "data.input_wait",
+        "data",
+        severity,
+        evidence,
+        _confidence(features, wait, t["warning"]),
+        metrics,
+        t,
+        tuple(sorted(found, key=lambda r: -r.estimated_speedup)),
+    )
 
 
 @rule("communication.exposed", "communication", "Communication not hidden behind compute")
@@ -187,12 +205,23 @@ def check_exposed_comm(features: Features, t: dict[str, float], a: dict[str, flo
     if severity is None:
         return None
     evidence = f"{comm:.0%} of step time in exposed communication"
-    return Finding("communication.exposed", "communication", severity, evidence,
-                   _confidence(features, comm, t["warning"]), {"communication_fraction": comm}, t)
+    return Finding(
+        "communication.exposed",
+        "communication",
+        severity,
+        evidence,
+        _confidence(features, comm, t["warning"]),
+        {"communication_fraction": comm},
+        t,
+    )
 
 
-@rule("algorithm.host_overhead", "algorithm", "Host work between the phases of a step",
-      ("loop.host_work", "torch.compile"))
+@rule(
+    "algorithm.host_overhead",
+    "algorithm",
+    "Host work between the phases of a step",
+    ("loop.host_work", "torch.compile"),
+)
 def check_host_overhead(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
     """Share of step time outside data wait, forward, backward, optimizer and communication."""
     other = features.fractions["other"]
@@ -203,12 +232,24 @@ def check_host_overhead(features: Features, t: dict[str, float], a: dict[str, fl
     if (features.context.config or {}).get("device_type") == "cuda":
         found.append(recs.torch_compile(features, a["compile_speedup"], mode="reduce-overhead"))
     evidence = f"{other:.0%} of step time outside data, forward, backward and optimizer (host work)"
-    return Finding("algorithm.host_overhead", "algorithm", severity, evidence,
-                   _confidence(features, other, t["warning"]), {"other_fraction": other}, t, tuple(found))
+    return Finding(
+        "algorithm.host_overhead",
+        "algorithm",
+        severity,
+        evidence,
+        _confidence(features, other, t["warning"]),
+        {"other_fraction": other},
+        t,
+        tuple(found),
+    )
 
 
-@rule("compute.bound", "compute", "Compute dominates the step, and runs less efficiently than it could",
-      ("amp.autocast", "torch.compile"))
+@rule(
+    "compute.bound",
+    "compute",
+    "Compute dominates the step, and runs less efficiently than it could",
+    ("amp.autocast", "torch.compile"),
+)
 def check_compute_bound(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
     """Share of step time in forward, backward and optimizer; recommends cheaper math."""
     compute = features.fractions["compute"]
@@ -234,12 +275,21 @@ def check_compute_bound(features: Features, t: dict[str, float], a: dict[str, fl
     severity = "warning" if any(r.id == "amp.autocast" for r in found) and device == "cuda" else "info"
     detail = f"; {', '.join(notes)}" if notes else ""
     evidence = f"{compute:.0%} of step time in forward, backward and optimizer on {device}{detail}"
-    return Finding("compute.bound", "compute", severity, evidence, _confidence(features, compute, t["info"]),
-                   {"compute_fraction": compute}, t, tuple(sorted(found, key=lambda r: -r.estimated_speedup)))
+    return Finding(
+        "compute.bound",
+        "compute",
+        severity,
+        evidence,
+        _confidence(features, compute, t["info"]),
+        {"compute_fraction": compute},
+        t,
+        tuple(sorted(found, key=lambda r: -r.estimated_speedup)),
+    )
 
 
-@rule("compute.optimizer_unfused", "compute", "The optimizer updates one tensor at a time",
-      ("optimizer.fused",))
+@rule(
+    "compute.optimizer_unfused", "compute", "The optimizer updates one tensor at a time", ("optimizer.fused",)
+)
 def check_optimizer_unfused(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
     """Optimizer share of step time when the optimizer uses neither foreach nor fused."""
     share = features.phase_fractions["optimizer"]
@@ -251,6 +301,14 @@ def check_optimizer_unfused(features: Features, t: dict[str, float], a: dict[str
             continue
         rec = recs.fused_optimizer(features, optimizer, a["fused_optimizer_speedup"])
         evidence = f"{share:.0%} of step time in {optimizer.get('class')}.step() without foreach or fused"
-        return Finding("compute.optimizer_unfused", "compute", "info", evidence,
-                       _confidence(features, share, t["info"]), {"optimizer_fraction": share}, t, (rec,))
+        return Finding(
+            "compute.optimizer_unfused",
+            "compute",
+            "info",
+            evidence,
+            _confidence(features, share, t["info"]),
+            {"optimizer_fraction": share},
+            t,
+            (rec,),
+        )
     return None

@@ -12,7 +12,12 @@ from profilerd.model import SEVERITIES, Finding
 
 SCHEMA = "profilerd.verdict/v1"
 _SEVERITY_RANK = {name: i for i, name in enumerate(SEVERITIES)}
-_COST_KEY = {"data": "data_wait", "compute": "compute", "communication": "communication", "algorithm": "other"}
+_COST_KEY = {
+    "data": "data_wait",
+    "compute": "compute",
+    "communication": "communication",
+    "algorithm": "other",
+}
 _HEADLINE = {
     "data": "DATA-BOUND",
     "compute": "COMPUTE-BOUND",
@@ -59,8 +64,11 @@ class Verdict:
             "ranks": f.ranks,
             "duration_s": round(f.duration_s, 3),
             "steps_per_s": round(f.steps_per_s, 3),
-            "step_time_s": {"p50": round(f.step_time_p50_s, 6), "p95": round(f.step_time_p95_s, 6),
-                            "mean": round(f.step_time_mean_s, 6)},
+            "step_time_s": {
+                "p50": round(f.step_time_p50_s, 6),
+                "p95": round(f.step_time_p95_s, 6),
+                "mean": round(f.step_time_mean_s, 6),
+            },
             "findings": [finding.to_json() for finding in self.findings],
             "recommendations": self.recommendations(),
             "evaluated_unix_s": round(self.evaluated_unix_s, 3),
@@ -70,8 +78,10 @@ class Verdict:
                 {
                     "rank": int(row.rank),
                     "steps": int(row.steps),
-                    "step_time_s": {"p50": round(float(row.step_time_p50_s), 6),
-                                    "p95": round(float(row.step_time_p95_s), 6)},
+                    "step_time_s": {
+                        "p50": round(float(row.step_time_p50_s), 6),
+                        "p95": round(float(row.step_time_p95_s), 6),
+                    },
                     "fractions": {
                         "data_wait": round(float(row.data_wait_fraction), 4),
                         "compute": round(float(row.compute_fraction), 4),
@@ -156,6 +166,10 @@ class VerdictTracker:
         # Not yet: keep the shown category but with the fresh numbers behind it.
         held = [f for f in fresh.findings if f.category == current.primary]
         severity = held[0].severity if held else current.severity
-        self.current = replace(fresh, primary=current.primary, severity=severity,
-                               summary=_summary(current.primary, fresh.features, list(fresh.findings)))
+        self.current = replace(
+            fresh,
+            primary=current.primary,
+            severity=severity,
+            summary=_summary(current.primary, fresh.features, list(fresh.findings)),
+        )
         return self.current

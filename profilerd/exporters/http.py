@@ -69,8 +69,9 @@ class DaemonHttpServer(ThreadingHTTPServer):
         super().__init__(address, _Handler)
 
     def serve_in_thread(self) -> threading.Thread:
-        thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2},
-                                  name="profilerd-http", daemon=True)
+        thread = threading.Thread(
+            target=self.serve_forever, kwargs={"poll_interval": 0.2}, name="profilerd-http", daemon=True
+        )
         thread.start()
         return thread
 
@@ -90,11 +91,14 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, body, CONTENT_TYPE_LATEST)
                 return
             if parts.path == "/healthz":
-                self._json(200, {"status": "ok", "uptime_s": round(time.time() - self.server.store.started_unix_s, 3)})
+                self._json(
+                    200,
+                    {"status": "ok", "uptime_s": round(time.time() - self.server.store.started_unix_s, 3)},
+                )
                 return
             if parts.path.startswith(API_PREFIX):
                 query = parse_qs(parts.query, max_num_fields=20)
-                self._json(200, route(self.server, parts.path[len(API_PREFIX):], query))
+                self._json(200, route(self.server, parts.path[len(API_PREFIX) :], query))
                 return
             raise ApiError(404, f"no such path: {parts.path}")
         except ApiError as exc:
@@ -206,21 +210,29 @@ def job_document(store: Store, name: str, recent_steps: int) -> dict[str, Any]:
         ranks = []
         for rank_id, rank in sorted(job.ranks.items()):
             recent = list(rank.steps)[-recent_steps:] if recent_steps else []
-            ranks.append({
-                "rank": rank_id,
-                "pid": rank.session.pid,
-                "hostname": rank.session.hostname,
-                "argv": redact_argv(rank.session.argv),
-                "alive": rank.alive,
-                "steps_total": rank.steps_total,
-                "last_step_unix_s": rank.last_step_unix_s,
-                "recent_steps": [
-                    {"step": s.step, "end_unix_s": s.end_unix_s, "step_s": s.step_s,
-                     "data_wait_s": s.data_wait_s, "compute_s": s.forward_s + s.backward_s + s.optimizer_s,
-                     "comm_s": s.comm_s, "other_s": s.other_s}
-                    for s in recent
-                ],
-            })
+            ranks.append(
+                {
+                    "rank": rank_id,
+                    "pid": rank.session.pid,
+                    "hostname": rank.session.hostname,
+                    "argv": redact_argv(rank.session.argv),
+                    "alive": rank.alive,
+                    "steps_total": rank.steps_total,
+                    "last_step_unix_s": rank.last_step_unix_s,
+                    "recent_steps": [
+                        {
+                            "step": s.step,
+                            "end_unix_s": s.end_unix_s,
+                            "step_s": s.step_s,
+                            "data_wait_s": s.data_wait_s,
+                            "compute_s": s.forward_s + s.backward_s + s.optimizer_s,
+                            "comm_s": s.comm_s,
+                            "other_s": s.other_s,
+                        }
+                        for s in recent
+                    ],
+                }
+            )
         pids = {r.session.pid for r in job.ranks.values()}
         processes = [asdict(p) for p in store.processes.values() if p.pid in pids]
         config = next((r.config for _, r in sorted(job.ranks.items()) if r.config), None)

@@ -70,13 +70,17 @@ class ProfilerdCollector(Collector):
             received.add_metric([kind], count)
         yield received
         dropped = CounterMetricFamily(
-            "profilerd_probe_messages_dropped", "Probe messages lost or rejected, by reason", labels=["reason"]
+            "profilerd_probe_messages_dropped",
+            "Probe messages lost or rejected, by reason",
+            labels=["reason"],
         )
         for reason, count in sorted(store.dropped.items()):
             dropped.add_metric([reason], count)
         yield dropped
         errors = CounterMetricFamily("profilerd_sampler_errors", "Failed sampler cycles", labels=["sampler"])
-        lag = GaugeMetricFamily("profilerd_sampler_lag_seconds", "How late the last cycle started", labels=["sampler"])
+        lag = GaugeMetricFamily(
+            "profilerd_sampler_lag_seconds", "How late the last cycle started", labels=["sampler"]
+        )
         duration = GaugeMetricFamily(
             "profilerd_sampler_duration_seconds", "How long the last cycle took", labels=["sampler"]
         )
@@ -87,7 +91,9 @@ class ProfilerdCollector(Collector):
         yield errors
         yield lag
         yield duration
-        paused = GaugeMetricFamily("profilerd_recording_paused", "1 while recording is paused (disk full, ...)")
+        paused = GaugeMetricFamily(
+            "profilerd_recording_paused", "1 while recording is paused (disk full, ...)"
+        )
         paused.add_metric([], 1.0 if store.recording_paused_reason else 0.0)
         yield paused
 
@@ -100,11 +106,14 @@ class ProfilerdCollector(Collector):
             "profilerd_step_phase_seconds", "Time spent per step phase", labels=["job", "rank", "phase"]
         )
         phase_ratio = GaugeMetricFamily(
-            "profilerd_step_phase_ratio", "Share of step time per phase over the analysis window",
+            "profilerd_step_phase_ratio",
+            "Share of step time per phase over the analysis window",
             labels=["job", "phase"],
         )
         last_step = GaugeMetricFamily(
-            "profilerd_last_step_timestamp_seconds", "When the rank last finished a step", labels=["job", "rank"]
+            "profilerd_last_step_timestamp_seconds",
+            "When the rank last finished a step",
+            labels=["job", "rank"],
         )
         verdict = GaugeMetricFamily(
             "profilerd_verdict", "1 for the job's current bottleneck category", labels=["job", "category"]
@@ -114,7 +123,8 @@ class ProfilerdCollector(Collector):
         )
         speedup = GaugeMetricFamily(
             "profilerd_recommendation_estimated_speedup_ratio",
-            "Estimated whole-step speedup of each current recommendation", labels=["job", "recommendation"],
+            "Estimated whole-step speedup of each current recommendation",
+            labels=["job", "recommendation"],
         )
         for job in store.jobs.values():
             for rank_id, rank in sorted(job.ranks.items()):
@@ -146,19 +156,26 @@ class ProfilerdCollector(Collector):
     def _host_metrics(self) -> Iterator[Metric]:
         host = self.store.host
         if host is not None:
-            cpu = GaugeMetricFamily("profilerd_host_cpu_utilization_ratio", "Busy share per core", labels=["cpu"])
+            cpu = GaugeMetricFamily(
+                "profilerd_host_cpu_utilization_ratio", "Busy share per core", labels=["cpu"]
+            )
             for index, value in enumerate(host.cpu_per_core_ratio):
                 cpu.add_metric([str(index)], value)
             yield cpu
             yield _gauge("profilerd_host_memory_used_bytes", "Host memory in use", host.memory_used_bytes)
             yield _gauge("profilerd_host_memory_total_bytes", "Host memory", host.memory_total_bytes)
             if host.iowait_ratio is not None:
-                yield _gauge("profilerd_host_iowait_ratio", "Share of CPU time waiting for I/O", host.iowait_ratio)
+                yield _gauge(
+                    "profilerd_host_iowait_ratio", "Share of CPU time waiting for I/O", host.iowait_ratio
+                )
         trainer = GaugeMetricFamily(
-            "profilerd_process_cpu_cores", "CPU use in cores of training processes and their DataLoader workers",
+            "profilerd_process_cpu_cores",
+            "CPU use in cores of training processes and their DataLoader workers",
             labels=["job", "rank", "role"],
         )
-        workers = GaugeMetricFamily("profilerd_dataloader_workers", "Live DataLoader workers", labels=["job", "rank"])
+        workers = GaugeMetricFamily(
+            "profilerd_dataloader_workers", "Live DataLoader workers", labels=["job", "rank"]
+        )
         for sample in self.store.processes.values():
             if not sample.alive or sample.cpu_ratio is None:
                 continue

@@ -84,8 +84,16 @@ class ProcessSampler:
                         continue
                 samples.append(
                     ProcessSample(
-                        now_unix_s, pid, session.job, session.rank, True, cpu, rss, threads,
-                        tuple(workers), tuple(ratios),
+                        now_unix_s,
+                        pid,
+                        session.job,
+                        session.rank,
+                        True,
+                        cpu,
+                        rss,
+                        threads,
+                        tuple(workers),
+                        tuple(ratios),
                     )
                 )
             except (psutil.NoSuchProcess, psutil.ZombieProcess):

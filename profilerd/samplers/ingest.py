@@ -56,7 +56,9 @@ def bind_socket(path: Path) -> socket.socket:
 class Ingest:
     """Receives datagrams, decodes them with the shared wire module, updates store and recording."""
 
-    def __init__(self, sock: socket.socket, store: Store, recorder: Recorder | None, stop: threading.Event) -> None:
+    def __init__(
+        self, sock: socket.socket, store: Store, recorder: Recorder | None, stop: threading.Event
+    ) -> None:
         self.sock = sock
         self.store = store
         self.recorder = recorder
@@ -110,9 +112,18 @@ class Ingest:
             self.store.count_dropped("unknown_sender")
             return
         step = StepRecord(
-            session.job, message.rank, message.pid, message.step, message.end_unix_s,
-            message.step_s, message.data_wait_s, message.forward_s, message.backward_s,
-            message.optimizer_s, message.comm_s, message.flags,
+            session.job,
+            message.rank,
+            message.pid,
+            message.step,
+            message.end_unix_s,
+            message.step_s,
+            message.data_wait_s,
+            message.forward_s,
+            message.backward_s,
+            message.optimizer_s,
+            message.comm_s,
+            message.flags,
         )
         self.store.add_step(step, message.seq, message.sender_dropped)
         if self.recorder is not None:
@@ -138,8 +149,11 @@ class Ingest:
             if known is None or known.run_id != session.run_id:
                 self.recorder.start_run(
                     session.run_id,
-                    {"job": session.job, "hostname": session.hostname,
-                     "started_unix_s": session.started_unix_s},
+                    {
+                        "job": session.job,
+                        "hostname": session.hostname,
+                        "started_unix_s": session.started_unix_s,
+                    },
                 )
             self.recorder.session(session)
 
