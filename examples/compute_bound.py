@@ -21,9 +21,7 @@ def main() -> None:
     inputs = torch.randn(4096, 512)
     targets = torch.randint(0, 10, (4096,))
     loader = DataLoader(TensorDataset(inputs, targets), batch_size=256, shuffle=True)
-    model = nn.Sequential(
-        nn.Linear(512, 1024), nn.GELU(), nn.Linear(1024, 1024), nn.GELU(), nn.Linear(1024, 10)
-    )
+    model = nn.Sequential(nn.Linear(512, 1024), nn.GELU(), nn.Linear(1024, 1024), nn.GELU(), nn.Linear(1024, 10))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     deadline = time.monotonic() + args.seconds
     while time.monotonic() < deadline:

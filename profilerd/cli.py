@@ -51,24 +51,16 @@ def _daemon_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("daemon")
     group.add_argument("--config", type=Path, help="TOML config file (default: $PROFILERD_CONFIG)")
     group.add_argument("--host", dest="http_host", help="HTTP address (default 127.0.0.1)")
-    group.add_argument(
-        "--port", dest="http_port", type=int, help="HTTP port (default 9466; 0 = any free port)"
-    )
+    group.add_argument("--port", dest="http_port", type=int, help="HTTP port (default 9466; 0 = any free port)")
     group.add_argument("--socket", dest="socket_path", help="probe socket path")
-    group.add_argument(
-        "--data-dir", dest="data_dir", help="where recordings go (default ~/.local/share/profilerd)"
-    )
+    group.add_argument("--data-dir", dest="data_dir", help="where recordings go (default ~/.local/share/profilerd)")
     group.add_argument("--rules", dest="rules_file", help="rules file overriding thresholds")
     group.add_argument("--gpu", dest="gpu_backend", choices=["auto", "nvml", "none"], help="GPU backend")
-    group.add_argument(
-        "--no-record", dest="record", action="store_false", default=None, help="do not write recordings"
-    )
+    group.add_argument("--no-record", dest="record", action="store_false", default=None, help="do not write recordings")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="profilerd", description="GPU telemetry and bottleneck profiler for PyTorch training."
-    )
+    parser = _Parser(prog="profilerd", description="GPU telemetry and bottleneck profiler for PyTorch training.")
     parser.add_argument("--version", action="version", version=f"profilerd {__version__}")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -244,9 +236,7 @@ def _status_line(handle: _DaemonHandle, job: str) -> str:
     return f"profilerd ▸ {document['steps_total']} steps · {rate:.1f} steps/s · {document['summary'][:90]}"
 
 
-def _wait_for_child(
-    child: subprocess.Popen[bytes], handle: _DaemonHandle, job: str, show_status: bool
-) -> int:
+def _wait_for_child(child: subprocess.Popen[bytes], handle: _DaemonHandle, job: str, show_status: bool) -> int:
     def forward(signum: int, frame: Any) -> None:
         with contextlib.suppress(ProcessLookupError):
             child.send_signal(signum)
@@ -278,9 +268,7 @@ def run_command(cmd: list[str], args: argparse.Namespace, config: DaemonConfig, 
     boot = _bootstrap_dir()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(boot), env.get("PYTHONPATH", "")) if p)
-    env.update(
-        {"PROFILERD_SOCKET": str(handle.socket_path), "PROFILERD_RUN_ID": run_id, "PROFILERD_JOB_ID": job}
-    )
+    env.update({"PROFILERD_SOCKET": str(handle.socket_path), "PROFILERD_RUN_ID": run_id, "PROFILERD_JOB_ID": job})
     try:
         try:
             child = subprocess.Popen(cmd, env=env)
@@ -289,9 +277,7 @@ def run_command(cmd: list[str], args: argparse.Namespace, config: DaemonConfig, 
             return 127 if isinstance(exc, FileNotFoundError) else 126
         show_status = not args.no_status and sys.stderr.isatty()
         code = _wait_for_child(child, handle, job, show_status)
-        handle.send(
-            wire.encode_json(wire.KIND_RUN_END, {"pid": os.getpid(), "run_id": run_id, "exit_code": code})
-        )
+        handle.send(wire.encode_json(wire.KIND_RUN_END, {"pid": os.getpid(), "run_id": run_id, "exit_code": code}))
         recording = _wait_for_recording(handle, run_id, config)
         if recording is None:
             print(
@@ -324,9 +310,7 @@ def run_command(cmd: list[str], args: argparse.Namespace, config: DaemonConfig, 
         shutil.rmtree(boot, ignore_errors=True)
 
 
-def _wait_for_recording(
-    handle: _DaemonHandle, run_id: str, config: DaemonConfig, timeout: float = 15.0
-) -> Path | None:
+def _wait_for_recording(handle: _DaemonHandle, run_id: str, config: DaemonConfig, timeout: float = 15.0) -> Path | None:
     """Wait until the daemon has flushed and closed the run's recording."""
     from profilerd.recording import recording_file
 
@@ -425,12 +409,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
         return 0
     print(f"{'RUN':44} {'STARTED':19} {'DURATION':>9} {'STEPS':>7} {'STATE':8} VERDICT")
     for r in listing:
-        started = (
-            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started_unix_s)) if r.started_unix_s else "-"
-        )
-        duration = (
-            f"{(r.ended_unix_s - r.started_unix_s):.0f}s" if r.started_unix_s and r.ended_unix_s else "-"
-        )
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started_unix_s)) if r.started_unix_s else "-"
+        duration = f"{(r.ended_unix_s - r.started_unix_s):.0f}s" if r.started_unix_s and r.ended_unix_s else "-"
         print(f"{r.run_id[:44]:44} {started:19} {duration:>9} {r.steps:>7} {r.state:8} {r.primary or '-'}")
     return 0
 

@@ -123,9 +123,7 @@ class Daemon:
 
             prune(cfg.runs_dir, older_than_s=cfg.retention_days * 86400)
         if cfg.record:
-            self.recorder = Recorder(
-                cfg.runs_dir, on_closed=store.finish_run, on_status=self._recording_status
-            )
+            self.recorder = Recorder(cfg.runs_dir, on_closed=store.finish_run, on_status=self._recording_status)
             try:
                 self.recorder.start()
             except OSError as exc:
@@ -133,9 +131,7 @@ class Daemon:
         try:
             sock = bind_socket(cfg.socket_path)
         except OSError as exc:
-            raise DaemonError(
-                f"cannot bind the probe socket {cfg.socket_path}: {exc.strerror or exc}"
-            ) from exc
+            raise DaemonError(f"cannot bind the probe socket {cfg.socket_path}: {exc.strerror or exc}") from exc
         self.ingest = Ingest(sock, store, self.recorder, self.stop_event)
         self.ingest.start()
         if self._gpu is None:

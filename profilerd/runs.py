@@ -64,15 +64,11 @@ def load(path: Path) -> Recording:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         steps = pd.read_sql_query(f"SELECT {', '.join(STEP_COLUMNS)} FROM steps ORDER BY end_unix_s", conn)
         configs = []
-        for _ts, rank, config in conn.execute(
-            "SELECT ts_unix_s, rank, config FROM configs ORDER BY ts_unix_s"
-        ):
+        for _ts, rank, config in conn.execute("SELECT ts_unix_s, rank, config FROM configs ORDER BY ts_unix_s"):
             document = json.loads(config)
             document.setdefault("rank", rank)
             configs.append(document)
-        hosts = pd.read_sql_query(
-            f"SELECT {', '.join(HOST_COLUMNS)} FROM host_samples ORDER BY ts_unix_s", conn
-        )
+        hosts = pd.read_sql_query(f"SELECT {', '.join(HOST_COLUMNS)} FROM host_samples ORDER BY ts_unix_s", conn)
         processes = pd.read_sql_query(
             f"SELECT {', '.join(PROCESS_COLUMNS)} FROM process_samples ORDER BY ts_unix_s", conn
         )
@@ -126,9 +122,7 @@ def summarize(path: Path) -> RunSummary:
     conn = connect_readonly(path)
     try:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-        steps, first, last = conn.execute(
-            "SELECT COUNT(*), MIN(end_unix_s), MAX(end_unix_s) FROM steps"
-        ).fetchone()
+        steps, first, last = conn.execute("SELECT COUNT(*), MIN(end_unix_s), MAX(end_unix_s) FROM steps").fetchone()
         row = conn.execute("SELECT primary_category FROM verdicts ORDER BY ts_unix_s DESC LIMIT 1").fetchone()
     except sqlite3.DatabaseError as exc:
         raise RecordingError(f"{path}: {exc}") from None
@@ -201,9 +195,7 @@ def prune(runs_dir: Path, older_than_s: float | None = None, keep: int | None = 
     doomed: list[RunSummary] = []
     now = time.time()
     for index, run in enumerate(runs):
-        too_old = (
-            older_than_s is not None and (run.ended_unix_s or run.started_unix_s or now) < now - older_than_s
-        )
+        too_old = older_than_s is not None and (run.ended_unix_s or run.started_unix_s or now) < now - older_than_s
         beyond = keep is not None and index >= keep
         if too_old or beyond:
             doomed.append(run)

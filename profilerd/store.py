@@ -266,9 +266,7 @@ class Store:
 
     def training_pids(self) -> dict[int, ProbeSession]:
         with self.lock:
-            return {
-                r.session.pid: r.session for job in self.jobs.values() for r in job.ranks.values() if r.alive
-            }
+            return {r.session.pid: r.session for job in self.jobs.values() for r in job.ranks.values() if r.alive}
 
     def health_for(self, name: str) -> SamplerHealth:
         with self.lock:

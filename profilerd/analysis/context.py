@@ -60,9 +60,7 @@ def build_context(
         busy = float((hosts["cpu_ratio"] * hosts["cpu_count"]).mean())
     trainer = workers = worker_max = None
     workers_seen = None
-    alive = (
-        processes[processes["alive"] == 1].dropna(subset=["cpu_ratio"]) if not processes.empty else processes
-    )
+    alive = processes[processes["alive"] == 1].dropna(subset=["cpu_ratio"]) if not processes.empty else processes
     if not alive.empty:
         per_tick = alive.groupby("ts_unix_s").agg(
             trainer=("cpu_ratio", "sum"),

@@ -132,9 +132,7 @@ def compute_features(steps: pd.DataFrame, context: Context, warmup_steps: int = 
     total = float(frame["step_s"].sum())
     if total <= 0:
         return empty_features(context)
-    sums = frame[
-        ["data_wait_s", "compute_s", "comm_s", "other_s", "forward_s", "backward_s", "optimizer_s"]
-    ].sum()
+    sums = frame[["data_wait_s", "compute_s", "comm_s", "other_s", "forward_s", "backward_s", "optimizer_s"]].sum()
     # Normalise by the attributed sum so the four fractions add up to exactly 1 even when the
     # probes' phases overlap a little (nested timers, clock granularity).
     attributed = float(sums["data_wait_s"] + sums["compute_s"] + sums["comm_s"] + sums["other_s"])

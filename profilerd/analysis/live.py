@@ -28,9 +28,7 @@ class LiveAnalyzer:
         frame = steps_frame(step for steps in window.values() for step in steps)
         since = float((frame["end_unix_s"] - frame["step_s"]).min()) if not frame.empty else now_unix_s
         hosts, processes = self.store.history(job)
-        context = build_context(
-            self.store.job_config(job), host_frame(hosts), process_frame(processes), since
-        )
+        context = build_context(self.store.job_config(job), host_frame(hosts), process_frame(processes), since)
         return evaluate(compute_features(frame, context, self.ruleset.warmup_steps), self.ruleset)
 
     def tick(self, now_unix_s: float) -> None:
@@ -54,12 +52,7 @@ class LiveAnalyzer:
             return
         last = self._recorded.get(job)
         now = time.monotonic()
-        if (
-            last
-            and last[0] == verdict.primary
-            and last[1] == verdict.severity
-            and now - last[2] < RECORD_EVERY_S
-        ):
+        if last and last[0] == verdict.primary and last[1] == verdict.severity and now - last[2] < RECORD_EVERY_S:
             return
         self._recorded[job] = (verdict.primary, verdict.severity, now)
         document = verdict.to_json(run_id, job)

@@ -35,8 +35,7 @@ def suggest_num_workers(features: Features) -> tuple[int, str]:
     elif saturation is not None and saturation >= 0.8:
         suggested = current + max(1, int(free))
         reason = (
-            f"the busiest of {current} workers uses {saturation:.0%} of a core (CPU-bound), "
-            f"{free:.1f} cores are free"
+            f"the busiest of {current} workers uses {saturation:.0%} of a core (CPU-bound), {free:.1f} cores are free"
         )
     else:
         suggested = min(64, current * 2)

@@ -39,9 +39,7 @@ class Rule:
 REGISTRY: dict[str, Rule] = {}
 
 
-def rule(
-    id: str, category: str, title: str, recommendation_ids: tuple[str, ...] = ()
-) -> Callable[[Check], Check]:
+def rule(id: str, category: str, title: str, recommendation_ids: tuple[str, ...] = ()) -> Callable[[Check], Check]:
     def register(check: Check) -> Check:
         REGISTRY[id] = Rule(id, category, title, (check.__doc__ or "").strip(), check, recommendation_ids)
         return check
@@ -287,9 +285,7 @@ def check_compute_bound(features: Features, t: dict[str, float], a: dict[str, fl
     )
 
 
-@rule(
-    "compute.optimizer_unfused", "compute", "The optimizer updates one tensor at a time", ("optimizer.fused",)
-)
+@rule("compute.optimizer_unfused", "compute", "The optimizer updates one tensor at a time", ("optimizer.fused",))
 def check_optimizer_unfused(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
     """Optimizer share of step time when the optimizer uses neither foreach nor fused."""
     share = features.phase_fractions["optimizer"]

@@ -37,9 +37,7 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(0)
-    loader = DataLoader(
-        SlowStorageDataset(4096, 0.0012), batch_size=16, shuffle=True, num_workers=args.num_workers
-    )
+    loader = DataLoader(SlowStorageDataset(4096, 0.0012), batch_size=16, shuffle=True, num_workers=args.num_workers)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()

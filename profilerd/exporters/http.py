@@ -26,9 +26,7 @@ log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1/"
 # Command lines can carry secrets; these patterns are masked in everything the API returns.
-_SECRET = re.compile(
-    r"(?i)((?:token|secret|password|passwd|api[_-]?key|access[_-]?key|auth)[A-Za-z_-]*[=:])\S+"
-)
+_SECRET = re.compile(r"(?i)((?:token|secret|password|passwd|api[_-]?key|access[_-]?key|auth)[A-Za-z_-]*[=:])\S+")
 _BEARER = re.compile(r"(?i)\b(?:hf|ghp|gho|sk|xox[bp])[_-][A-Za-z0-9_-]{8,}")
 
 

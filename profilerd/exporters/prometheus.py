@@ -78,9 +78,7 @@ class ProfilerdCollector(Collector):
             dropped.add_metric([reason], count)
         yield dropped
         errors = CounterMetricFamily("profilerd_sampler_errors", "Failed sampler cycles", labels=["sampler"])
-        lag = GaugeMetricFamily(
-            "profilerd_sampler_lag_seconds", "How late the last cycle started", labels=["sampler"]
-        )
+        lag = GaugeMetricFamily("profilerd_sampler_lag_seconds", "How late the last cycle started", labels=["sampler"])
         duration = GaugeMetricFamily(
             "profilerd_sampler_duration_seconds", "How long the last cycle took", labels=["sampler"]
         )
@@ -91,17 +89,13 @@ class ProfilerdCollector(Collector):
         yield errors
         yield lag
         yield duration
-        paused = GaugeMetricFamily(
-            "profilerd_recording_paused", "1 while recording is paused (disk full, ...)"
-        )
+        paused = GaugeMetricFamily("profilerd_recording_paused", "1 while recording is paused (disk full, ...)")
         paused.add_metric([], 1.0 if store.recording_paused_reason else 0.0)
         yield paused
 
     def _training_metrics(self) -> Iterator[Metric]:
         store = self.store
-        steps = HistogramMetricFamily(
-            "profilerd_step_duration_seconds", "Training step time", labels=["job", "rank"]
-        )
+        steps = HistogramMetricFamily("profilerd_step_duration_seconds", "Training step time", labels=["job", "rank"])
         phase_total = CounterMetricFamily(
             "profilerd_step_phase_seconds", "Time spent per step phase", labels=["job", "rank", "phase"]
         )
@@ -156,26 +150,20 @@ class ProfilerdCollector(Collector):
     def _host_metrics(self) -> Iterator[Metric]:
         host = self.store.host
         if host is not None:
-            cpu = GaugeMetricFamily(
-                "profilerd_host_cpu_utilization_ratio", "Busy share per core", labels=["cpu"]
-            )
+            cpu = GaugeMetricFamily("profilerd_host_cpu_utilization_ratio", "Busy share per core", labels=["cpu"])
             for index, value in enumerate(host.cpu_per_core_ratio):
                 cpu.add_metric([str(index)], value)
             yield cpu
             yield _gauge("profilerd_host_memory_used_bytes", "Host memory in use", host.memory_used_bytes)
             yield _gauge("profilerd_host_memory_total_bytes", "Host memory", host.memory_total_bytes)
             if host.iowait_ratio is not None:
-                yield _gauge(
-                    "profilerd_host_iowait_ratio", "Share of CPU time waiting for I/O", host.iowait_ratio
-                )
+                yield _gauge("profilerd_host_iowait_ratio", "Share of CPU time waiting for I/O", host.iowait_ratio)
         trainer = GaugeMetricFamily(
             "profilerd_process_cpu_cores",
             "CPU use in cores of training processes and their DataLoader workers",
             labels=["job", "rank", "role"],
         )
-        workers = GaugeMetricFamily(
-            "profilerd_dataloader_workers", "Live DataLoader workers", labels=["job", "rank"]
-        )
+        workers = GaugeMetricFamily("profilerd_dataloader_workers", "Live DataLoader workers", labels=["job", "rank"])
         for sample in self.store.processes.values():
             if not sample.alive or sample.cpu_ratio is None:
                 continue

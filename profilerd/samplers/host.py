@@ -97,15 +97,11 @@ class ProcessSampler:
                     )
                 )
             except (psutil.NoSuchProcess, psutil.ZombieProcess):
-                samples.append(
-                    ProcessSample(now_unix_s, pid, session.job, session.rank, False, None, None, None)
-                )
+                samples.append(ProcessSample(now_unix_s, pid, session.job, session.rank, False, None, None, None))
                 if self._on_exit is not None:
                     self._on_exit(pid)
             except psutil.AccessDenied:
-                samples.append(
-                    ProcessSample(now_unix_s, pid, session.job, session.rank, True, None, None, None)
-                )
+                samples.append(ProcessSample(now_unix_s, pid, session.job, session.rank, True, None, None, None))
                 live.add(pid)
         for pid in list(self._procs):
             if pid not in live:

@@ -56,9 +56,7 @@ def bind_socket(path: Path) -> socket.socket:
 class Ingest:
     """Receives datagrams, decodes them with the shared wire module, updates store and recording."""
 
-    def __init__(
-        self, sock: socket.socket, store: Store, recorder: Recorder | None, stop: threading.Event
-    ) -> None:
+    def __init__(self, sock: socket.socket, store: Store, recorder: Recorder | None, stop: threading.Event) -> None:
         self.sock = sock
         self.store = store
         self.recorder = recorder
