@@ -218,12 +218,13 @@ def _bootstrap_dir() -> Path:
 
 
 def _run_id(cmd: list[str]) -> str:
+    """A sortable, readable id: time, the script or module name, and a random suffix."""
     if "-m" in cmd[:-1]:
-        scripts = [cmd[cmd.index("-m") + 1].rsplit(".", 1)[-1]]
+        name = cmd[cmd.index("-m") + 1].rsplit(".", 1)[-1]
     else:
-        words = [Path(c).stem for c in cmd if not c.startswith("-")]
-        scripts = [w for w in words if not re.fullmatch(r"python[\d.]*|torchrun|env", w)] or ["job"]
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", scripts[0]).strip("-")[:32] or "job"
+        scripts = [c for c in cmd if c.endswith(".py")]
+        name = Path(scripts[0]).stem if scripts else Path(cmd[0]).name
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")[:32] or "job"
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{secrets.token_hex(2)}"
 
 

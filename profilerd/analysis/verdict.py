@@ -100,10 +100,12 @@ def evaluate(features: Features, ruleset: RuleSet) -> Verdict:
     missing_steps = features.steps < ruleset.min_steps
     missing_time = features.duration_s < ruleset.min_seconds
     if missing_steps or missing_time:
-        summary = (
-            f"Not enough evidence yet: {features.steps} of {ruleset.min_steps} steps, "
-            f"{features.duration_s:.1f} of {ruleset.min_seconds:.0f} s observed"
-        )
+        missing = []
+        if missing_steps:
+            missing.append(f"{features.steps} of {ruleset.min_steps} steps")
+        if missing_time:
+            missing.append(f"{features.duration_s:.1f} of {ruleset.min_seconds:g} s")
+        summary = f"Not enough evidence yet: {' and '.join(missing)} observed"
         return Verdict("none", "ok", summary, features)
     findings = []
     for rule in REGISTRY.values():

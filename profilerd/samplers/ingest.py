@@ -179,8 +179,9 @@ class Ingest:
         exit_code = body.get("exit_code")
         exit_code = int(exit_code) if exit_code is not None else None
         aborted = exit_code is not None and exit_code < 0
+        known = run_id in self.store.runs
         run = self.store.end_run(run_id, exit_code, aborted)
-        if self.recorder is not None and run is not None:
+        if self.recorder is not None and run is not None and known:
             self.recorder.close_run(run_id, run.final_state, exit_code)
         elif run is not None:
             self.store.finish_run(run_id, None)

@@ -1,0 +1,366 @@
+"""Daemon ingest throughput: step records per second on one core (target >= 50,000/s).
+
+Two measurements:
+
+(a) in-process: ``Ingest.handle`` over pre-encoded step datagrams from a registered session
+    (decode + StepRecord + Store.add_step), without and with a ``Recorder`` attached. With a
+    recorder, "sustained" also waits until every row is committed to SQLite.
+(b) end to end: a sender process blasts (or paces) datagrams at the real AF_UNIX socket,
+    non-blocking, counting its own drops; an ``Ingest`` thread in this process receives them.
+    Accounting: received + dropped by the sender == sent.
+
+The daemon side is pinned to one CPU and the sender to another (when there are two), so the
+figures are "per daemon core".
+
+    python benchmarks/bench_ingest.py                 # default run, well under 2 minutes
+    python benchmarks/bench_ingest.py --json out.json
+    python benchmarks/bench_ingest.py --profile       # cProfile of the in-process handle loop
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime
+import json
+import os
+import platform
+import pstats
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from probes import wire
+
+TARGET_PER_S = 50_000
+PID = 424242  # the in-process case needs no real process behind its pid
+# Store counters inferred from sequence numbers and the sender's own count, not datagrams.
+INFERRED = ("sequence_gap", "sender_side")
+STEP_TIMES_S = (0.004, 0.005, 0.006, 0.03, 0.2)  # spread over a few histogram buckets
+
+
+# ---- shared helpers ----------------------------------------------------------------------
+def machine_info() -> dict[str, Any]:
+    cpu_model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu_model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    qlen = None
+    try:
+        qlen = int(Path("/proc/sys/net/unix/max_dgram_qlen").read_text())
+    except (OSError, ValueError):
+        pass
+    return {
+        "date": datetime.date.today().isoformat(),
+        "nproc": os.cpu_count(),
+        "cpus_allowed": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "net_unix_max_dgram_qlen": qlen,
+    }
+
+
+def pin(cpu: int | None) -> None:
+    if cpu is not None and cpu in os.sched_getaffinity(0):
+        os.sched_setaffinity(0, {cpu})
+
+
+def pick_cpus() -> tuple[int | None, int | None]:
+    """(daemon CPU, sender CPU): two distinct CPUs when there are two, else no pinning."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) >= 2:
+        return cpus[0], cpus[1]
+    return None, None
+
+
+def hello_body(pid: int) -> dict[str, Any]:
+    return {
+        "pid": pid,
+        "job": f"bench-{pid}",
+        "run_id": f"bench-{pid}",
+        "rank": 0,
+        "local_rank": 0,
+        "world_size": 1,
+        "hostname": socket.gethostname(),
+        "argv": ["bench_ingest.py"],
+        "python": platform.python_version(),
+        "probe_version": "bench",
+        "started_unix_s": time.time(),
+    }
+
+
+def step_datagram(pid: int, seq: int, end_unix_s: float, sender_dropped: int = 0) -> bytes:
+    step_s = STEP_TIMES_S[seq % len(STEP_TIMES_S)]
+    return wire.encode_step(
+        pid,
+        0,
+        seq,
+        seq,
+        end_unix_s,
+        step_s,
+        step_s * 0.1,
+        step_s * 0.3,
+        step_s * 0.4,
+        step_s * 0.1,
+        0.0,
+        sender_dropped,
+    )
+
+
+# ---- (a) in-process decode + store ---------------------------------------------------------
+def _new_ingest(store: Any, recorder: Any) -> Any:
+    from profilerd.samplers.ingest import Ingest
+
+    dummy = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # handle() never touches it
+    dummy.close()
+    return Ingest(dummy, store, recorder, threading.Event())
+
+
+def _count_rows(path: Path) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM steps").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def in_process(n: int, repeats: int, with_recorder: bool, tmp: Path, profile: bool) -> dict[str, Any]:
+    from profilerd.recording import Recorder, recording_file
+    from profilerd.store import Store
+
+    base = time.time() - n * 0.005
+    datagrams = [step_datagram(PID, i + 1, base + i * 0.005) for i in range(n)]
+    hello = wire.encode_json(wire.KIND_HELLO, hello_body(PID))
+    rates, sustained, rows_ok = [], [], []
+    for rep in range(repeats):
+        store = Store()
+        recorder = None
+        runs_dir = tmp / f"runs-a-{int(with_recorder)}-{rep}"
+        if with_recorder:
+            recorder = Recorder(runs_dir)
+            recorder.start()
+        ingest = _new_ingest(store, recorder)
+        ingest.handle(hello)
+        handle = ingest.handle
+        profiler = cProfile.Profile() if profile and rep == 0 else None
+        t0 = time.perf_counter()
+        if profiler is not None:
+            profiler.enable()
+        for d in datagrams:
+            handle(d)
+        if profiler is not None:
+            profiler.disable()
+        elapsed = time.perf_counter() - t0
+        if store.received["step"] != n or sum(store.dropped.values()):
+            raise RuntimeError(f"in-process ingest lost steps: {dict(store.received)} {dict(store.dropped)}")
+        rates.append(n / elapsed)
+        if recorder is not None:
+            # rows_written counts the session row too; wait until every step row is committed.
+            deadline = time.monotonic() + 120
+            while recorder.rows_written < n + 1 and time.monotonic() < deadline:
+                time.sleep(0.002)
+            sustained.append(n / (time.perf_counter() - t0))
+            recorder.stop()
+            rows_ok.append(_count_rows(recording_file(runs_dir, f"bench-{PID}")) == n)
+        if profiler is not None:
+            print(f"\ncProfile of Ingest.handle x {n} (recorder={with_recorder}):")
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(14)
+    result: dict[str, Any] = {
+        "datagrams": n,
+        "repeats": repeats,
+        "handle_per_s_median": statistics.median(rates),
+        "handle_per_s_all": rates,
+        "handle_us_per_record": 1e6 / statistics.median(rates),
+    }
+    if with_recorder:
+        result["sustained_per_s_median"] = statistics.median(sustained)
+        result["sustained_per_s_all"] = sustained
+        result["sqlite_rows_complete"] = all(rows_ok)
+    return result
+
+
+# ---- (b) end to end over the socket --------------------------------------------------------
+def sender_main(path: str, duration_s: float, rate: float, cpu: int | None) -> None:
+    """Child process: hello, then step datagrams for duration_s; prints its counts as JSON."""
+    pin(cpu)
+    pid = os.getpid()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.connect(path)
+    sock.setblocking(False)
+    hello = wire.encode_json(wire.KIND_HELLO, hello_body(pid))
+    while True:  # the hello must arrive, or every step is an unknown sender
+        try:
+            sock.send(hello)
+            break
+        except BlockingIOError:
+            time.sleep(0.001)
+    send = sock.send
+    encode = step_datagram
+    now = time.perf_counter
+    end_unix = time.time()
+    sent = dropped = errors = seq = 0
+    t0 = now()
+    deadline = t0 + duration_s
+    interval = 1.0 / rate if rate > 0 else 0.0
+    next_at = t0
+    while True:
+        t = now()
+        if t >= deadline:
+            break
+        if interval:
+            if t < next_at:
+                continue  # busy-wait: sleep() cannot pace at tens of microseconds
+            next_at += interval
+        seq += 1
+        try:
+            send(encode(pid, seq, end_unix + seq * 1e-5, dropped))
+            sent += 1
+        except BlockingIOError:
+            dropped += 1
+        except OSError:
+            errors += 1
+    elapsed = now() - t0
+    sock.close()
+    result = {"attempted": seq, "sent": sent, "dropped": dropped, "errors": errors, "elapsed_s": elapsed}
+    print(json.dumps(result))
+
+
+def end_to_end(duration_s: float, rate: float, with_recorder: bool, tmp: Path, cpus: tuple) -> dict[str, Any]:
+    from profilerd.recording import Recorder
+    from profilerd.samplers.ingest import Ingest, bind_socket
+    from profilerd.store import Store
+
+    tag = f"{'blast' if rate <= 0 else int(rate)}-{int(with_recorder)}"
+    path = tmp / f"rt-{tag}" / "ingest.sock"
+    store = Store()
+    stop = threading.Event()
+    recorder = Recorder(tmp / f"runs-b-{tag}") if with_recorder else None
+    if recorder is not None:
+        recorder.start()
+    sock = bind_socket(path)
+    ingest = Ingest(sock, store, recorder, stop)
+    ingest.start()
+    cpu0 = time.process_time()
+    cmd = [sys.executable, __file__, "--_sender", str(path), "--duration", str(duration_s), "--rate", str(rate)]
+    if cpus[1] is not None:
+        cmd += ["--_cpu", str(cpus[1])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    sender = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def accounted() -> int:
+        with store.lock:
+            return store.received["step"] + sum(v for k, v in store.dropped.items() if k not in INFERRED)
+
+    deadline = time.monotonic() + 10
+    while accounted() < sender["sent"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    daemon_cpu_s = time.process_time() - cpu0
+    stop.set()
+    ingest.join(2.0)
+    sock.close()
+    if recorder is not None:
+        recorder.stop(30.0)
+    received = store.received["step"]
+    other = {k: v for k, v in store.dropped.items() if k not in INFERRED}
+    return {
+        "mode": "blast" if rate <= 0 else f"paced {rate:,.0f}/s",
+        "recorder": with_recorder,
+        "duration_s": sender["elapsed_s"],
+        "sent_attempts": sender["attempted"],
+        "sent_ok": sender["sent"],
+        "sender_dropped": sender["dropped"],
+        "sender_errors": sender["errors"],
+        "received": received,
+        "daemon_dropped": other,
+        "inferred_by_store": {k: store.dropped[k] for k in INFERRED},
+        "received_per_s": received / sender["elapsed_s"],
+        "offered_per_s": sender["attempted"] / sender["elapsed_s"],
+        "drop_ratio": sender["dropped"] / max(1, sender["attempted"]),
+        "daemon_cpu_ratio": daemon_cpu_s / sender["elapsed_s"],
+        "accounting_ok": received + sum(other.values()) + sender["dropped"] + sender["errors"]
+        == sender["attempted"],
+        "recorder_rows_written": recorder.rows_written if recorder is not None else None,
+    }
+
+
+# ---- report ----------------------------------------------------------------------------------
+def print_report(results: dict[str, Any]) -> None:
+    m = results["machine"]
+    print(f"\nmachine: {m['nproc']} CPUs, {m['cpu_model']}, Python {m['python']}")
+    print(f"net.unix.max_dgram_qlen = {m['net_unix_max_dgram_qlen']}   daemon CPU {results['cpus'][0]}")
+    print(f"\n(a) in-process Ingest.handle, target >= {TARGET_PER_S:,}/s")
+    print(f"{'case':<28}{'records/s':>12}{'us/record':>11}{'sustained/s':>13}  ok")
+    for name, r in results["in_process"].items():
+        sustained = r.get("sustained_per_s_median")
+        figure = sustained if sustained is not None else r["handle_per_s_median"]
+        print(
+            f"{name:<28}{r['handle_per_s_median']:>12,.0f}{r['handle_us_per_record']:>11.2f}"
+            f"{(f'{sustained:,.0f}' if sustained else '-'):>13}  {'PASS' if figure >= TARGET_PER_S else 'MISS'}"
+        )
+    print(f"\n(b) end to end over AF_UNIX, sender on another CPU, target >= {TARGET_PER_S:,}/s")
+    print(
+        f"{'mode':<18}{'rec':>4}{'offered/s':>12}{'received/s':>12}{'drop %':>8}"
+        f"{'daemon CPU':>11}{'sent':>10}{'recv':>10}{'dropped':>10}  acct"
+    )
+    for r in results["end_to_end"]:
+        print(
+            f"{r['mode']:<18}{'yes' if r['recorder'] else 'no':>4}{r['offered_per_s']:>12,.0f}"
+            f"{r['received_per_s']:>12,.0f}{100 * r['drop_ratio']:>8.2f}{100 * r['daemon_cpu_ratio']:>10.0f}%"
+            f"{r['sent_attempts']:>10,}{r['received']:>10,}{r['sender_dropped']:>10,}"
+            f"  {'ok' if r['accounting_ok'] else 'MISMATCH'}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=int, default=200_000, help="datagrams per in-process repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds per end-to-end run")
+    parser.add_argument("--rate", type=float, default=TARGET_PER_S, help="paced end-to-end rate")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of the handle loop")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--_sender", help=argparse.SUPPRESS)
+    parser.add_argument("--_cpu", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._sender:
+        sender_main(args._sender, args.duration, args.rate, args._cpu)
+        return 0
+
+    cpus = pick_cpus()
+    pin(cpus[0])  # every daemon-side thread (ingest, recorder) shares this one CPU
+    results: dict[str, Any] = {"machine": machine_info(), "cpus": cpus, "target_per_s": TARGET_PER_S}
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp_name:
+        tmp = Path(tmp_name)
+        os.chmod(tmp, 0o700)
+        results["in_process"] = {
+            "decode+store": in_process(args.records, args.repeats, False, tmp, args.profile),
+            "decode+store+recorder": in_process(args.records, args.repeats, True, tmp, args.profile),
+        }
+        results["end_to_end"] = [
+            end_to_end(args.duration, 0.0, False, tmp, cpus),
+            end_to_end(args.duration, 0.0, True, tmp, cpus),
+            end_to_end(args.duration, args.rate, False, tmp, cpus),
+            end_to_end(args.duration, args.rate, True, tmp, cpus),
+        ]
+    print_report(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

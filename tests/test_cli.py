@@ -1,0 +1,221 @@
+"""The command line as a user meets it: subprocesses, exit codes, real training runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import EXAMPLES, run_cli
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "required: COMMAND"),
+        (("frobnicate",), "invalid choice: 'frobnicate'"),
+        (("run",), "no command to run"),
+        (("serve", "--port", "abc"), "invalid int value"),
+        (("report", "no-such-run"), "no run 'no-such-run'"),
+        (("runs", "--older-than", "soon"), "cannot read duration"),
+    ],
+)
+def test_usage_errors_exit_2_with_a_clear_message(args: tuple[str, ...], message: str, profilerd_env) -> None:
+    result = run_cli(*args, env=profilerd_env, timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+
+
+def test_bad_config_file_exits_2_naming_the_key(profilerd_env, short_tmp: Path) -> None:
+    config = short_tmp / "c.toml"
+    config.write_text("[daemon]\nhttp_prot = 1\n")
+    result = run_cli("run", "--config", str(config), "--", "true", env=profilerd_env, timeout=30)
+    assert result.returncode == 2
+    assert "unknown key 'http_prot'" in result.stderr
+
+
+def test_run_returns_the_childs_exit_code(profilerd_env) -> None:
+    result = run_cli("run", "--", sys.executable, "-c", "import sys; sys.exit(3)", env=profilerd_env, timeout=60)
+    assert result.returncode == 3
+    assert "no training steps were recorded" in result.stderr
+    missing = run_cli("run", "--", "no-such-program-xyz", env=profilerd_env, timeout=60)
+    assert missing.returncode == 127
+    assert "cannot run 'no-such-program-xyz'" in missing.stderr
+
+
+def test_demo_reports_data_bound_with_num_workers_and_report_agrees(profilerd_env, short_tmp: Path) -> None:
+    """The first command a new user runs, with the default rules."""
+    verdict_path = short_tmp / "demo.json"
+    result = run_cli("demo", "--seconds", "12", "--json", str(verdict_path), env=profilerd_env)
+    assert result.returncode == 0, result.stderr
+    assert "DATA-BOUND" in result.stderr
+    assert "num_workers" in result.stderr
+    document = json.loads(verdict_path.read_text())
+    assert document["schema"] == "profilerd.verdict/v1"
+    assert document["primary"] == "data"
+    assert sum(document["fractions"].values()) == pytest.approx(1.0, abs=0.01)
+    assert document["findings"][0]["recommendations"][0]["id"] == "dataloader.num_workers"
+    report = run_cli("report", document["run_id"], "--format", "json", env=profilerd_env, timeout=60)
+    assert report.returncode == 0, report.stderr
+    assert json.loads(report.stdout) == document
+    text = run_cli("report", "latest", env=profilerd_env, timeout=60)
+    assert "DATA-BOUND" in text.stdout and "data.input_wait" in text.stdout
+    listing = run_cli("runs", "--json", env=profilerd_env, timeout=60)
+    runs = json.loads(listing.stdout)
+    assert runs[0]["run_id"] == document["run_id"]
+    assert runs[0]["state"] == "closed"
+    assert runs[0]["primary"] == "data"
+
+
+def test_compute_example_is_compute_bound(profilerd_env, short_tmp: Path, fast_rules: Path) -> None:
+    verdict_path = short_tmp / "compute.json"
+    result = run_cli(
+        "run",
+        "--rules",
+        str(fast_rules),
+        "--json",
+        str(verdict_path),
+        "--",
+        sys.executable,
+        str(EXAMPLES / "compute_bound.py"),
+        "--seconds",
+        "5",
+        env=profilerd_env,
+    )
+    assert result.returncode == 0, result.stderr
+    document = json.loads(verdict_path.read_text())
+    assert document["primary"] == "compute", document["summary"]
+    assert document["fractions"]["compute"] > 0.5
+    assert {r["id"] for r in document["recommendations"]} >= {"torch.compile", "optimizer.fused"}
+
+
+def test_data_starved_example_is_data_bound(profilerd_env, short_tmp: Path, fast_rules: Path) -> None:
+    verdict_path = short_tmp / "starved.json"
+    result = run_cli(
+        "run",
+        "--rules",
+        str(fast_rules),
+        "--json",
+        str(verdict_path),
+        "--",
+        sys.executable,
+        str(EXAMPLES / "data_starved.py"),
+        "--seconds",
+        "5",
+        env=profilerd_env,
+    )
+    assert result.returncode == 0, result.stderr
+    document = json.loads(verdict_path.read_text())
+    assert document["primary"] == "data"
+    assert document["recommendations"][0]["id"] == "dataloader.num_workers"
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_torchrun_ranks_are_probed_as_one_job(profilerd_env, short_tmp: Path, fast_rules: Path) -> None:
+    verdict_path = short_tmp / "ddp.json"
+    result = run_cli(
+        "run",
+        "--rules",
+        str(fast_rules),
+        "--json",
+        str(verdict_path),
+        "--",
+        "torchrun",
+        "--nproc-per-node",
+        "2",
+        str(EXAMPLES / "ddp_cpu.py"),
+        "--seconds",
+        "5",
+        env=profilerd_env,
+    )
+    assert result.returncode == 0, result.stderr
+    document = json.loads(verdict_path.read_text())
+    assert document["ranks"] == 2  # the torchrun agent itself is not probed
+    assert [r["rank"] for r in document["per_rank"]] == [0, 1]
+    assert document["primary"] != "none"
+
+
+def test_python_dash_m_and_a_chained_sitecustomize(profilerd_env, short_tmp: Path, fast_rules: Path) -> None:
+    package = short_tmp / "pkgroot" / "trainpkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "__main__.py").write_text(
+        textwrap.dedent("""
+        import time, torch
+        model = torch.nn.Linear(16, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            loss = model(torch.randn(8, 16)).pow(2).mean()
+            opt.zero_grad(); loss.backward(); opt.step()
+            time.sleep(0.01)
+    """)
+    )
+    marker = short_tmp / "chained"
+    user_site = short_tmp / "usersite"
+    user_site.mkdir()
+    (user_site / "sitecustomize.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    env = dict(profilerd_env, PYTHONPATH=f"{short_tmp / 'pkgroot'}:{user_site}")
+    verdict_path = short_tmp / "m.json"
+    result = run_cli(
+        "run", "--rules", str(fast_rules), "--json", str(verdict_path), "--", sys.executable, "-m", "trainpkg", env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert marker.read_text() == "ran"
+    document = json.loads(verdict_path.read_text())
+    assert document["steps"] > 100
+    assert "-trainpkg-" in document["run_id"]
+
+
+def test_run_uses_an_already_running_daemon(profilerd_env, fast_rules: Path, short_tmp: Path) -> None:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "profilerd", "serve", "--gpu", "none"],
+        env=profilerd_env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stderr is not None
+        assert "serving" in server.stderr.readline()
+        verdict_path = short_tmp / "shared.json"
+        result = run_cli(
+            "run",
+            "--rules",
+            str(fast_rules),
+            "--json",
+            str(verdict_path),
+            "--",
+            sys.executable,
+            str(EXAMPLES / "data_starved.py"),
+            "--seconds",
+            "3",
+            env=profilerd_env,
+        )
+        assert result.returncode == 0, result.stderr
+        document = json.loads(verdict_path.read_text())
+        assert document["steps"] > 20
+        assert Path(document["recording"]).parent == Path(profilerd_env["PROFILERD_DATA_DIR"]) / "runs"
+        assert server.poll() is None  # the shared daemon keeps running after the run
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=10) == 0
+
+
+def test_runs_prune_keeps_the_newest(profilerd_env, fast_rules: Path) -> None:
+    for _ in range(2):
+        result = run_cli(
+            "run", "--", sys.executable, str(EXAMPLES / "compute_bound.py"), "--seconds", "1", env=profilerd_env
+        )
+        assert result.returncode == 0, result.stderr
+    before = json.loads(run_cli("runs", "--json", env=profilerd_env).stdout)
+    assert len(before) == 2
+    pruned = run_cli("runs", "--keep", "1", env=profilerd_env)
+    assert "removed 1 recording" in pruned.stdout
+    after = json.loads(run_cli("runs", "--json", env=profilerd_env).stdout)
+    assert [r["run_id"] for r in after] == [before[0]["run_id"]]
