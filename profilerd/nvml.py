@@ -396,7 +396,7 @@ def _variants(*names: str) -> list[tuple[str, Callable[..., Any]]]:
 
 
 _MEMORY_VARIANTS: list[tuple[str, Callable[..., Any]]] = [
-    *([("nvmlDeviceGetMemoryInfo_v2", _memory_v2)] if hasattr(pynvml, "nvmlMemory_v2") else []),
+    
     ("nvmlDeviceGetMemoryInfo", pynvml.nvmlDeviceGetMemoryInfo),
 ]
 _TEMPERATURE_VARIANTS: list[tuple[str, Callable[..., Any]]] = [

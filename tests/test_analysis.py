@@ -186,3 +186,10 @@ def test_every_rule_has_thresholds_and_a_description() -> None:
         assert rule_id in RULES.thresholds
         assert rule.description
         assert rule.category in ("data", "compute", "communication", "algorithm")
+
+
+def test_rules_doc_is_generated_from_the_registry() -> None:
+    from profilerd.analysis.docs import render
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "rules.md"
+    assert doc.read_text() == render(), "regenerate: python -m profilerd.analysis.docs > docs/rules.md"
