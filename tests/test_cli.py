@@ -219,3 +219,59 @@ def test_runs_prune_keeps_the_newest(profilerd_env, fast_rules: Path) -> None:
     assert "removed 1 recording" in pruned.stdout
     after = json.loads(run_cli("runs", "--json", env=profilerd_env).stdout)
     assert [r["run_id"] for r in after] == [before[0]["run_id"]]
+
+
+def test_live_status_line_on_a_terminal(profilerd_env, fast_rules: Path) -> None:
+    """On a TTY, `run` keeps one status line updated while the job trains."""
+    import os
+    import pty
+
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "profilerd", "run", "--rules", str(fast_rules), "--",
+         sys.executable, str(EXAMPLES / "data_starved.py"), "--seconds", "4"],
+        env=profilerd_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=follower,
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert process.wait(timeout=60) == 0
+    os.close(leader)
+    screen = b"".join(chunks).decode(errors="replace")
+    assert "profilerd ▸" in screen
+    assert "steps/s" in screen
+    assert "\r\x1b[2K" in screen  # the line is redrawn in place, not scrolled
+    assert "DATA-BOUND" in screen.split("\r\x1b[2K")[-1]  # the final verdict follows
+
+
+def test_dataloader_workers_are_sampled(profilerd_env, fast_rules: Path, short_tmp: Path) -> None:
+    import sqlite3
+
+    verdict_path = short_tmp / "workers.json"
+    result = run_cli("run", "--rules", str(fast_rules), "--json", str(verdict_path), "--",
+                     sys.executable, "-m", "profilerd.demo.starved", "--num-workers", "2", "--seconds", "4",
+                     env=profilerd_env)
+    assert result.returncode == 0, result.stderr
+    recording = json.loads(verdict_path.read_text())["recording"]
+    workers = sqlite3.connect(recording).execute("SELECT MAX(num_workers) FROM process_samples").fetchone()[0]
+    assert workers == 2
+
+
+def test_serve_says_no_gpu_mode_once(profilerd_env) -> None:
+    server = subprocess.Popen([sys.executable, "-m", "profilerd", "serve"], env=profilerd_env,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stderr is not None
+        line = server.stderr.readline()
+        assert "no-GPU mode" in line
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=10) == 0
+    assert server.stderr.read().count("no-GPU") == 0
