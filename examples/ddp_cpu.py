@@ -1,6 +1,12 @@
 """Example: DistributedDataParallel on CPU (gloo), for `torchrun`.
 
-    profilerd run -- torchrun --nproc-per-node 2 examples/ddp_cpu.py
+profilerd run -- torchrun --nproc-per-node 2 examples/ddp_cpu.py
+# communication-bound: a wide model, tiny batches
+profilerd run -- torchrun --nproc-per-node 2 examples/ddp_cpu.py --width 2048 --batch-size 2
+# a straggler: rank 1 loads its data slowly
+profilerd run -- torchrun --nproc-per-node 2 examples/ddp_cpu.py --slow-rank 1
+# balanced: a small conv net has much compute per parameter, so the all-reduce hides
+profilerd run -- torchrun --nproc-per-node 2 examples/ddp_cpu.py --model conv
 """
 
 from __future__ import annotations
@@ -12,36 +18,79 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
+
+
+class Samples(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    def __init__(self, size: int, shape: tuple[int, ...], delay_s: float) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.inputs = torch.randn(size, *shape, generator=generator)
+        self.labels = torch.randint(0, 10, (size,), generator=generator)
+        self.delay_s = delay_s
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.delay_s:
+            time.sleep(self.delay_s)  # this rank's storage is slow
+        return self.inputs[index], self.labels[index]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--width", type=int, default=256, help="hidden width: gradient size grows with its square")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--slow-rank", type=int, default=-1, help="this rank's loader sleeps per sample")
+    parser.add_argument("--slow-ms", type=float, default=1.0)
+    parser.add_argument("--model", choices=["mlp", "conv"], default="mlp")
     args = parser.parse_args()
     dist.init_process_group("gloo")
+    rank = dist.get_rank()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    data = TensorDataset(torch.randn(2048, 128), torch.randint(0, 10, (2048,)))
-    loader = DataLoader(data, batch_size=64, sampler=DistributedSampler(data))
-    model = DistributedDataParallel(nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 10)))
+    delay = args.slow_ms / 1000 if rank == args.slow_rank else 0.0
+    width = args.width
+    if args.model == "conv":
+        data = Samples(1024, (3, 32, 32), delay)
+        network = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(16, 10),
+        )
+    else:
+        data = Samples(4096, (128,), delay)
+        network = nn.Sequential(
+            nn.Linear(128, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10)
+        )
+    loader = DataLoader(data, batch_size=args.batch_size, sampler=DistributedSampler(data))
+    model = DistributedDataParallel(network)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     # All ranks must run the same number of steps, so the deadline is decided on rank 0.
     deadline = torch.tensor([time.time() + args.seconds], dtype=torch.float64)
     dist.broadcast(deadline, 0)
     epoch = 0
-    done = torch.zeros(1)
-    while not done.item():
+    done = False
+    while not done:
         loader.sampler.set_epoch(epoch)
-        for inputs, labels in loader:
+        for step, (inputs, labels) in enumerate(loader):
             loss = nn.functional.cross_entropy(model(inputs), labels)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            if step % 20 == 0:
+                flag = torch.tensor([float(time.time() >= deadline.item())])
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                if flag.item():
+                    done = True
+                    break
         epoch += 1
-        done = torch.tensor([float(time.time() >= deadline.item())])
-        dist.all_reduce(done, op=dist.ReduceOp.MAX)
     dist.destroy_process_group()
 
 

@@ -29,6 +29,7 @@ import weakref
 from typing import Any
 
 from probes import wire
+from probes.signals import COLLECTIVES, SYNC_METHODS, CollectiveTimer, DdpSplit, DeferredScalar, SyncCounter
 from probes.transport import DatagramSender
 
 log = logging.getLogger("probes")
@@ -103,6 +104,19 @@ class StepProbe:
         self._autocast: dict[str, Any] = {}
         self._scaler_used = False
         self._last_config: dict[str, Any] | None = None
+        self._loss = DeferredScalar(torch)
+        self._grad_norm = DeferredScalar(torch)
+        self._scale = DeferredScalar(torch)
+        self.syncs = SyncCounter()
+        self.collectives = CollectiveTimer()
+        self._ddp_split = DdpSplit()
+        self._ddp: weakref.ref[Any] | None = None
+        self._last_grad_ready = 0.0  # perf_counter when the last gradient of a DDP backward was ready
+        self._exposed_comm_s = 0.0
+        self._lr: float | None = None
+        self._grad_norm_every = max(0, _env_int("PROFILERD_GRAD_NORM_EVERY", 10))
+        self._scheduler: str | None = None
+        self._clip_used = False
         self._reset_step(time.perf_counter())
         self._step_start = None  # the first step starts at the first observed activity
 
@@ -114,8 +128,13 @@ class StepProbe:
         self.backward_s = 0.0
         self.optimizer_s = 0.0
         self.comm_s = 0.0
+        self._exposed_comm_s = 0.0
         self._backward_seen = False
         self._pending_close: float | None = None
+        self._clip_this_step = False
+        self.syncs.reset_step()
+        self.syncs.suspended = 0  # an exception inside optimizer.step() must not leave it on
+        self.collectives.reset_step()
 
     def _activity(self, now: float) -> None:
         """A new batch or forward pass: close the previous step if it has ended."""
@@ -145,6 +164,31 @@ class StepProbe:
         if self.step_index in CONFIG_STEPS or self.step_index % CONFIG_REFRESH_STEPS == 0:
             self._send_config()
         self._seq += 1
+        flags = wire.FLAG_FALLBACK_BOUNDARY if fallback else 0
+        if fallback and self._scaler_used and self.optimizer_seen:
+            flags |= wire.FLAG_GRAD_SCALER_SKIPPED  # the optimizer usually steps; this time it did not
+        loss = self._loss.take()
+        grad_norm = self._grad_norm.take()
+        scale = self._scale.take()
+        flags |= wire.FLAG_HAS_LOSS if loss is not None else 0
+        flags |= wire.FLAG_HAS_GRAD_NORM if grad_norm is not None else 0
+        flags |= wire.FLAG_HAS_SCALE if scale is not None else 0
+        flags |= wire.FLAG_HAS_LR if self._lr is not None else 0
+        backward = self.backward_s
+        comm = self.comm_s + self.collectives.seconds
+        comm_total = comm
+        ddp = self._ddp() if self._ddp is not None else None
+        if ddp is not None:
+            if self.step_index <= 12 or self.step_index % DdpSplit.READ_EVERY_STEPS == 0:
+                self._ddp_split.refresh(ddp)
+                if self._ddp_split.last_ready_changed:
+                    self._watch_last_gradients(ddp)
+            # Exposed all-reduce: the backward call waited from the last gradient being ready
+            # until DDP's communication finished (on gloo this includes waiting for other ranks).
+            exposed = min(self._exposed_comm_s, backward)
+            comm_total += max(exposed, backward * self._ddp_split.comm_ratio)
+            backward -= exposed
+            comm += exposed
         datagram = wire.encode_step(
             self.ident["pid"],
             self.ident["rank"],
@@ -154,11 +198,21 @@ class StepProbe:
             end - start,
             self.data_wait_s,
             self.forward_s,
-            self.backward_s,
+            backward,
             self.optimizer_s,
-            self.comm_s,
+            comm,
             self.sender.dropped_total,
-            wire.FLAG_FALLBACK_BOUNDARY if fallback else 0,
+            flags,
+            loss=loss if loss is not None else 0.0,
+            grad_norm=grad_norm if grad_norm is not None else 0.0,
+            lr=self._lr if self._lr is not None else 0.0,
+            scaler_scale=scale if scale is not None else 0.0,
+            sync_count=self.syncs.count,
+            sync_s=self.syncs.seconds,
+            comm_total_s=comm_total,
+            graph_compiles=_graph_compiles(),
+            comm_ops=self.collectives.ops,
+            comm_bytes=self.collectives.bytes,
         )
         self.sender.send(datagram)
         self._reset_step(end)
@@ -212,6 +266,10 @@ class StepProbe:
             },
             "rank": self.ident["rank"],
             "world_size": self.ident["world_size"],
+            "lr_scheduler": self._scheduler,
+            "grad_clipping": self._clip_used,
+            "sync_sites": self.syncs.top_sites(),
+            "compiled_graphs": _graph_compiles(),
         }
         config["optimizers"] = [_describe_optimizer(opt) for opt in list(self._optimizers)[:4]]
         models = [_describe_model(torch, module) for module in list(self._root_modules)[:4]]
@@ -251,20 +309,56 @@ class StepProbe:
         if self._depth == 0:
             self.forward_s += time.perf_counter() - self._forward_start
 
-    def on_backward(self, duration: float) -> None:
-        self.backward_s += duration
+    def on_backward(self, start: float, end: float) -> None:
+        self.backward_s += end - start
         self._backward_seen = True
+        if self._ddp is not None and start <= self._last_grad_ready <= end:
+            self._exposed_comm_s += end - self._last_grad_ready
+
+    def _watch_last_gradients(self, ddp: Any) -> None:
+        """Hook the parameters whose gradients are ready last (DDP's recorded order, plus the
+        first parameter, usually last in backward): one cheap hook each per backward."""
+        for handle in getattr(self, "_grad_handles", []):
+            handle.remove()
+        params = [p for p in ddp.module.parameters() if p.requires_grad]
+        if not params:
+            return
+        chosen = {0, *self._ddp_split.last_ready[-2:]}
+        self._grad_handles = [
+            params[i].register_post_accumulate_grad_hook(_gradient_ready) for i in sorted(chosen) if i < len(params)
+        ]
 
     def on_optimizer_pre(self, optimizer: Any) -> None:
-        self._optimizer_start = time.perf_counter()
+        self.syncs.suspended += 1  # the optimizer's own .item() calls are not the user's
         if optimizer not in self._optimizers:
             self._optimizers.add(optimizer)
+        if self._grad_norm_every and not self._clip_this_step and (self.step_index + 1) % self._grad_norm_every == 0:
+            self._sample_grad_norm(optimizer)
+        self._optimizer_start = time.perf_counter()
 
-    def on_optimizer_post(self) -> None:
+    def on_optimizer_post(self, optimizer: Any) -> None:
         now = time.perf_counter()
         self.optimizer_s += now - self._optimizer_start
         self.optimizer_seen = True
         self._pending_close = now
+        self.syncs.suspended = max(0, self.syncs.suspended - 1)
+        lr = optimizer.param_groups[0].get("lr") if optimizer.param_groups else None
+        self._lr = float(lr) if isinstance(lr, int | float) else self._lr
+
+    def _sample_grad_norm(self, optimizer: Any) -> None:
+        """The global gradient norm, computed asynchronously on the gradients' device."""
+        torch = self._torch
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads or any(g.is_sparse for g in grads) or len({g.device for g in grads}) != 1:
+            return
+        with torch.no_grad():
+            norms = torch._foreach_norm(grads)
+            self._grad_norm.capture(torch.linalg.vector_norm(torch.stack(norms)))
+
+    def on_clip_grad_norm(self, total_norm: Any) -> None:
+        self._clip_used = True
+        self._clip_this_step = True
+        self._grad_norm.capture(total_norm)
 
     # ---- configuration captured on the way ---------------------------------------------
     def note_loader(self, loader: Any) -> None:
@@ -304,7 +398,11 @@ class StepProbe:
             handle.remove()
         self._discovery_handles = []
         self._discovering = False
+        ddp_cls = _safe(lambda: self._torch.nn.parallel.DistributedDataParallel)
         for module in list(self._root_modules):
+            if ddp_cls is not None and isinstance(module, ddp_cls) and self._ddp is None:
+                self._ddp = weakref.ref(module)
+                self._watch_last_gradients(module)
             if getattr(module, "_profilerd_hooked", False):
                 continue
             self._handles.append(module.register_forward_pre_hook(_instance_forward_pre))
@@ -322,18 +420,34 @@ class StepProbe:
         self._patch(torch.autograd, "backward", _make_backward(torch.autograd.backward))
         scaler_cls = torch.amp.grad_scaler.GradScaler
         self._patch(scaler_cls, "update", _make_scaler_update(scaler_cls.update))
+        self._patch(scaler_cls, "step", _make_scaler_step(scaler_cls.step))
+        self._patch(torch.nn.utils, "clip_grad_norm_", _make_clip_grad_norm(torch.nn.utils.clip_grad_norm_))
+        scheduler_cls = torch.optim.lr_scheduler.LRScheduler
+        self._patch(scheduler_cls, "step", _make_scheduler_step(scheduler_cls.step))
+        torch_dir = os.path.dirname(torch.__file__) + os.sep
+        for name in SYNC_METHODS:
+            original = getattr(torch.Tensor, name)
+            wrapped = self.syncs.wrap(name, original, lambda: self.train_thread, torch_dir)
+            self._patch(torch.Tensor, name, wrapped)
+        dist = torch.distributed
+        if dist.is_available():
+            for name in COLLECTIVES:
+                if hasattr(dist, name):
+                    self._patch(dist, name, self.collectives.wrap(getattr(dist, name), lambda: self.train_thread))
         self._handles.append(optim_mod.register_optimizer_step_pre_hook(_optimizer_pre))
         self._handles.append(optim_mod.register_optimizer_step_post_hook(_optimizer_post))
         self._start_discovery()
 
     def _patch(self, owner: Any, name: str, replacement: Any) -> None:
-        original = owner.__dict__[name] if name in getattr(owner, "__dict__", {}) else getattr(owner, name)
+        """Replace an attribute; uninstall puts back exactly what was there (or nothing)."""
+        own = getattr(owner, "__dict__", {})
+        original = own.get(name, _INHERITED)
         self._patches.append((owner, name, original))
         setattr(owner, name, replacement)
 
     def uninstall(self) -> None:
         self.enabled = False
-        for handle in self._handles + getattr(self, "_discovery_handles", []):
+        for handle in self._handles + self._discovery_handles + getattr(self, "_grad_handles", []):
             handle.remove()
         self._handles = []
         self._discovery_handles = []
@@ -341,7 +455,10 @@ class StepProbe:
             if getattr(module, "_profilerd_hooked", False):
                 del module._profilerd_hooked
         for owner, name, original in reversed(self._patches):
-            setattr(owner, name, original)
+            if original is _INHERITED:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
         self._patches = []
 
     def after_fork_in_child(self) -> None:
@@ -358,6 +475,7 @@ class StepProbe:
 
 
 # ---- module-level hook functions: they look up the active probe, so uninstall is total ----
+_INHERITED = object()  # marks an attribute that was inherited, not set on the patched class
 _active: StepProbe | None = None
 _warned = False
 
@@ -403,9 +521,11 @@ def _make_loader_next(original: Any) -> Any:
         except Exception as exc:
             disable(exc)
             return original(self)
+        probe.syncs.suspended += 1
         try:
             return original(self)
         finally:
+            probe.syncs.suspended -= 1
             probe.data_wait_s += perf_counter() - start
 
     return __next__
@@ -434,13 +554,18 @@ def _make_backward(original: Any) -> Any:
             return original(*args, **kwargs)
         if get_ident() != probe.train_thread and not probe.optimizer_seen and probe.step_index == 0:
             probe.train_thread = get_ident()  # the training loop runs on another thread
+        if args and get_ident() == probe.train_thread:
+            try:
+                probe._loss.capture(args[0] if hasattr(args[0], "numel") else None)
+            except Exception as exc:
+                disable(exc)
         start = perf_counter()
         try:
             return original(*args, **kwargs)
         finally:
             try:
                 if get_ident() == probe.train_thread:
-                    probe.on_backward(perf_counter() - start)
+                    probe.on_backward(start, perf_counter())
             except Exception as exc:
                 disable(exc)
 
@@ -449,12 +574,68 @@ def _make_backward(original: Any) -> Any:
 
 def _make_scaler_update(original: Any) -> Any:
     def update(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
         probe = _active
         if probe is not None:
             probe._scaler_used = True
-        return original(self, *args, **kwargs)
+            try:
+                if self.is_enabled():
+                    probe._scale.capture(getattr(self, "_scale", None))
+            except Exception as exc:
+                disable(exc)
+        return result
 
     return update
+
+
+def _make_scaler_step(original: Any) -> Any:
+    def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        probe = _active
+        if probe is None:
+            return original(self, *args, **kwargs)
+        probe.syncs.suspended += 1  # GradScaler's inf check is a sync it needs, not the user's
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            probe.syncs.suspended = max(0, probe.syncs.suspended - 1)
+
+    return step
+
+
+def _make_clip_grad_norm(original: Any) -> Any:
+    def clip_grad_norm_(*args: Any, **kwargs: Any) -> Any:
+        total_norm = original(*args, **kwargs)
+        probe = _active
+        if probe is not None and threading.get_ident() == probe.train_thread:
+            try:
+                probe.on_clip_grad_norm(total_norm)
+            except Exception as exc:
+                disable(exc)
+        return total_norm
+
+    clip_grad_norm_.__wrapped__ = original  # type: ignore[attr-defined]
+    return clip_grad_norm_
+
+
+def _make_scheduler_step(original: Any) -> Any:
+    def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        probe = _active
+        if probe is not None and probe._scheduler is None:
+            probe._scheduler = type(self).__name__
+        return original(self, *args, **kwargs)
+
+    return step
+
+
+def _graph_compiles() -> int:
+    """Graphs torch.compile has produced so far (0 when dynamo was never imported)."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    if utils is None:
+        return 0
+    try:
+        return int(utils.counters.get("stats", {}).get("unique_graphs", 0))
+    except (AttributeError, TypeError, ValueError):
+        return 0
 
 
 def _optimizer_pre(optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -470,9 +651,15 @@ def _optimizer_post(optimizer: Any, args: Any, kwargs: Any) -> None:
     probe = _active
     if probe is not None and threading.get_ident() == probe.train_thread:
         try:
-            probe.on_optimizer_post()
+            probe.on_optimizer_post(optimizer)
         except Exception as exc:
             disable(exc)
+
+
+def _gradient_ready(param: Any) -> None:
+    probe = _active
+    if probe is not None:
+        probe._last_grad_ready = time.perf_counter()
 
 
 def _global_forward_pre(module: Any, args: Any) -> None:
@@ -525,9 +712,11 @@ def _describe_model(torch: Any, module: Any) -> dict[str, Any]:
         key = str(param.dtype).replace("torch.", "")
         dtypes[key] = dtypes.get(key, 0) + n
         device = device or str(param.device.type)
+    channels_last = None
     for sub in module.modules():
         if isinstance(sub, torch.nn.Conv2d):
             has_conv2d = True
+            channels_last = bool(sub.weight.is_contiguous(memory_format=torch.channels_last))
             break
     description: dict[str, Any] = {
         "class": type(module).__name__,
@@ -537,6 +726,7 @@ def _describe_model(torch: Any, module: Any) -> dict[str, Any]:
         "device": device,
         "compiled": type(module).__name__ == "OptimizedModule",
         "has_conv2d": has_conv2d,
+        "channels_last": channels_last,
     }
     ddp_cls = _safe(lambda: torch.nn.parallel.DistributedDataParallel)
     if ddp_cls is not None and isinstance(module, ddp_cls):

@@ -29,8 +29,10 @@ KIND_RUN_END = 5
 JSON_KINDS = {KIND_HELLO: "hello", KIND_CONFIG: "config", KIND_EVENT: "event", KIND_RUN_END: "run_end"}
 
 # pid, rank, seq, step, end_unix_s, step_s, data_wait_s, forward_s, backward_s, optimizer_s,
-# comm_s, sender_dropped, flags
-STEP = struct.Struct("<IiIQddddddd II")
+# comm_s, sender_dropped, flags, then the training signals: loss, grad_norm, lr, scaler_scale
+# (each valid only with its FLAG_HAS_* bit: loss and grad norm may legitimately be NaN or inf),
+# sync_count, sync_s, comm_total_s, graph_compiles, comm_ops, comm_bytes.
+STEP = struct.Struct("<IiIQddddddd II dddd IddI IQ")
 STEP_SIZE = HEADER.size + STEP.size
 
 # Large enough for any configuration snapshot, small enough to fit the default AF_UNIX
@@ -38,7 +40,11 @@ STEP_SIZE = HEADER.size + STEP.size
 MAX_DATAGRAM_BYTES = 64 * 1024
 
 FLAG_FALLBACK_BOUNDARY = 1  # the step was delimited without optimizer hooks
-FLAG_GRAD_SCALER_SKIPPED = 2
+FLAG_GRAD_SCALER_SKIPPED = 2  # GradScaler found inf/NaN gradients and skipped optimizer.step()
+FLAG_HAS_LOSS = 4
+FLAG_HAS_GRAD_NORM = 8
+FLAG_HAS_LR = 16
+FLAG_HAS_SCALE = 32
 
 
 class WireError(ValueError):
@@ -66,6 +72,16 @@ class StepMessage:
     comm_s: float
     sender_dropped: int
     flags: int
+    loss: float = 0.0
+    grad_norm: float = 0.0
+    lr: float = 0.0
+    scaler_scale: float = 0.0
+    sync_count: int = 0
+    sync_s: float = 0.0
+    comm_total_s: float = 0.0
+    graph_compiles: int = 0
+    comm_ops: int = 0
+    comm_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +106,17 @@ def encode_step(
     comm_s: float,
     sender_dropped: int,
     flags: int = 0,
+    *,
+    loss: float = 0.0,
+    grad_norm: float = 0.0,
+    lr: float = 0.0,
+    scaler_scale: float = 0.0,
+    sync_count: int = 0,
+    sync_s: float = 0.0,
+    comm_total_s: float = 0.0,
+    graph_compiles: int = 0,
+    comm_ops: int = 0,
+    comm_bytes: int = 0,
 ) -> bytes:
     return HEADER.pack(MAGIC, VERSION, KIND_STEP) + STEP.pack(
         pid & 0xFFFFFFFF,
@@ -105,6 +132,16 @@ def encode_step(
         comm_s,
         min(sender_dropped, 0xFFFFFFFF),
         flags,
+        loss,
+        grad_norm,
+        lr,
+        scaler_scale,
+        min(sync_count, 0xFFFFFFFF),
+        sync_s,
+        comm_total_s,
+        min(graph_compiles, 0xFFFFFFFF),
+        min(comm_ops, 0xFFFFFFFF),
+        min(comm_bytes, 0xFFFFFFFFFFFFFFFF),
     )
 
 
@@ -131,7 +168,7 @@ def decode(datagram: bytes) -> StepMessage | JsonMessage:
             raise WireError("truncated", f"step record of {len(datagram)} bytes")
         fields = STEP.unpack_from(datagram, HEADER.size)
         message = StepMessage(*fields)
-        durations = fields[5:11]
+        durations = (*fields[5:11], message.sync_s, message.comm_total_s)
         # NaN fails every comparison, so `not d >= 0` rejects it as well as negatives.
         if any(not d >= 0.0 or d > 1e6 for d in durations) or not message.end_unix_s > 0:
             raise WireError("bad_value", "negative, NaN or absurd duration")

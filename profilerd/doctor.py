@@ -42,6 +42,9 @@ def render_doctor(backend: GpuBackend) -> str:
         state = "  LOST" if dev.lost else ""
         lines.append(f"  [{dev.index}] {dev.name or '?'}  {dev.uuid or '?'}{state}")
 
+    for index, why in sorted(getattr(backend, "unopened", {}).items()):
+        lines.append(f"  [{index}] not opened: {why}")
+
     capabilities_fn = getattr(backend, "capabilities", None)
     matrix: dict[int, dict[str, bool]] = capabilities_fn() if callable(capabilities_fn) else {}
     if matrix:

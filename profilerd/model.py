@@ -31,6 +31,43 @@ class StepRecord:
     optimizer_s: float
     comm_s: float
     flags: int = 0
+    # Training signals; None when the probe had no value for this step.
+    loss: float | None = None
+    grad_norm: float | None = None
+    lr: float | None = None
+    scaler_scale: float | None = None
+    sync_count: int = 0
+    sync_s: float = 0.0
+    comm_total_s: float = 0.0
+    graph_compiles: int = 0
+    comm_ops: int = 0
+    comm_bytes: int = 0
+
+    def as_row(self) -> tuple[Any, ...]:
+        """The fields in declaration order: one row of the recording's steps table."""
+        return (
+            self.end_unix_s,
+            self.rank,
+            self.pid,
+            self.step,
+            self.step_s,
+            self.data_wait_s,
+            self.forward_s,
+            self.backward_s,
+            self.optimizer_s,
+            self.comm_s,
+            self.flags,
+            self.loss,
+            self.grad_norm,
+            self.lr,
+            self.scaler_scale,
+            self.sync_count,
+            self.sync_s,
+            self.comm_total_s,
+            self.graph_compiles,
+            self.comm_ops,
+            self.comm_bytes,
+        )
 
     @property
     def other_s(self) -> float:
@@ -177,6 +214,7 @@ class Finding:
     metrics: dict[str, float]  # the numbers behind the evidence
     thresholds: dict[str, float]
     recommendations: tuple[Recommendation, ...] = ()
+    cost: float = 0.0  # share of step time (or of the run, for convergence) this finding costs
 
     def to_json(self) -> dict[str, Any]:
         return {

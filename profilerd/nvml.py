@@ -127,11 +127,16 @@ CAPABILITIES: dict[str, str] = {
 }
 
 # Answers that mean "this device will never give this metric": cached, not counted as errors.
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    pynvml.NVMLError_NotSupported,
-    pynvml.NVMLError_FunctionNotFound,
-    pynvml.NVMLError_NoPermission,
-    pynvml.NVMLError_ArgumentVersionMismatch,
+# (ArgumentVersionMismatch: a versioned struct newer than the driver; absent from old bindings.)
+_UNAVAILABLE: tuple[type[BaseException], ...] = tuple(
+    cls
+    for cls in (
+        pynvml.NVMLError_NotSupported,
+        pynvml.NVMLError_FunctionNotFound,
+        pynvml.NVMLError_NoPermission,
+        getattr(pynvml, "NVMLError_ArgumentVersionMismatch", None),
+    )
+    if isinstance(cls, type)
 )
 
 
@@ -326,7 +331,10 @@ def open_backend(
         return NoGpuBackend(f"NVML started but could not list the GPUs: {exc}")
     if not backend.devices():
         driver = backend.driver_version or "unknown"
+        unopened = "; ".join(f"[{i}] {why}" for i, why in sorted(backend.unopened.items()))
         backend.close()
+        if unopened:
+            return NoGpuBackend(f"NVIDIA driver {driver}: no GPU could be opened ({unopened})")
         return NoGpuBackend(
             f"NVIDIA driver {driver} is loaded but NVML lists no GPUs "
             "(check CUDA_VISIBLE_DEVICES/NVIDIA_VISIBLE_DEVICES and container device access)"
@@ -371,6 +379,7 @@ class _Device:
     counters: dict[str, tuple[float, float]] = field(default_factory=dict)
     gpm: _Gpm | None = None
     proc_util_last_ts: int = 0
+    pid_map: dict[int, int | None] = field(default_factory=dict)  # host pid -> ours, last tick
     lost: bool = False
     lost_since: float = 0.0
     retry_at: float = 0.0
@@ -396,7 +405,7 @@ def _variants(*names: str) -> list[tuple[str, Callable[..., Any]]]:
 
 
 _MEMORY_VARIANTS: list[tuple[str, Callable[..., Any]]] = [
-    
+    *([("nvmlDeviceGetMemoryInfo_v2", _memory_v2)] if hasattr(pynvml, "nvmlMemory_v2") else []),
     ("nvmlDeviceGetMemoryInfo", pynvml.nvmlDeviceGetMemoryInfo),
 ]
 _TEMPERATURE_VARIANTS: list[tuple[str, Callable[..., Any]]] = [
@@ -477,7 +486,9 @@ class NvmlBackend:
         self.nvml_version = self._system_string(pynvml.nvmlSystemGetNVMLVersion)
         self.cuda_driver_version = self._cuda_version()
         self.binding_version = self._binding_version()
-        self._devices = [self._open_device(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        self.unopened: dict[int, str] = {}  # GPU index -> why it could not be opened
+        opened = (self._open_device(i) for i in range(pynvml.nvmlDeviceGetCount()))
+        self._devices = [dev for dev in opened if dev is not None]
         self._watcher: _XidWatcher | None = None
         if watch_events and self._devices:
             self._watcher = self._start_watcher(event_timeout_ms)
@@ -566,13 +577,22 @@ class NvmlBackend:
         except metadata.PackageNotFoundError:
             return None
 
-    def _open_device(self, index: int) -> _Device:
+    def _open_device(self, index: int) -> _Device | None:
+        """A GPU ready to sample, lost (to be retried), or None when NVML refuses it outright.
+
+        Containers often see every GPU in the count but may open only their own ones
+        (NoPermission): those are left out and listed in ``unopened`` for `profilerd doctor`.
+        """
         dev = _Device(index=index)
         try:
             self._identify(dev)
             self._probe(dev)
         except _GpuLost as exc:
             self._mark_lost(dev, self._wall_clock(), str(exc), retry_now=True)
+        except pynvml.NVMLError as exc:
+            self._count_error(index, "open", exc)
+            self.unopened[index] = str(exc)
+            return None
         return dev
 
     def _identify(self, dev: _Device) -> None:
@@ -591,6 +611,7 @@ class NvmlBackend:
         dev.variant = {}
         dev.counters = {}
         dev.proc_util_last_ts = 0
+        dev.pid_map = {}
         caps["utilization"] = self._probe_call(dev, pynvml.nvmlDeviceGetUtilizationRates, h)
         self._probe_variants(dev, "memory", _MEMORY_VARIANTS)
         caps["memory_reserved"] = dev.variant.get("memory") is _memory_v2
@@ -1037,15 +1058,16 @@ class NvmlBackend:
             return gpm.values
         # Read the clock after the call so the next sample is >= 100 ms after this one.
         taken_at = self._clock()
-        if gpm.request is None:
-            gpm.request = pynvml.c_nvmlGpmMetricsGet_t()
         request = gpm.request
-        request.version = pynvml.NVML_GPM_METRICS_GET_VERSION
-        request.numMetrics = len(_GPM_METRICS)
+        if request is None:
+            # Built once: NVML only writes the results, so ids and version stay as set.
+            request = gpm.request = pynvml.c_nvmlGpmMetricsGet_t()
+            request.version = pynvml.NVML_GPM_METRICS_GET_VERSION
+            request.numMetrics = len(_GPM_METRICS)
+            for i, (metric_id, _) in enumerate(_GPM_METRICS):
+                request.metrics[i].metricId = metric_id
         request.sample1 = gpm.older
         request.sample2 = gpm.newer
-        for i, (metric_id, _) in enumerate(_GPM_METRICS):
-            request.metrics[i].metricId = metric_id
         # The sample just taken becomes the baseline for the next tick whatever happens next.
         gpm.older, gpm.newer = gpm.newer, gpm.older
         gpm.older_taken_at = taken_at
@@ -1067,16 +1089,21 @@ class NvmlBackend:
         list_fn = dev.variant.get("processes")
         procs = self._read(dev, "processes", list_fn, dev.handle) if list_fn else None
         if not procs:
+            dev.pid_map = {}
             return ()
         sm_by_pid = self._process_sm_utilization(dev)
         result: list[GpuProcess] = []
         outside = 0
         outside_bytes = 0
+        # A PID listed on consecutive ticks is the same process (it never left the GPU), so
+        # its /proc lookup is reused; one that drops off the list is looked up afresh.
+        known, dev.pid_map = dev.pid_map, {}
         for proc in procs:
             host_pid = int(proc.pid)
             used = proc.usedGpuMemory
             used_bytes = None if used is None else int(used)
-            pid = self._pids.map(host_pid)
+            pid = known[host_pid] if host_pid in known else self._pids.map(host_pid)
+            dev.pid_map[host_pid] = pid
             if pid is None:
                 outside += 1
                 outside_bytes += used_bytes or 0

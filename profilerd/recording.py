@@ -38,7 +38,9 @@ CREATE TABLE IF NOT EXISTS sessions (
     argv TEXT, started_unix_s REAL, probe_version TEXT);
 CREATE TABLE IF NOT EXISTS steps (
     end_unix_s REAL, rank INTEGER, pid INTEGER, step INTEGER, step_s REAL, data_wait_s REAL,
-    forward_s REAL, backward_s REAL, optimizer_s REAL, comm_s REAL, flags INTEGER);
+    forward_s REAL, backward_s REAL, optimizer_s REAL, comm_s REAL, flags INTEGER,
+    loss REAL, grad_norm REAL, lr REAL, scaler_scale REAL, sync_count INTEGER, sync_s REAL,
+    comm_total_s REAL, graph_compiles INTEGER, comm_ops INTEGER, comm_bytes INTEGER);
 CREATE TABLE IF NOT EXISTS configs (ts_unix_s REAL, pid INTEGER, rank INTEGER, config TEXT);
 CREATE TABLE IF NOT EXISTS host_samples (
     ts_unix_s REAL, cpu_count INTEGER, cpu_ratio REAL, iowait_ratio REAL,
@@ -59,7 +61,7 @@ CREATE INDEX IF NOT EXISTS steps_by_time ON steps (end_unix_s);
 
 INSERTS = {
     "sessions": "INSERT INTO sessions VALUES (?,?,?,?,?,?,?,?)",
-    "steps": "INSERT INTO steps VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+    "steps": "INSERT INTO steps VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
     "configs": "INSERT INTO configs VALUES (?,?,?,?)",
     "host_samples": "INSERT INTO host_samples VALUES (?,?,?,?,?,?,?,?)",
     "process_samples": "INSERT INTO process_samples VALUES (?,?,?,?,?,?,?,?,?)",
@@ -86,19 +88,7 @@ def open_recording(path: Path) -> sqlite3.Connection:
 
 
 def step_row(step: StepRecord) -> tuple[Any, ...]:
-    return (
-        step.end_unix_s,
-        step.rank,
-        step.pid,
-        step.step,
-        step.step_s,
-        step.data_wait_s,
-        step.forward_s,
-        step.backward_s,
-        step.optimizer_s,
-        step.comm_s,
-        step.flags,
-    )
+    return step.as_row()
 
 
 class Recorder:

@@ -7,8 +7,10 @@ through the same code paths as on a GPU machine.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -45,6 +47,8 @@ class SimLibs:
 
 @pytest.fixture(scope="session")
 def sim_libs(tmp_path_factory: pytest.TempPathFactory) -> SimLibs:
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler (cc) to build the simulated NVML library")
     root = tmp_path_factory.mktemp("simnvml")
     return SimLibs(
         full=build_library(root / "full"),
@@ -189,10 +193,12 @@ def test_eight_gpus_each_sampled_once_per_tick(open_sim: OpenSim) -> None:
 
 
 def test_gpm_ratios_on_hopper_with_samples_100ms_apart(open_sim: OpenSim) -> None:
-    opened = open_sim(Scenario.of(1))
+    clock = [0.0]  # the backend's pacing clock, moved by hand; real sleeps satisfy the simulator
+    opened = open_sim(Scenario.of(1), clock=lambda: clock[0])
     backend = opened.backend
     assert backend.capabilities()[0]["gpm"] is True
     time.sleep(0.12)
+    clock[0] = 0.12
     (sample,) = backend.sample(T0)
     assert sample.sm_active_ratio == pytest.approx(0.64)
     assert sample.sm_occupancy_ratio == pytest.approx(0.335)
@@ -202,17 +208,30 @@ def test_gpm_ratios_on_hopper_with_samples_100ms_apart(open_sim: OpenSim) -> Non
     assert sample.fp32_active_ratio == pytest.approx(0.20)
     assert sample.fp64_active_ratio == pytest.approx(0.005)
 
-    # Faster than 100 ms: no new GPM sample is taken, the last values are reported again.
+    # Less than 100 ms later: no new GPM sample is taken, the last values are reported again.
     gets = opened.control.function_calls("nvmlGpmSampleGet")
-    (again,) = backend.sample(T0 + 0.01)
+    clock[0] = 0.19
+    (again,) = backend.sample(T0 + 0.07)
     assert opened.control.function_calls("nvmlGpmSampleGet") == gets
     assert again.sm_active_ratio == pytest.approx(0.64)
 
     time.sleep(0.12)
-    backend.sample(T0 + 0.2)
+    clock[0] = 0.24
+    backend.sample(T0 + 0.12)
     assert opened.control.function_calls("nvmlGpmSampleGet") == gets + 1
     # The simulator rejects samples < 100 ms apart or in the wrong order: none were.
     assert backend.error_count == 0
+
+
+def test_gpm_windows_are_consecutive_samples(open_sim: OpenSim) -> None:
+    # With drift, SM activity reveals which two samples were compared: each window must start
+    # at the previous tick's sample, not at the one taken when the GPU was opened.
+    backend = open_sim(Scenario(gpus=[{"gpm_drift": 1.0}])).backend
+    readings = []
+    for tick in range(3):
+        time.sleep(0.11)
+        readings.append(backend.sample(T0 + tick)[0].sm_active_ratio)
+    assert readings == pytest.approx([0.64, 0.65, 0.66])
 
 
 def test_older_gpu_without_gpm_omits_those_metrics(open_sim: OpenSim) -> None:
@@ -286,6 +305,20 @@ def test_not_supported_is_probed_once_and_left_out_of_metrics(open_sim: OpenSim)
     assert "NaN" not in text
 
 
+def test_not_supported_discovered_while_sampling_is_cached_too(open_sim: OpenSim) -> None:
+    opened = open_sim(Scenario.of(1))
+    backend, control = opened.backend, opened.control
+    assert backend.sample(T0)[0].power_watts == pytest.approx(312.5)
+    control.set_not_supported(0, "nvmlDeviceGetPowerUsage")
+    calls = control.function_calls("nvmlDeviceGetPowerUsage")
+    for tick in range(1, 4):
+        (sample,) = backend.sample(T0 + tick)
+        assert sample.power_watts is None
+    assert control.function_calls("nvmlDeviceGetPowerUsage") == calls + 1
+    assert backend.capabilities()[0]["power"] is False
+    assert backend.error_count == 0
+
+
 def test_old_driver_missing_symbols_fall_back_or_are_omitted(open_sim: OpenSim) -> None:
     scenario = Scenario.of(1)
     scenario.processes = [(0, os.getpid(), 3 * GIB, 10)]
@@ -356,7 +389,7 @@ def test_gpu_lost_mid_run_then_recovered_with_backoff(open_sim: OpenSim) -> None
     assert recovered.ts_unix_s - lost.ts_unix_s == pytest.approx(3.0)
     lost_ticks = [now for now, gpu0, _ in history if gpu0.lost]
     assert lost_ticks == [lost.ts_unix_s + d for d in (0.0, 1.0, 2.0)]
-    for now, gpu0, gpu1 in history:
+    for _, gpu0, gpu1 in history:
         assert not gpu1.lost and gpu1.memory_total_bytes  # the other GPU is unaffected
         if gpu0.lost:
             assert gpu0.memory_used_bytes is None and gpu0.uuid == uuid_for(0)
@@ -380,7 +413,7 @@ def test_lost_gpu_is_not_polled_between_retries_and_backoff_is_capped(open_sim: 
         if control.device_calls(0) != before:
             attempts.append(T0 + tick)
     assert attempts[0] == T0 + 1  # the tick that found it lost
-    gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
     assert gaps[:4] == [1.0, 2.0, 4.0, 8.0]
     assert set(gaps[4:]) == {8.0}
     assert len(_events(backend, "lost")) == 1
@@ -477,6 +510,20 @@ def test_sample_never_raises_and_counts_failed_reads(open_sim: OpenSim) -> None:
     assert backend.error_counts()["sm_clock"] == 3
 
 
+def test_gpu_refused_at_open_is_left_out_and_shown_by_doctor(open_sim: OpenSim) -> None:
+    # NVML_ERROR_NO_PERMISSION (4): a container counts a GPU it may not open.
+    backend = open_sim(Scenario(gpus=[{}, {"fail": "nvmlDeviceGetHandleByIndex_v2:4"}])).backend
+    assert [d.index for d in backend.devices()] == [0]
+    assert [s.index for s in backend.sample(T0)] == [0]
+    assert "[1] not opened: Insufficient Permissions" in render_doctor(backend)
+
+
+def test_no_gpu_mode_when_no_gpu_can_be_opened(open_sim: OpenSim) -> None:
+    opened = open_sim(Scenario(gpus=[{"fail": "nvmlDeviceGetHandleByIndex_v2:4"}]))
+    assert isinstance(opened.backend, NoGpuBackend)
+    assert "no GPU could be opened ([0] Insufficient Permissions)" in (opened.backend.unavailable_reason or "")
+
+
 def test_backends_share_one_nvml_init_and_the_last_close_shuts_it_down(open_sim: OpenSim) -> None:
     first = open_sim(Scenario.of(1))
     second = open_sim(Scenario.of(1))
@@ -535,6 +582,21 @@ def test_process_memory_with_host_pids_mapped_through_nspid(open_sim: OpenSim, t
     assert found[("profilerd_gpu_process_memory_used_bytes", labels)] == 2 * GIB
     assert found[("profilerd_gpu_process_sm_utilization_ratio", labels)] == pytest.approx(0.51)
     assert not any(name == "profilerd_gpu_info" and dict(lbl).get("pid") for name, lbl in found)
+
+
+def test_pid_lookup_is_reused_while_listed_and_redone_after_a_gap(open_sim: OpenSim, tmp_path: Path) -> None:
+    proc = _fake_proc(tmp_path / "proc", {"self": ("900\t1", None), "4242": ("4242\t17", None)})
+    opened = open_sim(Scenario(gpus=[{}], processes=[(0, 4242, GIB, 10)]), proc_root=proc)
+    backend, control = opened.backend, opened.control
+    assert [p.pid for p in backend.sample(T0)[0].processes] == [17]
+    # The host PID is reused by a new process in the daemon's namespace (pid 19)...
+    (proc / "4242" / "status").write_text("Name:\tpython\nNSpid:\t4242\t19\n")
+    # ...which cannot happen while the old one stays on the GPU, so no /proc read is needed.
+    assert [p.pid for p in backend.sample(T0 + 1)[0].processes] == [17]
+    control.move_process(4242, -1)
+    assert backend.sample(T0 + 2)[0].processes == ()
+    control.move_process(4242, 0)
+    assert [p.pid for p in backend.sample(T0 + 3)[0].processes] == [19]
 
 
 def test_pid_mapping_is_identity_in_the_root_namespace(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from profilerd.analysis.rules import REGISTRY, load_rules
+from profilerd.analysis.rules import RATIONALE, REGISTRY, load_rules
 
 
 def render() -> str:
@@ -25,21 +25,25 @@ def render() -> str:
         f"{ruleset.hysteresis_evaluations} consecutive evaluations before the live verdict changes.",
         "",
     ]
-    for rule_id, rule in REGISTRY.items():
-        thresholds = ", ".join(f"`{k}` = {v}" for k, v in ruleset.thresholds[rule_id].items())
-        recs = ", ".join(f"`{r}`" for r in rule.recommendation_ids) or "none yet"
-        lines += [
-            f"## `{rule_id}`",
-            "",
-            f"**{rule.title}.** Category: `{rule.category}`.",
-            "",
-            f"Measures: {rule.description}",
-            "",
-            f"Thresholds: {thresholds}.",
-            "",
-            f"Recommendations it can make: {recs}.",
-            "",
-        ]
+    for category in ("data", "compute", "communication", "algorithm"):
+        lines += [f"# Category `{category}`", ""]
+        for rule_id, rule in REGISTRY.items():
+            if rule.category != category:
+                continue
+            thresholds = ", ".join(f"`{k}` = {v}" for k, v in ruleset.thresholds[rule_id].items())
+            recs = ", ".join(f"`{r}`" for r in rule.recommendation_ids) or "none"
+            rationale, source = RATIONALE[rule_id]
+            lines += [
+                f"## `{rule_id}`",
+                "",
+                f"**{rule.title}.**",
+                "",
+                f"- Evidence shown: {rule.description}",
+                f"- Why: {rationale}",
+                f"- Thresholds: {thresholds}. Source: {source}",
+                f"- Recommendations: {recs}.",
+                "",
+            ]
     lines += ["## Assumptions behind speedup estimates", ""]
     lines += [f"- `{k}` = {v}" for k, v in ruleset.assumptions.items()]
     lines += [

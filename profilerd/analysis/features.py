@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from probes.wire import FLAG_GRAD_SCALER_SKIPPED
 from profilerd.model import StepRecord
 
 STEP_COLUMNS = [
@@ -26,29 +27,23 @@ STEP_COLUMNS = [
     "optimizer_s",
     "comm_s",
     "flags",
+    "loss",
+    "grad_norm",
+    "lr",
+    "scaler_scale",
+    "sync_count",
+    "sync_s",
+    "comm_total_s",
+    "graph_compiles",
+    "comm_ops",
+    "comm_bytes",
 ]
 FRACTION_KEYS = ("data_wait", "compute", "communication", "other")
 PHASE_KEYS = ("data_wait", "forward", "backward", "optimizer", "communication", "other")
 
 
 def steps_frame(records: Iterable[StepRecord]) -> pd.DataFrame:
-    rows = [
-        (
-            s.end_unix_s,
-            s.rank,
-            s.pid,
-            s.step,
-            s.step_s,
-            s.data_wait_s,
-            s.forward_s,
-            s.backward_s,
-            s.optimizer_s,
-            s.comm_s,
-            s.flags,
-        )
-        for s in records
-    ]
-    return pd.DataFrame(rows, columns=STEP_COLUMNS)
+    return pd.DataFrame([s.as_row() for s in records], columns=STEP_COLUMNS)
 
 
 def with_phases(steps: pd.DataFrame) -> pd.DataFrame:
@@ -57,6 +52,7 @@ def with_phases(steps: pd.DataFrame) -> pd.DataFrame:
     frame["compute_s"] = frame["forward_s"] + frame["backward_s"] + frame["optimizer_s"]
     measured = frame["data_wait_s"] + frame["compute_s"] + frame["comm_s"]
     frame["other_s"] = (frame["step_s"] - measured).clip(lower=0.0)
+    frame["own_s"] = frame["step_s"] - frame["comm_s"]  # a rank's own work, without waiting on others
     return frame
 
 
@@ -90,6 +86,38 @@ class Context:
 
 
 @dataclass(frozen=True)
+class Signals:
+    """Training-health signals of a window: loss, gradients, GradScaler, syncs, compiles, LR."""
+
+    loss_samples: int = 0
+    loss_nonfinite: int = 0
+    loss_first_nonfinite_step: int | None = None
+    loss_start: float | None = None  # median of the first quarter of finite losses
+    loss_end: float | None = None  # median of the last quarter
+    loss_relative_spread: float | None = None  # (max - min) / |median| over the last half
+    grad_norm_samples: int = 0
+    grad_norm_nonfinite: int = 0
+    grad_norm_median: float | None = None
+    grad_norm_max: float | None = None
+    scaler_skipped_steps: int = 0
+    scaler_scale_min: float | None = None
+    scaler_scale_start: float | None = None
+    syncs_per_step: float = 0.0
+    sync_fraction: float = 0.0
+    new_graphs: int = 0  # torch.compile graphs produced during the window
+    lr_start: float | None = None
+    lr_end: float | None = None
+    comm_ops_per_step: float = 0.0
+    comm_bytes_per_step: float = 0.0
+
+    @property
+    def lr_constant(self) -> bool | None:
+        if self.lr_start is None or self.lr_end is None:
+            return None
+        return self.lr_start == self.lr_end
+
+
+@dataclass(frozen=True)
 class Features:
     steps: int
     ranks: int
@@ -103,6 +131,7 @@ class Features:
     data_wait_spike_fraction: float  # share of step time in data-wait spikes (epoch starts)
     per_rank: pd.DataFrame
     context: Context = field(default_factory=Context)
+    signals: Signals = field(default_factory=Signals)
 
 
 def empty_features(context: Context | None = None) -> Features:
@@ -170,6 +199,63 @@ def compute_features(steps: pd.DataFrame, context: Context, warmup_steps: int = 
         data_wait_spike_fraction=spike_fraction,
         per_rank=per_rank_summary(frame),
         context=context,
+        signals=compute_signals(frame, scale),
+    )
+
+
+def _quarter_median(values: pd.Series, last: bool) -> float | None:
+    if values.empty:
+        return None
+    size = max(1, len(values) // 4)
+    part = values.iloc[-size:] if last else values.iloc[:size]
+    return float(part.median())
+
+
+def compute_signals(frame: pd.DataFrame, total_s: float) -> Signals:
+    """Convergence and hygiene signals; losses under GradScaler are unscaled first."""
+    ordered = frame.sort_values("end_unix_s")
+    loss = ordered["loss"].astype(float)
+    scale = ordered["scaler_scale"].astype(float)
+    loss = loss.where(~(scale > 0), loss / scale)
+    loss = loss.dropna()
+    finite_loss = loss[np.isfinite(loss)]
+    nonfinite = loss[~np.isfinite(loss)]
+    first_bad = None
+    if not nonfinite.empty:
+        first_bad = int(ordered.loc[nonfinite.index, "step"].min())
+    spread = None
+    if len(finite_loss) >= 8:
+        half = finite_loss.iloc[len(finite_loss) // 2 :]
+        median = float(half.median())
+        spread = float(half.max() - half.min()) / abs(median) if median else None
+    grads = ordered["grad_norm"].astype(float).dropna()
+    finite_grads = grads[np.isfinite(grads)]
+    scales = ordered["scaler_scale"].astype(float).dropna()
+    lrs = ordered["lr"].astype(float).dropna()
+    skipped = int(((ordered["flags"].astype(int) & FLAG_GRAD_SCALER_SKIPPED) > 0).sum())
+    graphs = ordered.groupby("rank")["graph_compiles"].agg(lambda g: int(g.max() - g.min()))
+    steps = len(ordered)
+    return Signals(
+        loss_samples=len(loss),
+        loss_nonfinite=len(nonfinite),
+        loss_first_nonfinite_step=first_bad,
+        loss_start=_quarter_median(finite_loss, last=False),
+        loss_end=_quarter_median(finite_loss, last=True),
+        loss_relative_spread=spread,
+        grad_norm_samples=len(grads),
+        grad_norm_nonfinite=int((~np.isfinite(grads)).sum()),
+        grad_norm_median=float(finite_grads.median()) if not finite_grads.empty else None,
+        grad_norm_max=float(finite_grads.max()) if not finite_grads.empty else None,
+        scaler_skipped_steps=skipped,
+        scaler_scale_min=float(scales.min()) if not scales.empty else None,
+        scaler_scale_start=float(scales.iloc[0]) if not scales.empty else None,
+        syncs_per_step=float(ordered["sync_count"].mean()) if steps else 0.0,
+        sync_fraction=float(ordered["sync_s"].sum()) / total_s if total_s > 0 else 0.0,
+        new_graphs=int(graphs.max()) if not graphs.empty else 0,
+        lr_start=float(lrs.iloc[0]) if not lrs.empty else None,
+        lr_end=float(lrs.iloc[-1]) if not lrs.empty else None,
+        comm_ops_per_step=float(ordered["comm_ops"].mean()) if steps else 0.0,
+        comm_bytes_per_step=float(ordered["comm_bytes"].mean()) if steps else 0.0,
     )
 
 
@@ -185,6 +271,7 @@ def per_rank_summary(frame: pd.DataFrame) -> pd.DataFrame:
         compute_s_total=("compute_s", "sum"),
         comm_s_total=("comm_s", "sum"),
         other_s_total=("other_s", "sum"),
+        own_s_mean=("own_s", "mean"),
     )
     for name, column in (
         ("data_wait", "data_wait_s_total"),

@@ -154,3 +154,151 @@ def host_work(features: Features, gain: float) -> Recommendation:
         why="time outside data loading, forward, backward and optimizer: logging, .item(), "
         "checkpoints or Python work between steps",
     )
+
+
+def cheaper_transforms(features: Features) -> Recommendation:
+    return Recommendation(
+        id="dataloader.cheaper_transforms",
+        title="Make each sample cheaper to load: cache decoded data or move augmentation to the GPU",
+        estimated_speedup=removed(features.fractions["data_wait"] * 0.5),
+        how="# decode once and cache, or augment on the GPU after batching:\n"
+        "batch = batch.to(device, non_blocking=True)\nbatch = gpu_augment(batch)",
+        why="the workers are CPU-bound and there are no free cores to add more of them",
+    )
+
+
+def tf32(features: Features) -> Recommendation:
+    return Recommendation(
+        id="compute.tf32",
+        title="Allow TF32 tensor cores for fp32 matmuls and convolutions",
+        estimated_speedup=amdahl(features.fractions["compute"] - features.phase_fractions["optimizer"], 2.0),
+        how='torch.set_float32_matmul_precision("high")\ntorch.backends.cudnn.allow_tf32 = True',
+        why="fp32 matmuls run at full precision on CUDA, leaving tensor cores idle",
+    )
+
+
+def channels_last(features: Features) -> Recommendation:
+    return Recommendation(
+        id="compute.channels_last",
+        title="Use the channels_last memory format for the conv net",
+        estimated_speedup=amdahl(features.fractions["compute"] - features.phase_fractions["optimizer"], 1.2),
+        how="model = model.to(memory_format=torch.channels_last)\n"
+        "inputs = inputs.to(device, memory_format=torch.channels_last)",
+        why="convolutions in NCHW need layout transposes around tensor-core kernels",
+    )
+
+
+def grad_compression(features: Features) -> Recommendation:
+    return Recommendation(
+        id="ddp.grad_compression",
+        title="Compress gradients before the all-reduce (bf16 hook, or PowerSGD)",
+        estimated_speedup=removed(features.fractions["communication"] * 0.5),
+        how="from torch.distributed.algorithms.ddp_comm_hooks import default_hooks\n"
+        "model.register_comm_hook(None, default_hooks.bf16_compress_hook)\n"
+        "# stronger: powerSGD_hook.powerSGD_hook with PowerSGDState(matrix_approximation_rank=2)",
+        why="halving the bytes on the wire halves the all-reduce time that is not hidden",
+    )
+
+
+def bucket_cap(features: Features, current_mb: float | None) -> Recommendation:
+    current = current_mb if current_mb is not None else 25.0
+    return Recommendation(
+        id="ddp.bucket_cap_mb",
+        title=f"Tune DDP's gradient bucket size (now {current:g} MB)",
+        estimated_speedup=removed(features.fractions["communication"] * 0.2),
+        how=f"DistributedDataParallel(model, bucket_cap_mb={int(current * 2)})  # try larger and smaller",
+        why="larger buckets mean fewer, more efficient all-reduces; smaller ones start overlapping sooner",
+    )
+
+
+def no_sync_accumulation(features: Features) -> Recommendation:
+    return Recommendation(
+        id="ddp.no_sync_accumulation",
+        title="Accumulate gradients over micro-batches with no_sync()",
+        estimated_speedup=removed(features.fractions["communication"] * 0.75),
+        how="for i, batch in enumerate(loader):\n"
+        "    ctx = model.no_sync() if (i + 1) % 4 else contextlib.nullcontext()\n"
+        "    with ctx:\n        loss_fn(model(batch)).backward()\n"
+        "    if (i + 1) % 4 == 0:\n        optimizer.step(); optimizer.zero_grad()",
+        why="all-reducing once every 4 micro-batches cuts communication by 4x at the same global batch",
+    )
+
+
+def static_graph(features: Features) -> Recommendation:
+    return Recommendation(
+        id="ddp.static_graph",
+        title="Tell DDP the graph is static, and let gradients be bucket views",
+        estimated_speedup=removed(features.fractions["communication"] * 0.1),
+        how="DistributedDataParallel(model, static_graph=True, gradient_as_bucket_view=True)",
+        why="a static graph skips the per-step unused-parameter search; bucket views save a copy",
+    )
+
+
+def straggler(rank: int, cause: str, wait_fraction: float) -> Recommendation:
+    return Recommendation(
+        id="straggler.rank",
+        title=f"Fix rank {rank}: the others wait for it ({cause})",
+        estimated_speedup=removed(wait_fraction),
+        how=f"# look at rank {rank}'s host: its {cause} is slower than on the other ranks\n"
+        "profilerd report RUN  # per-rank table",
+        why=f"the other ranks spend {wait_fraction:.0%} of their step time waiting for rank {rank}",
+    )
+
+
+def defer_syncs(features: Features, site: str | None) -> Recommendation:
+    where = f" ({site})" if site else ""
+    return Recommendation(
+        id="loop.defer_syncs",
+        title=f"Remove per-step host-device syncs{where}",
+        estimated_speedup=removed(features.signals.sync_fraction),
+        how="# keep the loss on the device and read it every N steps:\n"
+        "running += loss.detach()\n"
+        "if step % 100 == 0:\n    print(step, (running / 100).item()); running.zero_()",
+        why=".item(), .cpu(), float(t) and print(t) make the host wait for the GPU every step",
+    )
+
+
+def stabilize(features: Features, kind: str) -> Recommendation:
+    lr = features.signals.lr_end
+    lower = f"lr={lr / 10:g}" if lr else "a 10x lower learning rate"
+    return Recommendation(
+        id=f"convergence.{kind}",
+        title="Stabilise training: lower the learning rate, warm it up, and clip gradients",
+        estimated_speedup=1.0,
+        how=f"optimizer = torch.optim.AdamW(model.parameters(), {lower})\n"
+        "scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=1000)\n"
+        "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)  # before optimizer.step()",
+        why="steps that produce inf/NaN or a growing loss waste the run; no speedup helps until fixed",
+    )
+
+
+def lr_schedule(features: Features) -> Recommendation:
+    return Recommendation(
+        id="optimizer.lr_schedule",
+        title="Add a learning-rate schedule (the loss has plateaued at a constant LR)",
+        estimated_speedup=1.0,
+        how="scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)\n"
+        "# call scheduler.step() after optimizer.step()",
+        why="a constant learning rate often stalls once the loss stops improving",
+    )
+
+
+def adamw(features: Features, weight_decay: float) -> Recommendation:
+    return Recommendation(
+        id="optimizer.adamw",
+        title="Use AdamW for weight decay (Adam applies it as an L2 term inside the adaptive step)",
+        estimated_speedup=1.0,
+        how=f"optimizer = torch.optim.AdamW(model.parameters(), weight_decay={weight_decay:g})",
+        why="decoupled weight decay regularises as intended; Adam's L2 is scaled away by the adaptive step",
+    )
+
+
+def compile_dynamic(features: Features) -> Recommendation:
+    return Recommendation(
+        id="compile.recompilation",
+        title="Stop torch.compile from recompiling: mark dynamic shapes or pad inputs",
+        estimated_speedup=removed(features.fractions["other"] * 0.5),
+        how="model = torch.compile(model, dynamic=True)\n"
+        "# or pad batches to a few fixed shapes; see TORCH_LOGS=recompiles for the cause",
+        why="each new input shape or guard failure compiles a new graph, stalling the step",
+    )

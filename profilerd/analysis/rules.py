@@ -192,26 +192,51 @@ def check_input_wait(features: Features, t: dict[str, float], a: dict[str, float
         metrics,
         t,
         tuple(sorted(found, key=lambda r: -r.estimated_speedup)),
+        cost=wait,
     )
 
 
-@rule("communication.exposed", "communication", "Communication not hidden behind compute")
+@rule(
+    "communication.exposed",
+    "communication",
+    "Communication not hidden behind compute",
+    ("ddp.grad_compression", "ddp.bucket_cap_mb", "ddp.no_sync_accumulation", "ddp.static_graph"),
+)
 def check_exposed_comm(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
-    """Share of step time in collectives that did not overlap with compute."""
+    """Share of step time in collectives that did not overlap with compute (DDP's gradient
+    all-reduce after the last gradient was ready, and blocking collectives called from Python)."""
     comm = features.fractions["communication"]
     severity = _severity(comm, t)
     if severity is None:
         return None
-    evidence = f"{comm:.0%} of step time in exposed communication"
+    ddp = _ddp_settings(features)
+    found = [recs.grad_compression(features), recs.no_sync_accumulation(features)]
+    if ddp is not None:
+        found.append(recs.bucket_cap(features, ddp.get("bucket_cap_mb")))
+        if not ddp.get("static_graph") or not ddp.get("gradient_as_bucket_view"):
+            found.append(recs.static_graph(features))
+    signals = features.signals
+    detail = ""
+    if signals.comm_ops_per_step:
+        detail = f"; {signals.comm_ops_per_step:.1f} Python collectives per step"
+    evidence = f"{comm:.0%} of step time in exposed communication{detail}"
     return Finding(
         "communication.exposed",
         "communication",
         severity,
         evidence,
         _confidence(features, comm, t["warning"]),
-        {"communication_fraction": comm},
+        {"communication_fraction": comm, "comm_bytes_per_step": signals.comm_bytes_per_step},
         t,
+        tuple(sorted(found, key=lambda r: -r.estimated_speedup)),
     )
+
+
+def _ddp_settings(features: Features) -> dict[str, Any] | None:
+    for model in features.context.models():
+        if model.get("ddp"):
+            return dict(model["ddp"])
+    return None
 
 
 @rule(
@@ -308,3 +333,463 @@ def check_optimizer_unfused(features: Features, t: dict[str, float], a: dict[str
             (rec,),
         )
     return None
+
+
+# ---- data ------------------------------------------------------------------------------------
+@rule(
+    "data.worker_saturation",
+    "data",
+    "DataLoader workers are CPU-bound",
+    ("dataloader.num_workers", "dataloader.cheaper_transforms"),
+)
+def check_worker_saturation(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
+    """The busiest DataLoader worker's CPU use while the loop waits for data."""
+    ctx = features.context
+    saturation = ctx.worker_cpu_max_ratio
+    wait = features.fractions["data_wait"]
+    if saturation is None or saturation < t["worker_cpu"] or wait < t["data_wait"]:
+        return None
+    free = ctx.free_cores if ctx.free_cores is not None else 0.0
+    rec = recs.num_workers(features) if free >= 1.0 else recs.cheaper_transforms(features)
+    evidence = (
+        f"the busiest DataLoader worker uses {saturation:.0%} of a core while the loop waits "
+        f"{wait:.0%} of step time; {free:.1f} cores free"
+    )
+    return Finding(
+        "data.worker_saturation",
+        "data",
+        "warning",
+        evidence,
+        _confidence(features, saturation, t["worker_cpu"]),
+        {"worker_cpu_max_ratio": saturation, "data_wait_fraction": wait, "free_cores": free},
+        t,
+        (rec,),
+    )
+
+
+@rule("data.worker_restarts", "data", "DataLoader workers restart every epoch", ("dataloader.persistent_workers",))
+def check_worker_restarts(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
+    """Share of step time in data-wait spikes (over 10x the median wait) with non-persistent workers."""
+    loader = features.context.dataloader()
+    spike = features.data_wait_spike_fraction
+    if not loader.get("num_workers") or loader.get("persistent_workers"):
+        return None
+    severity = _severity(spike, t)
+    if severity is None:
+        return None
+    evidence = f"{spike:.0%} of step time in data-wait spikes at epoch starts; persistent_workers=False"
+    return Finding(
+        "data.worker_restarts",
+        "data",
+        severity,
+        evidence,
+        _confidence(features, spike, t["warning"]),
+        {"spike_fraction": spike},
+        t,
+        (recs.persistent_workers(features),),
+        cost=spike,
+    )
+
+
+# ---- compute ---------------------------------------------------------------------------------
+def _on_cuda(features: Features) -> bool:
+    return (features.context.config or {}).get("device_type") == "cuda"
+
+
+@rule("compute.tf32_disabled", "compute", "fp32 matmuls without TF32 on a CUDA GPU", ("compute.tf32",))
+def check_tf32(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
+    """Compute share on CUDA with fp32 parameters, no autocast, and TF32 matmuls disabled."""
+    config = features.context.config or {}
+    compute = features.fractions["compute"]
+    tf32 = config.get("tf32") or {}
+    fp32 = all(set(m.get("parameter_dtypes", {})) <= {"float32"} for m in features.context.models())
+    autocast_on = bool((config.get("autocast") or {}).get("enabled"))
+    if not _on_cuda(features) or compute < t["info"] or not fp32 or autocast_on:
+        return None
+    if tf32.get("matmul") or tf32.get("float32_matmul_precision") in ("high", "medium"):
+        return None
+    evidence = f"{compute:.0%} of step time in fp32 compute with TF32 matmuls off (precision 'highest')"
+    return Finding(
+        "compute.tf32_disabled",
+        "compute",
+        "info",
+        evidence,
+        _confidence(features, compute, t["info"]),
+        {"compute_fraction": compute},
+        t,
+        (recs.tf32(features),),
+    )
+
+
+@rule("compute.channels_last", "compute", "A conv net in NCHW layout on a GPU", ("compute.channels_last",))
+def check_channels_last(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
+    """Compute share of a CUDA model with Conv2d layers whose weights are not channels_last."""
+    compute = features.fractions["compute"]
+    convs = [m for m in features.context.models() if m.get("has_conv2d") and m.get("channels_last") is False]
+    if not _on_cuda(features) or compute < t["info"] or not convs:
+        return None
+    evidence = f"{compute:.0%} of step time in a conv net ({convs[0].get('class')}) stored as NCHW"
+    return Finding(
+        "compute.channels_last",
+        "compute",
+        "info",
+        evidence,
+        _confidence(features, compute, t["info"]),
+        {"compute_fraction": compute},
+        t,
+        (recs.channels_last(features),),
+    )
+
+
+# ---- communication ---------------------------------------------------------------------------
+@rule("communication.straggler", "communication", "One rank makes the others wait", ("straggler.rank",))
+def check_straggler(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
+    """How much longer the slowest rank's own work (step minus communication) is than the
+    median rank's, and how much more the other ranks wait than it does, as shares of the mean
+    step time; the culprit's own breakdown names the cause."""
+    ranks = features.per_rank
+    if features.ranks < 2 or ranks.empty or features.step_time_mean_s <= 0:
+        return None
+    own = ranks.set_index("rank")["own_s_mean"]
+    culprit = int(own.idxmax())
+    gap = float(own.max() - own.median()) / features.step_time_mean_s
+    row = ranks.set_index("rank").loc[culprit]
+    others = ranks[ranks["rank"] != culprit]
+    waited = float(others["communication_fraction"].mean()) if not others.empty else 0.0
+    # A straggler does the most work and waits the least; when every rank waits alike, the
+    # job is communication-bound, not held back by one rank.
+    wait_gap = waited - float(row["communication_fraction"])
+    severity = _severity(min(gap, wait_gap), t)
+    if severity is None:
+        return None
+    data_gap = float(row["data_wait_fraction"] - others["data_wait_fraction"].mean())
+    compute_gap = float(row["compute_fraction"] - others["compute_fraction"].mean())
+    cause = "data loading" if data_gap >= compute_gap else "compute"
+    evidence = (
+        f"rank {culprit} is the straggler: its own work takes {gap:.0%} of a step longer than the median "
+        f"rank's; its data wait is {row['data_wait_fraction']:.0%} (others {others['data_wait_fraction'].mean():.0%}), "
+        f"and the other ranks wait {waited:.0%} of their step time"
+    )
+    return Finding(
+        "communication.straggler",
+        "communication",
+        severity,
+        evidence,
+        _confidence(features, gap, t["warning"]),
+        {"straggler_rank": float(culprit), "gap_fraction": gap, "victim_wait_fraction": waited, "wait_gap": wait_gap},
+        t,
+        (recs.straggler(culprit, cause, waited),),
+        cost=waited,
+    )
+
+
+@rule(
+    "communication.ddp_find_unused",
+    "communication",
+    "DDP searches for unused parameters every step",
+    ("ddp.static_graph",),
+)
+def check_find_unused(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
+    """Backward share of a DDP model built with find_unused_parameters=True."""
+    ddp = _ddp_settings(features)
+    backward = features.phase_fractions["backward"]
+    if ddp is None or not ddp.get("find_unused_parameters") or backward < t["info"]:
+        return None
+    evidence = f"DDP has find_unused_parameters=True: an extra graph traversal in {backward:.0%} of step time"
+    return Finding(
+        "communication.ddp_find_unused",
+        "communication",
+        "info",
+        evidence,
+        _confidence(features, backward, t["info"]),
+        {"backward_fraction": backward},
+        t,
+        (recs.static_graph(features),),
+    )
+
+
+# ---- algorithm -------------------------------------------------------------------------------
+@rule("algorithm.sync_in_loop", "algorithm", "Host-device syncs in the training loop", ("loop.defer_syncs",))
+def check_syncs(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
+    """Calls per step that make the host wait for the device (.item(), .cpu(), float(t), print(t)),
+    and the share of step time blocked in them; the call sites come from the probes."""
+    signals = features.signals
+    if signals.syncs_per_step < t["syncs_per_step"]:
+        return None
+    on_gpu = _on_cuda(features)
+    severity = "warning" if on_gpu and signals.sync_fraction >= t["warning"] else "info"
+    sites = (features.context.config or {}).get("sync_sites") or []
+    site = f"{Path(sites[0]['file']).name}:{sites[0]['line']} {sites[0]['call']}()" if sites else None
+    where = f", most at {site}" if site else ""
+    impact = (
+        f"blocking {signals.sync_fraction:.0%} of step time"
+        if on_gpu
+        else "on CPU they cost nothing, on a GPU each one stalls the pipeline"
+    )
+    evidence = f"{signals.syncs_per_step:.1f} host-device syncs per step{where}; {impact}"
+    return Finding(
+        "algorithm.sync_in_loop",
+        "algorithm",
+        severity,
+        evidence,
+        0.9 if sites else 0.7,
+        {"syncs_per_step": signals.syncs_per_step, "sync_fraction": signals.sync_fraction},
+        t,
+        (recs.defer_syncs(features, site),),
+        cost=signals.sync_fraction,
+    )
+
+
+@rule("algorithm.loss_nonfinite", "algorithm", "The loss is NaN or inf", ("convergence.nonfinite",))
+def check_loss_nonfinite(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
+    """Share of loss readings that are NaN or inf (read a step late, without a sync)."""
+    signals = features.signals
+    if not signals.loss_samples or signals.loss_nonfinite / signals.loss_samples <= t["critical"]:
+        return None
+    share = signals.loss_nonfinite / signals.loss_samples
+    evidence = (
+        f"the loss is NaN or inf in {signals.loss_nonfinite} of {signals.loss_samples} steps "
+        f"({share:.0%}), first at step {signals.loss_first_nonfinite_step}"
+    )
+    return Finding(
+        "algorithm.loss_nonfinite",
+        "algorithm",
+        "critical",
+        evidence,
+        0.95,
+        {"nonfinite_fraction": share, "first_nonfinite_step": float(signals.loss_first_nonfinite_step or 0)},
+        t,
+        (recs.stabilize(features, "nonfinite"),),
+        cost=1.0,
+    )
+
+
+@rule("algorithm.loss_diverging", "algorithm", "The loss grows instead of falling", ("convergence.diverging",))
+def check_loss_diverging(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
+    """The loss at the end of the window over the loss at its start (medians of quarters)."""
+    signals = features.signals
+    start, end = signals.loss_start, signals.loss_end
+    if start is None or end is None or start <= 0 or signals.loss_samples < 20:
+        return None
+    ratio = end / start
+    severity = _severity(ratio, t)
+    if severity is None:
+        return None
+    evidence = f"the loss rose {ratio:.1f}x, from {start:.4g} to {end:.4g}"
+    return Finding(
+        "algorithm.loss_diverging",
+        "algorithm",
+        severity,
+        evidence,
+        0.8,
+        {"loss_start": start, "loss_end": end, "ratio": ratio},
+        t,
+        (recs.stabilize(features, "diverging"),),
+        cost=1.0,
+    )
+
+
+@rule("algorithm.loss_plateau", "algorithm", "The loss has stopped improving", ("optimizer.lr_schedule",))
+def check_loss_plateau(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
+    """Relative spread of the loss over the last half of the window, with a constant LR."""
+    signals = features.signals
+    spread = signals.loss_relative_spread
+    if spread is None or signals.loss_samples < t["min_samples"] or spread >= t["spread"]:
+        return None
+    scheduled = (features.context.config or {}).get("lr_scheduler")
+    if scheduled or signals.lr_constant is False:
+        return None
+    evidence = (
+        f"the loss moved only {spread:.2%} over the last {signals.loss_samples // 2} steps "
+        f"at a constant learning rate ({signals.lr_end if signals.lr_end is not None else 'unknown'})"
+    )
+    return Finding(
+        "algorithm.loss_plateau",
+        "algorithm",
+        "info",
+        evidence,
+        0.6,
+        {"relative_spread": spread},
+        t,
+        (recs.lr_schedule(features),),
+    )
+
+
+@rule("algorithm.grad_norm", "algorithm", "Gradients explode or vanish", ("convergence.gradients",))
+def check_grad_norm(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
+    """Largest over median global gradient norm (exploding), or a tiny median (vanishing)."""
+    signals = features.signals
+    median, largest = signals.grad_norm_median, signals.grad_norm_max
+    if signals.grad_norm_samples < 3:
+        return None
+    if signals.grad_norm_nonfinite:
+        evidence = (
+            f"the gradient norm was inf/NaN in {signals.grad_norm_nonfinite} of {signals.grad_norm_samples} samples"
+        )
+        severity, metrics = "critical", {"nonfinite": float(signals.grad_norm_nonfinite)}
+    elif median is not None and largest is not None and median > 0 and largest / median >= t["exploding_ratio"]:
+        evidence = f"gradient norm spikes to {largest:.3g}, {largest / median:.0f}x its median {median:.3g}"
+        severity, metrics = "warning", {"grad_norm_max": largest, "grad_norm_median": median}
+    elif median is not None and median < t["vanishing"]:
+        evidence = f"the median gradient norm is {median:.2g}: gradients are vanishing"
+        severity, metrics = "warning", {"grad_norm_median": median}
+    else:
+        return None
+    return Finding(
+        "algorithm.grad_norm",
+        "algorithm",
+        severity,
+        evidence,
+        0.8,
+        metrics,
+        t,
+        (recs.stabilize(features, "gradients"),),
+        cost=1.0 if severity == "critical" else 0.0,
+    )
+
+
+@rule("algorithm.grad_scaler", "algorithm", "GradScaler skips steps or its scale collapsed", ("convergence.scaler",))
+def check_grad_scaler(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
+    """Share of steps GradScaler skipped for inf/NaN gradients, and the smallest scale seen."""
+    signals = features.signals
+    share = signals.scaler_skipped_steps / features.steps if features.steps else 0.0
+    collapsed = signals.scaler_scale_min is not None and signals.scaler_scale_min < t["collapsed_scale"]
+    severity = _severity(share, t)
+    if collapsed:
+        severity = "critical"
+    if severity is None:
+        return None
+    scale = f"; the loss scale fell to {signals.scaler_scale_min:.3g}" if signals.scaler_scale_min is not None else ""
+    evidence = f"GradScaler skipped {signals.scaler_skipped_steps} of {features.steps} steps ({share:.0%}){scale}"
+    return Finding(
+        "algorithm.grad_scaler",
+        "algorithm",
+        severity,
+        evidence,
+        0.85,
+        {"skipped_fraction": share, "scale_min": signals.scaler_scale_min or 0.0},
+        t,
+        (recs.stabilize(features, "scaler"),),
+        cost=share,
+    )
+
+
+@rule("algorithm.recompilation", "algorithm", "torch.compile keeps recompiling", ("compile.recompilation",))
+def check_recompilation(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
+    """New graphs compiled by torch.compile during the window, after warm-up."""
+    graphs = features.signals.new_graphs
+    severity = _severity(float(graphs), t)
+    if severity is None:
+        return None
+    evidence = f"torch.compile produced {graphs} new graphs during {features.steps} steps (recompilation storm)"
+    return Finding(
+        "algorithm.recompilation",
+        "algorithm",
+        severity,
+        evidence,
+        0.8,
+        {"new_graphs": float(graphs)},
+        t,
+        (recs.compile_dynamic(features),),
+    )
+
+
+@rule("algorithm.adam_weight_decay", "algorithm", "Weight decay through Adam instead of AdamW", ("optimizer.adamw",))
+def check_adam_weight_decay(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
+    """Adam (not AdamW) configured with weight decay, which acts as L2 scaled by the adaptive step."""
+    for optimizer in features.context.optimizers():
+        decay = (optimizer.get("hyperparameters") or {}).get("weight_decay") or 0.0
+        if optimizer.get("class") == "Adam" and decay >= t["weight_decay"]:
+            evidence = f"Adam with weight_decay={decay:g} applies it as L2 inside the adaptive update"
+            return Finding(
+                "algorithm.adam_weight_decay",
+                "algorithm",
+                "info",
+                evidence,
+                0.9,
+                {"weight_decay": float(decay)},
+                t,
+                (recs.adamw(features, float(decay)),),
+            )
+    return None
+
+
+# Why each rule exists and where its default threshold comes from (rendered into docs/rules.md).
+RATIONALE: dict[str, tuple[str, str]] = {
+    "data.input_wait": (
+        "Time the loop spends blocked on the next batch is time the device does nothing.",
+        "The 5%/20% bands of TensorFlow's input-pipeline analyzer, tightened to 10%/20% of step time.",
+    ),
+    "data.worker_saturation": (
+        "Workers at a full core each cannot load faster; only more workers or cheaper samples help.",
+        "85% of a core: the point where a process is CPU-bound in practice (scheduler noise aside).",
+    ),
+    "data.worker_restarts": (
+        "Without persistent_workers every epoch re-forks the workers and refills their queues.",
+        "5%/15% of step time in spikes; profilerd's own default.",
+    ),
+    "compute.bound": (
+        "A healthy job is compute-bound; then the only gains are cheaper math and fewer kernels.",
+        "50% of step time in forward/backward/optimizer; profilerd's own default.",
+    ),
+    "compute.optimizer_unfused": (
+        "Per-tensor optimizer loops launch thousands of tiny kernels; foreach/fused do one pass.",
+        "3% of step time; PyTorch's optimizer docs recommend foreach/fused for speed.",
+    ),
+    "compute.tf32_disabled": (
+        "On Ampere and newer GPUs TF32 runs fp32 matmuls on tensor cores at a fraction of the time.",
+        "PyTorch's CUDA semantics notes on TF32; 30% compute share is profilerd's default.",
+    ),
+    "compute.channels_last": (
+        "cuDNN's tensor-core convolutions want NHWC; NCHW inputs add transposes.",
+        "PyTorch's channels_last tutorial; 30% compute share is profilerd's default.",
+    ),
+    "communication.exposed": (
+        "All-reduce time not overlapped with backward adds directly to every step.",
+        "Same 10%/20% bands as data wait, for symmetry.",
+    ),
+    "communication.straggler": (
+        "In synchronous training every rank waits for the slowest; its cause is its own breakdown.",
+        "10%/25% of the mean step time; profilerd's own default.",
+    ),
+    "communication.ddp_find_unused": (
+        "find_unused_parameters=True traverses the autograd graph after every forward.",
+        "PyTorch's DDP docs warn of its cost; 10% backward share is profilerd's default.",
+    ),
+    "algorithm.host_overhead": (
+        "Host work between phases (logging, Python, checkpoints) leaves the device idle.",
+        "Same 10%/20% bands as data wait.",
+    ),
+    "algorithm.sync_in_loop": (
+        "Each .item()/.cpu()/print(tensor) drains the GPU queue, so the host cannot run ahead.",
+        "One sync per step; PyTorch's performance tuning guide advises avoiding them.",
+    ),
+    "algorithm.loss_nonfinite": (
+        "Once the loss is NaN/inf every later step is wasted compute.",
+        "Any non-finite loss is critical.",
+    ),
+    "algorithm.loss_diverging": (
+        "A rising loss usually means a learning rate too high for the current state.",
+        "1.5x/10x growth over the window; profilerd's own default.",
+    ),
+    "algorithm.loss_plateau": (
+        "A flat loss at a constant learning rate often resumes improving with a decaying schedule.",
+        "Under 1% relative movement over 100+ readings; profilerd's own default.",
+    ),
+    "algorithm.grad_norm": (
+        "Gradient spikes precede divergence; vanishing gradients mean no learning.",
+        "10x the median, or a median under 1e-6; common practice, profilerd's default.",
+    ),
+    "algorithm.grad_scaler": (
+        "Skipped steps do no work; a collapsing scale means fp16 overflows every step.",
+        "2%/10% of steps, or a scale under 1; GradScaler starts at 65536 and halves per overflow.",
+    ),
+    "algorithm.recompilation": (
+        "Each recompilation stalls the step for seconds; many mean dynamic shapes or guard churn.",
+        "8/32 new graphs per window; torch._dynamo's default cache limit is 8 per frame.",
+    ),
+    "algorithm.adam_weight_decay": (
+        "Adam's weight decay is L2 inside the adaptive update, not true decoupled decay.",
+        "Loshchilov & Hutter, Decoupled Weight Decay Regularization (AdamW).",
+    ),
+}

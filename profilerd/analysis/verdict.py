@@ -112,7 +112,7 @@ def evaluate(features: Features, ruleset: RuleSet) -> Verdict:
         finding = rule.check(features, ruleset.thresholds[rule.id], ruleset.assumptions)
         if finding is not None:
             findings.append(finding)
-    findings.sort(key=lambda f: (-_SEVERITY_RANK[f.severity], -features.fractions[_COST_KEY[f.category]]))
+    findings.sort(key=lambda f: (-_SEVERITY_RANK[f.severity], -(f.cost or features.fractions[_COST_KEY[f.category]])))
     primary, severity = _choose_primary(features, findings)
     summary = _summary(primary, features, findings)
     return Verdict(primary, severity, summary, features, tuple(findings))

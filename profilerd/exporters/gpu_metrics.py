@@ -125,11 +125,16 @@ def _gpu_labels(sample: GpuSample) -> list[str]:
     return [str(sample.index), sample.uuid]
 
 
-def _families() -> dict[str, Metric]:
-    """Every GPU family, empty, in a stable order."""
-    families: dict[str, Metric] = {}
-    info = InfoMetricFamily(PREFIX.rstrip("_"), "GPU identity: name by index and uuid", labels=list(GPU_LABELS))
-    families["info"] = info
+_NumericFamily = GaugeMetricFamily | CounterMetricFamily
+
+
+def _info_family() -> InfoMetricFamily:
+    return InfoMetricFamily(PREFIX.rstrip("_"), "GPU identity: name by index and uuid", labels=list(GPU_LABELS))
+
+
+def _families() -> dict[str, _NumericFamily]:
+    """Every numeric GPU family, empty, in a stable order."""
+    families: dict[str, _NumericFamily] = {}
     for series in _SERIES:
         cls = CounterMetricFamily if series.counter else GaugeMetricFamily
         families[series.name] = cls(PREFIX + series.name, series.doc, labels=list(GPU_LABELS))
@@ -168,7 +173,7 @@ def _families() -> dict[str, Metric]:
 
 def describe_gpu_metric_families() -> list[Metric]:
     """The families gpu_metric_families() can return, without samples (for Collector.describe)."""
-    return list(_families().values())
+    return [_info_family(), *_families().values()]
 
 
 def gpu_metric_families(
@@ -179,10 +184,11 @@ def gpu_metric_families(
     Families without any series are left out. An event index below 0 (an event no GPU could
     be named for) is exported with empty ``gpu`` and ``uuid`` labels.
     """
+    info = _info_family()
     families = _families()
     for sample in samples:
         labels = _gpu_labels(sample)
-        families["info"].add_metric(labels, {"name": sample.name})
+        info.add_metric(labels, {"name": sample.name})
         for series in _SERIES:
             value = series.get(sample)
             if value is not None:
@@ -203,10 +209,10 @@ def gpu_metric_families(
         for (index, kind), count in sorted(events_total.items()):
             gpu = str(index) if index >= 0 else ""
             families["events"].add_metric([gpu, uuids.get(index, ""), kind], float(count))
-    return [family for family in families.values() if family.samples]
+    return [family for family in (info, *families.values()) if family.samples]
 
 
-def _add_mig(families: dict[str, Metric], labels: list[str], instances: object) -> None:
+def _add_mig(families: dict[str, _NumericFamily], labels: list[str], instances: object) -> None:
     if not isinstance(instances, list):
         return
     for instance in instances:

@@ -109,6 +109,7 @@ class Ingest:
         if session is None or session.rank != message.rank:
             self.store.count_dropped("unknown_sender")
             return
+        flags = message.flags
         step = StepRecord(
             session.job,
             message.rank,
@@ -121,7 +122,17 @@ class Ingest:
             message.backward_s,
             message.optimizer_s,
             message.comm_s,
-            message.flags,
+            flags,
+            loss=message.loss if flags & wire.FLAG_HAS_LOSS else None,
+            grad_norm=message.grad_norm if flags & wire.FLAG_HAS_GRAD_NORM else None,
+            lr=message.lr if flags & wire.FLAG_HAS_LR else None,
+            scaler_scale=message.scaler_scale if flags & wire.FLAG_HAS_SCALE else None,
+            sync_count=message.sync_count,
+            sync_s=message.sync_s,
+            comm_total_s=message.comm_total_s,
+            graph_compiles=message.graph_compiles,
+            comm_ops=message.comm_ops,
+            comm_bytes=message.comm_bytes,
         )
         self.store.add_step(step, message.seq, message.sender_dropped)
         if self.recorder is not None:

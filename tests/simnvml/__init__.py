@@ -60,6 +60,7 @@ GPU_DEFAULTS: dict[str, Any] = {
     "gpm_fp16": 10.0,
     "gpm_fp32": 20.0,
     "gpm_fp64": 0.5,
+    "gpm_drift": 0.0,
     "procutil_max_gens": 1000,
     "lost_after_calls": -1,
     "lost_for_calls": -1,
@@ -146,9 +147,18 @@ class SimControl:
         self._lib.simnvml_function_calls.restype = ctypes.c_long
         self._lib.simnvml_function_calls.argtypes = [ctypes.c_char_p]
         self._lib.simnvml_inject_xid.argtypes = [ctypes.c_int, ctypes.c_ulonglong]
+        self._lib.simnvml_set_not_supported.argtypes = [ctypes.c_int, ctypes.c_char_p]
 
     def set_lost(self, gpu: int, lost: bool) -> None:
         self._lib.simnvml_set_lost(gpu, int(lost))
+
+    def set_not_supported(self, gpu: int, functions: str) -> None:
+        """Replace the GPU's NotSupported list (comma-separated function names / field:ID)."""
+        self._lib.simnvml_set_not_supported(gpu, functions.encode())
+
+    def move_process(self, pid: int, gpu: int) -> None:
+        """Put a simulated process on another GPU; -1 takes it off all of them."""
+        self._lib.simnvml_move_process(pid, gpu)
 
     def device_calls(self, gpu: int) -> int:
         return int(self._lib.simnvml_device_calls(gpu))

@@ -83,6 +83,7 @@ typedef struct {
     unsigned long long ecc_corrected, ecc_uncorrected;
     unsigned remap_corr, remap_unc, remap_pending, remap_failure;
     double gpm_sm_util, gpm_sm_occupancy, gpm_tensor, gpm_dram, gpm_fp16, gpm_fp32, gpm_fp64;
+    double gpm_drift; /* added to SM util per GPM sample before sample1: tells windows apart */
     int procutil_max_gens;
     long lost_after_calls; /* -1: never */
     long lost_for_calls;   /* -1: until simnvml_set_lost(i, 0) */
@@ -94,6 +95,7 @@ typedef struct {
     int forced_lost;
     unsigned long long energy_mj, pcie_tx, pcie_rx, nvlink_ticks;
     int procutil_gens;
+    unsigned long long gpm_seq;
 } sim_gpu;
 
 typedef struct {
@@ -178,6 +180,7 @@ typedef struct {
     int gpu;
     int filled;
     unsigned long long ts_ns;
+    unsigned long long seq;
 } sim_gpm_sample;
 typedef struct {
     unsigned version, isSupportedDevice;
@@ -299,6 +302,7 @@ static void set_gpu_key(sim_gpu *g, const char *key, const char *val) {
     else if (!strcmp(key, "gpm_fp16")) g->gpm_fp16 = d;
     else if (!strcmp(key, "gpm_fp32")) g->gpm_fp32 = d;
     else if (!strcmp(key, "gpm_fp64")) g->gpm_fp64 = d;
+    else if (!strcmp(key, "gpm_drift")) g->gpm_drift = d;
     else if (!strcmp(key, "procutil_max_gens")) g->procutil_max_gens = (int)u;
     else if (!strcmp(key, "lost_after_calls")) g->lost_after_calls = strtol(val, NULL, 0);
     else if (!strcmp(key, "lost_for_calls")) g->lost_for_calls = strtol(val, NULL, 0);
@@ -780,6 +784,7 @@ int nvmlGpmSampleGet(nvmlDevice_t dev, sim_gpm_sample *s) {
     s->gpu = dev->gpu;
     s->filled = 1;
     s->ts_ns = now_ns();
+    s->seq = g->gpm_seq++;
     END(NVML_SUCCESS);
 }
 
@@ -810,7 +815,7 @@ int nvmlGpmMetricsGet(nvmlGpmMetricsGet_t *m) {
         x->metricInfo.longName = k_metric_name;
         x->metricInfo.unit = k_metric_name;
         switch (x->metricId) {
-        case 2: x->value = g->gpm_sm_util; break;
+        case 2: x->value = g->gpm_sm_util + g->gpm_drift * (double)a->seq; break;
         case 3: x->value = g->gpm_sm_occupancy; break;
         case 5: x->value = g->gpm_tensor; break;
         case 10: x->value = g->gpm_dram; break;
@@ -987,6 +992,21 @@ long simnvml_function_calls(const char *fn) {
     }
     pthread_mutex_unlock(&g_lock);
     return n;
+}
+
+void simnvml_set_not_supported(int gpu, const char *list) {
+    pthread_mutex_lock(&g_lock);
+    if (gpu >= 0 && gpu < MAX_GPUS) snprintf(g_gpus[gpu].not_supported, LIST_LEN, ",%s,", list);
+    pthread_mutex_unlock(&g_lock);
+}
+
+/* Move a process to another GPU; -1 takes it off every GPU (it exited). */
+void simnvml_move_process(unsigned pid, int gpu) {
+    pthread_mutex_lock(&g_lock);
+    for (int i = 0; i < g_proc_count; i++) {
+        if (g_procs[i].pid == pid) g_procs[i].gpu = gpu;
+    }
+    pthread_mutex_unlock(&g_lock);
 }
 
 void simnvml_inject_xid(int gpu, unsigned long long xid) {

@@ -1,0 +1,244 @@
+"""Training signals read without adding GPU synchronisation.
+
+- ``DeferredScalar`` reads a 0-d tensor (the loss, a gradient norm, GradScaler's scale) a step
+  later: CPU values directly, CUDA values through a non-blocking copy into pinned memory that is
+  read once its CUDA event has completed. The hot path never waits on the GPU.
+- ``SyncCounter`` counts the calls in user code that force the host to wait for the device
+  (``.item()``, ``.cpu()``, ``.tolist()``, ``.numpy()``, ``float(t)``, ``print(t)``) and
+  remembers where they are called from.
+- ``CollectiveTimer`` times ``torch.distributed`` collectives called from Python, with a
+  re-entry guard so one op calling another is counted once.
+- ``DdpSplit`` splits DDP's backward time into compute and exposed gradient all-reduce from
+  DDP's own sampled timing data.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+SYNC_METHODS = ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__repr__", "__format__")
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "broadcast",
+    "broadcast_object_list",
+    "reduce",
+    "all_to_all",
+    "all_to_all_single",
+    "barrier",
+    "gather",
+    "scatter",
+    "send",
+    "recv",
+)
+MAX_SYNC_SITES = 64
+
+
+class DeferredScalar:
+    """The latest value of a scalar tensor, fetched without synchronising the device."""
+
+    def __init__(self, torch: Any) -> None:
+        self._torch = torch
+        self._item = torch._C.TensorBase.item  # the unpatched method: our own reads are not user syncs
+        self._value: float | None = None
+        self._pending: tuple[Any, Any] | None = None
+        self._buffer: Any = None
+
+    def capture(self, tensor: Any) -> None:
+        if tensor is None or tensor.numel() != 1:
+            return
+        value = tensor.detach()
+        if value.device.type == "cpu":
+            self._value = float(self._item(value))
+            return
+        if value.device.type != "cuda" or self._pending is not None:
+            return  # still waiting for the previous copy: skip this one rather than queue
+        torch = self._torch
+        if self._buffer is None:
+            self._buffer = torch.empty((), dtype=torch.float64, pin_memory=True)
+        self._buffer.copy_(value.reshape(()).to(torch.float64), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending = (self._buffer, event)
+
+    def poll(self) -> float | None:
+        """The newest value whose copy has completed (None if none yet)."""
+        if self._pending is not None:
+            buffer, event = self._pending
+            if event.query():
+                self._value = float(self._item(buffer))
+                self._pending = None
+        return self._value
+
+    def take(self) -> float | None:
+        """Like poll(), but each value is returned once."""
+        value = self.poll()
+        self._value = None
+        return value
+
+
+class SyncCounter:
+    """Counts host-device synchronisation calls made by the training loop in one step."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.seconds = 0.0
+        self.sites: Counter[tuple[str, int, str]] = Counter()
+        self.suspended = 0  # > 0 inside library code (optimizer step, GradScaler, DataLoader)
+        self._local = threading.local()
+
+    def reset_step(self) -> None:
+        self.count = 0
+        self.seconds = 0.0
+
+    def wrap(self, name: str, original: Any, train_thread: Any, library_dir: str) -> Any:
+        """A Tensor method that counts calls made by user code on the training thread.
+
+        Calls from inside torch itself (``library_dir``) are the library's business (GradScaler's
+        inf check, DataLoader seeding) and are not counted.
+        """
+        counter = self
+        perf_counter = time.perf_counter
+        get_ident = threading.get_ident
+        getframe = sys._getframe
+        local = self._local
+
+        def wrapper(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+            if counter.suspended or get_ident() != train_thread() or getattr(local, "depth", 0):
+                return original(tensor, *args, **kwargs)
+            if name == "cpu" and tensor.device.type == "cpu":
+                return original(tensor, *args, **kwargs)  # a no-op, not a sync
+            frame = getframe(1)
+            filename = frame.f_code.co_filename
+            if filename.startswith(library_dir):
+                return original(tensor, *args, **kwargs)
+            local.depth = 1
+            start = perf_counter()
+            try:
+                return original(tensor, *args, **kwargs)
+            finally:
+                counter.seconds += perf_counter() - start
+                counter.count += 1
+                local.depth = 0
+                key = (filename, frame.f_lineno, name)
+                if key in counter.sites or len(counter.sites) < MAX_SYNC_SITES:
+                    counter.sites[key] += 1
+
+        wrapper.__name__ = name
+        wrapper.__qualname__ = f"Tensor.{name}"
+        return wrapper
+
+    def top_sites(self, n: int = 3) -> list[dict[str, Any]]:
+        return [
+            {"file": file, "line": line, "call": call, "count": count}
+            for (file, line, call), count in self.sites.most_common(n)
+        ]
+
+
+class CollectiveTimer:
+    """Host time, op count and bytes of torch.distributed collectives called from Python.
+
+    Synchronous ops block the training thread, so their host time is exposed communication
+    (for gloo it includes waiting for slower ranks). Async ops (async_op=True) are counted with
+    their enqueue time only: their completion is not observed here.
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.ops = 0
+        self.bytes = 0
+        self._local = threading.local()
+
+    def reset_step(self) -> None:
+        self.seconds = 0.0
+        self.ops = 0
+        self.bytes = 0
+
+    def wrap(self, original: Any, train_thread: Any) -> Any:
+        timer = self
+        perf_counter = time.perf_counter
+        get_ident = threading.get_ident
+        local = self._local
+
+        def collective(*args: Any, **kwargs: Any) -> Any:
+            if getattr(local, "depth", 0) or get_ident() != train_thread():
+                return original(*args, **kwargs)
+            local.depth = 1
+            start = perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                timer.seconds += perf_counter() - start
+                timer.ops += 1
+                local.depth = 0
+                if args:
+                    timer.bytes += _payload_bytes(args[0])
+
+        collective.__name__ = getattr(original, "__name__", "collective")
+        collective.__doc__ = getattr(original, "__doc__", None)
+        collective.__wrapped__ = original  # type: ignore[attr-defined]
+        return collective
+
+
+def _payload_bytes(value: Any) -> int:
+    try:
+        if hasattr(value, "element_size"):
+            return int(value.numel() * value.element_size())
+        if isinstance(value, list | tuple):
+            return sum(int(t.numel() * t.element_size()) for t in value if hasattr(t, "element_size"))
+    except (RuntimeError, TypeError, AttributeError):
+        return 0
+    return 0
+
+
+class DdpSplit:
+    """Splits a DDP rank's backward time into compute and exposed gradient communication.
+
+    DDP records runtime stats on sampled iterations (the first ten, then every hundredth):
+    backward compute start/end and gradient-communication start/end. The exposed part is the
+    communication still running after the last gradient was computed; its share of the
+    backward pass is applied to the backward time of later steps until the next sample.
+    """
+
+    READ_EVERY_STEPS = 10
+
+    def __init__(self) -> None:
+        self.exposed_ratio = 0.0  # of backward time
+        self.comm_ratio = 0.0  # total comm time over backward time (may exceed 1 with overlap)
+        self._iteration = -1
+        self.samples = 0
+        self.last_ready: list[int] = []  # parameter indices in the order their gradients were ready
+        self.last_ready_changed = False
+
+    def refresh(self, ddp: Any) -> None:
+        data = ddp._get_ddp_logging_data()
+        iteration = int(data.get("iteration", -1))
+        self.last_ready_changed = False
+        if iteration == self._iteration:
+            return
+        self._iteration = iteration
+        order = str(data.get("prev_iteration_grad_ready_order_indices", ""))
+        ready = [int(i) for i in order.split(",") if i.strip().isdigit()]
+        if ready and ready[-2:] != self.last_ready[-2:]:
+            self.last_ready = ready
+            self.last_ready_changed = True
+        start = data.get("backward_compute_time_start")
+        compute_end = data.get("backward_compute_time_end")
+        comm_end = data.get("backward_comm_time_end")
+        comm = data.get("backward_comm_time")
+        if not (start and compute_end and comm_end and comm):
+            return
+        total = max(compute_end, comm_end) - start
+        if total <= 0:
+            return
+        self.exposed_ratio = min(1.0, max(0.0, comm_end - compute_end) / total)
+        self.comm_ratio = max(0.0, comm / total)
+        self.samples += 1
