@@ -22,6 +22,18 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 
+class DeviceTime(nn.Module):
+    """Stands in for accelerator time on a CPU-only machine: the host waits, no core is busy."""
+
+    def __init__(self, milliseconds: float) -> None:
+        super().__init__()
+        self.seconds = milliseconds / 1000
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return x
+
+
 class Samples(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __init__(self, size: int, shape: tuple[int, ...], delay_s: float) -> None:
         generator = torch.Generator().manual_seed(0)
@@ -46,6 +58,7 @@ def main() -> None:
     parser.add_argument("--slow-rank", type=int, default=-1, help="this rank's loader sleeps per sample")
     parser.add_argument("--slow-ms", type=float, default=1.0)
     parser.add_argument("--model", choices=["mlp", "conv"], default="mlp")
+    parser.add_argument("--device-ms", type=float, default=0.0, help="simulated accelerator time per step")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -69,6 +82,8 @@ def main() -> None:
         network = nn.Sequential(
             nn.Linear(128, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10)
         )
+    if args.device_ms:
+        network = nn.Sequential(DeviceTime(args.device_ms), network)
     loader = DataLoader(data, batch_size=args.batch_size, sampler=DistributedSampler(data))
     model = DistributedDataParallel(network)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from probes.wire import FLAG_GRAD_SCALER_SKIPPED
+from probes.wire import FLAG_GRAD_SCALER_SKIPPED, FLAG_HAS_GRAD_NORM, FLAG_HAS_LOSS, FLAG_HAS_LR, FLAG_HAS_SCALE
 from profilerd.model import StepRecord
 
 STEP_COLUMNS = [
@@ -214,10 +214,11 @@ def _quarter_median(values: pd.Series, last: bool) -> float | None:
 def compute_signals(frame: pd.DataFrame, total_s: float) -> Signals:
     """Convergence and hygiene signals; losses under GradScaler are unscaled first."""
     ordered = frame.sort_values("end_unix_s")
-    loss = ordered["loss"].astype(float)
-    scale = ordered["scaler_scale"].astype(float)
-    loss = loss.where(~(scale > 0), loss / scale)
-    loss = loss.dropna()
+    flags = ordered["flags"].astype(int)
+    # The flags say which values were measured: a NaN loss is a finding, a missing one is not.
+    loss = ordered.loc[(flags & FLAG_HAS_LOSS) > 0, "loss"].astype(float)
+    scale = ordered.loc[loss.index, "scaler_scale"].astype(float)
+    loss = loss.where(~(scale > 0), loss / scale).fillna(float("nan"))
     finite_loss = loss[np.isfinite(loss)]
     nonfinite = loss[~np.isfinite(loss)]
     first_bad = None
@@ -228,11 +229,11 @@ def compute_signals(frame: pd.DataFrame, total_s: float) -> Signals:
         half = finite_loss.iloc[len(finite_loss) // 2 :]
         median = float(half.median())
         spread = float(half.max() - half.min()) / abs(median) if median else None
-    grads = ordered["grad_norm"].astype(float).dropna()
+    grads = ordered.loc[(flags & FLAG_HAS_GRAD_NORM) > 0, "grad_norm"].astype(float)
     finite_grads = grads[np.isfinite(grads)]
-    scales = ordered["scaler_scale"].astype(float).dropna()
-    lrs = ordered["lr"].astype(float).dropna()
-    skipped = int(((ordered["flags"].astype(int) & FLAG_GRAD_SCALER_SKIPPED) > 0).sum())
+    scales = ordered.loc[(flags & FLAG_HAS_SCALE) > 0, "scaler_scale"].astype(float).dropna()
+    lrs = ordered.loc[(flags & FLAG_HAS_LR) > 0, "lr"].astype(float).dropna()
+    skipped = int(((flags & FLAG_GRAD_SCALER_SKIPPED) > 0).sum())
     graphs = ordered.groupby("rank")["graph_compiles"].agg(lambda g: int(g.max() - g.min()))
     steps = len(ordered)
     return Signals(

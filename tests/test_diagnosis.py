@@ -1,0 +1,240 @@
+"""Every rule on synthetic step streams: it fires, it stays quiet, and it stops when the cause goes away."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from probes import wire
+from profilerd.analysis.features import Context, compute_features, steps_frame
+from profilerd.analysis.recommendations import removed
+from profilerd.analysis.rules import RATIONALE, REGISTRY, load_rules
+from profilerd.analysis.verdict import evaluate
+from profilerd.model import StepRecord
+
+RULES, _ = load_rules()
+BASE_CONFIG: dict[str, Any] = {
+    "device_type": "cpu",
+    "dataloader": {"num_workers": 4, "pin_memory": True, "persistent_workers": True, "batch_size": 32},
+    "models": [{"class": "Net", "parameters": 10, "parameter_dtypes": {"float32": 10}, "compiled": True}],
+    "optimizers": [{"class": "AdamW", "hyperparameters": {"lr": 1e-3, "fused": True}}],
+    "autocast": {"enabled": True, "dtype": "bfloat16"},
+    "tf32": {"matmul": True, "float32_matmul_precision": "high"},
+}
+
+
+def stream(n: int = 300, step_s: float = 0.1, rank: int = 0, **overrides: Any) -> list[StepRecord]:
+    """A healthy, compute-bound stream; keyword overrides are per-step values or callables of i."""
+    records = []
+    for i in range(n):
+        fields: dict[str, Any] = {
+            "data_wait_s": 0.01 * step_s,
+            "forward_s": 0.35 * step_s,
+            "backward_s": 0.5 * step_s,
+            "optimizer_s": 0.1 * step_s,
+            "comm_s": 0.0,
+            "loss": 2.0 / (1 + 0.01 * i),
+            "grad_norm": 1.0,
+            "lr": 1e-3,
+            "flags": wire.FLAG_HAS_LOSS | wire.FLAG_HAS_GRAD_NORM | wire.FLAG_HAS_LR,
+        }
+        for key, value in overrides.items():
+            fields[key] = value(i) if callable(value) else value
+        records.append(StepRecord("job", rank, 10 + rank, i + 1, 1e6 + (i + 1) * step_s, step_s, **fields))
+    return records
+
+
+def findings(records: list[StepRecord], config: dict[str, Any] | None = None, **context: Any) -> dict[str, Any]:
+    ctx = Context(config=config or BASE_CONFIG, **context)
+    verdict = evaluate(compute_features(steps_frame(records), ctx, RULES.warmup_steps), RULES)
+    return {f.rule: f for f in verdict.findings} | {"_verdict": verdict}
+
+
+def cfg(**changes: Any) -> dict[str, Any]:
+    return {**BASE_CONFIG, **changes}
+
+
+def test_a_healthy_stream_has_no_problem_findings() -> None:
+    found = findings(stream())
+    assert found["_verdict"].primary == "compute"
+    problems = [r for r, f in found.items() if r != "_verdict" and f.severity in ("warning", "critical")]
+    assert problems == []
+
+
+@pytest.mark.parametrize(
+    ("rule", "bad", "good"),
+    [
+        ("data.input_wait", {"records": {"data_wait_s": 0.05}}, {}),
+        (
+            "data.worker_saturation",
+            {
+                "records": {"data_wait_s": 0.02},
+                "context": {"worker_cpu_max_ratio": 0.97, "cpu_count": 8, "host_busy_cores": 7.5},
+            },
+            {"context": {"worker_cpu_max_ratio": 0.4, "cpu_count": 8, "host_busy_cores": 2.0}},
+        ),
+        (
+            "data.worker_restarts",
+            {
+                "records": {"data_wait_s": lambda i: 0.09 if i % 10 == 0 else 0.0005},
+                "config": {"dataloader": {"num_workers": 4, "persistent_workers": False}},
+            },
+            {"records": {"data_wait_s": lambda i: 0.09 if i % 10 == 0 else 0.0005}},
+        ),
+        ("compute.optimizer_unfused", {"config": {"optimizers": [{"class": "Adam", "hyperparameters": {}}]}}, {}),
+        (
+            "compute.tf32_disabled",
+            {
+                "config": {
+                    "device_type": "cuda",
+                    "autocast": {"enabled": False},
+                    "tf32": {"matmul": False, "float32_matmul_precision": "highest"},
+                }
+            },
+            {"config": {"device_type": "cuda", "autocast": {"enabled": False}}},
+        ),
+        (
+            "compute.channels_last",
+            {
+                "config": {
+                    "device_type": "cuda",
+                    "models": [{"class": "ResNet", "has_conv2d": True, "channels_last": False, "parameter_dtypes": {}}],
+                }
+            },
+            {
+                "config": {
+                    "device_type": "cuda",
+                    "models": [{"class": "ResNet", "has_conv2d": True, "channels_last": True, "parameter_dtypes": {}}],
+                }
+            },
+        ),
+        (
+            "communication.exposed",
+            {"records": {"comm_s": 0.04, "backward_s": 0.02}},
+            {"records": {"comm_s": 0.002}},
+        ),
+        (
+            "communication.ddp_find_unused",
+            {"config": {"models": [{"class": "DDP", "parameter_dtypes": {}, "ddp": {"find_unused_parameters": True}}]}},
+            {
+                "config": {
+                    "models": [{"class": "DDP", "parameter_dtypes": {}, "ddp": {"find_unused_parameters": False}}]
+                }
+            },
+        ),
+        ("algorithm.host_overhead", {"records": {"backward_s": 0.01, "forward_s": 0.01}}, {}),
+        ("algorithm.sync_in_loop", {"records": {"sync_count": 2, "sync_s": 0.0001}}, {"records": {"sync_count": 0}}),
+        (
+            "algorithm.loss_nonfinite",
+            {"records": {"loss": lambda i: math.nan if i > 100 else 1.0}},
+            {"records": {"loss": 1.0}},
+        ),
+        (
+            "algorithm.loss_diverging",
+            {"records": {"loss": lambda i: 1.0 + 0.1 * i}},
+            {"records": {"loss": lambda i: 2.0 / (1 + 0.01 * i)}},
+        ),
+        (
+            "algorithm.loss_plateau",
+            {"records": {"loss": 0.5}},
+            {"records": {"loss": 0.5}, "config": {"lr_scheduler": "CosineAnnealingLR"}},
+        ),
+        (
+            "algorithm.grad_norm",
+            {"records": {"grad_norm": lambda i: 500.0 if i % 37 == 0 else 1.0}},
+            {"records": {"grad_norm": 1.0}},
+        ),
+        (
+            "algorithm.grad_scaler",
+            {"records": {"flags": lambda i: wire.FLAG_GRAD_SCALER_SKIPPED if i % 5 == 0 else 0}},
+            {"records": {"flags": 0}},
+        ),
+        (
+            "algorithm.recompilation",
+            {"records": {"graph_compiles": lambda i: i // 10}},
+            {"records": {"graph_compiles": 3}},
+        ),
+        (
+            "algorithm.adam_weight_decay",
+            {"config": {"optimizers": [{"class": "Adam", "hyperparameters": {"weight_decay": 0.01, "fused": True}}]}},
+            {"config": {"optimizers": [{"class": "AdamW", "hyperparameters": {"weight_decay": 0.01, "fused": True}}]}},
+        ),
+    ],
+)
+def test_rule_fires_and_stays_quiet(rule: str, bad: dict[str, Any], good: dict[str, Any]) -> None:
+    def build(spec: dict[str, Any]) -> dict[str, Any]:
+        records = stream(**{k: v for k, v in spec.get("records", {}).items()})
+        return findings(records, cfg(**spec.get("config", {})), **spec.get("context", {}))
+
+    fired = build(bad)
+    assert rule in fired, f"{rule} should fire"
+    finding = fired[rule]
+    assert finding.evidence and finding.thresholds and 0 < finding.confidence <= 1
+    assert finding.recommendations, "every finding says what to do"
+    assert rule not in build(good), f"{rule} should stay quiet"
+
+
+def test_finding_stops_when_the_cause_goes_away() -> None:
+    """A window that starts data-starved and then is fixed: the live window forgets the cause."""
+    starved = stream(200, data_wait_s=0.06, forward_s=0.01, backward_s=0.02)
+    fixed = stream(400, data_wait_s=0.001)
+    fixed = [replace(s, step=s.step + 200, end_unix_s=s.end_unix_s + 20) for s in fixed]
+    assert "data.input_wait" in findings(starved)
+    assert "data.input_wait" not in findings(fixed)  # the window after the fix
+
+
+def test_straggler_names_the_slow_rank_and_its_cause() -> None:
+    slow = stream(rank=1, data_wait_s=0.05, comm_s=0.001, forward_s=0.02, backward_s=0.02)
+    fast = stream(rank=0, data_wait_s=0.001, comm_s=0.05, forward_s=0.02, backward_s=0.02)
+    found = findings(slow + fast)
+    straggler = found["communication.straggler"]
+    assert "rank 1 is the straggler" in straggler.evidence
+    assert straggler.recommendations[0].id == "straggler.rank"
+    assert "data loading" in straggler.recommendations[0].title
+
+
+def test_communication_bound_ranks_alike_are_not_stragglers() -> None:
+    ranks = stream(rank=0, comm_s=0.05, backward_s=0.02) + stream(rank=1, comm_s=0.045, backward_s=0.025)
+    found = findings(ranks)
+    assert found["_verdict"].primary == "communication"
+    assert "communication.straggler" not in found
+    assert "ddp.grad_compression" in {r.id for r in found["communication.exposed"].recommendations}
+
+
+def test_nonfinite_loss_outranks_a_data_bottleneck() -> None:
+    found = findings(stream(data_wait_s=0.06, forward_s=0.01, loss=math.nan))
+    assert found["_verdict"].primary == "algorithm"
+    assert found["_verdict"].findings[0].rule == "algorithm.loss_nonfinite"
+
+
+def test_loss_under_grad_scaler_is_unscaled_before_judging() -> None:
+    scaled = stream(
+        loss=lambda i: 65536.0 * 2.0 / (1 + 0.01 * i),
+        scaler_scale=65536.0,
+        flags=wire.FLAG_HAS_LOSS | wire.FLAG_HAS_SCALE | wire.FLAG_HAS_LR,
+    )
+    assert "algorithm.loss_diverging" not in findings(scaled)
+
+
+def test_speedups_are_bounds_from_the_measured_fractions() -> None:
+    found = findings(
+        stream(data_wait_s=0.05, comm_s=0.02, sync_count=3, forward_s=0.01),
+        cfg(device_type="cuda", autocast={"enabled": False}),
+    )
+    fractions = found["_verdict"].features.fractions
+    for rule, finding in found.items():
+        if rule == "_verdict":
+            continue
+        for rec in finding.recommendations:
+            assert 1.0 <= rec.estimated_speedup <= removed(max(fractions.values())) + 1e-9
+
+
+def test_each_category_has_at_least_three_rules_with_rationale() -> None:
+    by_category: dict[str, int] = {}
+    for rule in REGISTRY.values():
+        by_category[rule.category] = by_category.get(rule.category, 0) + 1
+        assert rule.id in RATIONALE
+    assert all(by_category[c] >= 3 for c in ("data", "compute", "communication", "algorithm")), by_category
