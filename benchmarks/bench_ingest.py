@@ -20,6 +20,7 @@ figures are "per daemon core".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import datetime
 import json
@@ -58,10 +59,8 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     qlen = None
-    try:
+    with contextlib.suppress(OSError, ValueError):
         qlen = int(Path("/proc/sys/net/unix/max_dgram_qlen").read_text())
-    except (OSError, ValueError):
-        pass
     return {
         "date": datetime.date.today().isoformat(),
         "nproc": os.cpu_count(),
@@ -74,8 +73,12 @@ def machine_info() -> dict[str, Any]:
 
 
 def pin(cpu: int | None) -> None:
-    if cpu is not None and cpu in os.sched_getaffinity(0):
-        os.sched_setaffinity(0, {cpu})
+    """Pin this process to one CPU (children inherit the mask, so a child can pin itself elsewhere)."""
+    if cpu is not None:
+        try:
+            os.sched_setaffinity(0, {cpu})
+        except OSError as exc:
+            print(f"could not pin to CPU {cpu}: {exc}", file=sys.stderr)
 
 
 def pick_cpus() -> tuple[int | None, int | None]:
@@ -238,46 +241,67 @@ def sender_main(path: str, duration_s: float, rate: float, cpu: int | None) -> N
     print(json.dumps(result))
 
 
-def end_to_end(duration_s: float, rate: float, with_recorder: bool, tmp: Path, cpus: tuple) -> dict[str, Any]:
+RECEIVERS = ("bare recv loop", "ingest", "ingest+recorder")
+
+
+def _bare_receiver(sock: socket.socket, stop: threading.Event, counter: list[int]) -> None:
+    """Baseline: the same socket and recv call as Ingest._run, without decoding or storing."""
+    size = wire.MAX_DATAGRAM_BYTES + 1
+    while not stop.is_set():
+        try:
+            sock.recv(size)
+        except TimeoutError:
+            continue
+        except OSError:
+            return
+        counter[0] += 1
+
+
+def end_to_end(duration_s: float, rate: float, receiver: str, tmp: Path, cpus: tuple, tag: str) -> dict[str, Any]:
     from profilerd.recording import Recorder
     from profilerd.samplers.ingest import Ingest, bind_socket
     from profilerd.store import Store
 
-    tag = f"{'blast' if rate <= 0 else int(rate)}-{int(with_recorder)}"
     path = tmp / f"rt-{tag}" / "ingest.sock"
     store = Store()
     stop = threading.Event()
-    recorder = Recorder(tmp / f"runs-b-{tag}") if with_recorder else None
+    recorder = Recorder(tmp / f"runs-{tag}") if receiver == "ingest+recorder" else None
     if recorder is not None:
         recorder.start()
-    sock = bind_socket(path)
-    ingest = Ingest(sock, store, recorder, stop)
-    ingest.start()
+    sock = bind_socket(path)  # the daemon's own socket setup: 4 MiB SO_RCVBUF, 0.2 s timeout
+    bare_count = [0]
+    if receiver == "bare recv loop":
+        thread = threading.Thread(target=_bare_receiver, args=(sock, stop, bare_count), daemon=True)
+    else:
+        thread = Ingest(sock, store, recorder, stop).thread
+    thread.start()
+
+    def accounted() -> int:
+        if receiver == "bare recv loop":
+            return bare_count[0] - 1  # less the hello
+        with store.lock:
+            return store.received["step"] + sum(v for k, v in store.dropped.items() if k not in INFERRED)
+
     cpu0 = time.process_time()
     cmd = [sys.executable, __file__, "--_sender", str(path), "--duration", str(duration_s), "--rate", str(rate)]
     if cpus[1] is not None:
         cmd += ["--_cpu", str(cpus[1])]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     sender = json.loads(proc.stdout.strip().splitlines()[-1])
-
-    def accounted() -> int:
-        with store.lock:
-            return store.received["step"] + sum(v for k, v in store.dropped.items() if k not in INFERRED)
-
     deadline = time.monotonic() + 10
     while accounted() < sender["sent"] and time.monotonic() < deadline:
-        time.sleep(0.01)
+        time.sleep(0.005)
     daemon_cpu_s = time.process_time() - cpu0
     stop.set()
-    ingest.join(2.0)
+    thread.join(2.0)
     sock.close()
     if recorder is not None:
         recorder.stop(30.0)
-    received = store.received["step"]
+    received = accounted() if receiver == "bare recv loop" else store.received["step"]
     other = {k: v for k, v in store.dropped.items() if k not in INFERRED}
     return {
         "mode": "blast" if rate <= 0 else f"paced {rate:,.0f}/s",
-        "recorder": with_recorder,
+        "receiver": receiver,
         "duration_s": sender["elapsed_s"],
         "sent_attempts": sender["attempted"],
         "sent_ok": sender["sent"],
@@ -290,10 +314,39 @@ def end_to_end(duration_s: float, rate: float, with_recorder: bool, tmp: Path, c
         "offered_per_s": sender["attempted"] / sender["elapsed_s"],
         "drop_ratio": sender["dropped"] / max(1, sender["attempted"]),
         "daemon_cpu_ratio": daemon_cpu_s / sender["elapsed_s"],
-        "accounting_ok": received + sum(other.values()) + sender["dropped"] + sender["errors"]
-        == sender["attempted"],
+        "accounting_ok": received + sum(other.values()) + sender["dropped"] + sender["errors"] == sender["attempted"],
         "recorder_rows_written": recorder.rows_written if recorder is not None else None,
     }
+
+
+def summarise_e2e(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Median per (mode, receiver) over the repeats; the raw runs stay in the JSON."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["mode"], run["receiver"]), []).append(run)
+    summary = []
+    for (mode, receiver), group in groups.items():
+        summary.append(
+            {
+                "mode": mode,
+                "receiver": receiver,
+                "repeats": len(group),
+                "offered_per_s": statistics.median(r["offered_per_s"] for r in group),
+                "received_per_s": statistics.median(r["received_per_s"] for r in group),
+                "received_per_s_range": [
+                    min(r["received_per_s"] for r in group),
+                    max(r["received_per_s"] for r in group),
+                ],
+                "drop_ratio": statistics.median(r["drop_ratio"] for r in group),
+                "drop_ratio_range": [min(r["drop_ratio"] for r in group), max(r["drop_ratio"] for r in group)],
+                "daemon_cpu_ratio": statistics.median(r["daemon_cpu_ratio"] for r in group),
+                "sent_attempts": sum(r["sent_attempts"] for r in group),
+                "received": sum(r["received"] for r in group),
+                "sender_dropped": sum(r["sender_dropped"] for r in group),
+                "accounting_ok": all(r["accounting_ok"] for r in group),
+            }
+        )
+    return summary
 
 
 # ---- report ----------------------------------------------------------------------------------
@@ -310,17 +363,19 @@ def print_report(results: dict[str, Any]) -> None:
             f"{name:<28}{r['handle_per_s_median']:>12,.0f}{r['handle_us_per_record']:>11.2f}"
             f"{(f'{sustained:,.0f}' if sustained else '-'):>13}  {'PASS' if figure >= TARGET_PER_S else 'MISS'}"
         )
-    print(f"\n(b) end to end over AF_UNIX, sender on another CPU, target >= {TARGET_PER_S:,}/s")
+    print(f"\n(b) end to end over AF_UNIX, sender on another CPU, median of repeats, target >= {TARGET_PER_S:,}/s")
     print(
-        f"{'mode':<18}{'rec':>4}{'offered/s':>12}{'received/s':>12}{'drop %':>8}"
-        f"{'daemon CPU':>11}{'sent':>10}{'recv':>10}{'dropped':>10}  acct"
+        f"{'mode':<16}{'receiver':<17}{'offered/s':>10}{'received/s':>11}{'(min-max)':>18}{'drop %':>8}"
+        f"{'(min-max)':>13}{'CPU':>5}{'sent':>10}{'received':>10}{'dropped':>10}  acct"
     )
     for r in results["end_to_end"]:
+        lo, hi = r["received_per_s_range"]
+        dlo, dhi = (100 * x for x in r["drop_ratio_range"])
         print(
-            f"{r['mode']:<18}{'yes' if r['recorder'] else 'no':>4}{r['offered_per_s']:>12,.0f}"
-            f"{r['received_per_s']:>12,.0f}{100 * r['drop_ratio']:>8.2f}{100 * r['daemon_cpu_ratio']:>10.0f}%"
-            f"{r['sent_attempts']:>10,}{r['received']:>10,}{r['sender_dropped']:>10,}"
-            f"  {'ok' if r['accounting_ok'] else 'MISMATCH'}"
+            f"{r['mode']:<16}{r['receiver']:<17}{r['offered_per_s']:>10,.0f}{r['received_per_s']:>11,.0f}"
+            f"{f'{lo:,.0f}-{hi:,.0f}':>18}{100 * r['drop_ratio']:>8.2f}{f'{dlo:.1f}-{dhi:.1f}':>13}"
+            f"{100 * r['daemon_cpu_ratio']:>4.0f}%{r['sent_attempts']:>10,}{r['received']:>10,}"
+            f"{r['sender_dropped']:>10,}  {'ok' if r['accounting_ok'] else 'MISMATCH'}"
         )
 
 
@@ -328,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=200_000, help="datagrams per in-process repeat")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--duration", type=float, default=3.0, help="seconds per end-to-end run")
+    parser.add_argument("--duration", type=float, default=2.0, help="seconds per end-to-end run")
+    parser.add_argument("--e2e-repeats", type=int, default=3)
     parser.add_argument("--rate", type=float, default=TARGET_PER_S, help="paced end-to-end rate")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the handle loop")
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -349,12 +405,14 @@ def main(argv: list[str] | None = None) -> int:
             "decode+store": in_process(args.records, args.repeats, False, tmp, args.profile),
             "decode+store+recorder": in_process(args.records, args.repeats, True, tmp, args.profile),
         }
-        results["end_to_end"] = [
-            end_to_end(args.duration, 0.0, False, tmp, cpus),
-            end_to_end(args.duration, 0.0, True, tmp, cpus),
-            end_to_end(args.duration, args.rate, False, tmp, cpus),
-            end_to_end(args.duration, args.rate, True, tmp, cpus),
-        ]
+        runs = []
+        for rep in range(args.e2e_repeats):  # interleaved, so slow drift hits every case alike
+            for rate in (0.0, args.rate) if not os.environ.get("PACEDONLY") else (args.rate,):
+                for receiver in RECEIVERS:
+                    tag = f"{rep}-{int(rate)}-{RECEIVERS.index(receiver)}"
+                    runs.append(end_to_end(args.duration, rate, receiver, tmp, cpus, tag))
+        results["end_to_end_runs"] = runs
+        results["end_to_end"] = summarise_e2e(runs)
     print_report(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))

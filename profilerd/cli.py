@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     _daemon_flags(run)
     run.add_argument("--json", dest="json_path", type=Path, help="also write the verdict JSON here")
     run.add_argument("--no-status", action="store_true", help="no live status line")
+    run.add_argument("--no-tui", action="store_true", help="on a terminal, the plain status line instead of the TUI")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="the training command, after --")
 
     demo = sub.add_parser("demo", help="run a bundled CPU job with a starved input pipeline")
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seconds", type=float, default=14.0, help="how long the demo trains")
     demo.add_argument("--json", dest="json_path", type=Path)
     demo.add_argument("--no-status", action="store_true")
+    demo.add_argument("--no-tui", action="store_true", help="the plain status line instead of the TUI")
 
     report = sub.add_parser("report", help="rebuild the verdict of a recorded run")
     report.add_argument("run", help="run id (or a unique prefix, 'latest', or a .sqlite path)")
@@ -97,6 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--keep", type=int, help="prune all but the newest N runs")
 
     sub.add_parser("doctor", help="what profilerd can see on this machine (GPUs, capabilities)")
+
+    tui = sub.add_parser("tui", help="live terminal UI: a job on the local daemon, a recording, or Prometheus")
+    tui.add_argument("--job", help="the job to watch (default: the newest running job)")
+    tui.add_argument("--url", help="daemon URL (default: this user's running daemon)")
+    tui.add_argument("--replay", metavar="RUN", help="play a recording (id, prefix, 'latest' or a .sqlite path)")
+    tui.add_argument("--speed", type=float, choices=[1.0, 4.0, 16.0], default=1.0, help="replay speed")
+    tui.add_argument("--paused", action="store_true", help="replay: start paused at the end of the run")
+    tui.add_argument("--prometheus", metavar="URL", help="read the job from this Prometheus server (needs --job)")
+    tui.add_argument("--refresh", type=float, help="seconds between updates (default 1; replay 0.5; Prometheus 5)")
+    tui.add_argument("--theme", choices=["dark", "light"], default="dark")
+    tui.add_argument("--config", type=Path, help="TOML config file (default: $PROFILERD_CONFIG)")
+    tui.add_argument("--data-dir", dest="data_dir", help="where recordings are")
+    tui.add_argument("--rules", dest="rules_file", help="rules file for replayed verdicts")
     return parser
 
 
@@ -237,7 +252,23 @@ def _status_line(handle: _DaemonHandle, job: str) -> str:
     return f"profilerd ▸ {document['steps_total']} steps · {rate:.1f} steps/s · {document['summary'][:90]}"
 
 
-def _wait_for_child(child: subprocess.Popen[bytes], handle: _DaemonHandle, job: str, show_status: bool) -> int:
+def _live_view(args: argparse.Namespace, handle: _DaemonHandle, job: str) -> Any:
+    """The TUI as the live view: only with a terminal on stdin, stdout and stderr, and not with
+    --no-tui or --no-status. Textual is optional, so without it the status line is used."""
+    if getattr(args, "no_tui", False) or args.no_status:
+        return None
+    if not all(stream.isatty() for stream in (sys.stdin, sys.stdout, sys.stderr)):
+        return None
+    try:
+        from tui.runview import LiveView
+    except ImportError:
+        return None
+    return LiveView(handle.base_url, job)
+
+
+def _wait_for_child(
+    child: subprocess.Popen[bytes], handle: _DaemonHandle, job: str, show_status: bool, live_view: Any = None
+) -> int:
     def forward(signum: int, frame: Any) -> None:
         with contextlib.suppress(ProcessLookupError):
             child.send_signal(signum)
@@ -245,6 +276,8 @@ def _wait_for_child(child: subprocess.Popen[bytes], handle: _DaemonHandle, job: 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     width = shutil.get_terminal_size((100, 20)).columns - 1
     try:
+        if live_view is not None:
+            live_view.run(child)  # returns when the child exits, or the user leaves the view
         while True:
             try:
                 return child.wait(timeout=0.5)
@@ -270,14 +303,15 @@ def run_command(cmd: list[str], args: argparse.Namespace, config: DaemonConfig, 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(boot), env.get("PYTHONPATH", "")) if p)
     env.update({"PROFILERD_SOCKET": str(handle.socket_path), "PROFILERD_RUN_ID": run_id, "PROFILERD_JOB_ID": job})
+    live = _live_view(args, handle, job)
     try:
         try:
-            child = subprocess.Popen(cmd, env=env)
+            child = subprocess.Popen(cmd, env=env, **(live.popen_kwargs() if live else {}))
         except (FileNotFoundError, PermissionError) as exc:
             print(f"profilerd: cannot run {cmd[0]!r}: {exc.strerror}", file=sys.stderr)
             return 127 if isinstance(exc, FileNotFoundError) else 126
         show_status = not args.no_status and sys.stderr.isatty()
-        code = _wait_for_child(child, handle, job, show_status)
+        code = _wait_for_child(child, handle, job, show_status, live)
         handle.send(wire.encode_json(wire.KIND_RUN_END, {"pid": os.getpid(), "run_id": run_id, "exit_code": code}))
         recording = _wait_for_recording(handle, run_id, config)
         if recording is None:
@@ -307,6 +341,8 @@ def run_command(cmd: list[str], args: argparse.Namespace, config: DaemonConfig, 
             )
         return code if code >= 0 else 128 - code
     finally:
+        if live is not None:
+            live.close()
         handle.close()
         shutil.rmtree(boot, ignore_errors=True)
 
@@ -432,6 +468,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tui(args: argparse.Namespace) -> int:
+    try:
+        from tui.cli import run_tui
+    except ImportError as exc:
+        raise UsageError(f"the terminal UI needs textual: pip install 'profilerd[tui]' ({exc})") from None
+    return run_tui(args, _config(args))
+
+
 COMMANDS = {
     "serve": cmd_serve,
     "run": cmd_run,
@@ -439,6 +483,7 @@ COMMANDS = {
     "report": cmd_report,
     "runs": cmd_runs,
     "doctor": cmd_doctor,
+    "tui": cmd_tui,
 }
 
 

@@ -1,14 +1,26 @@
-"""Reading recordings back: list, resolve, prune, load into frames, and analyse offline."""
+"""Reading recordings back: list, resolve, prune, load into frames, merge nodes, and analyse offline.
+
+Recordings are read defensively. A file cut short (disk full, copied while being written), a
+run whose daemon was killed mid-way, or a recording from an older schema still loads as far as
+it can be read; everything that is missing is described in ``Recording.notes`` so a report can
+say what it lacks instead of failing. Only a file that is not a recording at all is an error.
+
+Frames are built column-wise from chunks of rows (numpy, not one Python object per value kept
+around), so a 10-hour, 8-rank recording of millions of steps loads in seconds and well under
+the memory of a pandas ``read_sql`` of the same table.
+"""
 
 from __future__ import annotations
 
 import json
 import sqlite3
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from profilerd.analysis.context import HOST_COLUMNS, PROCESS_COLUMNS, build_context
@@ -16,9 +28,70 @@ from profilerd.analysis.features import STEP_COLUMNS, compute_features
 from profilerd.analysis.rules import RuleSet
 from profilerd.analysis.verdict import Verdict, evaluate
 
+SQLITE_MAGIC = b"SQLite format 3\x00"
+CHUNK_ROWS = 65_536
+STALE_RUNNING_S = 3600.0
+# Integer columns; every other numeric column is float64 and NaN where the value is unknown.
+_INT_COLUMNS = {
+    "rank",
+    "pid",
+    "step",
+    "flags",
+    "sync_count",
+    "graph_compiles",
+    "comm_ops",
+    "comm_bytes",
+    "cpu_count",
+    "alive",
+    "num_workers",
+    "gpu_index",
+    "lost",
+}
+GPU_COLUMNS = [
+    "ts_unix_s",
+    "gpu_index",
+    "uuid",
+    "name",
+    "lost",
+    "utilization_gpu_ratio",
+    "memory_used_bytes",
+    "memory_total_bytes",
+    "power_watts",
+    "power_limit_watts",
+    "temperature_celsius",
+]
+_GPU_NUMERIC = [c for c in GPU_COLUMNS if c not in ("uuid", "name")]
+EVENT_COLUMNS = ["ts_unix_s", "kind", "detail"]
+
 
 class RecordingError(Exception):
     """A recording that cannot be found or read; the message is for the user."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One recording that went into a (possibly merged) Recording, and how its clock was moved."""
+
+    run_id: str
+    path: Path
+    hostname: str
+    state: str
+    ranks: tuple[int, ...]
+    clock_offset_s: float = 0.0  # added to this recording's timestamps to align it
+    clock_residual_s: float | None = None  # spread of the alignment (median absolute deviation)
+
+
+def _empty(columns: Sequence[str]) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=object if c in ("uuid", "name", "kind", "detail", "node") else float)
+                         for c in columns})
+
+
+def _empty_gpus() -> pd.DataFrame:
+    return _empty([*GPU_COLUMNS, "clock_event_reasons", "node"])
+
+
+def _empty_events() -> pd.DataFrame:
+    return _empty([*EVENT_COLUMNS, "node"])
 
 
 @dataclass(frozen=True)
@@ -30,6 +103,10 @@ class Recording:
     hosts: pd.DataFrame
     processes: pd.DataFrame
     sessions: pd.DataFrame
+    gpus: pd.DataFrame = field(default_factory=_empty_gpus)
+    events: pd.DataFrame = field(default_factory=_empty_events)
+    notes: tuple[str, ...] = ()  # what could not be read, for the report's data-quality section
+    sources: tuple[Source, ...] = ()  # the recordings merged into this one (one when not merged)
 
     @property
     def run_id(self) -> str:
@@ -39,6 +116,10 @@ class Recording:
     def job(self) -> str:
         return self.meta.get("job", self.run_id)
 
+    @property
+    def state(self) -> str:
+        return self.meta.get("state", "unknown")
+
     def config(self) -> dict[str, Any] | None:
         """The latest configuration snapshot of the lowest rank."""
         if not self.configs:
@@ -47,41 +128,353 @@ class Recording:
         return [c for c in self.configs if c.get("rank", 0) == lowest][-1]
 
 
-def connect_readonly(path: Path) -> sqlite3.Connection:
+# ---- opening ---------------------------------------------------------------------------------
+def _check_header(path: Path) -> None:
     if not path.is_file():
         raise RecordingError(f"no recording at {path}")
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        conn.execute("SELECT 1 FROM meta LIMIT 1")
-        return conn
+        with path.open("rb") as fh:
+            head = fh.read(len(SQLITE_MAGIC))
+    except OSError as exc:
+        raise RecordingError(f"cannot read {path}: {exc.strerror}") from None
+    if not head:
+        raise RecordingError(f"{path} is empty: the run was stopped before anything was recorded")
+    if head != SQLITE_MAGIC:
+        raise RecordingError(f"{path} is not a profilerd recording (not an SQLite database)")
+
+
+def _open(path: Path) -> tuple[sqlite3.Connection, str | None]:
+    """A read-only connection, and a note when the write-ahead log had to be ignored.
+
+    ``mode=ro`` reads the WAL of a live or killed daemon (the last quarter second of rows);
+    where that is impossible (a read-only copy without its -shm file), ``immutable=1`` still
+    reads what was checkpointed.
+    """
+    _check_header(path)
+    uri = path.resolve().as_uri()
+    try:
+        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True)
+        conn.execute("SELECT name FROM sqlite_master").fetchall()
+        return conn, None
+    except sqlite3.OperationalError as first:
+        try:
+            conn = sqlite3.connect(f"{uri}?immutable=1", uri=True)
+            conn.execute("SELECT name FROM sqlite_master").fetchall()
+        except sqlite3.DatabaseError:
+            raise RecordingError(f"{path} is not a readable profilerd recording: {first}") from None
+        return conn, f"the write-ahead log could not be read ({first}); rows of the last moments may be missing"
     except sqlite3.DatabaseError as exc:
         raise RecordingError(f"{path} is not a readable profilerd recording: {exc}") from None
 
 
-def load(path: Path) -> Recording:
-    conn = connect_readonly(path)
+def _tables(conn: sqlite3.Connection) -> set[str]:
+    return {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def connect_readonly(path: Path) -> sqlite3.Connection:
+    """A read-only connection to a file that has a profilerd table; RecordingError otherwise."""
+    conn, _ = _open(path)
     try:
-        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-        steps = pd.read_sql_query(f"SELECT {', '.join(STEP_COLUMNS)} FROM steps ORDER BY end_unix_s", conn)
-        configs = []
-        for _ts, rank, config in conn.execute("SELECT ts_unix_s, rank, config FROM configs ORDER BY ts_unix_s"):
-            document = json.loads(config)
-            document.setdefault("rank", rank)
-            configs.append(document)
-        hosts = pd.read_sql_query(f"SELECT {', '.join(HOST_COLUMNS)} FROM host_samples ORDER BY ts_unix_s", conn)
-        processes = pd.read_sql_query(
-            f"SELECT {', '.join(PROCESS_COLUMNS)} FROM process_samples ORDER BY ts_unix_s", conn
+        tables = _tables(conn)
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise RecordingError(f"{path} is not a readable profilerd recording: {exc}") from None
+    if not tables & {"meta", "steps"}:
+        conn.close()
+        raise RecordingError(f"{path} is not a profilerd recording (no meta or steps table)")
+    return conn
+
+
+# ---- reading tables ----------------------------------------------------------------------------
+def _columns(conn: sqlite3.Connection, table: str) -> list[str]:
+    try:
+        return [row[1] for row in conn.execute(f"PRAGMA table_info({table})")]
+    except sqlite3.DatabaseError:
+        return []
+
+
+def _chunks(conn: sqlite3.Connection, sql: str, table: str, notes: list[str]) -> Iterator[list[tuple[Any, ...]]]:
+    """Rows in chunks; a damaged page ends the table with a note instead of an exception."""
+    read = 0
+    try:
+        cursor = conn.execute(sql)
+        while rows := cursor.fetchmany(CHUNK_ROWS):
+            read += len(rows)
+            yield rows
+    except sqlite3.DatabaseError as exc:
+        notes.append(f"table {table} is damaged: read {read:,} rows, then '{exc}'; later rows are missing")
+
+
+def _select(
+    conn: sqlite3.Connection, table: str, wanted: Sequence[str], extra: dict[str, str], notes: list[str]
+) -> tuple[list[str], str] | None:
+    """The SELECT for the columns of ``wanted`` that the table has (older schemas lack some)."""
+    present = _columns(conn, table)
+    if not present:
+        notes.append(f"table {table} is missing or unreadable")
+        return None
+    columns = [c for c in wanted if c in present]
+    expressions = columns + [f"{expr} AS {name}" for name, expr in extra.items()]
+    return columns + list(extra), f"SELECT {', '.join(expressions)} FROM {table}"
+
+
+def _numeric_table(
+    conn: sqlite3.Connection, table: str, wanted: Sequence[str], sort_by: str, notes: list[str]
+) -> pd.DataFrame:
+    """An all-numeric table as float64/int64 columns; missing columns are NaN (or 0 for counters)."""
+    query = _select(conn, table, wanted, {}, notes)
+    arrays: list[np.ndarray] = []
+    columns: list[str] = []
+    if query is not None:
+        columns, sql = query
+        for rows in _chunks(conn, sql, table, notes):
+            try:
+                arrays.append(np.array(rows, dtype=np.float64).reshape(len(rows), len(columns)))
+            except (TypeError, ValueError):  # text where a number belongs: coerce, do not fail
+                chunk = pd.DataFrame.from_records(rows, columns=columns).apply(pd.to_numeric, errors="coerce")
+                arrays.append(chunk.to_numpy(dtype=np.float64))
+    data = np.concatenate(arrays) if arrays else np.empty((0, len(columns)))
+    if sort_by in columns and len(data) > 1:
+        order = np.argsort(data[:, columns.index(sort_by)], kind="stable")
+        if not (order[1:] > order[:-1]).all():
+            data = data[order]
+    frame = {}
+    for name in wanted:
+        values = data[:, columns.index(name)] if name in columns else np.full(len(data), np.nan)
+        if name in _INT_COLUMNS:
+            frame[name] = np.nan_to_num(values, nan=0.0).astype(np.int64)
+        else:
+            frame[name] = values
+    return pd.DataFrame(frame, columns=list(wanted))
+
+
+def _mixed_table(
+    conn: sqlite3.Connection,
+    table: str,
+    wanted: Sequence[str],
+    numeric: Sequence[str],
+    extra: dict[str, str],
+    notes: list[str],
+) -> pd.DataFrame:
+    """A table with text columns, chunk by chunk; numbers coerced, missing columns filled."""
+    query = _select(conn, table, wanted, extra, notes)
+    names = [*wanted, *extra]
+    if query is None:
+        return _empty(names)
+    columns, sql = query
+    parts = [pd.DataFrame.from_records(rows, columns=columns) for rows in _chunks(conn, sql, table, notes)]
+    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+    for name in names:
+        if name not in frame:
+            frame[name] = np.nan if name in numeric else None
+    for name in numeric:
+        values = pd.to_numeric(frame[name], errors="coerce")
+        frame[name] = values.fillna(0).astype(np.int64) if name in _INT_COLUMNS else values.astype(np.float64)
+    return frame[names].sort_values("ts_unix_s", kind="stable", ignore_index=True)
+
+
+def _read_meta(conn: sqlite3.Connection, notes: list[str]) -> dict[str, str]:
+    meta: dict[str, str] = {}
+    for rows in _chunks(conn, "SELECT key, value FROM meta", "meta", notes):
+        meta.update({str(k): str(v) for k, v in rows})
+    return meta
+
+
+def _read_configs(conn: sqlite3.Connection, notes: list[str]) -> list[dict[str, Any]]:
+    configs = []
+    bad = 0
+    sql = "SELECT ts_unix_s, rank, config FROM configs ORDER BY ts_unix_s"
+    for rows in _chunks(conn, sql, "configs", notes):
+        for _ts, rank, config in rows:
+            try:
+                document = json.loads(config)
+            except (TypeError, ValueError):
+                bad += 1
+                continue
+            if isinstance(document, dict):
+                document.setdefault("rank", rank)
+                configs.append(document)
+    if bad:
+        notes.append(f"{bad} configuration snapshot(s) are not valid JSON and were skipped")
+    return configs
+
+
+def _read_sessions(conn: sqlite3.Connection, notes: list[str]) -> pd.DataFrame:
+    wanted = ["pid", "rank", "local_rank", "world_size", "hostname", "argv", "started_unix_s", "probe_version"]
+    numeric = ["pid", "rank", "local_rank", "world_size", "started_unix_s"]
+    query = _select(conn, "sessions", wanted, {}, notes)
+    if query is None:
+        return _empty(wanted)
+    columns, sql = query
+    rows = [row for chunk in _chunks(conn, sql, "sessions", notes) for row in chunk]
+    frame = pd.DataFrame.from_records(rows, columns=columns)
+    for name in wanted:
+        if name not in frame:
+            frame[name] = None
+    for name in numeric:
+        frame[name] = pd.to_numeric(frame[name], errors="coerce")
+    return frame[wanted]
+
+
+def load(path: Path) -> Recording:
+    """Everything in a recording as frames; damaged or missing parts become ``notes``."""
+    conn, wal_note = _open(path)
+    notes: list[str] = [wal_note] if wal_note else []
+    try:
+        try:
+            tables = _tables(conn)
+        except sqlite3.DatabaseError as exc:
+            raise RecordingError(f"{path} is not a readable profilerd recording: {exc}") from None
+        if not tables & {"meta", "steps"}:
+            raise RecordingError(f"{path} is not a profilerd recording (no meta or steps table)")
+        meta = _read_meta(conn, notes) if "meta" in tables else {}
+        if "meta" not in tables:
+            notes.append("table meta is missing or unreadable")
+        steps = _numeric_table(conn, "steps", STEP_COLUMNS, "end_unix_s", notes)
+        configs = _read_configs(conn, notes) if "configs" in tables else []
+        hosts = _numeric_table(conn, "host_samples", HOST_COLUMNS, "ts_unix_s", notes)
+        processes = _numeric_table(conn, "process_samples", PROCESS_COLUMNS, "ts_unix_s", notes)
+        sessions = _read_sessions(conn, notes)
+        reasons = "CASE WHEN json_valid(sample) THEN json_extract(sample, '$.clock_event_reasons') END"
+        gpus = _mixed_table(
+            conn, "gpu_samples", GPU_COLUMNS, _GPU_NUMERIC, {"clock_event_reasons": reasons}, notes
         )
-        sessions = pd.read_sql_query("SELECT * FROM sessions", conn)
-    except (sqlite3.DatabaseError, ValueError) as exc:
-        raise RecordingError(f"{path} is damaged or from an incompatible version: {exc}") from None
+        events = _mixed_table(conn, "events", EVENT_COLUMNS, ["ts_unix_s"], {}, notes)
     finally:
         conn.close()
-    return Recording(path, meta, steps, configs, hosts, processes, sessions)
+    hostname = meta.get("hostname", "")
+    gpus["node"] = hostname
+    events["node"] = hostname
+    ranks = tuple(int(r) for r in np.unique(steps["rank"].to_numpy()))
+    source = Source(meta.get("run_id", path.stem), path, hostname, meta.get("state", "unknown"), ranks)
+    return Recording(path, meta, steps, configs, hosts, processes, sessions, gpus, events, tuple(notes), (source,))
 
 
-def analyse(recording: Recording, ruleset: RuleSet) -> Verdict:
+# ---- several nodes of one job ----------------------------------------------------------------------
+def estimate_clock_offset(reference: pd.DataFrame, other: pd.DataFrame) -> tuple[float, float] | None:
+    """Seconds to add to ``other``'s clock to match ``reference``'s, and the alignment's spread.
+
+    Synchronous data-parallel ranks finish step N together (the gradient all-reduce is a
+    barrier), so the median difference of per-step end times over the steps both recordings
+    saw is the offset between the two nodes' clocks; the median absolute deviation around it
+    says how well the steps lined up. None when they share fewer than 3 steps.
+    """
+    a = reference.groupby("step")["end_unix_s"].median()
+    b = other.groupby("step")["end_unix_s"].median()
+    common = a.index.intersection(b.index)
+    if len(common) < 3:
+        return None
+    differences = a.loc[common].to_numpy() - b.loc[common].to_numpy()
+    offset = float(np.median(differences))
+    return offset, float(np.median(np.abs(differences - offset)))
+
+
+def _shift(frame: pd.DataFrame, column: str, offset: float) -> pd.DataFrame:
+    if offset == 0.0 or frame.empty:
+        return frame
+    return frame.assign(**{column: frame[column] + offset})
+
+
+def merge(recordings: Sequence[Recording]) -> Recording:
+    """Recordings of one job from several nodes as one, with every clock aligned to rank 0's node.
+
+    Refuses recordings of different jobs or with ranks in common: those are not the nodes of
+    one run, and aligning their clocks by step would produce a confident-looking fiction.
+    """
+    if len(recordings) == 1:
+        return recordings[0]
+    jobs = sorted({r.job for r in recordings})
+    if len(jobs) > 1:
+        raise RecordingError(
+            f"these recordings belong to different jobs ({', '.join(jobs)}): `report` merges the nodes of one job "
+            "(give every node the same PROFILERD_JOB_ID, as torchrun's TORCHELASTIC_RUN_ID does)"
+        )
+    seen: dict[int, str] = {}
+    for recording in recordings:
+        for rank in recording.sources[0].ranks if recording.sources else ():
+            if rank in seen:
+                raise RecordingError(
+                    f"rank {rank} is in both {seen[rank]} and {recording.run_id}: these are not different nodes of "
+                    "one run (a restarted job is reported one recording at a time)"
+                )
+            seen[rank] = recording.run_id
+    ordered = sorted(recordings, key=lambda r: min(r.sources[0].ranks) if r.sources and r.sources[0].ranks else 1 << 30)
+    reference = ordered[0]
+    notes: list[str] = []
+    sources: list[Source] = []
+    parts: dict[str, list[pd.DataFrame]] = {k: [] for k in ("steps", "hosts", "processes", "sessions", "gpus", "events")}
+    configs: list[dict[str, Any]] = []
+    for index, recording in enumerate(ordered):
+        source = recording.sources[0] if recording.sources else Source(recording.run_id, recording.path, "", "", ())
+        offset, residual = 0.0, None
+        if index > 0:
+            estimate = estimate_clock_offset(reference.steps, recording.steps)
+            if estimate is None:
+                notes.append(
+                    f"{recording.run_id}: no steps in common with {reference.run_id}, so its clock could not be "
+                    "aligned; its timestamps are used as recorded"
+                )
+            else:
+                offset, residual = estimate
+        else:
+            residual = 0.0
+        sources.append(replace(source, clock_offset_s=offset, clock_residual_s=residual))
+        notes.extend(f"{recording.run_id}: {note}" for note in recording.notes)
+        node = source.hostname or f"node{index}"
+        parts["steps"].append(_shift(recording.steps, "end_unix_s", offset))
+        parts["hosts"].append(_shift(recording.hosts, "ts_unix_s", offset))
+        parts["processes"].append(_shift(recording.processes, "ts_unix_s", offset))
+        parts["sessions"].append(_shift(recording.sessions, "started_unix_s", offset))
+        parts["gpus"].append(_shift(recording.gpus, "ts_unix_s", offset).assign(node=node))
+        parts["events"].append(_shift(recording.events, "ts_unix_s", offset).assign(node=node))
+        configs.extend(recording.configs)
+
+    def joined(name: str, sort_by: str | None) -> pd.DataFrame:
+        frames = [f for f in parts[name] if not f.empty]
+        if not frames:
+            return parts[name][0]
+        frame = pd.concat(frames, ignore_index=True)
+        return frame.sort_values(sort_by, kind="stable", ignore_index=True) if sort_by else frame
+
+    meta = dict(reference.meta)
+    meta["merged_run_ids"] = ",".join(r.run_id for r in ordered)
+    states = {r.state for r in ordered}
+    meta["state"] = reference.state if len(states) == 1 else ",".join(sorted(states))
+    return Recording(
+        path=reference.path,
+        meta=meta,
+        steps=joined("steps", "end_unix_s"),
+        configs=configs,
+        hosts=joined("hosts", "ts_unix_s"),
+        processes=joined("processes", "ts_unix_s"),
+        sessions=joined("sessions", None),
+        gpus=joined("gpus", "ts_unix_s"),
+        events=joined("events", "ts_unix_s"),
+        notes=tuple(notes),
+        sources=tuple(sources),
+    )
+
+
+# ---- analysis ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunVerdict(Verdict):
+    """A whole-run verdict, with the time-series and data-quality summaries of the recording.
+
+    ``to_json`` adds them to the verdict document, so `run --json` and `report --format json`
+    (which both analyse through :func:`analyse`) write the same extended document.
+    """
+
+    timeseries: dict[str, Any] = field(default_factory=dict)
+    data_quality: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self, run_id: str, job: str | None = None, **extra: Any) -> dict[str, Any]:
+        return super().to_json(run_id, job, timeseries=self.timeseries, data_quality=self.data_quality, **extra)
+
+
+def analyse(recording: Recording, ruleset: RuleSet) -> RunVerdict:
     """The whole-run verdict: every recorded step after warm-up, one evaluation."""
+    from profilerd import timeline
+
     steps = recording.steps
     since = float((steps["end_unix_s"] - steps["step_s"]).min()) if not steps.empty else None
     context = build_context(recording.config(), recording.hosts, recording.processes, since)
@@ -89,9 +482,19 @@ def analyse(recording: Recording, ruleset: RuleSet) -> Verdict:
     verdict = evaluate(features, ruleset)
     # Stamp it with the last recorded step, so the same recording always gives the same JSON.
     last = float(steps["end_unix_s"].max()) if not steps.empty else 0.0
-    return replace(verdict, evaluated_unix_s=last)
+    return RunVerdict(
+        verdict.primary,
+        verdict.severity,
+        verdict.summary,
+        verdict.features,
+        verdict.findings,
+        last,
+        timeseries=timeline.summaries(recording, ruleset.warmup_steps),
+        data_quality=timeline.data_quality(recording),
+    )
 
 
+# ---- listing and pruning -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RunSummary:
     run_id: str
@@ -103,6 +506,15 @@ class RunSummary:
     steps: int
     primary: str | None
     size_bytes: int
+    last_step_unix_s: float | None = None
+
+    @property
+    def duration_s(self) -> float | None:
+        """From start to the end of the run, or to its last step when it never closed."""
+        end = self.ended_unix_s or self.last_step_unix_s
+        if self.started_unix_s is None or end is None:
+            return None
+        return max(0.0, end - self.started_unix_s)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -112,6 +524,7 @@ class RunSummary:
             "state": self.state,
             "started_unix_s": self.started_unix_s,
             "ended_unix_s": self.ended_unix_s,
+            "duration_s": round(self.duration_s, 3) if self.duration_s is not None else None,
             "steps": self.steps,
             "primary": self.primary,
             "size_bytes": self.size_bytes,
@@ -119,27 +532,38 @@ class RunSummary:
 
 
 def summarize(path: Path) -> RunSummary:
+    """A recording's listing row; a damaged file is listed as 'damaged' rather than hidden."""
     conn = connect_readonly(path)
+    notes: list[str] = []
     try:
-        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-        steps, first, last = conn.execute("SELECT COUNT(*), MIN(end_unix_s), MAX(end_unix_s) FROM steps").fetchone()
-        row = conn.execute("SELECT primary_category FROM verdicts ORDER BY ts_unix_s DESC LIMIT 1").fetchone()
-    except sqlite3.DatabaseError as exc:
-        raise RecordingError(f"{path}: {exc}") from None
+        meta = _read_meta(conn, notes)
+        try:
+            steps, first, last = conn.execute(
+                "SELECT COUNT(*), MIN(end_unix_s), MAX(end_unix_s) FROM steps"
+            ).fetchone()
+        except sqlite3.DatabaseError:
+            steps, first, last = 0, None, None
+            notes.append("steps unreadable")
+        try:
+            row = conn.execute("SELECT primary_category FROM verdicts ORDER BY ts_unix_s DESC LIMIT 1").fetchone()
+        except sqlite3.DatabaseError:
+            row = None
     finally:
         conn.close()
     started = _float(meta.get("started_unix_s")) or first
-    ended = _float(meta.get("ended_unix_s")) or last
+    if started is None:
+        started = path.stat().st_mtime
     return RunSummary(
         run_id=meta.get("run_id", path.stem),
         path=path,
-        job=meta.get("job", path.stem),
-        state=meta.get("state", "unknown"),
+        job=meta.get("job", meta.get("run_id", path.stem)),
+        state="damaged" if notes else meta.get("state", "unknown"),
         started_unix_s=started,
-        ended_unix_s=ended,
-        steps=int(steps),
+        ended_unix_s=_float(meta.get("ended_unix_s")),
+        steps=int(steps or 0),
         primary=row[0] if row else None,
         size_bytes=_size(path),
+        last_step_unix_s=last,
     )
 
 
@@ -155,12 +579,12 @@ def _size(path: Path) -> int:
 
 
 def list_runs(runs_dir: Path) -> list[RunSummary]:
-    """Every readable recording, newest first; unreadable files are skipped."""
+    """Every recording, newest first; files that are not recordings at all are skipped."""
     summaries = []
     for path in runs_dir.glob("*.sqlite") if runs_dir.is_dir() else []:
         try:
             summaries.append(summarize(path))
-        except RecordingError:
+        except (RecordingError, OSError):
             continue
     return sorted(summaries, key=lambda s: -(s.started_unix_s or 0.0))
 
@@ -189,20 +613,49 @@ def resolve(runs_dir: Path, reference: str) -> Path:
     raise RecordingError(f"no run '{reference}' in {runs_dir} (see `profilerd runs`)")
 
 
-def prune(runs_dir: Path, older_than_s: float | None = None, keep: int | None = None) -> list[Path]:
-    """Delete recordings older than ``older_than_s`` and beyond the newest ``keep``."""
-    runs = [r for r in list_runs(runs_dir) if r.state != "running"]
-    doomed: list[RunSummary] = []
-    now = time.time()
-    for index, run in enumerate(runs):
-        too_old = older_than_s is not None and (run.ended_unix_s or run.started_unix_s or now) < now - older_than_s
+def _abandoned(run: RunSummary, now: float) -> bool:
+    """A 'running' recording nobody has written for an hour: its daemon was killed."""
+    try:
+        modified = max(p.stat().st_mtime for p in (run.path, Path(f"{run.path}-wal")) if p.exists())
+    except (OSError, ValueError):
+        return False
+    return now - modified > STALE_RUNNING_S
+
+
+def select_for_pruning(
+    runs: Sequence[RunSummary], older_than_s: float | None = None, keep: int | None = None, now: float | None = None
+) -> list[RunSummary]:
+    """Runs older than ``older_than_s`` or beyond the newest ``keep``.
+
+    A recording marked 'running' is kept while it may still be written (the daemon commits
+    every quarter second and samples the host every second); one untouched for an hour was
+    left behind by a killed daemon and is pruned like any other.
+    """
+    now = time.time() if now is None else now
+    finished = [r for r in runs if r.state != "running" or _abandoned(r, now)]
+    doomed = []
+    for index, run in enumerate(finished):
+        when = run.ended_unix_s or run.last_step_unix_s or run.started_unix_s or now
+        too_old = older_than_s is not None and when < now - older_than_s
         beyond = keep is not None and index >= keep
         if too_old or beyond:
             doomed.append(run)
+    return doomed
+
+
+def prune(
+    runs_dir: Path, older_than_s: float | None = None, keep: int | None = None, dry_run: bool = False
+) -> list[Path]:
+    """Delete recordings older than ``older_than_s`` and beyond the newest ``keep``.
+
+    A recording still being written is never deleted (see :func:`select_for_pruning`).
+    """
+    doomed = select_for_pruning(list_runs(runs_dir), older_than_s, keep)
     removed = []
     for run in doomed:
-        for path in (run.path, Path(f"{run.path}-wal"), Path(f"{run.path}-shm")):
-            if path.exists():
-                path.unlink()
+        if not dry_run:
+            for path in (run.path, Path(f"{run.path}-wal"), Path(f"{run.path}-shm")):
+                if path.exists():
+                    path.unlink()
         removed.append(run.path)
     return removed
