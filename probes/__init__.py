@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import logging
 import os
 import sys
@@ -39,6 +40,7 @@ def install(socket_path: str | os.PathLike[str] | None = None) -> bool:
     if core.active() is not None:
         return True
     try:
+        _share_identity_with_children()
         sender = DatagramSender(Path(socket_path) if socket_path else paths.socket_path())
         probe = core.StepProbe(sender)
         core.set_active(probe)
@@ -98,9 +100,25 @@ def _after_fork_in_child() -> None:
             core.disable(exc)
 
 
+LAUNCHER_MODULES = ("torch.distributed.run", "torch.distributed.launch")
+
+
 def is_launcher_process() -> bool:
     """True in torchrun's agent, which starts the ranks but trains nothing itself."""
     main = sys.modules.get("__main__")
     spec_name = getattr(getattr(main, "__spec__", None), "name", "") or ""
     argv0 = os.path.basename(sys.argv[0]) if sys.argv else ""
-    return argv0 == "torchrun" or spec_name in ("torch.distributed.run", "torch.distributed.launch")
+    if argv0 == "torchrun" or spec_name in LAUNCHER_MODULES:
+        return True
+    # While `python -m torch.distributed.run` imports torch, sys.argv[0] is "-m" and
+    # __main__ has no spec yet; the interpreter's original arguments still say it.
+    original = list(getattr(sys, "orig_argv", []))
+    return any(a == "-m" and b in LAUNCHER_MODULES for a, b in itertools.pairwise(original))
+
+
+def _share_identity_with_children() -> None:
+    """Processes this one starts (torch.multiprocessing ranks) join its job, not one of their own."""
+    if not os.environ.get("PROFILERD_JOB_ID"):
+        ident = core.identity()
+        os.environ["PROFILERD_JOB_ID"] = ident["job"]
+        os.environ.setdefault("PROFILERD_RUN_ID", ident["run_id"])

@@ -19,6 +19,7 @@ the user's code carries on untouched.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import sys
@@ -93,12 +94,16 @@ class StepProbe:
         self._depth = 0
         self._forward_start = 0.0
         self._optimizer_start = 0.0
-        self._hello_sent_at = 0.0
+        self._hello_sent_at = -math.inf
         self._seq = 0
         self._next_discovery_step = 0
         self._discovery_handles: list[Any] = []
         self.step_index = 0
         self.optimizer_seen = False
+        self.optimizer_exists = False  # set when any torch.optim.Optimizer is constructed
+        self.optimizer_steps = 0
+        self._in_loader = 0
+        self._skipped_this_step = False
         self._loader_config: dict[str, Any] = {}
         self._optimizers: weakref.WeakSet[Any] = weakref.WeakSet()
         self._autocast: dict[str, Any] = {}
@@ -132,15 +137,20 @@ class StepProbe:
         self._backward_seen = False
         self._pending_close: float | None = None
         self._clip_this_step = False
+        self._skipped_this_step = False
         self.syncs.reset_step()
         self.syncs.suspended = 0  # an exception inside optimizer.step() must not leave it on
         self.collectives.reset_step()
 
     def _activity(self, now: float) -> None:
-        """A new batch or forward pass: close the previous step if it has ended."""
+        """A new batch or forward pass: close the previous step if it has ended.
+
+        With an optimizer, steps end only at optimizer.step() (so micro-batches of gradient
+        accumulation stay in one step); without one, a new batch after a backward pass ends it.
+        """
         if self._pending_close is not None:
             self._close_step(self._pending_close, fallback=False)
-        elif self._backward_seen:
+        elif self._backward_seen and not self.optimizer_exists:
             self._close_step(now, fallback=True)
         if self._step_start is None:
             self._step_start = now
@@ -160,13 +170,17 @@ class StepProbe:
             # at most every REDISCOVERY_STEPS so a module-less loop pays nothing.
             self._next_discovery_step = self.step_index + REDISCOVERY_STEPS
             self._start_discovery()
+        config_step = self.step_index in CONFIG_STEPS or self.step_index % CONFIG_REFRESH_STEPS == 0
+        if config_step:
+            self._refresh_rank()
+        self.sender.ensure_connected()  # a reconnect must be followed by hello before the step
         self._maybe_hello()
-        if self.step_index in CONFIG_STEPS or self.step_index % CONFIG_REFRESH_STEPS == 0:
+        if config_step:
             self._send_config()
         self._seq += 1
         flags = wire.FLAG_FALLBACK_BOUNDARY if fallback else 0
-        if fallback and self._scaler_used and self.optimizer_seen:
-            flags |= wire.FLAG_GRAD_SCALER_SKIPPED  # the optimizer usually steps; this time it did not
+        if self._skipped_this_step:
+            flags |= wire.FLAG_GRAD_SCALER_SKIPPED
         loss = self._loss.take()
         grad_norm = self._grad_norm.take()
         scale = self._scale.take()
@@ -242,6 +256,17 @@ class StepProbe:
                 self.sender.send(wire.encode_json(wire.KIND_CONFIG, self._last_config))
             self.sender.reconnected = False
 
+    def _refresh_rank(self) -> None:
+        """Ranks started without RANK/WORLD_SIZE (torch.multiprocessing) learn them from the
+        process group once it exists; a changed identity is announced before the next step."""
+        dist = self._torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if (rank, world) != (self.ident["rank"], self.ident["world_size"]):
+            self.ident = dict(self.ident, rank=rank, world_size=world)
+            self._hello_sent_at = -math.inf
+
     def _send_config(self) -> None:
         config = self.config_snapshot()
         if config != self._last_config:
@@ -290,20 +315,20 @@ class StepProbe:
         self._activity(now)
 
     def on_forward_pre(self, module: Any) -> None:
-        if threading.get_ident() != self.train_thread:
-            return
+        if self._in_loader or threading.get_ident() != self.train_thread:
+            return  # modules run by the loader (transforms) are data loading, not forward
         if self._depth == 0:
             now = time.perf_counter()
             self._activity(now)
             self._forward_start = now
             if self._discovering:
                 self._root_modules.add(module)
-            if self.step_index < 3 or self.step_index % CONFIG_REFRESH_STEPS == 0:
-                self._sample_autocast(module)
+        if self.step_index < 3 or self.step_index % CONFIG_REFRESH_STEPS == 0:
+            self._sample_autocast(module)
         self._depth += 1
 
     def on_forward_post(self) -> None:
-        if threading.get_ident() != self.train_thread or self._depth == 0:
+        if self._in_loader or threading.get_ident() != self.train_thread or self._depth == 0:
             return
         self._depth -= 1
         if self._depth == 0:
@@ -340,6 +365,7 @@ class StepProbe:
         now = time.perf_counter()
         self.optimizer_s += now - self._optimizer_start
         self.optimizer_seen = True
+        self.optimizer_steps += 1
         self._pending_close = now
         self.syncs.suspended = max(0, self.syncs.suspended - 1)
         lr = optimizer.param_groups[0].get("lr") if optimizer.param_groups else None
@@ -375,8 +401,15 @@ class StepProbe:
         }
 
     def _sample_autocast(self, module: Any) -> None:
+        """Whether autocast is on where parameters are used; once seen on, it stays on (a loss
+        module after the autocast block, or a decorated forward, must not hide it)."""
+        if self._autocast.get("enabled"):
+            return
+        param = next(module.parameters(recurse=False), None)
+        if param is None:
+            return
         torch = self._torch
-        device_type = _module_device_type(module) or "cpu"
+        device_type = str(param.device.type)
         try:
             enabled = bool(torch.is_autocast_enabled(device_type))
             dtype = str(torch.get_autocast_dtype(device_type)).replace("torch.", "")
@@ -421,6 +454,8 @@ class StepProbe:
         scaler_cls = torch.amp.grad_scaler.GradScaler
         self._patch(scaler_cls, "update", _make_scaler_update(scaler_cls.update))
         self._patch(scaler_cls, "step", _make_scaler_step(scaler_cls.step))
+        optimizer_cls = torch.optim.Optimizer
+        self._patch(optimizer_cls, "__init__", _make_optimizer_init(optimizer_cls.__init__))
         self._patch(torch.nn.utils, "clip_grad_norm_", _make_clip_grad_norm(torch.nn.utils.clip_grad_norm_))
         scheduler_cls = torch.optim.lr_scheduler.LRScheduler
         self._patch(scheduler_cls, "step", _make_scheduler_step(scheduler_cls.step))
@@ -469,7 +504,7 @@ class StepProbe:
         self.train_thread = threading.get_ident()
         self._seq = 0
         self.step_index = 0
-        self._hello_sent_at = 0.0
+        self._hello_sent_at = -math.inf
         self._depth = 0
         self._reset_step(None)
 
@@ -520,11 +555,15 @@ def _make_loader_next(original: Any) -> Any:
             probe.on_loader_next_start(start)
         except Exception as exc:
             disable(exc)
+            probe = None
+        if probe is None:  # outside the except block, so the user's errors carry no probe context
             return original(self)
         probe.syncs.suspended += 1
+        probe._in_loader += 1
         try:
             return original(self)
         finally:
+            probe._in_loader -= 1
             probe.syncs.suspended -= 1
             probe.data_wait_s += perf_counter() - start
 
@@ -588,16 +627,31 @@ def _make_scaler_update(original: Any) -> Any:
     return update
 
 
+def _make_optimizer_init(original: Any) -> Any:
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        probe = _active
+        if probe is not None:
+            probe.optimizer_exists = True
+
+    return __init__
+
+
 def _make_scaler_step(original: Any) -> Any:
     def step(self: Any, *args: Any, **kwargs: Any) -> Any:
         probe = _active
         if probe is None:
             return original(self, *args, **kwargs)
         probe.syncs.suspended += 1  # GradScaler's inf check is a sync it needs, not the user's
+        stepped_before = probe.optimizer_steps
         try:
             return original(self, *args, **kwargs)
         finally:
             probe.syncs.suspended = max(0, probe.syncs.suspended - 1)
+            if probe.optimizer_steps == stepped_before and self.is_enabled():
+                # inf/NaN gradients: GradScaler skipped optimizer.step(); the step still ends here
+                probe._skipped_this_step = True
+                probe._pending_close = time.perf_counter()
 
     return step
 

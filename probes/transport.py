@@ -50,6 +50,11 @@ class DatagramSender:
         self.reconnected = True
         return True
 
+    def ensure_connected(self) -> None:
+        """Connect now if needed (rate-limited), so a hello can go out before the next message."""
+        if self._sock is None:
+            self._connect()
+
     def send(self, datagram: bytes) -> bool:
         if self._sock is None and not self._connect():
             self.dropped["daemon_absent"] += 1

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 MAGIC = b"PF"
-VERSION = 1
+VERSION = 2  # 2: step records carry the training signals
 HEADER = struct.Struct("<2sBB")
 
 KIND_HELLO = 1
@@ -176,9 +176,12 @@ def decode(datagram: bytes) -> StepMessage | JsonMessage:
     if kind in JSON_KINDS:
         try:
             body = json.loads(datagram[HEADER.size :])
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise WireError("malformed", str(exc)) from None
-        if not isinstance(body, dict) or not isinstance(body.get("pid"), int):
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            # ValueError covers bad JSON and integers too long to convert; RecursionError,
+            # deeply nested arrays. Neither may escape to the daemon.
+            raise WireError("malformed", f"{type(exc).__name__}: {str(exc)[:200]}") from None
+        pid = body.get("pid") if isinstance(body, dict) else None
+        if not isinstance(pid, int) or isinstance(pid, bool):
             raise WireError("bad_type", "JSON body must be an object with an integer pid")
         return JsonMessage(JSON_KINDS[kind], body)
     raise WireError("unknown_kind", f"kind {kind}")

@@ -162,6 +162,7 @@ class Daemon:
         def gpu_tick(now: float) -> None:
             samples = gpu.sample(now)
             store.set_gpus(samples, gpu.drain_events())
+            store.gpu_field_errors = int(getattr(gpu, "error_count", 0))
             if self.recorder is not None and samples:
                 run_ids = store.running_run_ids()
                 for sample in samples:

@@ -334,3 +334,26 @@ class Recorder:
             return
         if self._on_closed:
             self._on_closed(run_id, str(path))
+
+
+def read_gpu_samples(paths: list[Path]) -> list[dict[str, Any]]:
+    """Every recorded GPU sample as a dict (the fields of GpuSample); unreadable rows are skipped."""
+    samples: list[dict[str, Any]] = []
+    for path in paths:
+        try:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        except sqlite3.Error:
+            continue
+        try:
+            for (text,) in conn.execute("SELECT sample FROM gpu_samples ORDER BY ts_unix_s"):
+                try:
+                    sample = json.loads(text)
+                except (TypeError, ValueError):
+                    continue
+                if isinstance(sample, dict) and "ts_unix_s" in sample and "index" in sample:
+                    samples.append(sample)
+        except sqlite3.Error as exc:
+            log.debug("gpu samples of %s unreadable: %s", path, exc)
+        finally:
+            conn.close()
+    return samples

@@ -84,6 +84,8 @@ class Store:
         self.processes: dict[int, ProcessSample] = {}
         self.process_history: deque[ProcessSample] = deque(maxlen=20_000)
         self.gpus: list[GpuSample] = []
+        self.gpu_history: deque[GpuSample] = deque(maxlen=8 * 600)
+        self.gpu_field_errors = 0
         self.gpu_available = False
         self.gpu_unavailable_reason: str | None = None
         self.gpu_events: deque[GpuEvent] = deque(maxlen=1000)
@@ -184,6 +186,7 @@ class Store:
     def set_gpus(self, samples: list[GpuSample], events: list[GpuEvent]) -> None:
         with self.lock:
             self.gpus = samples
+            self.gpu_history.extend(samples)
             for event in events:
                 self.gpu_events.append(event)
                 self.gpu_event_counts[(event.index if event.index is not None else -1, event.kind)] += 1
@@ -208,6 +211,15 @@ class Store:
     def history(self, job: str) -> tuple[list[HostSample], list[ProcessSample]]:
         with self.lock:
             return list(self.host_history), [p for p in self.process_history if p.job == job]
+
+    def gpu_window(self) -> list[GpuSample]:
+        with self.lock:
+            return list(self.gpu_history)
+
+    def job_pids(self, job: str) -> set[int]:
+        with self.lock:
+            state = self.jobs.get(job)
+            return {r.session.pid for r in state.ranks.values()} if state else set()
 
     def running_run_ids(self) -> list[str]:
         with self.lock:

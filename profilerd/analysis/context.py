@@ -49,6 +49,7 @@ def build_context(
     hosts: pd.DataFrame,
     processes: pd.DataFrame,
     since_unix_s: float | None = None,
+    gpus: pd.DataFrame | None = None,
 ) -> Context:
     """Means over the samples taken since ``since_unix_s`` (the analysed window)."""
     if since_unix_s is not None:
@@ -80,4 +81,94 @@ def build_context(
         workers_cpu_cores=workers,
         worker_cpu_max_ratio=worker_max,
         workers_seen=workers_seen,
+        gpu=gpu_context(gpus, since_unix_s) if gpus is not None else {},
     )
+
+
+THERMAL_REASONS = {"sw_thermal", "hw_thermal"}
+POWER_REASONS = {"sw_power_cap", "hw_power_brake", "hw_slowdown"}
+
+
+def gpu_frame(samples: Iterable[dict[str, Any]], job_pids: set[int]) -> pd.DataFrame:
+    """One row per GPU sample of the GPUs the job uses (all GPUs if none can be attributed).
+
+    Takes GPU samples as dicts (``asdict(GpuSample)`` live, the recorded JSON offline) so both
+    paths share this code.
+    """
+    rows = []
+    for s in samples:
+        if s.get("lost"):
+            continue
+        pids = {p.get("pid") for p in s.get("processes") or ()}
+        reasons = set(s.get("clock_event_reasons") or ())
+        total = s.get("memory_total_bytes")
+        used = s.get("memory_used_bytes")
+        sm = s.get("sm_clock_hertz")
+        sm_max = s.get("sm_clock_max_hertz")
+        rows.append(
+            (
+                s["ts_unix_s"],
+                s["index"],
+                bool(pids & job_pids),
+                s.get("utilization_gpu_ratio"),
+                used / total if used is not None and total else None,
+                s.get("tensor_active_ratio"),
+                s.get("sm_active_ratio"),
+                sm / sm_max if sm and sm_max else None,
+                float(bool(reasons & THERMAL_REASONS)) if s.get("clock_event_reasons") is not None else None,
+                float(bool(reasons & POWER_REASONS)) if s.get("clock_event_reasons") is not None else None,
+            )
+        )
+    frame = pd.DataFrame(rows, columns=GPU_COLUMNS)
+    if not frame.empty and frame["job_present"].any():
+        used_gpus = frame.loc[frame["job_present"], "gpu_index"].unique()
+        frame = frame[frame["gpu_index"].isin(used_gpus)]
+    return frame
+
+
+GPU_COLUMNS = [
+    "ts_unix_s",
+    "gpu_index",
+    "job_present",
+    "utilization_ratio",
+    "memory_ratio",
+    "tensor_active_ratio",
+    "sm_active_ratio",
+    "sm_clock_ratio",
+    "thermal_throttle",
+    "power_throttle",
+]
+
+
+def gpu_context(frame: pd.DataFrame, since_unix_s: float | None = None) -> dict[str, Any]:
+    """Means over the window of the job's GPUs; absent keys mean "not measured"."""
+    if since_unix_s is not None and not frame.empty:
+        frame = frame[frame["ts_unix_s"] >= since_unix_s]
+    if frame.empty:
+        return {}
+    means = (
+        frame[
+            [
+                "utilization_ratio",
+                "tensor_active_ratio",
+                "sm_active_ratio",
+                "sm_clock_ratio",
+                "thermal_throttle",
+                "power_throttle",
+            ]
+        ]
+        .astype(float)
+        .mean()
+    )
+    result: dict[str, Any] = {"gpu_count": int(frame["gpu_index"].nunique())}
+    for key, value in means.items():
+        if pd.notna(value):
+            result[f"gpu_{key}"] = float(value)
+    memory = frame["memory_ratio"].astype(float).max()
+    if pd.notna(memory):
+        result["gpu_memory_max_ratio"] = float(memory)
+    if frame["utilization_ratio"].notna().any():
+        idle = frame[frame["job_present"] & (frame["utilization_ratio"].astype(float) < 0.05)]
+        present = int(frame["job_present"].sum())
+        result["gpu_idle_while_held_fraction"] = len(idle) / present if present else 0.0
+    return result

@@ -67,7 +67,7 @@ class Context:
     workers_cpu_cores: float | None = None  # mean cores used by all DataLoader workers
     worker_cpu_max_ratio: float | None = None  # the busiest worker, 1.0 = one full core
     workers_seen: int | None = None
-    gpu_utilization_ratio: float | None = None
+    gpu: dict[str, Any] = field(default_factory=dict)  # see analysis.context.gpu_context
 
     @property
     def free_cores(self) -> float | None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 
-from profilerd.analysis.context import build_context, host_frame, process_frame
+from profilerd.analysis.context import build_context, gpu_frame, host_frame, process_frame
 from profilerd.analysis.features import compute_features, steps_frame
 from profilerd.analysis.rules import RuleSet
 from profilerd.analysis.verdict import Verdict, VerdictTracker, evaluate
@@ -28,7 +29,8 @@ class LiveAnalyzer:
         frame = steps_frame(step for steps in window.values() for step in steps)
         since = float((frame["end_unix_s"] - frame["step_s"]).min()) if not frame.empty else now_unix_s
         hosts, processes = self.store.history(job)
-        context = build_context(self.store.job_config(job), host_frame(hosts), process_frame(processes), since)
+        gpus = gpu_frame((asdict(s) for s in self.store.gpu_window()), self.store.job_pids(job))
+        context = build_context(self.store.job_config(job), host_frame(hosts), process_frame(processes), since, gpus)
         return evaluate(compute_features(frame, context, self.ruleset.warmup_steps), self.ruleset)
 
     def tick(self, now_unix_s: float) -> None:

@@ -302,3 +302,28 @@ def compile_dynamic(features: Features) -> Recommendation:
         "# or pad batches to a few fixed shapes; see TORCH_LOGS=recompiles for the cause",
         why="each new input shape or guard failure compiles a new graph, stalling the step",
     )
+
+
+def restore_clocks(features: Features, clock_ratio: float | None) -> Recommendation:
+    compute = features.fractions["compute"]
+    local = 1.0 / clock_ratio if clock_ratio and 0 < clock_ratio < 1 else 1.0
+    return Recommendation(
+        id="gpu.restore_clocks",
+        title="Remove the thermal or power limit that slows the GPU clocks",
+        estimated_speedup=amdahl(compute, local),
+        how="nvidia-smi -q -d PERFORMANCE,TEMPERATURE,POWER   # which limit, and how close\n"
+        "# then: improve airflow / cooling, or raise the power limit: sudo nvidia-smi -pl <watts>",
+        why="throttled SM clocks run every kernel proportionally slower",
+    )
+
+
+def activation_checkpointing(features: Features) -> Recommendation:
+    return Recommendation(
+        id="memory.activation_checkpointing",
+        title="Free GPU memory: activation checkpointing, or smaller micro-batches with accumulation",
+        estimated_speedup=1.0,
+        how="from torch.utils.checkpoint import checkpoint\n"
+        "x = checkpoint(block, x, use_reentrant=False)   # per transformer/conv block\n"
+        "# or halve the batch and call optimizer.step() every 2 micro-batches",
+        why="memory near capacity risks out-of-memory errors and allocator thrashing",
+    )

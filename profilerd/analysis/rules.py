@@ -714,6 +714,92 @@ def check_adam_weight_decay(features: Features, t: dict[str, float], a: dict[str
     return None
 
 
+# ---- GPU (NVML) ------------------------------------------------------------------------------
+@rule("gpu.throttling", "compute", "The GPU clocks are throttled by heat or power", ("gpu.restore_clocks",))
+def check_throttling(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
+    """Share of GPU samples with thermal or power clock-event reasons, and the SM clock over its maximum."""
+    gpu = features.context.gpu
+    thermal = gpu.get("gpu_thermal_throttle", 0.0)
+    power = gpu.get("gpu_power_throttle", 0.0)
+    share = max(thermal, power)
+    severity = _severity(share, t) if gpu else None
+    if severity is None:
+        return None
+    kind = "thermal" if thermal >= power else "power"
+    clock = gpu.get("gpu_sm_clock_ratio")
+    clock_text = f"; SM clock at {clock:.0%} of its maximum" if clock is not None else ""
+    evidence = f"{kind} throttling in {share:.0%} of GPU samples{clock_text}"
+    return Finding(
+        "gpu.throttling",
+        "compute",
+        severity,
+        evidence,
+        _confidence(features, share, t["warning"]),
+        {"thermal_fraction": thermal, "power_fraction": power, "sm_clock_ratio": clock or 0.0},
+        t,
+        (recs.restore_clocks(features, clock),),
+    )
+
+
+@rule(
+    "gpu.memory_near_full",
+    "compute",
+    "GPU memory is nearly full",
+    ("memory.activation_checkpointing", "amp.autocast"),
+)
+def check_memory_near_full(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
+    """The largest share of GPU memory in use on the job's GPUs during the window."""
+    used = features.context.gpu.get("gpu_memory_max_ratio")
+    if used is None or used < t["warning"]:
+        return None
+    found = [recs.activation_checkpointing(features)]
+    config = features.context.config or {}
+    if not (config.get("autocast") or {}).get("enabled"):
+        found.append(recs.autocast(features, "cuda", a["amp_gpu_speedup"]))
+    evidence = f"GPU memory reached {used:.0%} of capacity"
+    return Finding(
+        "gpu.memory_near_full",
+        "compute",
+        "warning",
+        evidence,
+        0.9,
+        {"memory_max_ratio": used},
+        t,
+        tuple(found),
+    )
+
+
+@rule("gpu.idle_while_held", "algorithm", "The GPU sits idle while the job holds it", ("loop.host_work",))
+def check_gpu_idle(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
+    """Share of samples where a GPU that holds the job's process is under 5% utilised."""
+    idle = features.context.gpu.get("gpu_idle_while_held_fraction")
+    severity = _severity(idle, t) if idle is not None else None
+    if severity is None or idle is None:
+        return None
+    f = features.fractions
+    biggest = max(
+        ("data wait", f["data_wait"]),
+        ("host work", f["other"]),
+        ("communication", f["communication"]),
+        key=lambda item: item[1],
+    )
+    evidence = (
+        f"the job's GPU is idle in {idle:.0%} of samples; "
+        f"the largest non-compute share is {biggest[0]} ({biggest[1]:.0%})"
+    )
+    return Finding(
+        "gpu.idle_while_held",
+        "algorithm",
+        severity,
+        evidence,
+        _confidence(features, idle, t["warning"]),
+        {"idle_fraction": idle},
+        t,
+        (recs.host_work(features, a["host_work_gain"]),),
+        cost=idle,
+    )
+
+
 # Why each rule exists and where its default threshold comes from (rendered into docs/rules.md).
 RATIONALE: dict[str, tuple[str, str]] = {
     "data.input_wait": (
@@ -787,6 +873,18 @@ RATIONALE: dict[str, tuple[str, str]] = {
     "algorithm.recompilation": (
         "Each recompilation stalls the step for seconds; many mean dynamic shapes or guard churn.",
         "8/32 new graphs per window; torch._dynamo's default cache limit is 8 per frame.",
+    ),
+    "gpu.throttling": (
+        "Throttled clocks slow every kernel; the cause is outside the program (cooling, power caps).",
+        "20%/50% of samples; NVML clock-event reasons as decoded by dcgm-exporter and nvitop.",
+    ),
+    "gpu.memory_near_full": (
+        "Near capacity, the caching allocator thrashes and the next larger batch fails with OOM.",
+        "95% of memory; profilerd's own default.",
+    ),
+    "gpu.idle_while_held": (
+        "A GPU reserved by a job but idle is the most expensive waste in a cluster.",
+        "30%/70% of samples under 5% utilisation; profilerd's own default.",
     ),
     "algorithm.adam_weight_decay": (
         "Adam's weight decay is L2 inside the adaptive update, not true decoupled decay.",

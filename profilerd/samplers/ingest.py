@@ -83,7 +83,11 @@ class Ingest:
                 log.warning("ingest socket error: %s", exc)
                 self.store.count_dropped("socket_error")
                 continue
-            self.handle(datagram)
+            try:
+                self.handle(datagram)
+            except Exception:  # nothing a sender does may stop ingest; count it and go on
+                log.exception("ingest failed on one datagram")
+                self.store.count_dropped("internal_error")
 
     def handle(self, datagram: bytes) -> None:
         """Process one datagram; never raises (bad input is counted by reason)."""
