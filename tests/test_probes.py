@@ -44,7 +44,9 @@ torch.set_num_threads(1)
 
 
 def result(key, value):
-    print(f"RESULT {key}={json.dumps(value)}", flush=True)
+    # one write() per line: ranks sharing stdout must not interleave their results
+    sys.stdout.flush()
+    os.write(1, f"RESULT {key}={json.dumps(value)}\\n".encode())
 
 
 class SleepyDataset(Dataset):
@@ -1160,7 +1162,12 @@ def ddp_run(zygote, tmp_path_factory):
     sock_dir = short_socket_dir()
     rx = Receiver(sock_dir / "ingest.sock")
     try:
-        _, res = run_scenario(zygote, tmp, rx, DDP_RANKS, env={"STORE": str(sock_dir / "store")})
+        # A fresh interpreter, not a zygote child: fork-starting ranks from a process that was
+        # itself forked from a torch-importing parent with threads can deadlock in the harness.
+        script = write_script(tmp, COMMON + "\n" + DDP_RANKS)
+        proc = run_python([str(script)], rx.path, cwd=tmp, env={"STORE": str(sock_dir / "store")}, timeout=90)
+        rx.close()
+        res = {k: json.loads(v) for k, v in parse_kv(proc.stdout).items()}
     finally:
         rx.close()
         shutil.rmtree(sock_dir, ignore_errors=True)
