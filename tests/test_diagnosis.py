@@ -238,3 +238,50 @@ def test_each_category_has_at_least_three_rules_with_rationale() -> None:
         by_category[rule.category] = by_category.get(rule.category, 0) + 1
         assert rule.id in RATIONALE
     assert all(by_category[c] >= 3 for c in ("data", "compute", "communication", "algorithm")), by_category
+
+
+def gpu_samples(n: int = 60, pid: int = 10, **fields: Any) -> list[dict[str, Any]]:
+    base = {
+        "index": 0,
+        "uuid": "GPU-0",
+        "name": "H100",
+        "lost": False,
+        "utilization_gpu_ratio": 0.9,
+        "memory_used_bytes": 40 * 2**30,
+        "memory_total_bytes": 80 * 2**30,
+        "clock_event_reasons": [],
+        "sm_clock_hertz": 1.98e9,
+        "sm_clock_max_hertz": 1.98e9,
+        "processes": [{"pid": pid}],
+    }
+    return [dict(base, ts_unix_s=1e6 + i, **fields) for i in range(n)]
+
+
+def gpu_findings(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    from profilerd.analysis.context import gpu_context, gpu_frame
+
+    gpu = gpu_context(gpu_frame(samples, {10}))
+    return findings(stream(), cfg(device_type="cuda"), gpu=gpu)
+
+
+def test_gpu_rules_fire_from_nvml_samples() -> None:
+    healthy = gpu_findings(gpu_samples())
+    assert not {"gpu.throttling", "gpu.memory_near_full", "gpu.idle_while_held"} & set(healthy)
+    hot = gpu_findings(gpu_samples(clock_event_reasons=["sw_thermal"], sm_clock_hertz=1.2e9))
+    assert hot["gpu.throttling"].severity == "critical"
+    assert "SM clock at 61%" in hot["gpu.throttling"].evidence
+    assert hot["gpu.throttling"].recommendations[0].estimated_speedup > 1.0
+    full = gpu_findings(gpu_samples(memory_used_bytes=79 * 2**30))
+    assert "gpu.memory_near_full" in full
+    idle = gpu_findings(gpu_samples(utilization_gpu_ratio=0.01))
+    assert idle["gpu.idle_while_held"].severity == "critical"
+
+
+def test_gpus_of_other_jobs_are_not_blamed() -> None:
+    from profilerd.analysis.context import gpu_context, gpu_frame
+
+    mine = gpu_samples()
+    theirs = [dict(s, index=1, utilization_gpu_ratio=0.0, processes=[{"pid": 999}]) for s in gpu_samples()]
+    gpu = gpu_context(gpu_frame(mine + theirs, {10}))
+    assert gpu["gpu_count"] == 1
+    assert gpu["gpu_idle_while_held_fraction"] == 0.0

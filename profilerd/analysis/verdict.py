@@ -73,6 +73,8 @@ class Verdict:
             "recommendations": self.recommendations(),
             "evaluated_unix_s": round(self.evaluated_unix_s, 3),
         }
+        if f.context.gpu:
+            document["gpu"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in f.context.gpu.items()}
         if f.ranks > 1 and not f.per_rank.empty:
             document["per_rank"] = [
                 {

@@ -38,8 +38,14 @@ class ProfilerdCollector(Collector):
         self.recorder = recorder
 
     def describe(self) -> Iterator[Metric]:
-        # Descriptions only; collect() decides what is present at scrape time.
-        return iter(())
+        """Every family this collector can produce, empty (for registry checks and tooling)."""
+        from profilerd.exporters.gpu_metrics import describe_gpu_metric_families
+
+        for family in self.collect():
+            yield (
+                type(family)(family.name, family.documentation) if not isinstance(family, InfoMetricFamily) else family
+            )
+        yield from describe_gpu_metric_families()
 
     def collect(self) -> Iterator[Metric]:
         store = self.store
@@ -50,13 +56,18 @@ class ProfilerdCollector(Collector):
             gpus = list(store.gpus)
             gpu_available = store.gpu_available
             events = dict(store.gpu_event_counts)
+            field_errors = store.gpu_field_errors
+            owners = {pid: (s.job, s.rank) for pid, s in store.sessions.items()}
         available = GaugeMetricFamily("profilerd_gpu_sampling_available", "1 when a GPU backend is active")
         available.add_metric([], 1.0 if gpu_available else 0.0)
         yield available
+        if gpu_available:
+            yield _counter("profilerd_gpu_field_errors", "NVML reads that failed (per field, per tick)", field_errors)
         if gpus or events:
             from profilerd.exporters.gpu_metrics import gpu_metric_families
 
             yield from gpu_metric_families(gpus, events)
+            yield from _rank_gpu_families(gpus, owners)
 
     def _daemon_metrics(self) -> Iterator[Metric]:
         store = self.store
@@ -173,6 +184,34 @@ class ProfilerdCollector(Collector):
             workers.add_metric(labels, len(sample.worker_pids))
         yield trainer
         yield workers
+
+
+def _rank_gpu_families(gpus: list[Any], owners: dict[int, tuple[str, int]]) -> Iterator[Metric]:
+    """Which GPU each training rank runs on, and its memory there: the join of NVML's process
+    list with the probes' hellos, so GPU panels can be grouped by job and rank."""
+    info = GaugeMetricFamily(
+        "profilerd_rank_gpu_info", "1 for each GPU a training rank uses", labels=["job", "rank", "gpu", "uuid"]
+    )
+    memory = GaugeMetricFamily(
+        "profilerd_rank_gpu_memory_used_bytes", "GPU memory used by a training rank", labels=["job", "rank", "gpu"]
+    )
+    for sample in gpus:
+        for process in sample.processes:
+            owner = owners.get(process.pid)
+            if owner is None:
+                continue
+            job, rank = owner
+            info.add_metric([job, str(rank), str(sample.index), sample.uuid], 1.0)
+            if process.used_memory_bytes is not None:
+                memory.add_metric([job, str(rank), str(sample.index)], float(process.used_memory_bytes))
+    yield info
+    yield memory
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation)
+    family.add_metric([], value)
+    return family
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
