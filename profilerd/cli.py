@@ -30,7 +30,7 @@ from probes import wire
 from profilerd import __version__
 from profilerd.analysis.rules import RuleSet, load_rules
 from profilerd.config import DaemonConfig, load
-from profilerd.report import render_findings, render_text
+from profilerd.report import render_text
 
 log = logging.getLogger("profilerd")
 
@@ -85,20 +85,51 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-status", action="store_true")
     demo.add_argument("--no-tui", action="store_true", help="the plain status line instead of the TUI")
 
-    report = sub.add_parser("report", help="rebuild the verdict of a recorded run")
-    report.add_argument("run", help="run id (or a unique prefix, 'latest', or a .sqlite path)")
-    report.add_argument("--format", choices=["text", "json"], default="text")
+    report = sub.add_parser("report", help="the diagnostic report of a recorded run (text, HTML, Markdown, JSON)")
+    report.add_argument(
+        "run", nargs="+", help="run id (or a unique prefix, 'latest', or a .sqlite path); several: nodes of one job"
+    )
+    report.add_argument("--format", choices=["text", "html", "md", "json"], help="default: from -o's suffix, else text")
     report.add_argument("-o", "--output", type=Path, help="write to this file instead of stdout")
     report.add_argument("--data-dir", dest="data_dir")
     report.add_argument("--rules", dest="rules_file")
+
+    diff = sub.add_parser("diff", help="compare two runs: speedup with a confidence interval, shifts, verdicts")
+    diff.add_argument("run_a", help="the run before the change (id, prefix, 'latest' or .sqlite path)")
+    diff.add_argument("run_b", help="the run after the change")
+    diff.add_argument("--format", choices=["text", "html", "md", "json"], help="default: from -o's suffix, else text")
+    diff.add_argument("-o", "--output", type=Path, help="write to this file instead of stdout")
+    diff.add_argument(
+        "--applied",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="the recommendation applied between the runs (default: read from the config changes)",
+    )
+    diff.add_argument("--data-dir", dest="data_dir")
+    diff.add_argument("--rules", dest="rules_file")
 
     runs = sub.add_parser("runs", help="list recordings, or prune them")
     runs.add_argument("--json", action="store_true", help="machine-readable list")
     runs.add_argument("--data-dir", dest="data_dir")
     runs.add_argument("--older-than", help="prune runs older than this (e.g. 7d, 12h, 30m)")
     runs.add_argument("--keep", type=int, help="prune all but the newest N runs")
+    runs.add_argument("--dry-run", action="store_true", help="with --older-than/--keep: list, do not delete")
 
     sub.add_parser("doctor", help="what profilerd can see on this machine (GPUs, capabilities)")
+
+    attach = sub.add_parser("attach", help="diagnose a training process that is already running")
+    _daemon_flags(attach)
+    attach.add_argument("pid", type=int, help="the training process")
+    attach.add_argument("--duration", type=float, default=8.0, help="seconds to observe (default 8)")
+    attach.add_argument("--once", action="store_true", help="one verdict after --duration, then exit")
+    attach.add_argument("--json", dest="json_path", type=Path, help="write the verdict JSON here")
+    attach.add_argument("--rate", type=int, default=10, help="stack samples per second for L1 (default 10)")
+    attach.add_argument("--no-stacks", action="store_true", help="L0 only: no py-spy stack sampling")
+    attach.add_argument("--inject", action="store_true", help="L2: install the probes in the target (Python >= 3.14)")
+    attach.add_argument("--inject-experimental", action="store_true",
+                        help="L2 on older Pythons through gdb: EXPERIMENTAL, may stall the target")
+    attach.add_argument("--no-inject", action="store_true", help="never inject, whatever else is asked")
 
     tui = sub.add_parser("tui", help="live terminal UI: a job on the local daemon, a recording, or Prometheus")
     tui.add_argument("--job", help="the job to watch (default: the newest running job)")
@@ -394,35 +425,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ---- report / runs / doctor ----------------------------------------------------------------
+def _write_output(output: str, path: Path | None) -> None:
+    if path is None:
+        sys.stdout.write(output)
+        return
+    try:
+        path.write_text(output)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from exc
+
+
 def cmd_report(args: argparse.Namespace) -> int:
-    from profilerd import runs
+    from profilerd import report, runs
 
     config = _config(args)
     ruleset = _rules(config)
     try:
-        path = runs.resolve(config.runs_dir, args.run)
-        recording = runs.load(path)
+        paths = [runs.resolve(config.runs_dir, reference) for reference in args.run]
+        output = report.build_report(paths, ruleset, report.output_format(args.format, args.output))
     except runs.RecordingError as exc:
         raise UsageError(str(exc)) from exc
-    verdict = runs.analyse(recording, ruleset)
-    exit_code = recording.meta.get("exit_code")
-    document = verdict.to_json(
-        recording.run_id,
-        recording.job,
-        recording=str(path),
-        exit_code=int(exit_code) if exit_code not in (None, "None") else None,
-    )
-    if args.format == "json":
-        output = json.dumps(document, indent=2) + "\n"
-    else:
-        output = render_text(document) + render_findings(document) + "\n"
-    if args.output:
-        try:
-            args.output.write_text(output)
-        except OSError as exc:
-            raise UsageError(f"cannot write {args.output}: {exc.strerror}") from exc
-    else:
-        sys.stdout.write(output)
+    _write_output(output, args.output)
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from profilerd import report, runs
+
+    config = _config(args)
+    ruleset = _rules(config)
+    try:
+        path_a = runs.resolve(config.runs_dir, args.run_a)
+        path_b = runs.resolve(config.runs_dir, args.run_b)
+        fmt = report.output_format(args.format, args.output)
+        output = report.build_diff(path_a, path_b, ruleset, fmt, args.applied)
+    except runs.RecordingError as exc:
+        raise UsageError(str(exc)) from exc
+    _write_output(output, args.output)
     return 0
 
 
@@ -434,9 +473,14 @@ def cmd_runs(args: argparse.Namespace) -> int:
         if args.keep is not None and args.keep < 0:
             raise UsageError("--keep must be 0 or more")
         older = _duration_s(args.older_than) if args.older_than else None
-        removed = runs.prune(config.runs_dir, older_than_s=older, keep=args.keep)
-        print(f"removed {len(removed)} recording(s)")
+        removed = runs.prune(config.runs_dir, older_than_s=older, keep=args.keep, dry_run=args.dry_run)
+        if args.dry_run:
+            print(f"would remove {len(removed)} recording(s)" + "".join(f"\n  {p}" for p in removed))
+        else:
+            print(f"removed {len(removed)} recording(s)")
         return 0
+    if args.dry_run:
+        raise UsageError("--dry-run goes with --older-than or --keep")
     listing = runs.list_runs(config.runs_dir)
     if args.json:
         print(json.dumps([r.to_json() for r in listing], indent=2))
@@ -444,11 +488,12 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if not listing:
         print(f"no recordings in {config.runs_dir}")
         return 0
-    print(f"{'RUN':44} {'STARTED':19} {'DURATION':>9} {'STEPS':>7} {'STATE':8} VERDICT")
+    print(f"{'RUN':40} {'JOB':24} {'STARTED':19} {'DURATION':>9} {'STEPS':>8} {'STATE':8} VERDICT")
     for r in listing:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started_unix_s)) if r.started_unix_s else "-"
-        duration = f"{(r.ended_unix_s - r.started_unix_s):.0f}s" if r.started_unix_s and r.ended_unix_s else "-"
-        print(f"{r.run_id[:44]:44} {started:19} {duration:>9} {r.steps:>7} {r.state:8} {r.primary or '-'}")
+        duration = f"{r.duration_s:.0f}s" if r.duration_s is not None else "-"
+        job = "=" if r.job == r.run_id else r.job[:24]
+        print(f"{r.run_id[:40]:40} {job:24} {started:19} {duration:>9} {r.steps:>8} {r.state:8} {r.primary or '-'}")
     return 0
 
 
@@ -476,13 +521,126 @@ def cmd_tui(args: argparse.Namespace) -> int:
     return run_tui(args, _config(args))
 
 
+def cmd_attach(args: argparse.Namespace) -> int:
+    from profilerd import attach
+
+    config = _config(args)
+    ruleset = _rules(config)
+    if args.duration <= 0:
+        raise UsageError("--duration must be positive")
+    if not 1 <= args.rate <= 100:
+        raise UsageError("--rate must be between 1 and 100 samples per second")
+    try:
+        target = attach.inspect_target(args.pid)
+    except attach.AttachError as exc:
+        raise UsageError(str(exc)) from exc
+    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-attach-{args.pid}"
+    wants_inject = (args.inject or args.inject_experimental) and not args.no_inject
+    show_status = sys.stderr.isatty() and not args.once
+    width = shutil.get_terminal_size((100, 20)).columns - 1
+
+    def status(summary: Any) -> None:
+        if show_status:
+            line = (f"profilerd attach {args.pid} ▸ {summary.seconds:.0f}/{args.duration:.0f} s · training thread "
+                    f"{min(1.0, summary.main_thread_cores):.0%} busy · {summary.workers} workers")
+            sys.stderr.write("\r\x1b[2K" + line[:width])
+            sys.stderr.flush()
+
+    print(f"profilerd: attaching to pid {args.pid} (Python {target.python_version}) for {args.duration:.0f} s…",
+          file=sys.stderr)
+    injected = None
+    if wants_inject:
+        injected = _attach_inject(args, config, ruleset, target, run_id)
+    try:
+        result = attach.run_attach(args.pid, args.duration, ruleset, use_l1=not args.no_stacks, rate_hz=args.rate,
+                                   on_tick=status)
+    except attach.AttachError as exc:
+        raise UsageError(str(exc)) from exc
+    finally:
+        if show_status:
+            sys.stderr.write("\r\x1b[2K")
+    if args.no_inject:
+        result.l2_note = "forbidden by --no-inject"
+    document = attach.document(result, run_id)
+    if injected is not None:
+        document = injected.finish(document, result)
+    print(render_text(document), file=sys.stderr)
+    for note in document.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
+    layer = document["attach_layer"]
+    why = {k: v.get("why") for k, v in document["layers"].items() if not v.get("available")}
+    print(f"attach layer {layer}" + "".join(f"; {k} unavailable: {v}" for k, v in why.items()), file=sys.stderr)
+    if args.json_path is not None:
+        _write_json(args.json_path, document)
+    return 0
+
+
+class _Injected:
+    """Probes injected into the target (L2): removed on detach; their steps decide the verdict."""
+
+    def __init__(self, handle: _DaemonHandle, config: DaemonConfig, boot: Path, pid: int, run_id: str,
+                 python: str | None, experimental: bool, ruleset: RuleSet) -> None:
+        self.handle, self.config, self.boot, self.pid, self.run_id = handle, config, boot, pid, run_id
+        self.python, self.experimental, self.ruleset = python, experimental, ruleset
+        self.error: str | None = None
+
+    def finish(self, document: dict[str, Any], result: Any) -> dict[str, Any]:
+        from profilerd import attach, runs
+
+        try:
+            if self.error is None:
+                attach.inject(self.pid, attach.injection_code(self.boot, self.handle.socket_path, self.run_id, False),
+                              self.python, self.experimental)
+        except attach.AttachError as exc:
+            document["notes"].append(f"could not remove the probes: {exc}")
+        finally:
+            self.handle.send(wire.encode_json(wire.KIND_RUN_END, {"pid": os.getpid(), "run_id": self.run_id,
+                                                                 "exit_code": None}))
+            recording = _wait_for_recording(self.handle, self.run_id, self.config, timeout=10)
+            self.handle.close()
+            shutil.rmtree(self.boot, ignore_errors=True)
+        if self.error is not None:
+            document["layers"]["L2"] = {"available": False, "why": self.error}
+            return document
+        if recording is None:
+            document["layers"]["L2"] = {"available": False, "why": "probes injected but no training step arrived"}
+            return document
+        verdict = runs.analyse(runs.load(recording), attach.attach_ruleset(self.ruleset, result.l0.seconds))
+        if verdict.features.steps < 5:
+            document["layers"]["L2"] = {"available": False, "why": f"only {verdict.features.steps} steps observed"}
+            return document
+        injected = verdict.to_json(self.run_id, f"pid-{self.pid}", recording=str(recording))
+        injected.update({k: document[k] for k in ("layers", "target", "notes") if k in document})
+        injected["layers"]["L2"] = {"available": True, "steps": verdict.features.steps, "detached": True}
+        injected["attach_layer"] = "L2"
+        return injected
+
+
+def _attach_inject(args: argparse.Namespace, config: DaemonConfig, ruleset: RuleSet, target: Any,
+                   run_id: str) -> _Injected | None:
+    from profilerd import attach
+
+    handle = _DaemonHandle(config, ruleset)
+    boot = _bootstrap_dir()
+    os.chmod(boot, 0o755)  # the target may run as another user than the one reading its files
+    injected = _Injected(handle, config, boot, args.pid, run_id, target.python_version, args.inject_experimental, ruleset)
+    try:
+        attach.inject(args.pid, attach.injection_code(boot, handle.socket_path, run_id, True),
+                      target.python_version, args.inject_experimental)
+    except attach.AttachError as exc:
+        injected.error = str(exc)
+    return injected
+
+
 COMMANDS = {
     "serve": cmd_serve,
     "run": cmd_run,
     "demo": cmd_demo,
     "report": cmd_report,
+    "diff": cmd_diff,
     "runs": cmd_runs,
     "doctor": cmd_doctor,
+    "attach": cmd_attach,
     "tui": cmd_tui,
 }
 

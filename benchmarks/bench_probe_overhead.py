@@ -1,0 +1,716 @@
+"""Probe overhead: instrumented over plain on a ~5 ms CPU training step (targets: <= 1 %, <= 20 us/step).
+
+Three measurements, all in this one process (the probes are installed and uninstalled per
+segment; a receiver process runs the daemon's real ``Ingest`` so that sends really happen):
+
+1. Training loop: a small MLP fed by a DataLoader over an in-memory dataset, one thread.
+   Each round runs one segment of each mode in a shuffled order: ``plain`` (no probes),
+   ``daemon`` (probes on, receiver bound) and ``absent`` (probes on, no socket file). The
+   overhead is the median over rounds of (instrumented time / plain time of the same round),
+   in wall time and in CPU time of the training thread.
+2. Hook bodies, timed directly: loader ``__next__`` wrapper, forward pre+post, backward wrapper,
+   optimizer pre+post, and the step close (hello/config checks, encode, send), each against a
+   no-op baseline. Their sum is the probe's own CPU cost per step.
+3. Trivial model: the same loop shape with near-zero compute (Linear(8, 1), pre-built batches),
+   instrumented minus plain, per step: the hook bodies plus what torch pays to dispatch them.
+
+    python benchmarks/bench_probe_overhead.py               # default run, about a minute
+    python benchmarks/bench_probe_overhead.py --json out.json --rounds 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import probes
+from probes import core, wire
+
+TARGET_RATIO = 1.01
+TARGET_US_PER_STEP = 20.0
+MODES = ("plain", "daemon", "absent")
+# wall: mean step wall time; median: median step wall time; cpu: median step CPU time of the
+# training thread; cpu_mean: mean step CPU time (includes the work done every Nth step).
+CLOCKS = ("wall", "median", "cpu", "cpu_mean")
+
+
+# ---- machine and load -------------------------------------------------------------------------
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    cpu_model = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "date": datetime.date.today().isoformat(),
+        "nproc": os.cpu_count(),
+        "cpus_allowed": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds spent by everything on the machine so far (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class LoadWatch:
+    """How much CPU other processes used meanwhile (in CPUs): noise we cannot remove, only see.
+
+    The receiver process counts as "other" here; it uses a few percent of a CPU.
+    """
+
+    def __init__(self) -> None:
+        self.busy0, self.own0, self.t0 = _machine_busy_s(), _own_cpu_s(), time.monotonic()
+
+    def others(self) -> float:
+        elapsed = time.monotonic() - self.t0
+        return max(0.0, (_machine_busy_s() - self.busy0) - (_own_cpu_s() - self.own0)) / max(elapsed, 1e-9)
+
+    def result(self) -> dict[str, float]:
+        return {"elapsed_s": time.monotonic() - self.t0, "other_processes_cpu_ratio": self.others()}
+
+
+def wait_quiet(limit_s: float, threshold: float) -> float:
+    """Wait (up to limit_s) for a 2-second window in which other processes use < threshold CPUs."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        watch = LoadWatch()
+        time.sleep(2.0)
+        others = watch.others()
+        if others < threshold or time.monotonic() >= deadline:
+            return others
+
+
+def pin(cpu: int | None) -> None:
+    if cpu is not None:
+        try:
+            os.sched_setaffinity(0, {cpu})
+        except OSError as exc:
+            print(f"could not pin to CPU {cpu}: {exc}", file=sys.stderr)
+
+
+# ---- receiver process: the daemon's ingest, nothing else -------------------------------------
+def receiver_main(path: str, cpu: int | None) -> None:
+    """Child process: bind the socket, run Ingest until stdin closes, print the store's counters."""
+    from profilerd.samplers.ingest import Ingest, bind_socket
+    from profilerd.store import Store
+
+    pin(cpu)
+    store = Store()
+    stop = threading.Event()
+    sock = bind_socket(Path(path))
+    ingest = Ingest(sock, store, None, stop)
+    ingest.start()
+    print("ready", flush=True)
+    sys.stdin.read()
+    time.sleep(0.3)  # let the last datagrams in
+    stop.set()
+    ingest.join(2.0)
+    sock.close()
+    print(json.dumps({"received": dict(store.received), "dropped": dict(store.dropped)}), flush=True)
+
+
+class Receiver:
+    def __init__(self, path: Path, cpu: int | None) -> None:
+        cmd = [sys.executable, __file__, "--_receiver", str(path)]
+        if cpu is not None:
+            cmd += ["--_cpu", str(cpu)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None and self.proc.stdin is not None
+        line = self.proc.stdout.readline().strip()
+        if line != "ready":
+            raise RuntimeError(f"receiver did not start: {line!r}")
+
+    def close(self) -> dict[str, Any]:
+        out, _ = self.proc.communicate(timeout=30)
+        return json.loads(out.strip().splitlines()[-1])
+
+
+# ---- workloads -----------------------------------------------------------------------------
+def _forever(loader: Any) -> Iterator[Any]:
+    while True:
+        yield from loader
+
+
+class Workload:
+    """A training loop whose step is ``next(batch) -> forward -> loss -> backward -> step``."""
+
+    def __init__(self, trivial: bool, batch: int, width: int, hidden: int) -> None:
+        import torch
+        from torch import nn
+        from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+        torch.manual_seed(0)
+        self.torch = torch
+        if trivial:
+            x, y = torch.randn(16, 8), torch.randn(16, 1)
+
+            class Fixed(Dataset):  # a pre-built batch: the loader does almost nothing
+                def __len__(self) -> int:
+                    return 1024
+
+                def __getitem__(self, i: int) -> Any:
+                    return x, y
+
+            loader = DataLoader(Fixed(), batch_size=None)
+            self.model = nn.Linear(8, 1)
+            self.loss = nn.functional.mse_loss
+        else:
+            n = batch * 64
+            data = TensorDataset(torch.randn(n, width), torch.randint(0, 10, (n,)))
+            loader = DataLoader(data, batch_size=batch, shuffle=True, drop_last=True)
+            self.model = nn.Sequential(
+                nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10)
+            )
+            self.loss = nn.functional.cross_entropy
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
+        self.batches = _forever(loader)
+
+    def run(self, steps: int) -> tuple[list[float], list[float]]:
+        """Runs ``steps`` steps; returns each one's wall time and training-thread CPU time.
+
+        The two clock reads per step (~0.5 us) are the same in every mode.
+        """
+        batches, model, loss_fn, optimizer = self.batches, self.model, self.loss, self.optimizer
+        pc, tt = time.perf_counter, time.thread_time
+        wall, cpu = [], []
+        w0, c0 = pc(), tt()
+        for _ in range(steps):
+            inputs, targets = next(batches)
+            loss = loss_fn(model(inputs), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            w1, c1 = pc(), tt()
+            wall.append(w1 - w0)
+            cpu.append(c1 - c0)
+            w0, c0 = w1, c1
+        return wall, cpu
+
+
+def run_segment(work: Workload, mode: str, paths: dict[str, Path], warmup: int, steps: int) -> dict[str, Any]:
+    if mode != "plain" and not probes.install(paths[mode]):
+        raise RuntimeError("probes.install() failed")
+    try:
+        work.run(warmup)  # includes root-module discovery and the first config snapshots
+        watch = LoadWatch()
+        wall, cpu = work.run(steps)
+        others = watch.others()
+        probe = core.active()
+        sender = {"sent": 0, "dropped": {}}
+        if probe is not None:
+            sender = {"sent": probe.sender.sent, "dropped": dict(probe.sender.dropped), "steps": probe.step_index}
+        elif mode != "plain":
+            raise RuntimeError("the probe disabled itself during the segment")
+    finally:
+        probes.uninstall()
+    return {
+        "mode": mode,
+        "wall_s_per_step": statistics.mean(wall),  # includes every preemption by other processes
+        "median_s_per_step": statistics.median(wall),  # robust to preemption and to rare slow steps
+        "cpu_s_per_step": statistics.median(cpu),  # training-thread CPU time, median step
+        "cpu_mean_s_per_step": statistics.mean(cpu),  # includes the periodic work (grad norm, config)
+        "others_cpu_ratio": others,
+        "sender": sender,
+    }
+
+
+def alternate(
+    work: Workload, paths: dict[str, Path], rounds: int, warmup: int, steps: int, seed: int
+) -> list[list[dict[str, Any]]]:
+    rng = random.Random(seed)
+    for mode in MODES:  # one untimed pass of each: caches, allocator, first-call costs
+        run_segment(work, mode, paths, warmup, max(10, steps // 10))
+    out = []
+    for _ in range(rounds):
+        order = list(MODES)
+        rng.shuffle(order)
+        out.append([run_segment(work, mode, paths, warmup, steps) for mode in order])
+    return out
+
+
+def summarise(rounds: list[list[dict[str, Any]]], quiet_threshold: float) -> dict[str, Any]:
+    """Medians over rounds; over the quiet rounds only (no segment where other processes used
+    quiet_threshold CPUs or more) when there are at least 5 of them."""
+    all_rounds = [{seg["mode"]: seg for seg in segs} for segs in rounds]
+    quiet = [r for r in all_rounds if max(seg["others_cpu_ratio"] for seg in r.values()) < quiet_threshold]
+    by_round = quiet if len(quiet) >= 5 else all_rounds
+    summary: dict[str, Any] = {
+        "rounds_total": len(all_rounds),
+        "rounds_quiet": len(quiet),
+        "rounds_used": "quiet" if by_round is quiet else "all",
+        "plain_ms_per_step": 1e3 * statistics.median(r["plain"]["median_s_per_step"] for r in by_round),
+    }
+    for mode in ("daemon", "absent"):
+        for clock in CLOCKS:
+            key = f"{clock}_s_per_step"
+            ratios = [r[mode][key] / r["plain"][key] for r in by_round]
+            diffs = [1e6 * (r[mode][key] - r["plain"][key]) for r in by_round]
+            summary[f"{mode}_{clock}_ratio"] = statistics.median(ratios)
+            summary[f"{mode}_{clock}_ratio_range"] = [min(ratios), max(ratios)]
+            summary[f"{mode}_{clock}_us_per_step"] = statistics.median(diffs)
+        sent = sum(r[mode]["sender"]["sent"] for r in by_round)
+        summary[f"{mode}_sent"] = sent
+        dropped: dict[str, int] = {}
+        for r in by_round:
+            for k, v in r[mode]["sender"]["dropped"].items():
+                dropped[k] = dropped.get(k, 0) + v
+        summary[f"{mode}_sender_dropped"] = dropped
+    return summary
+
+
+# ---- hook bodies, timed directly ------------------------------------------------------------
+def _noop1(a: Any) -> None:
+    return None
+
+
+def _noop2(a: Any, b: Any) -> None:
+    return None
+
+
+def _noop3(a: Any, b: Any, c: Any) -> None:
+    return None
+
+
+def _noop_any(*args: Any) -> None:
+    return None
+
+
+def _pair(first: Callable[..., Any], second: Callable[..., Any], args1: tuple, args2: tuple) -> None:
+    first(*args1)
+    second(*args2)
+
+
+def _loop_s(fn: Callable[..., Any], args: tuple, n: int, repeats: int) -> float:
+    best = float("inf")
+    pc = time.perf_counter
+    for _ in range(repeats):
+        t0 = pc()
+        for _ in range(n):
+            fn(*args)
+        best = min(best, pc() - t0)
+    return best
+
+
+def _cost_us(
+    fn: Callable[..., Any],
+    base: Callable[..., Any],
+    args: tuple,
+    n: int,
+    repeats: int = 5,
+    base_args: tuple | None = None,
+) -> float:
+    """Microseconds per call of ``fn(*args)`` beyond ``base(*base_args)`` (best of repeats)."""
+    base_s = _loop_s(base, args if base_args is None else base_args, n, repeats)
+    return 1e6 * (_loop_s(fn, args, n, repeats) - base_s) / n
+
+
+def _paced_us(fn: Callable[[Any, float], Any], obj: Any, n: int, gap_s: float) -> tuple[float, float]:
+    """Mean and median microseconds of ``fn(obj, now)`` timed one call at a time, calls ``gap_s``
+    apart so the receiver drains its queue in between (training steps are milliseconds apart)."""
+    pc = time.perf_counter
+    samples, empty = [], []
+    for _ in range(n):
+        now = pc()
+        t0 = pc()
+        fn(obj, now)
+        t1 = pc()
+        samples.append(t1 - t0)
+        while pc() - t0 < gap_s:
+            pass
+    for _ in range(n):  # the timer's own cost, measured the same way
+        t0 = pc()
+        t1 = pc()
+        empty.append(t1 - t0)
+    mean = statistics.mean(samples) - statistics.mean(empty)
+    return 1e6 * mean, 1e6 * (statistics.median(samples) - statistics.median(empty))
+
+
+def _close(probe: Any, now: float) -> None:
+    probe._close_step(now, False)
+
+
+def _send(pair: tuple[Any, bytes], now: float) -> None:
+    pair[0].send(pair[1])
+
+
+def _measure(costs: dict[str, Any], name: str, fn: Callable[[], float]) -> None:
+    """One component; the probes' internals move, so a component that no longer fits is reported."""
+    try:
+        costs[name] = fn()
+    except Exception as exc:  # report, do not crash the whole benchmark
+        costs[name] = None
+        print(f"  could not time {name}: {exc!r}", file=sys.stderr)
+
+
+def grad_norm_cost(optimizer: Any, paths: dict[str, Path], repeats: int = 20) -> dict[str, Any]:
+    """The periodic gradient-norm sample, per sample and amortised over its period."""
+    from probes.transport import DatagramSender
+
+    sender = DatagramSender(paths["absent"])
+    try:
+        probe = core.StepProbe(sender)
+        every = getattr(probe, "_grad_norm_every", 0)
+        sample = getattr(probe, "_sample_grad_norm", None)
+        if not every or sample is None:  # a probe without the grad-norm sample costs nothing here
+            return {"every_steps": every, "per_sample_us": None, "per_step_us": 0.0}
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            sample(optimizer)
+            times.append(time.perf_counter() - t0)
+    finally:
+        sender.close()
+    per_sample = 1e6 * statistics.median(times)
+    return {"every_steps": every, "per_sample_us": per_sample, "per_step_us": per_sample / every}
+
+
+def _hook_components(costs: dict[str, Any], probe: Any, module: Any, optimizer: Any, loss: Any, n: int) -> None:
+    obj = object()
+    loader_next = core._make_loader_next(_noop1)
+    backward = core._make_backward(_noop1)
+    fwd = (core._global_forward_pre, core._global_forward_post, (module, ()), (module, (), None))
+    opt = (core._optimizer_pre, core._optimizer_post, (optimizer, (), {}), (optimizer, (), {}))
+    _measure(costs, "loader __next__ wrapper", lambda: _cost_us(loader_next, _noop1, (obj,), n))
+    _measure(costs, "forward pre+post hooks", lambda: _cost_us(_pair, _pair, fwd, n, base_args=_noops(fwd)))
+    _measure(costs, "backward wrapper (with loss capture)", lambda: _cost_us(backward, _noop1, (loss,), n))
+    probe._backward_seen = False
+    _measure(costs, "optimizer pre+post hooks", lambda: _cost_us(_pair, _pair, opt, n, base_args=_noops(opt)))
+    probe._pending_close = None
+
+
+def _noops(pair_args: tuple) -> tuple:
+    """The same _pair call with no-op functions of the same arity: the baseline."""
+    _, _, args1, args2 = pair_args
+    by_arity = {1: _noop1, 2: _noop2, 3: _noop3}
+    return (by_arity[len(args1)], by_arity[len(args2)], args1, args2)
+
+
+def hook_costs(paths: dict[str, Path], n: int, close_n: int, training_optimizer: Any) -> dict[str, Any]:
+    import torch
+
+    from probes.transport import DatagramSender
+
+    results: dict[str, Any] = {}
+    module = torch.nn.Linear(8, 1)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
+    module(torch.randn(16, 8)).sum().backward()  # gradients exist, as after a real backward
+    loss = torch.tensor(0.5)
+    for where in ("daemon", "absent"):
+        sender = DatagramSender(paths[where])
+        probe = core.StepProbe(sender)
+        probe.step_index = 7  # past the first config snapshots, not a grad-norm step: steady state
+        probe._step_start = time.perf_counter()
+        core.set_active(probe)
+        costs: dict[str, Any] = {}
+        try:
+            if where == "daemon":
+                _hook_components(costs, probe, module, optimizer, loss, n)
+            before_sent, before_dropped = sender.sent, dict(sender.dropped)
+            mean, median = _paced_us(_close, probe, close_n, 100e-6)
+            costs["step close (hello/config checks, encode, send)"] = mean
+            results[where] = {
+                "costs_us": costs,
+                "close_median_us": median,
+                "close_sent": sender.sent - before_sent,
+                "close_dropped": {k: v - before_dropped.get(k, 0) for k, v in sender.dropped.items()},
+            }
+            if where == "daemon":
+                step_args = (1, 0, 1, 1, time.time(), 0.005, 0.001, 0.001, 0.002, 0.001, 0.0, 0, 0)
+                parts = {"wire.encode_step": _cost_us(wire.encode_step, _noop_any, step_args, n)}
+                datagram = wire.encode_step(*step_args)
+                send_mean, send_median = _paced_us(_send, (sender, datagram), close_n, 100e-6)
+                parts["DatagramSender.send, mean"] = send_mean
+                parts["DatagramSender.send, median"] = send_median
+                results["close_parts_us"] = parts
+        finally:
+            core.set_active(None)
+            sender.close()
+    results["grad_norm"] = {
+        "trivial model": grad_norm_cost(optimizer, paths),
+        "training model": grad_norm_cost(training_optimizer, paths),
+    }
+    for where in ("daemon", "absent"):
+        costs = dict(results["daemon"]["costs_us"])
+        costs.update(results[where]["costs_us"])
+        costs["grad-norm sample, amortised (training model)"] = results["grad_norm"]["training model"]["per_step_us"]
+        results[where]["costs_us"] = costs
+        results[where]["sum_us"] = sum(v for v in costs.values() if v is not None)
+    return results
+
+
+# Entry points of the probe's per-step work, timed inside the real training loop. The step close
+# runs nested inside on_loader_next_start (or on_forward_pre): reported, not added to the sum.
+IN_SITU_ENTRY = (
+    "on_loader_next_start",
+    "on_forward_pre",
+    "on_forward_post",
+    "on_backward",
+    "on_optimizer_pre",
+    "on_optimizer_post",
+)
+IN_SITU_NESTED = ("_close_step", "_sample_grad_norm")
+
+
+def _timed(original: Callable[..., Any], durations: list[float]) -> Callable[..., Any]:
+    pc = time.perf_counter
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t0 = pc()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            durations.append(pc() - t0)
+
+    return wrapper
+
+
+def in_situ(work: Workload, path: Path, warmup: int, steps: int, repeats: int = 3) -> dict[str, Any]:
+    """Per-step time of each probe entry point inside the ~5 ms training loop.
+
+    Microbenchmarks in tight loops run with hot caches; between two steps of real training the
+    probe's code and data are evicted, and the same hook bodies cost several times more. Each
+    call is timed; the per-step figure is (median call) x (calls per step), which keeps
+    preemptions by other processes out. The grad-norm sample, a slow call every Nth step, is
+    timed on its own (nested) and added.
+    """
+    targets: list[tuple[Any, str, str]] = [(core.StepProbe, n, n) for n in IN_SITU_ENTRY + IN_SITU_NESTED]
+    with contextlib.suppress(ImportError):
+        from probes import signals
+
+        # the loss capture runs in the backward wrapper before on_backward: an entry point too
+        targets.append((signals.DeferredScalar, "capture", "DeferredScalar.capture (loss, scale)"))
+    runs: dict[str, list[tuple[float, float]]] = {}
+    for _ in range(repeats):
+        calls: dict[str, list[float]] = {}
+        saved = []
+        for owner, attr, label in targets:
+            if attr in owner.__dict__:
+                calls[label] = []
+                saved.append((owner, attr, owner.__dict__[attr]))
+                setattr(owner, attr, _timed(owner.__dict__[attr], calls[label]))
+        try:
+            if not probes.install(path):
+                raise RuntimeError("probes.install() failed")
+            work.run(warmup)
+            for durations in calls.values():
+                durations.clear()
+            work.run(steps)
+            probes.uninstall()
+        finally:
+            for owner, attr, original in saved:
+                setattr(owner, attr, original)
+        for label, durations in calls.items():
+            if durations:
+                robust = statistics.median(durations) * len(durations) / steps
+                runs.setdefault(label, []).append((1e6 * robust, 1e6 * sum(durations) / steps))
+    per_hook = {label: statistics.median(r[0] for r in values) for label, values in runs.items()}
+    mean = {label: statistics.median(r[1] for r in values) for label, values in runs.items()}
+    summed = [label for label in per_hook if label != "_close_step"]  # the close is nested in an entry point
+    return {
+        "us_per_step": per_hook,
+        "mean_us_per_step": mean,
+        "sum_us": sum(per_hook[label] for label in summed),
+        "steps": steps,
+        "repeats": repeats,
+    }
+
+
+def estimate(res: dict[str, Any]) -> dict[str, float]:
+    """The training loop's ratio predicted from the trivial loop's per-step cost (a precise
+    measurement even on a busy machine) plus the grad-norm sample's extra cost on the larger model."""
+    grad = res["hooks"]["grad_norm"]
+    extra = (grad["training model"]["per_step_us"] or 0.0) - (grad["trivial model"]["per_step_us"] or 0.0)
+    plain_us = 1e3 * res["training"]["summary"]["plain_ms_per_step"]
+    out = {}
+    for mode in ("daemon", "absent"):
+        per_step = res["trivial"]["summary"][f"{mode}_cpu_mean_us_per_step"] + extra
+        out[f"{mode}_us_per_step"] = per_step
+        out[f"{mode}_ratio"] = 1.0 + per_step / plain_us
+    return out
+
+
+# ---- report -----------------------------------------------------------------------------------
+def _mark(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def print_report(res: dict[str, Any]) -> None:
+    m = res["machine"]
+    print(f"\nmachine: {m['nproc']} CPUs, {m['cpu_model']}, Python {m['python']}, torch {m['torch']}")
+    print(f"other processes used {100 * res['load']['other_processes_cpu_ratio']:.0f}% of a CPU meanwhile")
+    print(
+        "clocks: wall = mean step wall time, median = median step wall time, "
+        "cpu / cpu_mean = median / mean step CPU time of the training thread"
+    )
+    for name in ("training", "trivial"):
+        s = res[name]["summary"]
+        cfg = res[name]["config"]
+        print(
+            f"\n[{name}] {cfg['rounds']} rounds x {cfg['steps']} steps per segment, "
+            f"plain step {s['plain_ms_per_step']:.3f} ms; medians over {s['rounds_used']} rounds "
+            f"({s['rounds_quiet']} of {s['rounds_total']} quiet)"
+        )
+        print(f"{'mode':<8}{'clock':<10}{'ratio':>9}{'(min-max)':>19}{'us/step':>10}{'sent':>9}  dropped by sender")
+        for mode in ("daemon", "absent"):
+            for clock in CLOCKS:
+                lo, hi = s[f"{mode}_{clock}_ratio_range"]
+                extra = f"{s[f'{mode}_sent']:>9}  {s[f'{mode}_sender_dropped']}" if clock == "wall" else ""
+                print(
+                    f"{mode:<8}{clock:<10}{s[f'{mode}_{clock}_ratio']:>9.4f}{f'{lo:.4f}-{hi:.4f}':>19}"
+                    f"{s[f'{mode}_{clock}_us_per_step']:>10.1f}{extra}"
+                )
+    hooks = res["hooks"]
+    print("\n[hook bodies] timed directly in tight loops, us per step (no-op baseline subtracted)")
+    for where in ("daemon", "absent"):
+        for name, us in hooks[where]["costs_us"].items():
+            print(f"  {where:<7}{name:<52}{'n/a' if us is None else f'{us:7.2f}':>7}")
+        print(f"  {where:<7}{'sum':<52}{hooks[where]['sum_us']:>7.2f}")
+        print(f"  {'':<7}step close: sent {hooks[where]['close_sent']}, dropped {hooks[where]['close_dropped']}")
+    for name, us in hooks["close_parts_us"].items():
+        print(f"  {'part':<7}{name:<52}{us:>7.2f}")
+    for name, g in hooks["grad_norm"].items():
+        per_sample = "n/a" if g["per_sample_us"] is None else f"{g['per_sample_us']:.1f} us"
+        print(f"  grad-norm sample every {g['every_steps']} steps, {name}: {per_sample} per sample")
+    situ = res["in_situ"]
+    print("\n[in situ] probe entry points timed inside the training loop, us per step (daemon present)")
+    print(f"  {'':<52}{'median':>8}{'mean':>8}   (median: median call x calls per step)")
+    notes = {"_close_step": "  nested in on_loader_next_start, not summed", "_sample_grad_norm": "  every Nth step"}
+    for name, us in situ["us_per_step"].items():
+        print(f"  {name:<52}{us:8.2f}{situ['mean_us_per_step'][name]:8.2f}{notes.get(name, '')}")
+    print(f"  {'sum':<52}{situ['sum_us']:8.2f}")
+    t = res["training"]["summary"]
+    direct = hooks["daemon"]["sum_us"]
+    trivial = res["trivial"]["summary"]["daemon_cpu_mean_us_per_step"]
+    print("\nverdict (training loop: median over rounds)")
+    for mode in ("daemon", "absent"):
+        for clock in ("median", "cpu_mean"):
+            ratio = t[f"{mode}_{clock}_ratio"]
+            label = f"overhead ratio, {'daemon present' if mode == 'daemon' else 'daemon absent'} ({clock})"
+            print(f"  {label:<44}{ratio:9.4f}    target <= {TARGET_RATIO}  {_mark(ratio <= TARGET_RATIO)}")
+    est = res["estimate"]
+    for mode in ("daemon", "absent"):
+        ratio = est[f"{mode}_ratio"]
+        label = f"ratio predicted from trivial loop ({mode})"
+        print(f"  {label:<44}{ratio:9.4f}    target <= {TARGET_RATIO}  {_mark(ratio <= TARGET_RATIO)}")
+    for label, us in (
+        ("probe CPU per step, in situ (training loop)", situ["sum_us"]),
+        ("probe CPU per step, hook bodies (tight loops)", direct),
+        ("probe CPU per step, trivial loop (cpu_mean)", trivial),
+    ):
+        print(f"  {label:<44}{us:9.1f} us target <= {TARGET_US_PER_STEP}  {_mark(us <= TARGET_US_PER_STEP)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=20, help="(plain, daemon, absent) rounds, >= 5")
+    parser.add_argument("--steps", type=int, default=120, help="timed steps per training segment")
+    parser.add_argument("--warmup", type=int, default=25, help="untimed steps at the start of each segment")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--trivial-rounds", type=int, default=9)
+    parser.add_argument("--trivial-steps", type=int, default=1500)
+    parser.add_argument("--hook-calls", type=int, default=20_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--quiet-threshold",
+        type=float,
+        default=0.15,
+        help="a round counts as quiet if other processes used less than this many CPUs in each segment",
+    )
+    parser.add_argument("--wait-quiet", type=float, default=0.0, help="wait up to this long for a quiet machine")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin trainer and receiver to CPUs")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--_receiver", help=argparse.SUPPRESS)
+    parser.add_argument("--_cpu", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._receiver:
+        receiver_main(args._receiver, args._cpu)
+        return 0
+    if args.rounds < 5:
+        parser.error("--rounds must be at least 5")
+
+    import torch
+
+    torch.set_num_threads(1)
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(1)
+    cpus = sorted(os.sched_getaffinity(0))
+    train_cpu, recv_cpu = (cpus[0], cpus[1]) if len(cpus) >= 2 and not args.no_pin else (None, None)
+    pin(train_cpu)
+    if args.wait_quiet > 0:
+        print(f"other processes use {wait_quiet(args.wait_quiet, args.quiet_threshold):.2f} CPUs; starting")
+    load = LoadWatch()
+    results: dict[str, Any] = {"machine": machine_info(), "cpus": [train_cpu, recv_cpu]}
+    with tempfile.TemporaryDirectory(prefix="bench-probes-") as tmp_name:
+        tmp = Path(tmp_name)
+        os.chmod(tmp, 0o700)
+        paths = {"daemon": tmp / "rt" / "ingest.sock", "absent": tmp / "absent" / "ingest.sock"}
+        receiver = Receiver(paths["daemon"], recv_cpu)
+        try:
+            work = Workload(False, args.batch, args.width, args.hidden)
+            rounds = alternate(work, paths, args.rounds, args.warmup, args.steps, args.seed)
+            results["training"] = {
+                "config": {
+                    "rounds": args.rounds,
+                    "steps": args.steps,
+                    "warmup": args.warmup,
+                    "batch": args.batch,
+                    "mlp": [args.width, args.hidden, args.hidden, 10],
+                },
+                "summary": summarise(rounds, args.quiet_threshold),
+                "rounds": rounds,
+            }
+            trivial = Workload(True, 0, 0, 0)
+            rounds = alternate(trivial, paths, args.trivial_rounds, 200, args.trivial_steps, args.seed + 1)
+            results["trivial"] = {
+                "config": {"rounds": args.trivial_rounds, "steps": args.trivial_steps, "model": "Linear(8, 1)"},
+                "summary": summarise(rounds, args.quiet_threshold),
+                "rounds": rounds,
+            }
+            results["in_situ"] = in_situ(work, paths["daemon"], args.warmup, 2 * args.steps)
+            results["hooks"] = hook_costs(paths, args.hook_calls, max(1000, args.hook_calls // 10), work.optimizer)
+        finally:
+            results["receiver"] = receiver.close()
+    results["load"] = load.result()
+    results["estimate"] = estimate(results)
+    results["targets"] = {"ratio": TARGET_RATIO, "us_per_step": TARGET_US_PER_STEP}
+    print_report(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

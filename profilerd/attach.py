@@ -1,0 +1,529 @@
+"""`profilerd attach PID`: diagnose a training process that is already running.
+
+Three layers, from least to most privileged; the best one available is used and named:
+
+- L0 (no privileges): psutil on the target, its threads and its DataLoader workers, plus the
+  host. Enough to tell input-bound from CPU-bound from host-bound.
+- L1 (ptrace): py-spy samples the target's Python stacks without pausing it (``--nonblocking``);
+  the share of training-thread samples in DataLoader ``__next__``, forward, backward, the
+  optimizer and collectives gives the step-phase fractions without probes.
+- L2 (inject): the probes themselves, installed in the live interpreter (``sys.remote_exec`` on
+  Python >= 3.14; on older Pythons an experimental gdb injection that is off by default), and
+  removed again on detach.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import psutil
+
+from profilerd.analysis.features import FRACTION_KEYS, Context, Features, Signals
+from profilerd.analysis.rules import RuleSet
+from profilerd.analysis.verdict import Verdict, evaluate
+from profilerd.samplers.host import DATALOADER_WORKER_NAME
+
+PTRACE_HELP = (
+    "stack sampling needs ptrace rights over the target: run as the same user with "
+    "kernel.yama.ptrace_scope=0 (sudo sysctl kernel.yama.ptrace_scope=0), or grant CAP_SYS_PTRACE "
+    "(e.g. docker run --cap-add SYS_PTRACE); profilerd never escalates by itself"
+)
+
+
+class AttachError(Exception):
+    """Attaching is impossible; the message says why and what to do (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    pid: int
+    cmdline: tuple[str, ...]
+    python_version: str | None
+    has_torch: bool
+
+
+def inspect_target(pid: int) -> Target:
+    """Check the pid is a live Python process with torch loaded, or raise AttachError."""
+    try:
+        proc = psutil.Process(pid)
+        cmdline = tuple(proc.cmdline())
+        exe = proc.exe()
+    except psutil.NoSuchProcess:
+        raise AttachError(f"no process with pid {pid}") from None
+    except psutil.ZombieProcess:
+        raise AttachError(f"process {pid} has already exited (zombie)") from None
+    except psutil.AccessDenied:
+        raise AttachError(f"no permission to inspect process {pid}: attach as its user, or as root") from None
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except PermissionError:
+        raise AttachError(f"no permission to read /proc/{pid}/maps: attach as the process's user") from None
+    except OSError as exc:
+        raise AttachError(f"process {pid} is gone or unreadable: {exc.strerror}") from None
+    version = _python_version(exe, maps)
+    if version is None:
+        name = Path(exe).name if exe else (cmdline[0] if cmdline else "?")
+        raise AttachError(f"process {pid} ({name}) is not a Python process")
+    has_torch = "libtorch" in maps or "/torch/_C" in maps
+    if not has_torch:
+        raise AttachError(f"process {pid} is Python {version} but has not imported torch: nothing to diagnose")
+    return Target(pid, cmdline, version, has_torch)
+
+
+def _python_version(exe: str, maps: str) -> str | None:
+    match = re.search(r"libpython(\d+\.\d+)", maps) or re.search(r"python(\d+\.\d+)", Path(exe).name)
+    if match:
+        return match.group(1)
+    if re.fullmatch(r"python\d*", Path(exe).name):
+        return "3"
+    return None
+
+
+# ---- L0: psutil ------------------------------------------------------------------------------
+@dataclass
+class L0Summary:
+    seconds: float = 0.0
+    samples: int = 0
+    main_thread_cores: float = 0.0  # the training (main) thread, 1.0 = one full core
+    other_threads_cores: float = 0.0  # intra-op threads and the rest
+    workers: int = 0
+    workers_cores: float = 0.0
+    worker_max_ratio: float | None = None
+    host_busy_cores: float = 0.0
+    cpu_count: int = 1
+    iowait_ratio: float | None = None
+    exited: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+class L0Sampler:
+    """CPU of the target's threads and DataLoader workers, and the host, over an interval."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.proc = psutil.Process(pid)
+        self._threads = self._thread_times()
+        self._workers: dict[int, psutil.Process] = {}
+        self._worker_ratios: list[float] = []
+        self._start = time.monotonic()
+        self._main = self._other = self._workers_total = self._host = 0.0
+        self._ticks = 0
+        self.summary = L0Summary(cpu_count=psutil.cpu_count() or 1)
+        psutil.cpu_percent(None)
+        self._discover_workers()
+
+    def _thread_times(self) -> dict[int, float]:
+        return {t.id: t.user_time + t.system_time for t in self.proc.threads()}
+
+    def _discover_workers(self) -> None:
+        for child in self.proc.children():
+            with contextlib.suppress(psutil.Error):
+                if child.pid not in self._workers and child.name() == DATALOADER_WORKER_NAME:
+                    child.cpu_percent(None)
+                    self._workers[child.pid] = child
+
+    def tick(self, interval: float) -> bool:
+        """Sample once after ``interval`` seconds; False once the target has exited."""
+        try:
+            before = self._threads
+            time.sleep(interval)
+            if self.proc.status() == psutil.STATUS_ZOMBIE:
+                raise psutil.ZombieProcess(self.pid)
+            now = self._thread_times()
+            self._discover_workers()
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            self.summary.exited = True
+            return False
+        main = (now.get(self.pid, 0.0) - before.get(self.pid, 0.0)) / interval
+        other = sum(v - before.get(tid, v) for tid, v in now.items() if tid != self.pid) / interval
+        ratios = []
+        for pid, worker in list(self._workers.items()):
+            try:
+                ratios.append(worker.cpu_percent(None) / 100.0)
+            except psutil.Error:
+                del self._workers[pid]
+        self._threads = now
+        self._ticks += 1
+        self._main += main
+        self._other += other
+        self._workers_total += sum(ratios)
+        self._worker_ratios.extend(ratios)
+        self._host += psutil.cpu_percent(None) / 100.0 * (psutil.cpu_count() or 1)
+        s = self.summary
+        s.samples = self._ticks
+        s.seconds = time.monotonic() - self._start
+        s.main_thread_cores = self._main / self._ticks
+        s.other_threads_cores = self._other / self._ticks
+        s.workers = len(self._workers)
+        s.workers_cores = self._workers_total / self._ticks
+        s.worker_max_ratio = float(np.percentile(self._worker_ratios, 90)) if self._worker_ratios else None
+        s.host_busy_cores = self._host / self._ticks
+        times = psutil.cpu_times_percent(None)
+        s.iowait_ratio = getattr(times, "iowait", None)
+        return True
+
+
+def classify_l0(s: L0Summary) -> tuple[str, str, str, dict[str, float]]:
+    """Primary category, severity, evidence and rough fractions from thread CPU alone.
+
+    The training thread's own CPU share says how much of the time it computes or runs Python;
+    the rest it is blocked (waiting for input, the device or other ranks). Busy workers with
+    an idle loop mean the input pipeline is the limit.
+    """
+    busy = min(1.0, s.main_thread_cores)
+    workers_busy = s.worker_max_ratio is not None and s.worker_max_ratio >= 0.8
+    compute_cores = s.main_thread_cores + s.other_threads_cores
+    if workers_busy and busy < 0.6:
+        evidence = (
+            f"{s.workers} DataLoader workers run at {s.worker_max_ratio:.0%} of a core while the training "
+            f"thread is busy only {busy:.0%} of the time"
+        )
+        return "data", "warning", evidence, {"data_wait": 1 - busy, "compute": busy}
+    if busy < 0.5:
+        what = "input" if s.workers or compute_cores < 0.5 else "the device or other ranks"
+        evidence = (
+            f"the training thread is busy only {busy:.0%} of the time and the process uses "
+            f"{compute_cores:.1f} cores: it mostly waits ({what})"
+        )
+        return "data", "warning", evidence, {"data_wait": 1 - busy, "compute": busy}
+    if s.other_threads_cores < 0.2 and busy >= 0.9:
+        evidence = f"the training thread runs at {busy:.0%} of a core while the math threads idle: host-bound"
+        return "algorithm", "warning", evidence, {"other": busy, "compute": 1 - busy}
+    evidence = f"the process keeps {compute_cores:.1f} of {s.cpu_count} cores busy computing"
+    return "compute", "info", evidence, {"compute": busy, "data_wait": 1 - busy}
+
+
+# ---- L1: py-spy ---------------------------------------------------------------------------------
+PHASE_PATTERNS = (
+    ("communication", re.compile(r"\(torch/distributed/|Work\.wait|distributed_c10d")),
+    ("data_wait", re.compile(r"_BaseDataLoaderIter\.__next__ \(torch/utils/data/")),
+    ("backward", re.compile(r"\(torch/autograd/__init__\.py|_engine_run_backward|Tensor\.backward \(torch/")),
+    ("optimizer", re.compile(r"\(torch/optim/")),
+    ("forward", re.compile(r"Module\._call_impl \(torch/nn/modules/module\.py")),
+)
+
+
+def py_spy_path() -> str | None:
+    found = shutil.which("py-spy")
+    if found:
+        return found
+    candidate = Path(sys.executable).with_name("py-spy")
+    return str(candidate) if candidate.exists() else None
+
+
+def phase_of(stack: str) -> str:
+    """The step phase of one stack (root first; communication wins wherever it appears)."""
+    if PHASE_PATTERNS[0][1].search(stack):
+        return "communication"
+    frames = stack.split(";")
+    for frame in frames:
+        for phase, pattern in PHASE_PATTERNS[1:]:
+            if pattern.search(frame):
+                return phase
+    return "other"
+
+
+def parse_raw(text: str) -> dict[str, Counter[str]]:
+    """py-spy's raw (collapsed) output → per-thread counts of samples per phase."""
+    threads: dict[str, Counter[str]] = {}
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        head, _, frames = stack.partition(";")
+        name = head.split(": ", 1)[-1] if ": " in head else head
+        threads.setdefault(name, Counter())[phase_of(frames)] += int(count)
+    return threads
+
+
+def training_thread(threads: dict[str, Counter[str]]) -> Counter[str]:
+    """The thread that does the training: most samples in training phases, MainThread on ties."""
+    if not threads:
+        return Counter()
+
+    def score(item: tuple[str, Counter[str]]) -> tuple[int, bool]:
+        name, counts = item
+        return (sum(v for k, v in counts.items() if k != "other"), name == "MainThread")
+
+    return max(threads.items(), key=score)[1]
+
+
+class PySpySampler:
+    """Runs `py-spy record` in the background for the attach duration."""
+
+    def __init__(self, pid: int, rate_hz: int, duration_s: float) -> None:
+        exe = py_spy_path()
+        if exe is None:
+            raise AttachError("py-spy is not installed (pip install py-spy)")
+        self.output = Path(tempfile.mkstemp(prefix="profilerd-pyspy-", suffix=".txt")[1])
+        self.process = subprocess.Popen(
+            [
+                exe,
+                "record",
+                "--pid",
+                str(pid),
+                "--nonblocking",
+                "--idle",
+                "--threads",
+                "--rate",
+                str(rate_hz),
+                "--duration",
+                str(max(1, round(duration_s))),
+                "--format",
+                "raw",
+                "-o",
+                str(self.output),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(2)  # SIGINT: py-spy writes what it has and exits
+
+    def result(self, timeout: float) -> tuple[Counter[str] | None, str | None]:
+        """Phase counts of the training thread, or (None, why) when sampling was refused."""
+        try:
+            _, stderr = self.process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            _, stderr = self.process.communicate()
+        try:
+            text = self.output.read_text()
+        finally:
+            self.output.unlink(missing_ok=True)
+        if not text.strip():
+            reason = (stderr or "").strip().splitlines()
+            message = reason[-1] if reason else "py-spy produced no samples"
+            if "ermission" in (stderr or "") or "ptrace" in (stderr or "").lower():
+                message = f"{message}; {PTRACE_HELP}"
+            return None, message
+        return training_thread(parse_raw(text)), None
+
+
+# ---- putting it together -----------------------------------------------------------------------
+@dataclass
+class AttachResult:
+    target: Target
+    layer: str
+    l0: L0Summary
+    l1_counts: Counter[str] | None = None
+    l1_note: str | None = None
+    l2_note: str | None = None
+    verdict: Verdict | None = None
+    l0_verdict: tuple[str, str, str, dict[str, float]] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def features_from_samples(counts: Counter[str], seconds: float, context: Context) -> Features:
+    """Stack-sample counts as step-phase features; 'steps' counts samples (no step boundaries)."""
+    total = sum(counts.values()) or 1
+    phases = {
+        "data_wait": counts["data_wait"] / total,
+        "forward": counts["forward"] / total,
+        "backward": counts["backward"] / total,
+        "optimizer": counts["optimizer"] / total,
+        "communication": counts["communication"] / total,
+        "other": counts["other"] / total,
+    }
+    fractions = {
+        "data_wait": phases["data_wait"],
+        "compute": phases["forward"] + phases["backward"] + phases["optimizer"],
+        "communication": phases["communication"],
+        "other": phases["other"],
+    }
+    return Features(
+        steps=sum(counts.values()),
+        ranks=1,
+        duration_s=seconds,
+        fractions=fractions,
+        phase_fractions=phases,
+        step_time_p50_s=0.0,
+        step_time_p95_s=0.0,
+        step_time_mean_s=0.0,
+        steps_per_s=0.0,
+        data_wait_spike_fraction=0.0,
+        per_rank=pd.DataFrame(),
+        context=context,
+        signals=Signals(),
+    )
+
+
+def attach_ruleset(ruleset: RuleSet, duration_s: float) -> RuleSet:
+    """Evidence for attach is counted in stack samples over the attach window."""
+    return replace(ruleset, min_steps=20, min_seconds=min(ruleset.min_seconds, max(1.0, duration_s * 0.5)))
+
+
+def run_attach(
+    pid: int,
+    duration_s: float,
+    ruleset: RuleSet,
+    *,
+    use_l1: bool = True,
+    rate_hz: int = 10,
+    on_tick: Any = None,
+) -> AttachResult:
+    """Observe the target for ``duration_s`` (or until it exits) with L0 and, if allowed, L1."""
+    target = inspect_target(pid)
+    try:
+        l0 = L0Sampler(pid)
+    except psutil.NoSuchProcess:
+        raise AttachError(f"process {pid} exited before profilerd could attach") from None
+    spy = None
+    note = None
+    if use_l1:
+        try:
+            spy = PySpySampler(pid, rate_hz, duration_s)
+        except AttachError as exc:
+            note = str(exc)
+    deadline = time.monotonic() + duration_s
+    while time.monotonic() < deadline:
+        if not l0.tick(min(0.5, max(0.05, deadline - time.monotonic()))):
+            break
+        if on_tick is not None:
+            on_tick(l0.summary)
+    if spy is not None:
+        spy.stop()
+    counts, spy_note = spy.result(timeout=10) if spy is not None else (None, None)
+    note = note or spy_note
+    summary = l0.summary
+    context = Context(
+        config={"dataloader": {"num_workers": summary.workers}},
+        cpu_count=summary.cpu_count,
+        host_busy_cores=summary.host_busy_cores,
+        trainer_cpu_cores=summary.main_thread_cores + summary.other_threads_cores,
+        workers_cpu_cores=summary.workers_cores,
+        worker_cpu_max_ratio=summary.worker_max_ratio,
+        workers_seen=summary.workers,
+    )
+    result = AttachResult(target, "L0", summary, counts, note)
+    if summary.exited:
+        result.notes.append(f"the target exited after {summary.seconds:.1f} s; the verdict uses what was gathered")
+    if counts and sum(counts.values()) >= 5:
+        result.layer = "L1"
+        features = features_from_samples(counts, summary.seconds, context)
+        result.verdict = evaluate(features, attach_ruleset(ruleset, min(duration_s, summary.seconds)))
+    result.l0_verdict = classify_l0(summary) if summary.samples else None
+    return result
+
+
+def document(result: AttachResult, run_id: str) -> dict[str, Any]:
+    """The verdict contract of `profilerd run`, plus attach_layer and what each layer saw."""
+    layers: dict[str, Any] = {"L0": {"available": True, "saw": result.l0.to_json()}}
+    layers["L1"] = (
+        {"available": True, "samples": dict(result.l1_counts)}
+        if result.l1_counts
+        else {"available": False, "why": result.l1_note or "not requested"}
+    )
+    layers["L2"] = {"available": False, "why": result.l2_note or "injection not requested (see --inject)"}
+    if result.verdict is not None:
+        doc = result.verdict.to_json(run_id, f"pid-{result.target.pid}")
+    else:
+        primary, severity, evidence, rough = result.l0_verdict or ("none", "ok", "no samples", {})
+        fractions = dict.fromkeys(FRACTION_KEYS, 0.0)
+        fractions.update(rough)
+        headline = {"data": "DATA-BOUND", "compute": "COMPUTE-BOUND", "algorithm": "ALGORITHM"}.get(primary, "")
+        doc = {
+            "schema": "profilerd.verdict/v1",
+            "run_id": run_id,
+            "job": f"pid-{result.target.pid}",
+            "primary": primary,
+            "severity": severity,
+            "summary": f"{headline}: {evidence}" if headline else evidence,
+            "fractions": {k: round(v, 4) for k, v in fractions.items()},
+            "steps": 0,
+            "ranks": 1,
+            "duration_s": round(result.l0.seconds, 3),
+            "steps_per_s": 0.0,
+            "step_time_s": {"p50": 0.0, "p95": 0.0, "mean": 0.0},
+            "findings": [],
+            "recommendations": [],
+        }
+    doc["attach_layer"] = result.layer
+    doc["layers"] = layers
+    doc["target"] = {"pid": result.target.pid, "python": result.target.python_version}
+    if result.l0_verdict is not None:
+        doc["l0_estimate"] = {"primary": result.l0_verdict[0], "evidence": result.l0_verdict[2]}
+    doc["notes"] = result.notes
+    return doc
+
+
+# ---- L2: injection ------------------------------------------------------------------------------
+def injection_code(boot_dir: Path, socket_path: Path, run_id: str, install: bool) -> str:
+    if not install:
+        return "import probes; probes.uninstall()"
+    return (
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(boot_dir)!r})\n"
+        f"os.environ['PROFILERD_SOCKET'] = {str(socket_path)!r}\n"
+        f"os.environ.setdefault('PROFILERD_RUN_ID', {run_id!r})\n"
+        f"os.environ.setdefault('PROFILERD_JOB_ID', {run_id!r})\n"
+        "import probes; probes.install()\n"
+    )
+
+
+def inject(pid: int, code: str, python_version: str | None, experimental: bool, timeout_s: float = 30.0) -> None:
+    """Run ``code`` inside the target's interpreter, or raise AttachError saying why not."""
+    if python_version and tuple(int(p) for p in python_version.split(".")[:2]) >= (3, 14):
+        script = Path(tempfile.mkstemp(prefix="profilerd-inject-", suffix=".py")[1])
+        script.write_text(code)
+        os.chmod(script, 0o644)
+        try:
+            # sys.remote_exec runs the file at the target's next safe point (PEP 768).
+            exe = psutil.Process(pid).exe()
+            result = subprocess.run(
+                [exe, "-c", f"import sys; sys.remote_exec({pid}, {str(script)!r})"],
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+            )
+        finally:
+            time.sleep(1.0)  # the target reads the file at its next eval-loop check
+            script.unlink(missing_ok=True)
+        if result.returncode != 0:
+            raise AttachError(f"sys.remote_exec failed: {result.stderr.strip()[-300:]}; {PTRACE_HELP}")
+        return
+    if not experimental:
+        raise AttachError(
+            f"injecting into Python {python_version} needs the experimental gdb method: pass --inject-experimental"
+        )
+    gdb = shutil.which("gdb")
+    if gdb is None:
+        raise AttachError("the experimental injection needs gdb (apt-get install gdb)")
+    escaped = code.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    cmd = [
+        gdb,
+        "-p",
+        str(pid),
+        "-batch",
+        "-nx",
+        "-ex",
+        "call (int)PyGILState_Ensure()",
+        "-ex",
+        f'call (int)PyRun_SimpleString("{escaped}")',
+        "-ex",
+        "call (void)PyGILState_Release($1)",
+    ]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise AttachError("gdb injection timed out (the target may hold the GIL in a blocking call)") from None
+    if "$2 = 0" not in result.stdout:
+        raise AttachError(f"gdb injection failed: {(result.stdout + result.stderr).strip()[-300:]}; {PTRACE_HELP}")

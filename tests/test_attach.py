@@ -1,0 +1,183 @@
+"""`profilerd attach PID` against real, unchanged CPU training processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import EXAMPLES, REPO, run_cli
+
+HAS_PY_SPY = shutil.which("py-spy") is not None or Path(sys.executable).with_name("py-spy").exists()
+
+
+def start(*cmd: str, env: dict[str, str], cwd: Path = REPO) -> subprocess.Popen[str]:
+    env = {k: v for k, v in env.items() if k != "PYTHONPATH"}  # unchanged scripts, no probes
+    return subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture
+def spawn(profilerd_env: dict[str, str]) -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+
+
+def wait_for_torch(pid: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if "libtorch" in Path(f"/proc/{pid}/maps").read_text():
+                time.sleep(1.5)  # past import, into the training loop
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("the target never loaded torch")
+
+
+def attach(pid: int, env: dict[str, str], out: Path, *flags: str) -> dict:
+    result = run_cli("attach", str(pid), "--once", "--duration", "5", "--json", str(out), *flags, env=env, timeout=90)
+    assert result.returncode == 0, result.stderr
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize(
+    "stacks", [False, pytest.param(True, marks=pytest.mark.skipif(not HAS_PY_SPY, reason="py-spy missing"))]
+)
+def test_data_starved_and_compute_bound_targets(spawn, profilerd_env, short_tmp: Path, stacks: bool) -> None:
+    starved = start(sys.executable, "-m", "profilerd.demo.starved", "--seconds", "60", env=profilerd_env)
+    spawn.append(starved)
+    wait_for_torch(starved.pid)
+    flags = () if stacks else ("--no-stacks",)
+    document = attach(starved.pid, profilerd_env, short_tmp / "starved.json", *flags)
+    assert document["primary"] == "data", document["summary"]
+    assert document["attach_layer"] == ("L1" if stacks else "L0")
+    assert document["schema"] == "profilerd.verdict/v1"
+    assert sum(document["fractions"].values()) == pytest.approx(1.0, abs=0.01)
+    starved.kill()
+    compute = start(sys.executable, str(EXAMPLES / "compute_bound.py"), "--seconds", "60", env=profilerd_env)
+    spawn.append(compute)
+    wait_for_torch(compute.pid)
+    document = attach(compute.pid, profilerd_env, short_tmp / "compute.json", *flags)
+    assert document["primary"] == "compute", document["summary"]
+    if stacks:
+        assert document["layers"]["L1"]["samples"]["backward"] > 0
+
+
+def test_target_that_exits_mid_attach_still_gets_a_verdict(spawn, profilerd_env, short_tmp: Path) -> None:
+    target = start(sys.executable, "-m", "profilerd.demo.starved", "--seconds", "6", env=profilerd_env)
+    spawn.append(target)
+    wait_for_torch(target.pid)
+    out = short_tmp / "exit.json"
+    result = run_cli(
+        "attach", str(target.pid), "--once", "--duration", "15", "--json", str(out), env=profilerd_env, timeout=90
+    )
+    assert result.returncode == 0, result.stderr
+    document = json.loads(out.read_text())
+    assert any("exited" in note for note in document["notes"])
+    assert document["primary"] in ("data", "compute", "algorithm")
+
+
+def test_bad_targets_get_a_clear_error_and_exit_2(spawn, profilerd_env) -> None:
+    missing = run_cli("attach", "999999", "--once", env=profilerd_env, timeout=30)
+    assert missing.returncode == 2 and "no process with pid 999999" in missing.stderr
+    sleeper = start("sleep", "30", env=profilerd_env)
+    spawn.append(sleeper)
+    not_python = run_cli("attach", str(sleeper.pid), "--once", env=profilerd_env, timeout=30)
+    assert not_python.returncode == 2 and "is not a Python process" in not_python.stderr
+    plain = start(sys.executable, "-c", "import time; time.sleep(30)", env=profilerd_env)
+    spawn.append(plain)
+    time.sleep(0.5)
+    no_torch = run_cli("attach", str(plain.pid), "--once", env=profilerd_env, timeout=30)
+    assert no_torch.returncode == 2 and "has not imported torch" in no_torch.stderr
+    assert sleeper.poll() is None and plain.poll() is None  # no harm done
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another user")
+def test_no_permission_names_the_fix(spawn, profilerd_env) -> None:
+    target = start(sys.executable, "-m", "profilerd.demo.starved", "--seconds", "30", env=profilerd_env)
+    spawn.append(target)
+    wait_for_torch(target.pid)
+    try:
+        result = _run_as_nobody(target.pid, profilerd_env)
+    except PermissionError:
+        pytest.skip("the unprivileged user cannot run this Python")
+    if "No module named" in result.stderr:
+        pytest.skip("the unprivileged user cannot read the checkout")
+    assert result.returncode == 2
+    assert "permission" in result.stderr
+    assert target.poll() is None
+
+
+def _run_as_nobody(pid: int, profilerd_env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "profilerd", "attach", str(pid), "--once"],
+        env=dict(profilerd_env, HOME="/tmp"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=lambda: os.setuid(65534),
+    )
+
+
+TARGET = textwrap.dedent("""
+    import sys, time, torch
+    from torch.utils.data import dataloader as dl
+    sys.path.insert(0, {examples!r})
+    from data_starved import DecodeOnTheFly
+    model = torch.nn.Linear(3 * 32 * 32, 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    log = open({log!r}, "w", buffering=1)
+    end = time.monotonic() + 40
+    while time.monotonic() < end:
+        for x, y in torch.utils.data.DataLoader(DecodeOnTheFly(256), batch_size=8):
+            loss = torch.nn.functional.cross_entropy(model(x.flatten(1)), y)
+            opt.zero_grad(); loss.backward(); opt.step()
+            log.write(f"{{time.monotonic():.3f}} {{dl._BaseDataLoaderIter.__next__.__module__}}\\n")
+""")
+
+
+@pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb missing")
+def test_experimental_injection_installs_and_removes_the_probes(spawn, profilerd_env, short_tmp: Path) -> None:
+    log = short_tmp / "target.log"
+    script = short_tmp / "target.py"
+    script.write_text(TARGET.format(examples=str(EXAMPLES), log=str(log)))
+    target = start(sys.executable, str(script), env=profilerd_env)
+    spawn.append(target)
+    wait_for_torch(target.pid)
+    document = attach(
+        target.pid, profilerd_env, short_tmp / "l2.json", "--inject-experimental", "--no-stacks", "--rate=10"
+    )
+    assert document["attach_layer"] == "L2", document["layers"]
+    assert document["primary"] == "data"
+    assert document["steps"] >= 20
+    time.sleep(1.0)
+    lines = log.read_text().splitlines()
+    modules = [line.split()[1] for line in lines]
+    assert "probes.core" in modules  # the probes were in the loop while attached
+    assert modules[-1] == "torch.utils.data.dataloader"  # and gone after detach
+    assert target.poll() is None  # the target carries on
+
+
+def test_no_inject_forbids_injection(spawn, profilerd_env, short_tmp: Path) -> None:
+    target = start(sys.executable, "-m", "profilerd.demo.starved", "--seconds", "30", env=profilerd_env)
+    spawn.append(target)
+    wait_for_torch(target.pid)
+    document = attach(
+        target.pid, profilerd_env, short_tmp / "noinject.json", "--inject-experimental", "--no-inject", "--no-stacks"
+    )
+    assert document["attach_layer"] == "L0"
+    assert document["layers"]["L2"] == {"available": False, "why": "forbidden by --no-inject"}
