@@ -222,13 +222,13 @@ def test_runs_prune_keeps_the_newest(profilerd_env, fast_rules: Path) -> None:
 
 
 def test_live_status_line_on_a_terminal(profilerd_env, fast_rules: Path) -> None:
-    """On a TTY, `run` keeps one status line updated while the job trains."""
+    """On a TTY with --no-tui, `run` keeps one status line updated while the job trains."""
     import os
     import pty
 
     leader, follower = pty.openpty()
     process = subprocess.Popen(
-        [sys.executable, "-m", "profilerd", "run", "--rules", str(fast_rules), "--",
+        [sys.executable, "-m", "profilerd", "run", "--no-tui", "--rules", str(fast_rules), "--",
          sys.executable, str(EXAMPLES / "data_starved.py"), "--seconds", "4"],
         env=profilerd_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=follower,
     )
