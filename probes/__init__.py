@@ -51,6 +51,9 @@ def install(socket_path: str | os.PathLike[str] | None = None) -> bool:
     if not _registered_atexit:
         _registered_atexit = True
         atexit.register(_flush_at_exit)
+        import multiprocessing.util
+
+        multiprocessing.util.register_after_fork(probe, _after_multiprocessing_fork)
         os.register_at_fork(after_in_child=_after_fork_in_child)
     return True
 
@@ -79,6 +82,19 @@ def profile(socket_path: str | os.PathLike[str] | None = None) -> Iterator[None]
         yield
     finally:
         uninstall()
+
+
+def _register_exit_flush() -> None:
+    """Flush at interpreter exit, and also in multiprocessing children, which leave through
+    os._exit() after running multiprocessing's finalizers but not atexit."""
+    import multiprocessing.util
+
+    multiprocessing.util.Finalize(None, _flush_at_exit, exitpriority=100)
+
+
+def _after_multiprocessing_fork(probe: object) -> None:
+    # multiprocessing clears its finalizers in a new child, then runs after-fork callbacks.
+    _register_exit_flush()
 
 
 def _flush_at_exit() -> None:

@@ -42,11 +42,20 @@ CONFIG_STEPS = (1, 2, 3, 5, 10, 20, 50)
 CONFIG_REFRESH_STEPS = 500
 HELLO_REFRESH_S = 10.0
 REDISCOVERY_STEPS = 100
+BATCH_MAX_AGE_S = 0.05  # steps wait at most this long to share a datagram
+COMPILES_REFRESH_S = 0.5
 
 
 def _env_int(name: str, default: int) -> int:
     try:
         return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
     except ValueError:
         return default
 
@@ -84,7 +93,17 @@ class StepProbe:
         self._torch = torch
         self.sender = sender
         self.ident = identity()
+        self._pid, self._rank = self.ident["pid"], self.ident["rank"]
         self._started_unix_s = time.time()
+        self._wall_offset = time.time() - time.perf_counter()  # perf_counter -> unix seconds
+        self._batch: list[bytes] = []
+        self._batch_started = time.perf_counter()
+        self._compiles = 0
+        self._compiles_read_at = -math.inf
+        self._loss_read_at = -math.inf
+        self._grad_norm_read_at = -math.inf
+        self._last_optimizer: Any = None
+        self._said_goodbye = False
         self.train_thread = threading.main_thread().ident
         self.enabled = True
         self._handles: list[Any] = []
@@ -119,7 +138,11 @@ class StepProbe:
         self._last_grad_ready = 0.0  # perf_counter when the last gradient of a DDP backward was ready
         self._exposed_comm_s = 0.0
         self._lr: float | None = None
-        self._grad_norm_every = max(0, _env_int("PROFILERD_GRAD_NORM_EVERY", 10))
+        # The gradient norm costs a pass over every gradient: sample it once a second at most
+        # (0 disables); a clip_grad_norm_ call in the loop gives it for free every step.
+        self._grad_norm_every_s = max(0.0, _env_float("PROFILERD_GRAD_NORM_EVERY_S", 1.0))
+        # The loss is read at most this often: NaN/inf persist and trends are slow.
+        self.loss_every_s = max(0.0, _env_float("PROFILERD_LOSS_EVERY_S", 0.05))
         self._scheduler: str | None = None
         self._clip_used = False
         self._reset_step(time.perf_counter())
@@ -203,44 +226,59 @@ class StepProbe:
             comm_total += max(exposed, backward * self._ddp_split.comm_ratio)
             backward -= exposed
             comm += exposed
-        datagram = wire.encode_step(
-            self.ident["pid"],
-            self.ident["rank"],
-            self._seq,
-            self.step_index,
-            time.time() - (time.perf_counter() - end),
-            end - start,
-            self.data_wait_s,
-            self.forward_s,
-            backward,
-            self.optimizer_s,
-            comm,
-            self.sender.dropped_total,
-            flags,
-            loss=loss if loss is not None else 0.0,
-            grad_norm=grad_norm if grad_norm is not None else 0.0,
-            lr=self._lr if self._lr is not None else 0.0,
-            scaler_scale=scale if scale is not None else 0.0,
-            sync_count=self.syncs.count,
-            sync_s=self.syncs.seconds,
-            comm_total_s=comm_total,
-            graph_compiles=_graph_compiles(),
-            comm_ops=self.collectives.ops,
-            comm_bytes=self.collectives.bytes,
+        if end - self._compiles_read_at > COMPILES_REFRESH_S:
+            self._compiles_read_at = end
+            self._compiles = _graph_compiles()
+        self._batch.append(
+            wire.pack_step_record(
+                self._pid,
+                self._rank,
+                self._seq,
+                self.step_index,
+                end + self._wall_offset,
+                end - start,
+                self.data_wait_s,
+                self.forward_s,
+                backward,
+                self.optimizer_s,
+                comm,
+                self.sender.dropped_total,
+                flags,
+                loss if loss is not None else 0.0,
+                grad_norm if grad_norm is not None else 0.0,
+                self._lr if self._lr is not None else 0.0,
+                scale if scale is not None else 0.0,
+                self.syncs.count,
+                self.syncs.seconds,
+                comm_total,
+                self._compiles,
+                self.collectives.ops,
+                self.collectives.bytes,
+            )
         )
-        self.sender.send(datagram)
+        if len(self._batch) >= wire.MAX_BATCH_RECORDS or end - self._batch_started >= BATCH_MAX_AGE_S:
+            self._send_batch(end)
         self._reset_step(end)
 
+    def _send_batch(self, now: float) -> None:
+        """One datagram for the steps gathered so far: a syscall per batch, not per step."""
+        if self._batch:
+            self.sender.send(wire.encode_step_batch(self._batch), records=len(self._batch))
+            self._batch = []
+        self._batch_started = now
+
     def flush(self) -> None:
-        """Close the step in progress if it has ended (at exit or uninstall)."""
+        """Close the step in progress if it has ended, and send what is batched (exit, uninstall)."""
         if self._pending_close is not None:
             self._close_step(self._pending_close, fallback=False)
         elif self._backward_seen:
             self._close_step(time.perf_counter(), fallback=True)
+        self._send_batch(time.perf_counter())
 
     def say_goodbye(self) -> None:
-        """At interpreter exit: tells the daemon this process ended normally."""
-        if self.step_index > 0:
+        """At interpreter exit: tells the daemon this process ended normally (once)."""
+        if self.step_index > 0 and not self._said_goodbye:
+            self._said_goodbye = True
             body = {"pid": self.ident["pid"], "kind": "exit", "steps": self.step_index}
             self.sender.send(wire.encode_json(wire.KIND_EVENT, body))
 
@@ -265,7 +303,9 @@ class StepProbe:
         rank, world = dist.get_rank(), dist.get_world_size()
         if (rank, world) != (self.ident["rank"], self.ident["world_size"]):
             self.ident = dict(self.ident, rank=rank, world_size=world)
+            self._rank = rank
             self._hello_sent_at = -math.inf
+        self._wall_offset = time.time() - time.perf_counter()  # follow NTP adjustments
 
     def _send_config(self) -> None:
         config = self.config_snapshot()
@@ -355,11 +395,16 @@ class StepProbe:
 
     def on_optimizer_pre(self, optimizer: Any) -> None:
         self.syncs.suspended += 1  # the optimizer's own .item() calls are not the user's
-        if optimizer not in self._optimizers:
+        if optimizer is not self._last_optimizer:
+            self._last_optimizer = optimizer
             self._optimizers.add(optimizer)
-        if self._grad_norm_every and not self._clip_this_step and (self.step_index + 1) % self._grad_norm_every == 0:
+        now = time.perf_counter()
+        every = self._grad_norm_every_s
+        if every and not self._clip_this_step and now - self._grad_norm_read_at >= every:
+            self._grad_norm_read_at = now
             self._sample_grad_norm(optimizer)
-        self._optimizer_start = time.perf_counter()
+            now = time.perf_counter()
+        self._optimizer_start = now
 
     def on_optimizer_post(self, optimizer: Any) -> None:
         now = time.perf_counter()
@@ -500,6 +545,8 @@ class StepProbe:
         """Forked children (DataLoader workers, fork-started ranks) start from a clean slate."""
         self.sender.reset_after_fork()
         self.ident = identity()
+        self._pid, self._rank = self.ident["pid"], self.ident["rank"]
+        self._batch = []
         self._started_unix_s = time.time()
         self.train_thread = threading.get_ident()
         self._seq = 0
@@ -593,12 +640,14 @@ def _make_backward(original: Any) -> Any:
             return original(*args, **kwargs)
         if get_ident() != probe.train_thread and not probe.optimizer_seen and probe.step_index == 0:
             probe.train_thread = get_ident()  # the training loop runs on another thread
-        if args and get_ident() == probe.train_thread:
+        start = perf_counter()
+        if args and start - probe._loss_read_at >= probe.loss_every_s and get_ident() == probe.train_thread:
+            probe._loss_read_at = start
             try:
                 probe._loss.capture(args[0] if hasattr(args[0], "numel") else None)
             except Exception as exc:
                 disable(exc)
-        start = perf_counter()
+            start = perf_counter()
         try:
             return original(*args, **kwargs)
         finally:

@@ -25,14 +25,11 @@ class DatagramSender:
     def __init__(self, path: Path) -> None:
         self.path = str(path)
         self.dropped: Counter[str] = Counter()
+        self.dropped_total = 0  # kept as an int: it goes into every step record
         self.sent = 0
         self._sock: socket.socket | None = None
         self._next_attempt = 0.0
         self.reconnected = False  # set when a (re)connection succeeds; the caller resends hello
-
-    @property
-    def dropped_total(self) -> int:
-        return sum(self.dropped.values())
 
     def _connect(self) -> bool:
         now = time.monotonic()
@@ -55,29 +52,29 @@ class DatagramSender:
         if self._sock is None:
             self._connect()
 
-    def send(self, datagram: bytes) -> bool:
+    def _drop(self, reason: str, records: int) -> bool:
+        self.dropped[reason] += records
+        self.dropped_total += records
+        return False
+
+    def send(self, datagram: bytes, records: int = 1) -> bool:
+        """Send one datagram carrying ``records`` messages; drops are counted per message."""
         if self._sock is None and not self._connect():
-            self.dropped["daemon_absent"] += 1
-            return False
+            return self._drop("daemon_absent", records)
         sock = self._sock
         if sock is None:
             return False
         try:
             sock.send(datagram)
         except BlockingIOError:
-            self.dropped["daemon_busy"] += 1
-            return False
+            return self._drop("daemon_busy", records)
         except OSError as exc:
-            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTCONN):
-                self.dropped["daemon_absent"] += 1
-            elif exc.errno == errno.EMSGSIZE:
-                self.dropped["oversized"] += 1
-                return False
-            else:
-                self.dropped["send_error"] += 1
+            if exc.errno == errno.EMSGSIZE:
+                return self._drop("oversized", records)
+            absent = exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTCONN)
             self.close()
-            return False
-        self.sent += 1
+            return self._drop("daemon_absent" if absent else "send_error", records)
+        self.sent += records
         return True
 
     def close(self) -> None:
@@ -90,6 +87,7 @@ class DatagramSender:
         """A forked child must not share the parent's socket or counters."""
         self._sock = None
         self.dropped = Counter()
+        self.dropped_total = 0
         self.sent = 0
         self._next_attempt = 0.0
         self.reconnected = False

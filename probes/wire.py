@@ -25,8 +25,9 @@ KIND_STEP = 2
 KIND_CONFIG = 3
 KIND_EVENT = 4
 KIND_RUN_END = 5
+KIND_STEP_BATCH = 6  # a u16 count, then that many step records
 
-JSON_KINDS = {KIND_HELLO: "hello", KIND_CONFIG: "config", KIND_EVENT: "event", KIND_RUN_END: "run_end"}
+JSON_KINDS: dict[int, str] = {KIND_HELLO: "hello", KIND_CONFIG: "config", KIND_EVENT: "event", KIND_RUN_END: "run_end"}
 
 # pid, rank, seq, step, end_unix_s, step_s, data_wait_s, forward_s, backward_s, optimizer_s,
 # comm_s, sender_dropped, flags, then the training signals: loss, grad_norm, lr, scaler_scale
@@ -34,10 +35,13 @@ JSON_KINDS = {KIND_HELLO: "hello", KIND_CONFIG: "config", KIND_EVENT: "event", K
 # sync_count, sync_s, comm_total_s, graph_compiles, comm_ops, comm_bytes.
 STEP = struct.Struct("<IiIQddddddd II dddd IddI IQ")
 STEP_SIZE = HEADER.size + STEP.size
+BATCH_COUNT = struct.Struct("<H")
+pack_step_record = STEP.pack  # positional fields, no header: what a batch is made of
 
 # Large enough for any configuration snapshot, small enough to fit the default AF_UNIX
 # datagram limits with room to spare.
 MAX_DATAGRAM_BYTES = 64 * 1024
+MAX_BATCH_RECORDS = 32
 
 FLAG_FALLBACK_BOUNDARY = 1  # the step was delimited without optimizer hooks
 FLAG_GRAD_SCALER_SKIPPED = 2  # GradScaler found inf/NaN gradients and skipped optimizer.step()
@@ -82,6 +86,13 @@ class StepMessage:
     graph_compiles: int = 0
     comm_ops: int = 0
     comm_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StepBatch:
+    """Several step records of one sender in one datagram (the probes' normal form)."""
+
+    steps: tuple[StepMessage, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +156,22 @@ def encode_step(
     )
 
 
+def encode_step_batch(records: list[bytes]) -> bytes:
+    """Header, count, then records made with ``pack_step_record``."""
+    return HEADER.pack(MAGIC, VERSION, KIND_STEP_BATCH) + BATCH_COUNT.pack(len(records)) + b"".join(records)
+
+
+def _step(datagram: bytes, offset: int) -> StepMessage:
+    fields = STEP.unpack_from(datagram, offset)
+    message = StepMessage(*fields)
+    durations = (*fields[5:11], message.sync_s, message.comm_total_s)
+    low, high = min(durations), max(durations)
+    # NaN fails every comparison (and makes the sum NaN), so these reject it with negatives.
+    if not low >= 0.0 or not high <= 1e6 or sum(durations) != sum(durations) or not message.end_unix_s > 0:
+        raise WireError("bad_value", "negative, NaN or absurd duration")
+    return message
+
+
 def encode_json(kind: int, body: dict[str, Any]) -> bytes:
     if kind not in JSON_KINDS:
         raise ValueError(f"kind {kind} is not a JSON message kind")
@@ -152,7 +179,7 @@ def encode_json(kind: int, body: dict[str, Any]) -> bytes:
     return HEADER.pack(MAGIC, VERSION, kind) + payload
 
 
-def decode(datagram: bytes) -> StepMessage | JsonMessage:
+def decode(datagram: bytes) -> StepMessage | StepBatch | JsonMessage:
     """Decode one datagram or raise WireError with a reason label."""
     if len(datagram) < HEADER.size:
         raise WireError("truncated", f"{len(datagram)} bytes is shorter than the header")
@@ -166,13 +193,15 @@ def decode(datagram: bytes) -> StepMessage | JsonMessage:
     if kind == KIND_STEP:
         if len(datagram) != STEP_SIZE:
             raise WireError("truncated", f"step record of {len(datagram)} bytes")
-        fields = STEP.unpack_from(datagram, HEADER.size)
-        message = StepMessage(*fields)
-        durations = (*fields[5:11], message.sync_s, message.comm_total_s)
-        # NaN fails every comparison, so `not d >= 0` rejects it as well as negatives.
-        if any(not d >= 0.0 or d > 1e6 for d in durations) or not message.end_unix_s > 0:
-            raise WireError("bad_value", "negative, NaN or absurd duration")
-        return message
+        return _step(datagram, HEADER.size)
+    if kind == KIND_STEP_BATCH:
+        if len(datagram) < HEADER.size + BATCH_COUNT.size:
+            raise WireError("truncated", "batch without a count")
+        (count,) = BATCH_COUNT.unpack_from(datagram, HEADER.size)
+        start = HEADER.size + BATCH_COUNT.size
+        if count == 0 or len(datagram) != start + count * STEP.size:
+            raise WireError("truncated", f"batch of {count} records in {len(datagram)} bytes")
+        return StepBatch(tuple(_step(datagram, start + i * STEP.size) for i in range(count)))
     if kind in JSON_KINDS:
         try:
             body = json.loads(datagram[HEADER.size :])

@@ -49,10 +49,10 @@ class Received:
 
     __slots__ = ("arrived", "message", "raw")
 
-    def __init__(self, raw: bytes, arrived: float) -> None:
+    def __init__(self, raw: bytes, arrived: float, message: wire.StepMessage | wire.JsonMessage) -> None:
         self.raw = raw
         self.arrived = arrived
-        self.message: wire.StepMessage | wire.JsonMessage = wire.decode(raw)
+        self.message = message
 
     @property
     def kind(self) -> str:
@@ -134,9 +134,13 @@ class Receiver:
         now = time.monotonic()
         with self._lock:
             try:
-                self._received.append(Received(datagram, now))
+                decoded = wire.decode(datagram)
             except wire.WireError as exc:
                 self.errors.append((datagram, exc))
+                return
+            # A batch is several steps: keep one entry per step, as the daemon counts them.
+            messages = decoded.steps if isinstance(decoded, wire.StepBatch) else (decoded,)
+            self._received.extend(Received(datagram, now, message) for message in messages)
 
     # ---- queries -------------------------------------------------------------------------
     @property

@@ -167,7 +167,8 @@ def basic_run(zygote, tmp_path_factory):
         "RANK": "3",
         "LOCAL_RANK": "1",
         "WORLD_SIZE": "8",
-        "PROFILERD_GRAD_NORM_EVERY": "2",
+        "PROFILERD_GRAD_NORM_EVERY_S": "0",  # 0 turns sampling off; see the dedicated test below
+        "PROFILERD_LOSS_EVERY_S": "0",  # every step's loss, to compare exactly
     }
     started = time.time()
     try:
@@ -253,11 +254,7 @@ def test_steps_carry_loss_lr_grad_norm_and_host_syncs(basic_run):
         assert s.flags & wire.FLAG_HAS_LOSS and s.loss == pytest.approx(res["losses"][i], rel=1e-9)
         assert s.flags & wire.FLAG_HAS_LR and s.lr == pytest.approx(0.05)
         assert not s.flags & wire.FLAG_HAS_SCALE
-        if (i + 1) % 2 == 0:  # PROFILERD_GRAD_NORM_EVERY=2
-            assert s.flags & wire.FLAG_HAS_GRAD_NORM
-            assert s.grad_norm == pytest.approx(res["grad_norms"][i], rel=1e-6)
-        else:
-            assert not s.flags & wire.FLAG_HAS_GRAD_NORM
+        assert not s.flags & wire.FLAG_HAS_GRAD_NORM  # sampling is off in this run
         assert s.sync_count == 1, "exactly the user's loss.item() per step"
         assert 0 <= s.sync_s <= s.step_s
     [site] = rx.bodies("config")[-1]["sync_sites"]
@@ -1341,3 +1338,29 @@ def test_sender_drops_an_oversized_datagram_and_keeps_going(receiver):
     assert sender.send(_step_datagram(2)) is True
     receiver.close()
     assert [m.seq for m in receiver.steps()] == [1, 2]
+
+
+GRAD_NORM = """
+import probes
+probes.install()
+model = make_model()
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+norms = []
+for x, y in DataLoader(SleepyDataset(16, sleep_s=0.02), batch_size=2):
+    opt.zero_grad()
+    ((model(x) - y) ** 2).mean().backward()
+    total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    norms.append(float(torch.Tensor.__float__(total)))
+    opt.step()
+result("norms", norms)
+"""
+
+
+def test_grad_norm_is_sampled_at_most_every_interval(zygote, tmp_path, receiver):
+    _, res = run_scenario(zygote, tmp_path, receiver, GRAD_NORM, env={"PROFILERD_GRAD_NORM_EVERY_S": "0.1"})
+    steps = receiver.steps()
+    sampled = [i for i, s in enumerate(steps) if s.flags & wire.FLAG_HAS_GRAD_NORM]
+    assert sampled and sampled[0] == 0  # the first optimizer step is sampled
+    assert len(sampled) < len(steps)  # ~40 ms steps, one sample per 100 ms
+    for i in sampled:
+        assert steps[i].grad_norm == pytest.approx(res["norms"][i], rel=1e-6)

@@ -99,6 +99,10 @@ class Ingest:
         if isinstance(message, wire.StepMessage):
             self._on_step(message)
             return
+        if isinstance(message, wire.StepBatch):
+            for step in message.steps:
+                self._on_step(step)
+            return
         try:
             handler = getattr(self, f"_on_{message.kind}")
             handler(message.body)
