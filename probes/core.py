@@ -30,7 +30,15 @@ import weakref
 from typing import Any
 
 from probes import wire
-from probes.signals import COLLECTIVES, SYNC_METHODS, CollectiveTimer, DdpSplit, DeferredScalar, SyncCounter
+from probes.signals import (
+    COLLECTIVES,
+    SYNC_METHODS,
+    CollectiveTimer,
+    DdpSplit,
+    DeferredScalar,
+    NcclDeviceTime,
+    SyncCounter,
+)
 from probes.transport import DatagramSender
 
 log = logging.getLogger("probes")
@@ -134,6 +142,7 @@ class StepProbe:
         self.syncs = SyncCounter()
         self.collectives = CollectiveTimer()
         self._ddp_split = DdpSplit()
+        self._nccl = NcclDeviceTime(torch)
         self._ddp: weakref.ref[Any] | None = None
         self._last_grad_ready = 0.0  # perf_counter when the last gradient of a DDP backward was ready
         self._exposed_comm_s = 0.0
@@ -226,6 +235,9 @@ class StepProbe:
             comm_total += max(exposed, backward * self._ddp_split.comm_ratio)
             backward -= exposed
             comm += exposed
+        # NCCL ops run asynchronously on the device: their completed durations count as total
+        # communication (overlapped or not) of the step in which they were read.
+        comm_total += self._nccl.poll(end)
         if end - self._compiles_read_at > COMPILES_REFRESH_S:
             self._compiles_read_at = end
             self._compiles = _graph_compiles()
@@ -335,6 +347,7 @@ class StepProbe:
             "grad_clipping": self._clip_used,
             "sync_sites": self.syncs.top_sites(),
             "compiled_graphs": _graph_compiles(),
+            "nccl_device_timing": "off: " + self._nccl.error if self._nccl.error else "on",
         }
         config["optimizers"] = [_describe_optimizer(opt) for opt in list(self._optimizers)[:4]]
         models = [_describe_model(torch, module) for module in list(self._root_modules)[:4]]

@@ -242,3 +242,49 @@ class DdpSplit:
         self.exposed_ratio = min(1.0, max(0.0, comm_end - compute_end) / total)
         self.comm_ratio = max(0.0, comm / total)
         self.samples += 1
+
+
+class NcclDeviceTime:
+    """Device-side durations of NCCL collectives from torch's flight recorder.
+
+    Host timing of a NCCL op only measures the enqueue. With TORCH_NCCL_ENABLE_TIMING=1 (set by
+    `profilerd run` before any process group exists) ProcessGroupNCCL records CUDA events
+    around each collective, and the flight recorder (TORCH_NCCL_TRACE_BUFFER_SIZE) reports a
+    ``duration_ms`` once a collective has completed. Reading the dump is host-only: no sync.
+    Any failure turns this reader off and leaves the rest of the probes running.
+    """
+
+    READ_EVERY_S = 1.0
+
+    def __init__(self, torch: Any) -> None:
+        self._torch = torch
+        self.enabled = True
+        self._last_record_id = -1
+        self._read_at = -1.0
+        self.error: str | None = None
+
+    def poll(self, now: float) -> float:
+        """Seconds of NCCL collective time completed since the last call (0.0 if unknown)."""
+        if not self.enabled or now - self._read_at < self.READ_EVERY_S:
+            return 0.0
+        self._read_at = now
+        try:
+            dist = self._torch.distributed
+            if not (dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl"):
+                return 0.0
+            import pickle  # our own process's trace, produced by torch itself; nothing received
+
+            dump = self._torch._C._distributed_c10d._dump_nccl_trace(True, False, False)
+            entries = pickle.loads(dump).get("entries", [])
+        except Exception as exc:  # an internal torch API: if it changes, just stop using it
+            self.enabled = False
+            self.error = f"{type(exc).__name__}: {exc}"
+            return 0.0
+        total_ms = 0.0
+        for entry in entries:
+            record_id = entry.get("record_id", -1)
+            duration = entry.get("duration_ms")
+            if record_id > self._last_record_id and duration is not None and entry.get("state") == "completed":
+                total_ms += float(duration)
+                self._last_record_id = max(self._last_record_id, record_id)
+        return total_ms / 1000.0

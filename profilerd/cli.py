@@ -127,8 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     attach.add_argument("--rate", type=int, default=10, help="stack samples per second for L1 (default 10)")
     attach.add_argument("--no-stacks", action="store_true", help="L0 only: no py-spy stack sampling")
     attach.add_argument("--inject", action="store_true", help="L2: install the probes in the target (Python >= 3.14)")
-    attach.add_argument("--inject-experimental", action="store_true",
-                        help="L2 on older Pythons through gdb: EXPERIMENTAL, may stall the target")
+    attach.add_argument(
+        "--inject-experimental",
+        action="store_true",
+        help="L2 on older Pythons through gdb: EXPERIMENTAL, may stall the target",
+    )
     attach.add_argument("--no-inject", action="store_true", help="never inject, whatever else is asked")
 
     tui = sub.add_parser("tui", help="live terminal UI: a job on the local daemon, a recording, or Prometheus")
@@ -334,6 +337,10 @@ def run_command(cmd: list[str], args: argparse.Namespace, config: DaemonConfig, 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(boot), env.get("PYTHONPATH", "")) if p)
     env.update({"PROFILERD_SOCKET": str(handle.socket_path), "PROFILERD_RUN_ID": run_id, "PROFILERD_JOB_ID": job})
+    # Device-side NCCL durations: CUDA events around each collective and the flight recorder
+    # that reports them. Both must be set before any process group exists.
+    env.setdefault("TORCH_NCCL_ENABLE_TIMING", "1")
+    env.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
     live = _live_view(args, handle, job)
     try:
         try:
@@ -541,19 +548,24 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
     def status(summary: Any) -> None:
         if show_status:
-            line = (f"profilerd attach {args.pid} ▸ {summary.seconds:.0f}/{args.duration:.0f} s · training thread "
-                    f"{min(1.0, summary.main_thread_cores):.0%} busy · {summary.workers} workers")
+            line = (
+                f"profilerd attach {args.pid} ▸ {summary.seconds:.0f}/{args.duration:.0f} s · training thread "
+                f"{min(1.0, summary.main_thread_cores):.0%} busy · {summary.workers} workers"
+            )
             sys.stderr.write("\r\x1b[2K" + line[:width])
             sys.stderr.flush()
 
-    print(f"profilerd: attaching to pid {args.pid} (Python {target.python_version}) for {args.duration:.0f} s…",
-          file=sys.stderr)
+    print(
+        f"profilerd: attaching to pid {args.pid} (Python {target.python_version}) for {args.duration:.0f} s…",
+        file=sys.stderr,
+    )
     injected = None
     if wants_inject:
         injected = _attach_inject(args, config, ruleset, target, run_id)
     try:
-        result = attach.run_attach(args.pid, args.duration, ruleset, use_l1=not args.no_stacks, rate_hz=args.rate,
-                                   on_tick=status)
+        result = attach.run_attach(
+            args.pid, args.duration, ruleset, use_l1=not args.no_stacks, rate_hz=args.rate, on_tick=status
+        )
     except attach.AttachError as exc:
         raise UsageError(str(exc)) from exc
     finally:
@@ -578,8 +590,17 @@ def cmd_attach(args: argparse.Namespace) -> int:
 class _Injected:
     """Probes injected into the target (L2): removed on detach; their steps decide the verdict."""
 
-    def __init__(self, handle: _DaemonHandle, config: DaemonConfig, boot: Path, pid: int, run_id: str,
-                 python: str | None, experimental: bool, ruleset: RuleSet) -> None:
+    def __init__(
+        self,
+        handle: _DaemonHandle,
+        config: DaemonConfig,
+        boot: Path,
+        pid: int,
+        run_id: str,
+        python: str | None,
+        experimental: bool,
+        ruleset: RuleSet,
+    ) -> None:
         self.handle, self.config, self.boot, self.pid, self.run_id = handle, config, boot, pid, run_id
         self.python, self.experimental, self.ruleset = python, experimental, ruleset
         self.error: str | None = None
@@ -589,13 +610,18 @@ class _Injected:
 
         try:
             if self.error is None:
-                attach.inject(self.pid, attach.injection_code(self.boot, self.handle.socket_path, self.run_id, False),
-                              self.python, self.experimental)
+                attach.inject(
+                    self.pid,
+                    attach.injection_code(self.boot, self.handle.socket_path, self.run_id, False),
+                    self.python,
+                    self.experimental,
+                )
         except attach.AttachError as exc:
             document["notes"].append(f"could not remove the probes: {exc}")
         finally:
-            self.handle.send(wire.encode_json(wire.KIND_RUN_END, {"pid": os.getpid(), "run_id": self.run_id,
-                                                                 "exit_code": None}))
+            self.handle.send(
+                wire.encode_json(wire.KIND_RUN_END, {"pid": os.getpid(), "run_id": self.run_id, "exit_code": None})
+            )
             recording = _wait_for_recording(self.handle, self.run_id, self.config, timeout=10)
             self.handle.close()
             shutil.rmtree(self.boot, ignore_errors=True)
@@ -616,17 +642,24 @@ class _Injected:
         return injected
 
 
-def _attach_inject(args: argparse.Namespace, config: DaemonConfig, ruleset: RuleSet, target: Any,
-                   run_id: str) -> _Injected | None:
+def _attach_inject(
+    args: argparse.Namespace, config: DaemonConfig, ruleset: RuleSet, target: Any, run_id: str
+) -> _Injected | None:
     from profilerd import attach
 
     handle = _DaemonHandle(config, ruleset)
     boot = _bootstrap_dir()
     os.chmod(boot, 0o755)  # the target may run as another user than the one reading its files
-    injected = _Injected(handle, config, boot, args.pid, run_id, target.python_version, args.inject_experimental, ruleset)
+    injected = _Injected(
+        handle, config, boot, args.pid, run_id, target.python_version, args.inject_experimental, ruleset
+    )
     try:
-        attach.inject(args.pid, attach.injection_code(boot, handle.socket_path, run_id, True),
-                      target.python_version, args.inject_experimental)
+        attach.inject(
+            args.pid,
+            attach.injection_code(boot, handle.socket_path, run_id, True),
+            target.python_version,
+            args.inject_experimental,
+        )
     except attach.AttachError as exc:
         injected.error = str(exc)
     return injected

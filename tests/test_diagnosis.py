@@ -285,3 +285,19 @@ def test_gpus_of_other_jobs_are_not_blamed() -> None:
     gpu = gpu_context(gpu_frame(mine + theirs, {10}))
     assert gpu["gpu_count"] == 1
     assert gpu["gpu_idle_while_held_fraction"] == 0.0
+
+
+def test_pcie_only_collectives_recommend_the_nccl_topology_fix() -> None:
+    from profilerd.analysis.context import gpu_context, gpu_frame
+
+    samples = gpu_samples(pcie_tx_bytes_per_second=8e9, pcie_rx_bytes_per_second=8e9, nvlink_tx_bytes_per_second=0.0)
+    samples += [dict(s, index=1) for s in samples]
+    gpu = gpu_context(gpu_frame(samples, {10}))
+    found = findings(stream(comm_s=0.04, backward_s=0.02), cfg(device_type="cuda"), gpu=gpu)
+    ids = {r.id for r in found["communication.exposed"].recommendations}
+    assert "nccl.topology" in ids
+    nvlinked = [dict(s, nvlink_tx_bytes_per_second=50e9) for s in samples]
+    found = findings(
+        stream(comm_s=0.04, backward_s=0.02), cfg(device_type="cuda"), gpu=gpu_context(gpu_frame(nvlinked, {10}))
+    )
+    assert "nccl.topology" not in {r.id for r in found["communication.exposed"].recommendations}

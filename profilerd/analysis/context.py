@@ -117,6 +117,8 @@ def gpu_frame(samples: Iterable[dict[str, Any]], job_pids: set[int]) -> pd.DataF
                 sm / sm_max if sm and sm_max else None,
                 float(bool(reasons & THERMAL_REASONS)) if s.get("clock_event_reasons") is not None else None,
                 float(bool(reasons & POWER_REASONS)) if s.get("clock_event_reasons") is not None else None,
+                _sum_or_none(s.get("pcie_tx_bytes_per_second"), s.get("pcie_rx_bytes_per_second")),
+                _sum_or_none(s.get("nvlink_tx_bytes_per_second"), s.get("nvlink_rx_bytes_per_second")),
             )
         )
     frame = pd.DataFrame(rows, columns=GPU_COLUMNS)
@@ -137,7 +139,13 @@ GPU_COLUMNS = [
     "sm_clock_ratio",
     "thermal_throttle",
     "power_throttle",
+    "pcie_bytes_per_second",
+    "nvlink_bytes_per_second",
 ]
+
+
+def _sum_or_none(a: float | None, b: float | None) -> float | None:
+    return None if a is None and b is None else (a or 0.0) + (b or 0.0)
 
 
 def gpu_context(frame: pd.DataFrame, since_unix_s: float | None = None) -> dict[str, Any]:
@@ -155,6 +163,8 @@ def gpu_context(frame: pd.DataFrame, since_unix_s: float | None = None) -> dict[
                 "sm_clock_ratio",
                 "thermal_throttle",
                 "power_throttle",
+                "pcie_bytes_per_second",
+                "nvlink_bytes_per_second",
             ]
         ]
         .astype(float)

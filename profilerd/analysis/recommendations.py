@@ -327,3 +327,16 @@ def activation_checkpointing(features: Features) -> Recommendation:
         "# or halve the batch and call optimizer.step() every 2 micro-batches",
         why="memory near capacity risks out-of-memory errors and allocator thrashing",
     )
+
+
+def nccl_topology(features: Features, pcie_bytes_per_s: float, nvlink_bytes_per_s: float | None) -> Recommendation:
+    nvlink = "no NVLink traffic" if not nvlink_bytes_per_s else f"only {nvlink_bytes_per_s / 1e9:.1f} GB/s over NVLink"
+    return Recommendation(
+        id="nccl.topology",
+        title="Route collectives over NVLink instead of PCIe",
+        estimated_speedup=removed(features.fractions["communication"] * 0.5),
+        how="nvidia-smi topo -m          # which GPU pairs share NVLink\n"
+        "NCCL_DEBUG=INFO torchrun ...  # shows the transport NCCL picked (P2P/NVL vs SHM/PCI)\n"
+        "# place the job's ranks on NVLink-connected GPUs (CUDA_VISIBLE_DEVICES), check NCCL_P2P_DISABLE",
+        why=f"the GPUs move {pcie_bytes_per_s / 1e9:.1f} GB/s over PCIe with {nvlink} while communication is exposed",
+    )

@@ -200,7 +200,7 @@ def check_input_wait(features: Features, t: dict[str, float], a: dict[str, float
     "communication.exposed",
     "communication",
     "Communication not hidden behind compute",
-    ("ddp.grad_compression", "ddp.bucket_cap_mb", "ddp.no_sync_accumulation", "ddp.static_graph"),
+    ("ddp.grad_compression", "ddp.bucket_cap_mb", "ddp.no_sync_accumulation", "ddp.static_graph", "nccl.topology"),
 )
 def check_exposed_comm(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
     """Share of step time in collectives that did not overlap with compute (DDP's gradient
@@ -211,6 +211,10 @@ def check_exposed_comm(features: Features, t: dict[str, float], a: dict[str, flo
         return None
     ddp = _ddp_settings(features)
     found = [recs.grad_compression(features), recs.no_sync_accumulation(features)]
+    gpu = features.context.gpu
+    pcie, nvlink = gpu.get("gpu_pcie_bytes_per_second"), gpu.get("gpu_nvlink_bytes_per_second")
+    if gpu.get("gpu_count", 0) > 1 and pcie is not None and (nvlink is None or nvlink < 0.1 * pcie):
+        found.append(recs.nccl_topology(features, pcie, nvlink))
     if ddp is not None:
         found.append(recs.bucket_cap(features, ddp.get("bucket_cap_mb")))
         if not ddp.get("static_graph") or not ddp.get("gradient_as_bucket_view"):
