@@ -257,8 +257,44 @@ def in_process(n: int, repeats: int, with_recorder: bool, tmp: Path, profile: bo
 
 
 # ---- (b) end to end over the socket --------------------------------------------------------
-def sender_main(path: str, duration_s: float, rate: float, cpu: int | None) -> None:
-    """Child process: hello, then step datagrams for duration_s; prints its counts as JSON."""
+def batch_datagram(pid: int, first_seq: int, count: int, end_unix_s: float, sender_dropped: int) -> bytes:
+    """``count`` step records in one datagram, as the probes send them."""
+    records = []
+    for seq in range(first_seq, first_seq + count):
+        step_s = STEP_TIMES_S[seq % len(STEP_TIMES_S)]
+        records.append(
+            wire.pack_step_record(
+                pid,
+                0,
+                seq,
+                seq,
+                end_unix_s + seq * 1e-5,
+                step_s,
+                step_s * 0.1,
+                step_s * 0.3,
+                step_s * 0.4,
+                step_s * 0.1,
+                0.0,
+                sender_dropped,
+                SIGNAL_FLAGS,
+                2.3,
+                1.7,
+                1e-3,
+                0.0,
+                1,
+                1e-5,
+                0.0,
+                0,
+                0,
+                0,
+            )
+        )
+    return wire.encode_step_batch(records)
+
+
+def sender_main(path: str, duration_s: float, rate: float, cpu: int | None, batch: int = 1) -> None:
+    """Child process: hello, then step records for duration_s (``batch`` per datagram);
+    prints its counts, in records, as JSON."""
     pin(cpu)
     pid = os.getpid()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -287,15 +323,19 @@ def sender_main(path: str, duration_s: float, rate: float, cpu: int | None) -> N
         if interval:
             if t < next_at:
                 continue  # busy-wait: sleep() cannot pace at tens of microseconds
-            next_at += interval
-        seq += 1
+            next_at += interval * batch
+        if batch > 1:
+            datagram = batch_datagram(pid, seq + 1, batch, end_unix, dropped)
+        else:
+            datagram = encode(pid, seq + 1, end_unix + (seq + 1) * 1e-5, dropped)
+        seq += batch
         try:
-            send(encode(pid, seq, end_unix + seq * 1e-5, dropped))
-            sent += 1
+            send(datagram)
+            sent += batch
         except BlockingIOError:
-            dropped += 1
+            dropped += batch
         except OSError:
-            errors += 1
+            errors += batch
     elapsed = now() - t0
     sock.close()
     result = {"attempted": seq, "sent": sent, "dropped": dropped, "errors": errors, "elapsed_s": elapsed}
@@ -303,9 +343,10 @@ def sender_main(path: str, duration_s: float, rate: float, cpu: int | None) -> N
 
 
 RECEIVERS = ("bare recv loop", "ingest", "ingest+recorder")
+BATCH = [1]  # records per datagram in the end-to-end runs (set from --batch)
 
 
-def _bare_receiver(sock: socket.socket, stop: threading.Event, counter: list[int]) -> None:
+def _bare_receiver(sock: socket.socket, stop: threading.Event, counter: list[int], batch: int = 1) -> None:
     """Baseline: the same socket and recv call as Ingest._run, without decoding or storing."""
     size = wire.MAX_DATAGRAM_BYTES + 1
     while not stop.is_set():
@@ -315,7 +356,7 @@ def _bare_receiver(sock: socket.socket, stop: threading.Event, counter: list[int
             continue
         except OSError:
             return
-        counter[0] += 1
+        counter[0] += batch
 
 
 def end_to_end(duration_s: float, rate: float, receiver: str, tmp: Path, cpus: tuple, tag: str) -> dict[str, Any]:
@@ -332,20 +373,31 @@ def end_to_end(duration_s: float, rate: float, receiver: str, tmp: Path, cpus: t
     sock = bind_socket(path)  # the daemon's own socket setup: 4 MiB SO_RCVBUF, 0.2 s timeout
     bare_count = [0]
     if receiver == "bare recv loop":
-        thread = threading.Thread(target=_bare_receiver, args=(sock, stop, bare_count), daemon=True)
+        thread = threading.Thread(target=_bare_receiver, args=(sock, stop, bare_count, BATCH[0]), daemon=True)
     else:
         thread = Ingest(sock, store, recorder, stop).thread
     thread.start()
 
     def accounted() -> int:
         if receiver == "bare recv loop":
-            return bare_count[0] - 1  # less the hello
+            return bare_count[0] - BATCH[0]  # less the hello
         with store.lock:
             return store.received["step"] + sum(v for k, v in store.dropped.items() if k not in INFERRED)
 
     cpu0 = time.process_time()
     watch = LoadWatch()
-    cmd = [sys.executable, __file__, "--_sender", str(path), "--duration", str(duration_s), "--rate", str(rate)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--_sender",
+        str(path),
+        "--duration",
+        str(duration_s),
+        "--rate",
+        str(rate),
+        "--batch",
+        str(BATCH[0]),
+    ]
     if cpus[1] is not None:
         cmd += ["--_cpu", str(cpus[1])]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -472,9 +524,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--_sender", help=argparse.SUPPRESS)
     parser.add_argument("--_cpu", type=int, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=wire.MAX_BATCH_RECORDS,
+        help="step records per datagram end to end (the probes send up to 32; 1 = one per step)",
+    )
     args = parser.parse_args(argv)
+    BATCH[0] = max(1, args.batch)
     if args._sender:
-        sender_main(args._sender, args.duration, args.rate, args._cpu)
+        sender_main(args._sender, args.duration, args.rate, args._cpu, BATCH[0])
         return 0
 
     if args.wait_quiet > 0:
