@@ -21,8 +21,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -120,12 +121,20 @@ class L0Sampler:
         self._threads = self._thread_times()
         self._workers: dict[int, psutil.Process] = {}
         self._worker_ratios: list[float] = []
+        self._last_ratios: list[float] = []
         self._start = time.monotonic()
         self._main = self._other = self._workers_total = self._host = 0.0
         self._ticks = 0
         self.summary = L0Summary(cpu_count=psutil.cpu_count() or 1)
         psutil.cpu_percent(None)
         self._discover_workers()
+
+    def worker_pids(self) -> list[int]:
+        return list(self._workers)
+
+    def worker_ratios(self) -> list[float]:
+        """The workers' CPU over the last tick, 1.0 = one full core, in worker_pids() order."""
+        return list(self._last_ratios)
 
     def _thread_times(self) -> dict[int, float]:
         return {t.id: t.user_time + t.system_time for t in self.proc.threads()}
@@ -158,6 +167,7 @@ class L0Sampler:
             except psutil.Error:
                 del self._workers[pid]
         self._threads = now
+        self._last_ratios = ratios
         self._ticks += 1
         self._main += main
         self._other += other
@@ -402,8 +412,19 @@ def run_attach(
     if spy is not None:
         spy.stop()
     counts, spy_note = spy.result(timeout=10) if spy is not None else (None, None)
-    note = note or spy_note
-    summary = l0.summary
+    return conclude(target, l0.summary, counts, note or spy_note, ruleset, duration_s)
+
+
+def conclude(
+    target: Target,
+    summary: L0Summary,
+    counts: Counter[str] | None,
+    note: str | None,
+    ruleset: RuleSet,
+    duration_s: float,
+) -> AttachResult:
+    """The best verdict the gathered layers support: L1 stack samples when there are enough,
+    else the L0 estimate from thread CPU."""
     context = Context(
         config={"dataloader": {"num_workers": summary.workers}},
         cpu_count=summary.cpu_count,
@@ -527,3 +548,62 @@ def inject(pid: int, code: str, python_version: str | None, experimental: bool, 
         raise AttachError("gdb injection timed out (the target may hold the GIL in a blocking call)") from None
     if "$2 = 0" not in result.stdout:
         raise AttachError(f"gdb injection failed: {(result.stdout + result.stderr).strip()[-300:]}; {PTRACE_HELP}")
+
+
+class LiveAttach:
+    """Attach for the live view: L0 continuously, L1 in short py-spy chunks, and a fresh verdict
+    document after each chunk over the last few chunks (a rolling window)."""
+
+    CHUNK_S = 2.0
+    WINDOW_CHUNKS = 5
+
+    def __init__(self, pid: int, ruleset: RuleSet, run_id: str, *, use_l1: bool = True, rate_hz: int = 10) -> None:
+        self.target = inspect_target(pid)
+        self.run_id = run_id
+        self.ruleset = ruleset
+        self.use_l1 = use_l1
+        self.rate_hz = rate_hz
+        self.l0 = L0Sampler(pid)
+        self._chunks: deque[Counter[str]] = deque(maxlen=self.WINDOW_CHUNKS)
+        self._note: str | None = None
+        self.result: AttachResult | None = None
+        self.document: dict[str, Any] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="profilerd-attach", daemon=True)
+
+    @property
+    def exited(self) -> bool:
+        return self.l0.summary.exited
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.CHUNK_S + 10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and not self.exited:
+            spy = None
+            if self.use_l1 and self._note is None:
+                try:
+                    spy = PySpySampler(self.target.pid, self.rate_hz, self.CHUNK_S)
+                except AttachError as exc:
+                    self._note = str(exc)
+            end = time.monotonic() + self.CHUNK_S
+            while time.monotonic() < end and not self._stop.is_set():
+                if not self.l0.tick(0.5):
+                    break
+            if spy is not None:
+                spy.stop()
+                counts, note = spy.result(timeout=5)
+                if counts:
+                    self._chunks.append(counts)
+                elif note:
+                    self._note = note  # refused (no ptrace rights): stay at L0 from now on
+            window: Counter[str] = Counter()
+            for chunk in self._chunks:
+                window.update(chunk)
+            seconds = min(self.l0.summary.seconds, self.CHUNK_S * max(1, len(self._chunks)))
+            self.result = conclude(self.target, self.l0.summary, window or None, self._note, self.ruleset, seconds)
+            self.document = document(self.result, self.run_id)

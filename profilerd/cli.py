@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="L2 on older Pythons through gdb: EXPERIMENTAL, may stall the target",
     )
     attach.add_argument("--no-inject", action="store_true", help="never inject, whatever else is asked")
+    attach.add_argument("--no-tui", action="store_true", help="a status line instead of the live view")
 
     tui = sub.add_parser("tui", help="live terminal UI: a job on the local daemon, a recording, or Prometheus")
     tui.add_argument("--job", help="the job to watch (default: the newest running job)")
@@ -555,6 +556,8 @@ def cmd_attach(args: argparse.Namespace) -> int:
             sys.stderr.write("\r\x1b[2K" + line[:width])
             sys.stderr.flush()
 
+    if _wants_tui(args) and not args.once and not wants_inject:
+        return _attach_live_view(args, ruleset, run_id)
     print(
         f"profilerd: attaching to pid {args.pid} (Python {target.python_version}) for {args.duration:.0f} s…",
         file=sys.stderr,
@@ -584,6 +587,34 @@ def cmd_attach(args: argparse.Namespace) -> int:
     print(f"attach layer {layer}" + "".join(f"; {k} unavailable: {v}" for k, v in why.items()), file=sys.stderr)
     if args.json_path is not None:
         _write_json(args.json_path, document)
+    return 0
+
+
+def _wants_tui(args: argparse.Namespace) -> bool:
+    streams = (sys.stdin, sys.stdout, sys.stderr)
+    return not getattr(args, "no_tui", False) and all(s is not None and s.isatty() for s in streams)
+
+
+def _attach_live_view(args: argparse.Namespace, ruleset: RuleSet, run_id: str) -> int:
+    """On a terminal, attach shows the TUI over rolling L0/L1 verdicts until `q` or the target exits."""
+    from profilerd import attach
+    from tui.app import make_app
+    from tui.sources import AttachSource
+
+    try:
+        live = attach.LiveAttach(args.pid, ruleset, run_id, use_l1=not args.no_stacks, rate_hz=args.rate)
+    except attach.AttachError as exc:
+        raise UsageError(str(exc)) from exc
+    live.start()
+    source = AttachSource(live)
+    try:
+        make_app(source, exit_when=lambda: live.exited and live.document is not None).run()
+    finally:
+        live.stop()
+    if live.document is not None:
+        print(render_text(live.document), file=sys.stderr)
+        if args.json_path is not None:
+            _write_json(args.json_path, live.document)
     return 0
 
 

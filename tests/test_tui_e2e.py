@@ -119,3 +119,34 @@ def test_tui_is_the_default_live_view_on_a_tty(profilerd_env: dict[str, str], fa
     assert "hello from training" in after  # the command's output, held back while the TUI ran
     assert "DATA-BOUND" in after and "Recommendations" in after
     assert "profilerd ▸" not in screen  # no status line under the TUI
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (.ci/run installs it)")
+def test_attach_shows_the_live_view_in_tmux(profilerd_env: dict[str, str], short_tmp: Path) -> None:
+    """`profilerd attach PID` on a terminal: the TUI over rolling verdicts; `q` exits cleanly."""
+    env = dict(profilerd_env, TERM="xterm-256color", COLORTERM="truecolor")
+    target = subprocess.Popen(
+        [sys.executable, "-m", "profilerd.demo.starved", "--seconds", "60"],
+        env={k: v for k, v in env.items() if k != "PYTHONPATH"},
+        stdout=subprocess.DEVNULL,
+    )
+    tmux = Tmux(env, short_tmp)
+    try:
+        deadline = time.monotonic() + 30
+        while "libtorch" not in Path(f"/proc/{target.pid}/maps").read_text():
+            assert time.monotonic() < deadline, "the target never loaded torch"
+            time.sleep(0.2)
+        time.sleep(1.5)
+        command = f"{sys.executable} -m profilerd attach {target.pid}; echo EXIT=$?; sleep 60"
+        tmux("new-session", "-d", "-s", "pd", "-x", "100", "-y", "30", "-c", str(REPO), command)
+        screen = tmux.wait_for(f"attach pid {target.pid}", "DATA-BOUND", "data wait")
+        assert "layer L" in screen
+        tmux("send-keys", "-t", "pd", "q")
+        final = tmux.wait_for("EXIT=0", timeout=30)
+        assert "Traceback" not in final
+        assert target.poll() is None  # detaching leaves the target running
+    finally:
+        tmux("kill-server")
+        target.kill()
+        target.wait(timeout=10)

@@ -910,3 +910,50 @@ def _hosts_from_series(result: list[dict[str, Any]]) -> tuple[HostView, ...]:
             )
         )
     return tuple(views)
+
+
+class AttachSource:
+    """The live view of `profilerd attach`: verdicts from a ``profilerd.attach.LiveAttach``."""
+
+    refresh_s = 1.0
+
+    def __init__(self, live: Any) -> None:
+        self.live = live
+        self.label = f"attach pid {live.target.pid}"
+
+    def fetch(self) -> Snapshot:
+        live = self.live
+        summary = live.l0.summary
+        job = f"pid-{live.target.pid}"
+        process = {
+            "pid": live.target.pid,
+            "rank": 0,
+            "alive": not summary.exited,
+            "cpu_ratio": summary.main_thread_cores + summary.other_threads_cores,
+            "worker_pids": list(live.l0.worker_pids()),
+            "worker_cpu_ratios": list(live.l0.worker_ratios()),
+        }
+        document = live.document
+        if document is None:
+            return Snapshot(
+                source=self.label,
+                job=job,
+                state="running",
+                summary="attaching: the first verdict comes after a few seconds of samples",
+                processes=process_rows([process]),
+                taken_unix_s=time.time(),
+            )
+        self.label = f"attach pid {live.target.pid} · layer {document['attach_layer']}"
+        return Snapshot(
+            source=self.label,
+            job=job,
+            run_id=document.get("run_id"),
+            state="finished" if summary.exited else "running",
+            steps_total=int(document.get("steps") or 0),
+            processes=process_rows([process]),
+            taken_unix_s=time.time(),
+            **verdict_fields(document),
+        )
+
+    def close(self) -> None:
+        self.live.stop()
