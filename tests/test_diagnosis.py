@@ -301,3 +301,9 @@ def test_pcie_only_collectives_recommend_the_nccl_topology_fix() -> None:
         stream(comm_s=0.04, backward_s=0.02), cfg(device_type="cuda"), gpu=gpu_context(gpu_frame(nvlinked, {10}))
     )
     assert "nccl.topology" not in {r.id for r in found["communication.exposed"].recommendations}
+
+
+def test_gradient_norms_falling_early_in_training_are_not_exploding() -> None:
+    """Norms drop by orders of magnitude in the first steps; only a jump above the recent past counts."""
+    falling = stream(grad_norm=lambda i: 2.0 * 0.98**i + 0.01)
+    assert "algorithm.grad_norm" not in findings(falling)

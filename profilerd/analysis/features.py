@@ -99,6 +99,7 @@ class Signals:
     grad_norm_nonfinite: int = 0
     grad_norm_median: float | None = None
     grad_norm_max: float | None = None
+    grad_norm_spike_ratio: float | None = None  # largest sample over the median of those before it
     scaler_skipped_steps: int = 0
     scaler_scale_min: float | None = None
     scaler_scale_start: float | None = None
@@ -211,6 +212,17 @@ def _quarter_median(values: pd.Series, last: bool) -> float | None:
     return float(part.median())
 
 
+def _spike_ratio(values: pd.Series, history: int = 5) -> float | None:
+    """How far a value jumps above the median of the values before it (norms fall steeply at
+    the start of training, so comparing with the whole window's median would flag every run)."""
+    if len(values) <= history:
+        return None
+    prior = values.expanding().median().shift(1)
+    ratios = (values / prior).iloc[history:]
+    ratios = ratios[np.isfinite(ratios)]
+    return float(ratios.max()) if not ratios.empty else None
+
+
 def compute_signals(frame: pd.DataFrame, total_s: float) -> Signals:
     """Convergence and hygiene signals; losses under GradScaler are unscaled first."""
     ordered = frame.sort_values("end_unix_s")
@@ -247,6 +259,7 @@ def compute_signals(frame: pd.DataFrame, total_s: float) -> Signals:
         grad_norm_nonfinite=int((~np.isfinite(grads)).sum()),
         grad_norm_median=float(finite_grads.median()) if not finite_grads.empty else None,
         grad_norm_max=float(finite_grads.max()) if not finite_grads.empty else None,
+        grad_norm_spike_ratio=_spike_ratio(finite_grads),
         scaler_skipped_steps=skipped,
         scaler_scale_min=float(scales.min()) if not scales.empty else None,
         scaler_scale_start=float(scales.iloc[0]) if not scales.empty else None,

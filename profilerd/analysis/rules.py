@@ -621,7 +621,8 @@ def check_loss_plateau(features: Features, t: dict[str, float], a: dict[str, flo
 
 @rule("algorithm.grad_norm", "algorithm", "Gradients explode or vanish", ("convergence.gradients",))
 def check_grad_norm(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
-    """Largest over median global gradient norm (exploding), or a tiny median (vanishing)."""
+    """A gradient norm that jumps far above the median of the samples before it (exploding), or a
+    tiny median (vanishing)."""
     signals = features.signals
     median, largest = signals.grad_norm_median, signals.grad_norm_max
     if signals.grad_norm_samples < 3:
@@ -631,9 +632,10 @@ def check_grad_norm(features: Features, t: dict[str, float], a: dict[str, float]
             f"the gradient norm was inf/NaN in {signals.grad_norm_nonfinite} of {signals.grad_norm_samples} samples"
         )
         severity, metrics = "critical", {"nonfinite": float(signals.grad_norm_nonfinite)}
-    elif median is not None and largest is not None and median > 0 and largest / median >= t["exploding_ratio"]:
-        evidence = f"gradient norm spikes to {largest:.3g}, {largest / median:.0f}x its median {median:.3g}"
-        severity, metrics = "warning", {"grad_norm_max": largest, "grad_norm_median": median}
+    elif signals.grad_norm_spike_ratio is not None and signals.grad_norm_spike_ratio >= t["exploding_ratio"]:
+        jump = signals.grad_norm_spike_ratio
+        evidence = f"the gradient norm jumps to {jump:.0f}x the median of the samples before it (max {largest:.3g})"
+        severity, metrics = "warning", {"grad_norm_max": largest or 0.0, "spike_ratio": jump}
     elif median is not None and median < t["vanishing"]:
         evidence = f"the median gradient norm is {median:.2g}: gradients are vanishing"
         severity, metrics = "warning", {"grad_norm_median": median}
