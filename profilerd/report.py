@@ -1,9 +1,20 @@
-"""Rendering a verdict for people (text) and programs (JSON)."""
+"""Rendering a verdict for people (text) and programs (JSON), and building every report format.
+
+The HTML and Markdown renderers live in report_html and report_md; this module chooses among
+them, so the CLI only parses flags and prints.
+"""
 
 from __future__ import annotations
 
+import json
 import textwrap
-from typing import Any
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from profilerd.analysis.rules import RuleSet
+    from profilerd.runs import Recording
 
 BAR_WIDTH = 40
 _BAR_CHARS = {"data_wait": "D", "compute": "C", "communication": "N", "other": "o"}
@@ -82,3 +93,135 @@ def render_findings(document: dict[str, Any]) -> str:
             f"confidence {finding['confidence']:.2f}): {finding['evidence']}  [thresholds: {thresholds}]"
         )
     return "\n".join(lines)
+
+
+def render_timeline(document: dict[str, Any]) -> str:
+    """Step time and data-wait share over the run as sparklines (from the ``timeseries`` summary)."""
+    from profilerd.charts import fmt_duration, sparkline
+
+    timeseries = document.get("timeseries") or {}
+    series = timeseries.get("series") or {}
+    if not series.get("step_time_s"):
+        return ""
+    span = fmt_duration(timeseries["bucket_s"] * timeseries["buckets"])
+    lines = ["", "", f"Over the run (0:00 → {span}, {timeseries['bucket_s']:g} s per character):"]
+    for key, label, fmt in (
+        ("step_time_s", "step time", lambda v: f"{v * 1000:.1f} ms"),
+        ("data_wait_ratio", "data wait", lambda v: f"{v:.0%}"),
+        ("gpu_utilization_ratio", "GPU util", lambda v: f"{v:.0%}"),
+    ):
+        entry = series.get(key)
+        if not entry or entry.get("min") is None:
+            continue
+        lines.append(f"  {label:10} {sparkline(entry['values'])}  {fmt(entry['min'])} – {fmt(entry['max'])}")
+    return "\n".join(lines)
+
+
+def render_quality(document: dict[str, Any]) -> str:
+    """Data-quality facts and notes, in a few lines; empty for a complete, clean recording."""
+    quality = document.get("data_quality") or {}
+    if not quality:
+        return ""
+    lines = []
+    lost = quality.get("missing_steps", 0)
+    gaps = quality.get("gaps", {}).get("count", 0)
+    clock = quality.get("clock", {})
+    facts = []
+    if lost:
+        facts.append(f"{lost} step record(s) lost ({quality.get('missing_steps_ratio') or 0:.2%})")
+    if gaps:
+        facts.append(
+            f"{gaps} gap(s) over {quality['gaps']['threshold_s']:g} s, {quality['gaps']['total_s']:.3g} s in all"
+        )
+    for name, stats in (quality.get("samplers") or {}).items():
+        if stats.get("gaps"):
+            facts.append(f"{name} sampler: {stats['gaps']} gap(s), longest {stats['longest_gap_s']:g} s")
+    if clock.get("aligned"):
+        offsets = ", ".join(
+            f"{s.get('hostname') or s['run_id']} {s['offset_s']:+.3f} s" for s in clock.get("sources", [])
+        )
+        facts.append(f"clocks of {clock['nodes']} nodes aligned ({offsets})")
+    if facts or quality.get("notes"):
+        lines += ["", "", "Data quality: " + ("; ".join(facts) if facts else f"recording {quality.get('state')}")]
+        for note in quality.get("notes", []):
+            lines.extend(textwrap.wrap(f"note: {note}", width=100, initial_indent="  ", subsequent_indent="        "))
+    return "\n".join(lines)
+
+
+# ---- the `report` and `diff` commands' work, kept out of the CLI module ------------------------------
+FORMATS = ("text", "html", "md", "json")
+_SUFFIX_FORMATS = {".html": "html", ".htm": "html", ".md": "md", ".markdown": "md", ".json": "json", ".txt": "text"}
+
+
+def output_format(requested: str | None, output: Path | None) -> str:
+    """--format if given, else what the output file's suffix says, else text."""
+    if requested:
+        return requested
+    if output is not None:
+        return _SUFFIX_FORMATS.get(output.suffix.lower(), "text")
+    return "text"
+
+
+def verdict_document(recording: Recording, ruleset: RuleSet) -> dict[str, Any]:
+    """The verdict JSON of a recording, exactly as `profilerd run --json` writes it for that run."""
+    from profilerd import runs
+
+    verdict = runs.analyse(recording, ruleset)
+    exit_code = recording.meta.get("exit_code")
+    return verdict.to_json(
+        recording.run_id,
+        recording.job,
+        recording=str(recording.path),
+        exit_code=int(exit_code) if exit_code not in (None, "None", "") and exit_code.lstrip("-").isdigit() else None,
+    )
+
+
+def load_merged(paths: Sequence[Path]) -> Recording:
+    """One recording, or several nodes of one job merged with aligned clocks (RecordingError if not)."""
+    from profilerd import runs
+
+    recordings = [runs.load(path) for path in paths]
+    return runs.merge(recordings) if len(recordings) > 1 else recordings[0]
+
+
+def build_report(paths: Sequence[Path], ruleset: RuleSet, fmt: str) -> str:
+    """`profilerd report` in any format; raises RecordingError for what is not a recording."""
+    from profilerd import timeline
+
+    recording = load_merged(paths)
+    document = verdict_document(recording, ruleset)
+    if fmt == "json":
+        return json.dumps(document, indent=2) + "\n"
+    if fmt == "text":
+        return (
+            render_text(document)
+            + render_findings(document)
+            + render_timeline(document)
+            + render_quality(document)
+            + "\n"
+        )
+    data = timeline.report_data(recording, document, ruleset.warmup_steps)
+    if fmt == "md":
+        from profilerd.report_md import render_markdown
+
+        return render_markdown(data)
+    from profilerd.report_html import render_html
+
+    return render_html(data)
+
+
+def build_diff(path_a: Path, path_b: Path, ruleset: RuleSet, fmt: str, applied: Sequence[str] = ()) -> str:
+    """`profilerd diff` in any format; raises RecordingError for what is not a recording."""
+    from profilerd import diff, runs
+
+    a, b = runs.load(path_a), runs.load(path_b)
+    document = diff.compare(
+        a, verdict_document(a, ruleset), b, verdict_document(b, ruleset), ruleset.warmup_steps, list(applied) or None
+    )
+    if fmt == "json":
+        return json.dumps(document, indent=2) + "\n"
+    if fmt == "md":
+        return diff.render_markdown(document)
+    if fmt == "html":
+        return diff.render_html(document)
+    return diff.render_text(document)

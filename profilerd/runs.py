@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from profilerd.analysis.context import HOST_COLUMNS, PROCESS_COLUMNS, build_context
+from profilerd.analysis.context import HOST_COLUMNS, PROCESS_COLUMNS, build_context, gpu_frame
 from profilerd.analysis.features import STEP_COLUMNS, compute_features
 from profilerd.analysis.rules import RuleSet
 from profilerd.analysis.verdict import Verdict, evaluate
+from profilerd.recording import read_gpu_samples
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 CHUNK_ROWS = 65_536
@@ -41,6 +42,22 @@ _INT_COLUMNS = {
     "graph_compiles",
     "comm_ops",
     "comm_bytes",
+    "cpu_count",
+    "alive",
+    "num_workers",
+    "gpu_index",
+    "lost",
+}
+# Small integers kept as int32: a 10-hour, 8-rank run has millions of step rows, and the
+# analysis copies its frame a few times.
+_INT32_COLUMNS = {
+    "rank",
+    "pid",
+    "step",
+    "flags",
+    "sync_count",
+    "graph_compiles",
+    "comm_ops",
     "cpu_count",
     "alive",
     "num_workers",
@@ -82,8 +99,9 @@ class Source:
 
 
 def _empty(columns: Sequence[str]) -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype=object if c in ("uuid", "name", "kind", "detail", "node") else float)
-                         for c in columns})
+    return pd.DataFrame(
+        {c: pd.Series(dtype=object if c in ("uuid", "name", "kind", "detail", "node") else float) for c in columns}
+    )
 
 
 def _empty_gpus() -> pd.DataFrame:
@@ -153,18 +171,30 @@ def _open(path: Path) -> tuple[sqlite3.Connection, str | None]:
     _check_header(path)
     uri = path.resolve().as_uri()
     try:
-        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True)
-        conn.execute("SELECT name FROM sqlite_master").fetchall()
+        conn = _connect(f"{uri}?mode=ro")
         return conn, None
     except sqlite3.OperationalError as first:
         try:
-            conn = sqlite3.connect(f"{uri}?immutable=1", uri=True)
-            conn.execute("SELECT name FROM sqlite_master").fetchall()
+            conn = _connect(f"{uri}?immutable=1")
         except sqlite3.DatabaseError:
             raise RecordingError(f"{path} is not a readable profilerd recording: {first}") from None
         return conn, f"the write-ahead log could not be read ({first}); rows of the last moments may be missing"
     except sqlite3.DatabaseError as exc:
         raise RecordingError(f"{path} is not a readable profilerd recording: {exc}") from None
+
+
+def _connect(uri: str) -> sqlite3.Connection:
+    """Open and read the schema. ``writable_schema`` (harmless on a read-only connection) lets
+    SQLite open a file shorter than its header says, a truncated copy, instead of refusing it
+    whole; the missing pages then surface as errors in the tables that used them."""
+    conn = sqlite3.connect(uri, uri=True)
+    try:
+        conn.execute("PRAGMA writable_schema = ON")
+        conn.execute("SELECT name FROM sqlite_master").fetchall()
+    except sqlite3.DatabaseError:
+        conn.close()
+        raise
+    return conn
 
 
 def _tables(conn: sqlite3.Connection) -> set[str]:
@@ -202,6 +232,18 @@ def _chunks(conn: sqlite3.Connection, sql: str, table: str, notes: list[str]) ->
             read += len(rows)
             yield rows
     except sqlite3.DatabaseError as exc:
+        # The failed chunk is lost with the cursor: read it again one row at a time, up to the
+        # damaged page (the scan order of the same query is the same).
+        salvaged: list[tuple[Any, ...]] = []
+        try:
+            cursor = conn.execute(f"{sql} LIMIT -1 OFFSET {read}")
+            while (row := cursor.fetchone()) is not None:
+                salvaged.append(row)
+        except sqlite3.DatabaseError:
+            pass  # the damaged page again: everything before it is salvaged
+        if salvaged:
+            read += len(salvaged)
+            yield salvaged
         notes.append(f"table {table} is damaged: read {read:,} rows, then '{exc}'; later rows are missing")
 
 
@@ -218,34 +260,96 @@ def _select(
     return columns + list(extra), f"SELECT {', '.join(expressions)} FROM {table}"
 
 
+def _to_floats(rows: list[tuple[Any, ...]], width: int, columns: Sequence[str]) -> np.ndarray:
+    try:
+        return np.array(rows, dtype=np.float64).reshape(len(rows), width)
+    except (TypeError, ValueError):  # text where a number belongs: coerce, do not fail
+        chunk = pd.DataFrame.from_records(rows, columns=list(columns))
+        return np.column_stack([pd.to_numeric(chunk[name], errors="coerce").to_numpy(np.float64) for name in columns])
+
+
+def _constant_columns(
+    conn: sqlite3.Connection, table: str, columns: Sequence[str], first: np.ndarray
+) -> dict[str, float]:
+    """Columns of a large table that hold one value (or only NULL) in every row, with that value.
+
+    Most step columns are constant in a given run (flags, lr, the counters of features the job
+    does not use, NULL training signals): not moving them through Python objects saves close to
+    half the load time of a long run. Candidates come from the first chunk; one SQL scan, which
+    costs a fraction of reading the columns, confirms them all at once (else each on its own).
+    """
+    same = np.all((first == first[0]) | (np.isnan(first) & np.isnan(first[0])), axis=0)
+    candidates = {name: float(first[0, i]) for i, name in enumerate(columns) if same[i]}
+    if not candidates:
+        return {}
+
+    def test(name: str, value: float) -> tuple[str, list[float]]:
+        return (f"{name} IS NOT NULL", []) if np.isnan(value) else (f"{name} IS NOT ?", [value])
+
+    tests = [test(name, value) for name, value in candidates.items()]
+    params = [p for _, values in tests for p in values]
+    try:
+        where = " OR ".join(condition for condition, _ in tests)
+        if conn.execute(f"SELECT EXISTS (SELECT 1 FROM {table} WHERE {where})", params).fetchone()[0] == 0:
+            return candidates
+        varies = conn.execute(f"SELECT {', '.join(f'MAX({c})' for c, _ in tests)} FROM {table}", params).fetchone()
+    except sqlite3.DatabaseError:
+        return {}  # a damaged table is read column by column, as far as it goes
+    return {name: value for (name, value), moved in zip(candidates.items(), varies, strict=True) if not moved}
+
+
 def _numeric_table(
     conn: sqlite3.Connection, table: str, wanted: Sequence[str], sort_by: str, notes: list[str]
 ) -> pd.DataFrame:
-    """An all-numeric table as float64/int64 columns; missing columns are NaN (or 0 for counters)."""
+    """An all-numeric table as float64/int64 columns; missing columns are NaN (or 0 for counters).
+
+    Rows are converted chunk by chunk into preallocated column arrays, so the peak memory is
+    the final columns plus one chunk, whatever the length of the run.
+    """
     query = _select(conn, table, wanted, {}, notes)
-    arrays: list[np.ndarray] = []
     columns: list[str] = []
+    constants: dict[str, float] = {}
+    arrays: dict[str, np.ndarray] = {}
+    filled = 0
     if query is not None:
         columns, sql = query
+        try:
+            first = conn.execute(f"{sql} LIMIT {CHUNK_ROWS}").fetchall()
+            expected = int(conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+        except sqlite3.DatabaseError:
+            first, expected = [], 0
+        if len(first) == CHUNK_ROWS:
+            constants = _constant_columns(conn, table, columns, _to_floats(first, len(columns), columns))
+            if constants:
+                columns = [c for c in columns if c not in constants]
+                sql = f"SELECT {', '.join(columns)} FROM {table}"
+        del first
+        arrays = {name: np.empty(max(expected, CHUNK_ROWS)) for name in columns}
         for rows in _chunks(conn, sql, table, notes):
-            try:
-                arrays.append(np.array(rows, dtype=np.float64).reshape(len(rows), len(columns)))
-            except (TypeError, ValueError):  # text where a number belongs: coerce, do not fail
-                chunk = pd.DataFrame.from_records(rows, columns=columns).apply(pd.to_numeric, errors="coerce")
-                arrays.append(chunk.to_numpy(dtype=np.float64))
-    data = np.concatenate(arrays) if arrays else np.empty((0, len(columns)))
-    if sort_by in columns and len(data) > 1:
-        order = np.argsort(data[:, columns.index(sort_by)], kind="stable")
-        if not (order[1:] > order[:-1]).all():
-            data = data[order]
+            chunk = _to_floats(rows, len(columns), columns)
+            if filled + len(chunk) > len(next(iter(arrays.values()))):  # rows written since the count
+                arrays = {name: np.resize(values, 2 * (filled + len(chunk))) for name, values in arrays.items()}
+            for index, name in enumerate(columns):
+                arrays[name][filled : filled + len(chunk)] = chunk[:, index]
+            filled += len(chunk)
+    order = None
+    if sort_by in arrays and filled > 1:
+        order = np.argsort(arrays[sort_by][:filled], kind="stable")
+        if (order[1:] > order[:-1]).all():
+            order = None  # already in time order, as the daemon writes
     frame = {}
     for name in wanted:
-        values = data[:, columns.index(name)] if name in columns else np.full(len(data), np.nan)
-        if name in _INT_COLUMNS:
-            frame[name] = np.nan_to_num(values, nan=0.0).astype(np.int64)
+        if name in arrays:
+            values = arrays.pop(name)[:filled]
+            values = values[order] if order is not None else values
         else:
-            frame[name] = values
-    return pd.DataFrame(frame, columns=list(wanted))
+            values = np.full(filled, constants.get(name, np.nan))
+        if name in _INT_COLUMNS:
+            dtype = np.int32 if name in _INT32_COLUMNS else np.int64
+            values = np.nan_to_num(values, nan=0.0).astype(dtype)
+        frame[name] = values
+    # copy=False: one block per column, no consolidation copy of a frame that can be 0.5 GB.
+    return pd.DataFrame(frame, columns=list(wanted), copy=False)
 
 
 def _mixed_table(
@@ -336,9 +440,7 @@ def load(path: Path) -> Recording:
         processes = _numeric_table(conn, "process_samples", PROCESS_COLUMNS, "ts_unix_s", notes)
         sessions = _read_sessions(conn, notes)
         reasons = "CASE WHEN json_valid(sample) THEN json_extract(sample, '$.clock_event_reasons') END"
-        gpus = _mixed_table(
-            conn, "gpu_samples", GPU_COLUMNS, _GPU_NUMERIC, {"clock_event_reasons": reasons}, notes
-        )
+        gpus = _mixed_table(conn, "gpu_samples", GPU_COLUMNS, _GPU_NUMERIC, {"clock_event_reasons": reasons}, notes)
         events = _mixed_table(conn, "events", EVENT_COLUMNS, ["ts_unix_s"], {}, notes)
     finally:
         conn.close()
@@ -402,7 +504,9 @@ def merge(recordings: Sequence[Recording]) -> Recording:
     reference = ordered[0]
     notes: list[str] = []
     sources: list[Source] = []
-    parts: dict[str, list[pd.DataFrame]] = {k: [] for k in ("steps", "hosts", "processes", "sessions", "gpus", "events")}
+    parts: dict[str, list[pd.DataFrame]] = {
+        k: [] for k in ("steps", "hosts", "processes", "sessions", "gpus", "events")
+    }
     configs: list[dict[str, Any]] = []
     for index, recording in enumerate(ordered):
         source = recording.sources[0] if recording.sources else Source(recording.run_id, recording.path, "", "", ())
@@ -477,7 +581,10 @@ def analyse(recording: Recording, ruleset: RuleSet) -> RunVerdict:
 
     steps = recording.steps
     since = float((steps["end_unix_s"] - steps["step_s"]).min()) if not steps.empty else None
-    context = build_context(recording.config(), recording.hosts, recording.processes, since)
+    pids = {int(p) for p in recording.sessions["pid"].dropna()} if "pid" in recording.sessions else set()
+    paths = [source.path for source in recording.sources] or [recording.path]
+    gpus = gpu_frame(read_gpu_samples(paths), pids)
+    context = build_context(recording.config(), recording.hosts, recording.processes, since, gpus)
     features = compute_features(steps, context, ruleset.warmup_steps)
     verdict = evaluate(features, ruleset)
     # Stamp it with the last recorded step, so the same recording always gives the same JSON.
@@ -538,9 +645,7 @@ def summarize(path: Path) -> RunSummary:
     try:
         meta = _read_meta(conn, notes)
         try:
-            steps, first, last = conn.execute(
-                "SELECT COUNT(*), MIN(end_unix_s), MAX(end_unix_s) FROM steps"
-            ).fetchone()
+            steps, first, last = conn.execute("SELECT COUNT(*), MIN(end_unix_s), MAX(end_unix_s) FROM steps").fetchone()
         except sqlite3.DatabaseError:
             steps, first, last = 0, None, None
             notes.append("steps unreadable")

@@ -217,7 +217,8 @@ def _spike_ratio(values: pd.Series, history: int = 5) -> float | None:
     the start of training, so comparing with the whole window's median would flag every run)."""
     if len(values) <= history:
         return None
-    prior = values.expanding().median().shift(1)
+    # A rolling median keeps this linear on 10-hour recordings; 200 samples of history is plenty.
+    prior = values.rolling(200, min_periods=history).median().shift(1)
     ratios = (values / prior).iloc[history:]
     ratios = ratios[np.isfinite(ratios)]
     return float(ratios.max()) if not ratios.empty else None

@@ -1,0 +1,162 @@
+"""`profilerd diff`: the measured speedup and its interval, the shifts, the verdict, the prediction."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from profilerd import diff, report, runs
+from profilerd.analysis.rules import load_rules
+from tests.conftest import EXAMPLES, run_cli
+from tests.fixtures.make_fixture import Job, Node, write_recording
+
+RULES, _ = load_rules()
+QUIET = {"checkpoint_at_s": None, "lost_steps": None, "xid_at_s": None, "throttle_gpu": None, "gpu_gap_span_s": None}
+
+
+def _pair(tmp_path: Path, before: Job, after: Job) -> tuple[Path, Path]:
+    a = write_recording(tmp_path / "a.sqlite", before, Node("run-a", "node", (0, 1)))
+    b = write_recording(tmp_path / "b.sqlite", after, Node("run-b", "node", (0, 1)))
+    return a, b
+
+
+def _compare(a: Path, b: Path, applied: list[str] | None = None) -> dict:
+    ra, rb = runs.load(a), runs.load(b)
+    return diff.compare(
+        ra, report.verdict_document(ra, RULES), rb, report.verdict_document(rb, RULES), RULES.warmup_steps, applied
+    )
+
+
+@pytest.mark.parametrize(
+    ("p", "dof", "expected"),
+    [
+        (0.975, 1, 12.706),
+        (0.975, 2, 4.303),
+        (0.975, 3, 3.182),
+        (0.975, 5, 2.571),
+        (0.975, 29, 2.045),
+        (0.95, 10, 1.812),
+        (0.975, 1000, 1.962),
+    ],
+)
+def test_t_quantile_matches_the_tables(p: float, dof: int, expected: float) -> None:
+    assert diff.t_quantile(p, dof) == pytest.approx(expected, rel=0.02)
+
+
+def test_more_workers_measured_faster_and_off_data(tmp_path: Path) -> None:
+    before = Job(seconds=30, world_size=2, straggler_rank=None, data_wait_s=0.040, num_workers=1, seed=1, **QUIET)
+    after = Job(seconds=30, world_size=2, straggler_rank=None, data_wait_s=0.001, num_workers=4, seed=2, **QUIET)
+    document = _compare(*_pair(tmp_path, before, after))
+    assert document["schema"] == "profilerd.diff/v1"
+    true_ratio = document["a"]["step_time_s"]["mean"] / document["b"]["step_time_s"]["mean"]
+    speedup = document["speedup"]
+    assert speedup["step_time"] == pytest.approx(true_ratio, rel=1e-3)
+    low, high = speedup["ci95"]
+    assert 1.0 < low < speedup["step_time"] < high < 1.3 * speedup["step_time"]
+    assert speedup["significant"] is True
+    assert document["fractions"]["data_wait"]["delta"] < -0.3
+    assert document["verdict"] == {
+        "a": "data",
+        "b": document["verdict"]["b"],
+        "changed": True,
+        "moved_off": "data",
+        "resolved_rules": document["verdict"]["resolved_rules"],
+        "new_rules": document["verdict"]["new_rules"],
+    }
+    assert "data.input_wait" in document["verdict"]["resolved_rules"]
+    assert {c["key"] for c in document["config_changes"]} == {"dataloader.num_workers"}
+    [applied] = [a for a in document["applied"] if a["id"] == "dataloader.num_workers"]
+    assert applied["status"] in ("materialized", "exceeded", "partial")
+    assert applied["measured_speedup"] == pytest.approx(speedup["step_time"], rel=1e-3)
+    assert applied["predicted_speedup"] > 1.0
+
+
+def test_the_same_job_twice_is_not_a_significant_change(tmp_path: Path) -> None:
+    """The interval's coverage: the same job with different random draws, 20 times over."""
+    from dataclasses import replace
+
+    job = Job(seconds=12, world_size=2, straggler_rank=None, **QUIET)
+    covered = 0
+    for seed in range(20):
+        pair = _pair(tmp_path, replace(job, seed=seed), replace(job, seed=seed + 100))
+        document = _compare(*pair, applied=["dataloader.num_workers"])
+        low, high = document["speedup"]["ci95"]
+        covered += low < 1.0 < high
+        assert document["verdict"]["changed"] is False
+        assert document["config_changes"] == []
+        if low < 1.0 < high:
+            assert document["speedup"]["significant"] is False
+            assert document["applied"][0]["status"] == "not materialized"
+    assert covered >= 16  # a 95% interval; 19 expected, 16 or fewer has probability below 2%
+
+
+def test_diff_cli_formats_and_errors(profilerd_env: dict[str, str], tmp_path: Path) -> None:
+    before = Job(seconds=20, world_size=2, straggler_rank=None, data_wait_s=0.040, num_workers=1, seed=1, **QUIET)
+    after = Job(seconds=20, world_size=2, straggler_rank=None, data_wait_s=0.001, num_workers=4, seed=2, **QUIET)
+    a, b = _pair(tmp_path, before, after)
+    text = run_cli("diff", str(a), str(b), env=profilerd_env, timeout=60)
+    assert text.returncode == 0, text.stderr
+    assert re.search(r"B is \d\.\d\d× faster \(95% CI \d\.\d\d–\d\.\d\d×\)", text.stdout)
+    assert "Verdict: data → " in text.stdout and "(moved off data)" in text.stdout
+    assert "dataloader.num_workers: 1 → 4" in text.stdout
+    out = tmp_path / "diff.json"
+    assert run_cli("diff", str(a), str(b), "-o", str(out), env=profilerd_env, timeout=60).returncode == 0
+    assert json.loads(out.read_text())["verdict"]["moved_off"] == "data"
+    document = _compare(a, b)
+    markdown = diff.render_markdown(document)
+    assert markdown.startswith("### profilerd diff: `run-a` → `run-b`") and "| data wait share |" in markdown
+    html = diff.render_html(document)
+    assert 'id="chart-diff"' in html and "<script" not in html and "http" not in html.replace("http-equiv", "")
+    missing = run_cli("diff", str(a), "no-such-run", env=profilerd_env, timeout=60)
+    assert missing.returncode == 2 and "no run 'no-such-run'" in missing.stderr and "Traceback" not in missing.stderr
+
+
+@pytest.mark.slow
+def test_more_workers_for_the_data_starved_example(
+    profilerd_env: dict[str, str], short_tmp: Path, fast_rules: Path
+) -> None:
+    """The fix applied for real: the example as is, then with the recommended num_workers."""
+
+    def run(seconds: str, *extra: str) -> dict:
+        path = short_tmp / f"run{len(extra)}.json"
+        result = run_cli(
+            "run",
+            "--rules",
+            str(fast_rules),
+            "--json",
+            str(path),
+            "--",
+            sys.executable,
+            str(EXAMPLES / "data_starved.py"),
+            "--seconds",
+            seconds,
+            *extra,
+            env=profilerd_env,
+        )
+        assert result.returncode == 0, result.stderr
+        return json.loads(path.read_text())
+
+    before = run("5")  # a little longer: under load the slower steps still give enough evidence
+    assert before["primary"] == "data", before["summary"]
+    [rec] = [r for r in before["recommendations"] if r["id"] == "dataloader.num_workers"]
+    workers = max(2, int(rec["title"].rsplit(" ", 1)[-1]))  # "Raise DataLoader num_workers from 0 to N"
+    after = run("4", "--num-workers", str(workers))
+    result = run_cli(
+        "diff", before["run_id"], after["run_id"], "--rules", str(fast_rules), "--format", "json", env=profilerd_env
+    )
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    speedup = document["speedup"]
+    assert speedup["step_time"] > 1.3, speedup
+    assert speedup["ci95"][0] > 1.0, speedup  # measured, not just estimated: the interval excludes 1
+    assert document["fractions"]["data_wait"]["delta"] < -0.2
+    assert document["verdict"]["a"] == "data"
+    assert document["verdict"]["b"] != "data", document["b"]["summary"]
+    assert document["verdict"]["moved_off"] == "data"
+    [applied] = [a for a in document["applied"] if a["id"] == "dataloader.num_workers"]
+    assert applied["predicted_speedup"] == rec["estimated_speedup"]
+    assert applied["status"] in ("materialized", "exceeded", "partial"), applied["detail"]
