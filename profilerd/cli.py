@@ -189,6 +189,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _config(args)
     daemon = Daemon(config, _rules(config))
+    daemon.catch_signals()  # a SIGTERM from here on still flushes and exits 0
     try:
         daemon.start()
     except DaemonError as exc:
@@ -278,6 +279,20 @@ def _run_id(cmd: list[str]) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{secrets.token_hex(2)}"
 
 
+def _scheduler_job_id(cmd: list[str]) -> str | None:
+    """The id every node of a multi-node job shares: torchrun's rendezvous id, or Slurm's job id.
+
+    Each node runs its own `profilerd run`; grouping by this id makes them one job in Prometheus.
+    """
+    for index, arg in enumerate(cmd):
+        for flag in ("--rdzv-id", "--rdzv_id"):
+            if arg == flag and index + 1 < len(cmd):
+                return f"rdzv-{cmd[index + 1]}"
+            if arg.startswith(flag + "="):
+                return f"rdzv-{arg.split('=', 1)[1]}"
+    return os.environ.get("SLURM_JOB_ID") and f"slurm-{os.environ['SLURM_JOB_ID']}"
+
+
 def _status_line(handle: _DaemonHandle, job: str) -> str:
     document = handle.get(f"/api/v1/jobs/{job}?steps=0", timeout=0.3)
     if document is None:
@@ -332,7 +347,7 @@ def run_command(cmd: list[str], args: argparse.Namespace, config: DaemonConfig, 
     from profilerd import runs
 
     run_id = _run_id(cmd)
-    job = os.environ.get("PROFILERD_JOB_ID") or run_id
+    job = os.environ.get("PROFILERD_JOB_ID") or _scheduler_job_id(cmd) or run_id
     handle = _DaemonHandle(config, ruleset)
     boot = _bootstrap_dir()
     env = dict(os.environ)

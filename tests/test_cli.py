@@ -228,9 +228,24 @@ def test_live_status_line_on_a_terminal(profilerd_env, fast_rules: Path) -> None
 
     leader, follower = pty.openpty()
     process = subprocess.Popen(
-        [sys.executable, "-m", "profilerd", "run", "--no-tui", "--rules", str(fast_rules), "--",
-         sys.executable, str(EXAMPLES / "data_starved.py"), "--seconds", "4"],
-        env=profilerd_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=follower,
+        [
+            sys.executable,
+            "-m",
+            "profilerd",
+            "run",
+            "--no-tui",
+            "--rules",
+            str(fast_rules),
+            "--",
+            sys.executable,
+            str(EXAMPLES / "data_starved.py"),
+            "--seconds",
+            "4",
+        ],
+        env=profilerd_env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=follower,
     )
     os.close(follower)
     chunks = []
@@ -255,9 +270,22 @@ def test_dataloader_workers_are_sampled(profilerd_env, fast_rules: Path, short_t
     import sqlite3
 
     verdict_path = short_tmp / "workers.json"
-    result = run_cli("run", "--rules", str(fast_rules), "--json", str(verdict_path), "--",
-                     sys.executable, "-m", "profilerd.demo.starved", "--num-workers", "2", "--seconds", "4",
-                     env=profilerd_env)
+    result = run_cli(
+        "run",
+        "--rules",
+        str(fast_rules),
+        "--json",
+        str(verdict_path),
+        "--",
+        sys.executable,
+        "-m",
+        "profilerd.demo.starved",
+        "--num-workers",
+        "2",
+        "--seconds",
+        "4",
+        env=profilerd_env,
+    )
     assert result.returncode == 0, result.stderr
     recording = json.loads(verdict_path.read_text())["recording"]
     workers = sqlite3.connect(recording).execute("SELECT MAX(num_workers) FROM process_samples").fetchone()[0]
@@ -265,8 +293,9 @@ def test_dataloader_workers_are_sampled(profilerd_env, fast_rules: Path, short_t
 
 
 def test_serve_says_no_gpu_mode_once(profilerd_env) -> None:
-    server = subprocess.Popen([sys.executable, "-m", "profilerd", "serve"], env=profilerd_env,
-                              stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "profilerd", "serve"], env=profilerd_env, stderr=subprocess.PIPE, text=True
+    )
     try:
         assert server.stderr is not None
         line = server.stderr.readline()
@@ -275,3 +304,11 @@ def test_serve_says_no_gpu_mode_once(profilerd_env) -> None:
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=10) == 0
     assert server.stderr.read().count("no-GPU") == 0
+
+
+def test_multi_node_job_ids_come_from_the_launcher() -> None:
+    from profilerd.cli import _scheduler_job_id
+
+    assert _scheduler_job_id(["torchrun", "--nnodes", "2", "--rdzv-id", "exp7", "train.py"]) == "rdzv-exp7"
+    assert _scheduler_job_id(["torchrun", "--rdzv_id=exp8", "train.py"]) == "rdzv-exp8"
+    assert _scheduler_job_id(["python", "train.py"]) is None or "SLURM_JOB_ID" in __import__("os").environ
