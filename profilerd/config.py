@@ -50,6 +50,9 @@ class DaemonConfig:
     rules_file: Path | None = None
     max_jobs: int = 256
     retention_days: float | None = None  # prune recordings older than this at start
+    # Uids besides the daemon's own whose probes may send (checked on every datagram with the
+    # kernel's SCM_CREDENTIALS); with any, the socket is made reachable for them (0666 in 0711).
+    allowed_uids: tuple[int, ...] = ()
 
     @property
     def runtime_dir(self) -> Path:
@@ -75,6 +78,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "rules_file": (str,),
     "max_jobs": (int,),
     "retention_days": (int, float),
+    "allowed_uids": (list, tuple),
 }
 _PATH_KEYS = {"socket_path", "data_dir", "rules_file"}
 _ENV = {
@@ -84,11 +88,14 @@ _ENV = {
     "PROFILERD_DATA_DIR": "data_dir",
     "PROFILERD_RULES": "rules_file",
     "PROFILERD_GPU_BACKEND": "gpu_backend",
+    "PROFILERD_ALLOWED_UIDS": "allowed_uids",
 }
 
 
 def _coerce_env(key: str, raw: str) -> Any:
     kind = _TYPES[key][0]
+    if kind is list:  # comma-separated integers
+        return [int(part) for part in raw.replace(",", " ").split()]
     if kind is bool:
         return raw.lower() in ("1", "true", "yes", "on")
     if kind is int:
@@ -108,30 +115,47 @@ def _check(key: str, value: Any, source: str, problems: list[str]) -> bool:
         names = " or ".join(t.__name__ for t in wanted)
         problems.append(f"{source}: '{key}' must be {names}, got {type(value).__name__} {value!r}")
         return False
+    if key == "allowed_uids" and not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        problems.append(f"{source}: 'allowed_uids' must be a list of user ids (integers >= 0), got {value!r}")
+        return False
     return True
 
 
-def validate(config: DaemonConfig) -> list[str]:
+def _range_problems(config: DaemonConfig) -> list[tuple[str, str]]:
+    """(key, problem) for every value out of its range."""
     problems = []
     if not 0 <= config.http_port <= 65535:
-        problems.append(f"http_port {config.http_port} is not a TCP port")
+        problems.append(("http_port", f"http_port {config.http_port} is not a TCP port"))
     if not 0.1 <= config.gpu_interval_s <= 60:
-        problems.append("gpu_interval_s must be between 0.1 (10 Hz) and 60")
+        problems.append(("gpu_interval_s", "gpu_interval_s must be between 0.1 (10 Hz) and 60"))
     if not 0.05 <= config.host_interval_s <= 60:
-        problems.append("host_interval_s must be between 0.05 and 60")
+        problems.append(("host_interval_s", "host_interval_s must be between 0.05 and 60"))
     if config.gpu_backend not in ("auto", "nvml", "none"):
-        problems.append(f"gpu_backend must be auto, nvml or none, got {config.gpu_backend!r}")
+        problems.append(("gpu_backend", f"gpu_backend must be auto, nvml or none, got {config.gpu_backend!r}"))
     if config.window_steps < 20:
-        problems.append("window_steps must be at least 20")
+        problems.append(("window_steps", "window_steps must be at least 20"))
+    if not config.window_s > 0:
+        problems.append(("window_s", "window_s must be positive"))
+    if not 0.05 <= config.analysis_interval_s <= 60:
+        problems.append(("analysis_interval_s", "analysis_interval_s must be between 0.05 and 60"))
+    if config.max_jobs < 1:
+        problems.append(("max_jobs", "max_jobs must be at least 1"))
+    if config.retention_days is not None and not config.retention_days >= 0:
+        problems.append(("retention_days", "retention_days must not be negative"))
     if config.rules_file is not None and not config.rules_file.is_file():
-        problems.append(f"rules_file {config.rules_file} does not exist")
+        problems.append(("rules_file", f"rules_file {config.rules_file} does not exist"))
     return problems
+
+
+def validate(config: DaemonConfig) -> list[str]:
+    return [problem for _, problem in _range_problems(config)]
 
 
 def load(file: Path | None = None, overrides: dict[str, Any] | None = None) -> tuple[DaemonConfig, list[str]]:
     """Build the config; ``overrides`` come from flags and win over everything else."""
     problems: list[str] = []
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # where each value came from, for the problems that follow
     if file is None and os.environ.get(CONFIG_ENV):
         file = Path(os.environ[CONFIG_ENV])
     if file is not None:
@@ -148,28 +172,45 @@ def load(file: Path | None = None, overrides: dict[str, Any] | None = None) -> t
             problems.append(f"{file}: cannot read: {exc.strerror}")
             data = {}
         section = data.get("daemon", data)
+        if "daemon" in data:
+            for key, value in data.items():
+                if key != "daemon":
+                    what = f"section [{key}]" if isinstance(value, dict) else f"key '{key}' (outside [daemon])"
+                    problems.append(f"{file}: unknown {what}")
         if not isinstance(section, dict):
             problems.append(f"{file}: [daemon] must be a table")
             section = {}
         for key, value in section.items():
             if _check(key, value, str(file), problems):
                 values[key] = value
+                sources[key] = str(file)
     for env, key in _ENV.items():
         raw = os.environ.get(env)
         if raw:
             try:
                 values[key] = _coerce_env(key, raw)
+                sources[key] = f"environment {env}"
             except ValueError:
-                problems.append(f"environment {env}={raw!r}: not a valid {_TYPES[key][0].__name__}")
+                wanted = "comma-separated list of user ids" if key == "allowed_uids" else _TYPES[key][0].__name__
+                problems.append(f"environment {env}={raw!r}: not a valid {wanted}")
     for key, value in (overrides or {}).items():
         if value is not None and _check(key, value, "command line", problems):
             values[key] = value
+            sources[key] = "command line"
     for key in _PATH_KEYS:
         if key in values and values[key] is not None:
-            values[key] = Path(values[key]).expanduser()
+            try:
+                values[key] = Path(values[key]).expanduser()
+            except RuntimeError as exc:  # ~user that does not exist
+                problems.append(f"{sources[key]}: '{key}': {exc}")
+                del values[key]
     for key in ("host_interval_s", "gpu_interval_s", "analysis_interval_s", "window_s"):
         if key in values:
             values[key] = float(values[key])
+    if "allowed_uids" in values:
+        values["allowed_uids"] = tuple(values["allowed_uids"])
     config = DaemonConfig(**values)
-    problems.extend(validate(config))
+    problems.extend(
+        f"{sources[key]}: {problem}" if key in sources else problem for key, problem in _range_problems(config)
+    )
     return config, problems

@@ -2,8 +2,9 @@
 
 Rows are queued by the samplers and committed every COMMIT_INTERVAL_S, so a kill -9 of the
 daemon loses at most about that much. A full disk or a read-only directory pauses recording
-with one warning; the rows wait (bounded) and are written once there is room again, while the
-live view carries on.
+with one warning; the rows wait in memory (at most MAX_PENDING_ROWS, beyond which they are
+dropped and counted) and are written once there is room again, retried every
+RETRY_INTERVAL_S, while the live view carries on.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 COMMIT_INTERVAL_S = 0.25
 RETRY_INTERVAL_S = 2.0
-MAX_PENDING_ROWS = 2_000_000  # beyond this, rows are dropped and counted
+# Beyond this many rows waiting for a paused recording (~600 bytes each, so ~300 MB), rows are
+# dropped and counted: a long outage must not take the node's memory with it.
+MAX_PENDING_ROWS = 500_000
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -109,6 +112,7 @@ class Recorder:
         self._on_closed = on_closed
         self._on_status = on_status
         self._paused_reason: str | None = None
+        self._paused_since = 0.0
         self._next_retry = 0.0
         self.rows_written = 0
         self.rows_dropped = 0
@@ -216,8 +220,12 @@ class Recorder:
         while True:
             stopping = self._stop.wait(COMMIT_INTERVAL_S)
             self._drain()
+            if stopping:
+                self._next_retry = 0.0  # one last attempt, even while paused
             self._flush()
             if stopping:
+                if self._pending_rows:
+                    log.warning("recording stopped with %d rows unwritten: %s", self._pending_rows, self._paused_reason)
                 for conn in self._conns.values():
                     try:
                         conn.close()
@@ -269,26 +277,30 @@ class Recorder:
             try:
                 conn = self._conn(run_id)
                 conn.execute("BEGIN")
-                for meta in tables.pop("_start", []):
+                for meta in tables.get("_start", []):
                     conn.executemany(
                         "INSERT OR REPLACE INTO meta VALUES (?, ?)",
                         [(k, str(v)) for k, v in meta.items()],
                     )
                 for table, rows in tables.items():
-                    conn.executemany(INSERTS[table], rows)
+                    if table != "_start":
+                        conn.executemany(INSERTS[table], rows)
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
+                # Nothing is taken out of _pending before the commit succeeded: every row is
+                # written on a later attempt.
                 self._rollback(run_id)
-                self._pause(f"recording paused: {exc} (in {self.runs_dir})")
+                self._pause(f"recording paused: {exc} (writing {recording_file(self.runs_dir, run_id)})")
                 self._next_retry = now + RETRY_INTERVAL_S
                 return
-            written = sum(len(rows) for rows in tables.values())
-            self.rows_written += written
-            self._pending_rows -= written
+            self.rows_written += sum(len(rows) for table, rows in tables.items() if table != "_start")
+            self._pending_rows -= sum(len(rows) for rows in tables.values())
             del self._pending[run_id]
-        self._resume()
         for run_id in list(self._closing):
-            self._finish(run_id, self._closing.pop(run_id))
+            if not self._finish(run_id, self._closing.pop(run_id)):
+                self._next_retry = now + RETRY_INTERVAL_S
+                return
+        self._resume()
 
     def _rollback(self, run_id: str) -> None:
         conn = self._conns.pop(run_id, None)
@@ -301,19 +313,28 @@ class Recorder:
 
     def _pause(self, reason: str) -> None:
         if self._paused_reason is None:
-            log.warning("%s; the live view continues and recording resumes when possible", reason)
+            self._paused_since = time.monotonic()
+            log.warning(
+                "%s; the live view (/metrics, /api/v1) continues, and recording resumes when there is room again",
+                reason,
+            )
         self._paused_reason = reason
         if self._on_status:
             self._on_status(reason)
 
     def _resume(self) -> None:
         if self._paused_reason is not None:
-            log.warning("recording resumed")
+            log.warning(
+                "recording resumed after %.0f s; rows that waited were written (%d dropped)",
+                time.monotonic() - self._paused_since,
+                self.rows_dropped,
+            )
             self._paused_reason = None
             if self._on_status:
                 self._on_status(None)
 
-    def _finish(self, run_id: str, close: dict[str, Any]) -> None:
+    def _finish(self, run_id: str, close: dict[str, Any]) -> bool:
+        """Mark the run's recording closed and checkpoint it; False (and still closing) on error."""
         path = recording_file(self.runs_dir, run_id)
         try:
             conn = self._conn(run_id)
@@ -329,11 +350,13 @@ class Recorder:
             conn.close()
             del self._conns[run_id]
         except sqlite3.Error as exc:
-            self._pause(f"recording paused: {exc} (closing {run_id})")
+            self._rollback(run_id)
+            self._pause(f"recording paused: {exc} (closing {path})")
             self._closing[run_id] = close
-            return
+            return False
         if self._on_closed:
             self._on_closed(run_id, str(path))
+        return True
 
 
 def read_gpu_samples(paths: list[Path]) -> list[dict[str, Any]]:

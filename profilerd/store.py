@@ -92,6 +92,7 @@ class Store:
         self.gpu_event_counts: Counter[tuple[int, str]] = Counter()
         self.health: dict[str, SamplerHealth] = {}
         self.recording_paused_reason: str | None = None
+        self.recording_rows_dropped = 0  # rows a long recording pause could not keep in memory
 
     # ---- ingest side -----------------------------------------------------------------
     def add_session(self, session: ProbeSession) -> bool:
@@ -104,9 +105,12 @@ class Store:
                 job = self.jobs[session.job] = JobState(session.job, session.run_id)
             if session.run_id not in self.runs:
                 self.runs[session.run_id] = RunState(session.run_id, session.job)
+                self._forget_old_runs()
             self.sessions[session.pid] = session
             rank = job.ranks.get(session.rank)
             if rank is None or rank.session.pid != session.pid:
+                if rank is not None and self.sessions.get(rank.session.pid) is rank.session:
+                    del self.sessions[rank.session.pid]  # the rank's previous process
                 job.ranks[session.rank] = RankState(session, deque(maxlen=self.window_steps))
             else:
                 rank.session = session
@@ -117,8 +121,21 @@ class Store:
         for name, job in self.jobs.items():
             if not any(r.alive for r in job.ranks.values()):
                 del self.jobs[name]
+                for rank in job.ranks.values():
+                    if self.sessions.get(rank.session.pid) is rank.session:
+                        del self.sessions[rank.session.pid]
                 return True
         return False
+
+    def _forget_old_runs(self) -> None:
+        """Keep the run table bounded over weeks: the oldest finished runs go first (their
+        recordings stay on disk)."""
+        excess = len(self.runs) - 4 * self.max_jobs
+        if excess <= 0:
+            return
+        finished = [run for run in self.runs.values() if run.state in ("closed", "aborted")]
+        for run in sorted(finished, key=lambda r: r.started_unix_s)[:excess]:
+            del self.runs[run.run_id]
 
     def add_step(self, step: StepRecord, seq: int, sender_dropped: int) -> None:
         with self.lock:
@@ -127,11 +144,15 @@ class Store:
             if rank is None:
                 self.dropped["unknown_sender"] += 1
                 return
-            if rank.last_seq and seq > rank.last_seq + 1:
-                self.dropped["sequence_gap"] += seq - rank.last_seq - 1
+            # Messages the sender could not send show up twice: as its own drop count and as a
+            # gap in the sequence. Count them once, as sender_side; a gap beyond what the
+            # sender admits to was lost on the way.
+            admitted = max(0, sender_dropped - rank.sender_dropped)
+            if admitted:
+                self.dropped["sender_side"] += admitted
+            if rank.last_seq and seq > rank.last_seq + 1 + admitted:
+                self.dropped["sequence_gap"] += seq - rank.last_seq - 1 - admitted
             rank.last_seq = seq
-            if sender_dropped > rank.sender_dropped:
-                self.dropped["sender_side"] += sender_dropped - rank.sender_dropped
             rank.sender_dropped = sender_dropped
             rank.steps.append(step)
             rank.steps_total += 1

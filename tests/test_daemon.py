@@ -53,11 +53,12 @@ def send(daemon: Daemon, *datagrams: bytes) -> None:
             sock.sendto(datagram, str(daemon.config.socket_path))
 
 
-def hello(pid: int = 4242, rank: int = 0, run_id: str = "run-a", job: str = "job-a") -> bytes:
+def hello(pid: int | None = None, rank: int = 0, run_id: str = "run-a", job: str = "job-a") -> bytes:
+    """A hello from this process: the daemon accepts only the sender's own pid (SCM_CREDENTIALS)."""
     return wire.encode_json(
         wire.KIND_HELLO,
         {
-            "pid": pid,
+            "pid": os.getpid() if pid is None else pid,
             "job": job,
             "run_id": run_id,
             "rank": rank,
@@ -69,7 +70,8 @@ def hello(pid: int = 4242, rank: int = 0, run_id: str = "run-a", job: str = "job
     )
 
 
-def steps(n: int, pid: int = 4242, rank: int = 0, data: float = 0.06, step_s: float = 0.1) -> list[bytes]:
+def steps(n: int, pid: int | None = None, rank: int = 0, data: float = 0.06, step_s: float = 0.1) -> list[bytes]:
+    pid = os.getpid() if pid is None else pid
     start = time.time() - n * step_s
     return [
         wire.encode_step(pid, rank, i + 1, i + 1, start + (i + 1) * step_s, step_s, data, 0.01, 0.02, 0.005, 0.0, 0)
@@ -109,7 +111,7 @@ def test_steps_become_metrics_and_a_verdict(daemon: Daemon) -> None:
 
 
 def test_unknown_senders_and_garbage_are_counted_not_fatal(daemon: Daemon) -> None:
-    send(daemon, b"", b"XX\x01\x02", b"PF\x09\x02" + b"\0" * 80, *steps(3, pid=999))
+    send(daemon, b"", b"XX\x01\x02", b"PF\x09\x02" + b"\0" * 80, *steps(3))  # steps before any hello
     send(daemon, hello(), *steps(5))
     wait_for(lambda: daemon.store.received["step"] == 5)
     dropped = daemon.store.dropped
@@ -152,7 +154,7 @@ def test_api_documents_and_errors(daemon: Daemon) -> None:
 
 def test_run_end_closes_the_recording(daemon: Daemon) -> None:
     send(daemon, hello(run_id="run-rec"), *steps(40))
-    send(daemon, wire.encode_json(wire.KIND_RUN_END, {"pid": 1, "run_id": "run-rec", "exit_code": 0}))
+    send(daemon, wire.encode_json(wire.KIND_RUN_END, {"pid": os.getpid(), "run_id": "run-rec", "exit_code": 0}))
     wait_for(lambda: daemon.store.runs["run-rec"].state == "closed")
     path = Path(daemon.store.runs["run-rec"].recording_path or "")
     conn = sqlite3.connect(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import asdict
 
 from profilerd.analysis.context import build_context, gpu_frame, host_frame, process_frame
@@ -33,12 +34,13 @@ class LiveAnalyzer:
         context = build_context(self.store.job_config(job), host_frame(hosts), process_frame(processes), since, gpus)
         return evaluate(compute_features(frame, context, self.ruleset.warmup_steps), self.ruleset)
 
-    def tick(self, now_unix_s: float) -> None:
+    def tick(self, now_unix_s: float, jobs: Iterable[str] | None = None) -> None:
+        """Update the verdict of ``jobs`` (default: every job), and forget jobs that are gone."""
         live_jobs = set(self.store.job_names())
         for job in list(self._trackers):
             if job not in live_jobs:
                 del self._trackers[job]
-        for job in live_jobs:
+        for job in live_jobs if jobs is None else live_jobs.intersection(jobs):
             tracker = self._trackers.setdefault(job, VerdictTracker(self.ruleset.hysteresis_evaluations))
             verdict = tracker.update(self.analyse(job, now_unix_s))
             self.store.set_verdict(job, verdict)

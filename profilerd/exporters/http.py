@@ -28,10 +28,20 @@ API_PREFIX = "/api/v1/"
 # Command lines can carry secrets; these patterns are masked in everything the API returns.
 _SECRET = re.compile(r"(?i)((?:token|secret|password|passwd|api[_-]?key|access[_-]?key|auth)[A-Za-z_-]*[=:])\S+")
 _BEARER = re.compile(r"(?i)\b(?:hf|ghp|gho|sk|xox[bp])[_-][A-Za-z0-9_-]{8,}")
+_AUTH_HEADER = re.compile(r"(?i)\b(bearer|basic)\s+\S+")
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s:/@]+:)[^\s@/]+@")
+# A flag whose value is a secret: `--password VALUE`, `--hf-token VALUE`, `--secret_key VALUE`.
+_SECRET_FLAG = re.compile(
+    r"(?i)--?[a-z0-9_-]*(?:secret|password|passwd|credentials?)[a-z0-9_-]*"
+    r"|--?[a-z0-9_-]*(?:token|api[_-]?key|access[_-]?key|private[_-]?key|auth)"
+)
 
 
 def redact(text: str) -> str:
-    return _BEARER.sub("[redacted]", _SECRET.sub(r"\1[redacted]", text))
+    text = _SECRET.sub(r"\1[redacted]", text)
+    text = _URL_PASSWORD.sub(r"\1[redacted]@", text)
+    text = _AUTH_HEADER.sub(r"\1 [redacted]", text)
+    return _BEARER.sub("[redacted]", text)
 
 
 def redact_argv(argv: tuple[str, ...] | list[str]) -> list[str]:
@@ -44,7 +54,7 @@ def redact_argv(argv: tuple[str, ...] | list[str]) -> list[str]:
             hide_next = False
             continue
         out.append(redact(arg))
-        if re.fullmatch(r"(?i)--?[a-z_-]*(token|secret|password|api[_-]?key|access[_-]?key)", arg):
+        if _SECRET_FLAG.fullmatch(arg):
             hide_next = True
     return out
 
@@ -77,6 +87,9 @@ class DaemonHttpServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: DaemonHttpServer
     protocol_version = "HTTP/1.1"
+    # Headers and body are two writes: with Nagle's algorithm the body can wait for the
+    # client's delayed ACK (up to 40 ms on Linux), which showed up as the scrape latency tail.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("http %s - %s", self.address_string(), format % args)
@@ -103,11 +116,27 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(exc.status, {"error": str(exc), "status": exc.status})
         except ValueError as exc:
             self._json(400, {"error": str(exc), "status": 400})
+        except Exception as exc:  # a bug must still answer in JSON, and never stop the server
+            log.exception("http %s failed", parts.path)
+            self._json(500, {"error": f"internal error: {type(exc).__name__}", "status": 500})
 
     def _refuse(self) -> None:
         self._json(405, {"error": "the API is read-only: use GET", "status": 405})
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = _refuse
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _refuse
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Errors the base class finds before routing (malformed request line, unknown method,
+        oversized headers) are answered in JSON too; an unknown method is a 405, like the rest."""
+        if code == 501:
+            code, message = 405, "the API is read-only: use GET"
+        if self.request_version == "HTTP/0.9":  # an unparsable request line: answer with a status line
+            self.request_version = "HTTP/1.0"
+        self.close_connection = True
+        try:
+            self._json(code, {"error": message or self.responses.get(code, ("error",))[0], "status": code})
+        except OSError as exc:
+            log.debug("http: could not send error %d: %s", code, exc)
 
     def _json(self, status: int, document: Any) -> None:
         self._send(status, json.dumps(document, default=str).encode(), "application/json")

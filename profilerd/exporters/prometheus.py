@@ -19,7 +19,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from profilerd import __version__
-from profilerd.model import CATEGORIES, SEVERITIES
+from profilerd.model import CATEGORIES, SEVERITIES, HostSample, ProcessSample
 from profilerd.store import STEP_BUCKETS_S, Store
 
 PHASE_LABELS = {
@@ -49,15 +49,20 @@ class ProfilerdCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         store = self.store
+        # Copy what is needed under the lock and build the families after releasing it: ingest
+        # takes the same lock for every step, and a scrape of many ranks takes milliseconds.
         with store.lock:
-            yield from self._daemon_metrics()
-            yield from self._training_metrics()
-            yield from self._host_metrics()
+            daemon = list(self._daemon_metrics())
+            training = [(job.job, _rank_copies(job.ranks), job.verdict) for job in store.jobs.values()]
+            host, processes = store.host, list(store.processes.values())
             gpus = list(store.gpus)
             gpu_available = store.gpu_available
             events = dict(store.gpu_event_counts)
             field_errors = store.gpu_field_errors
             owners = {pid: (s.job, s.rank) for pid, s in store.sessions.items()}
+        yield from daemon
+        yield from _training_metrics(training)
+        yield from _host_metrics(host, processes)
         available = GaugeMetricFamily("profilerd_gpu_sampling_available", "1 when a GPU backend is active")
         available.add_metric([], 1.0 if gpu_available else 0.0)
         yield available
@@ -103,87 +108,100 @@ class ProfilerdCollector(Collector):
         paused = GaugeMetricFamily("profilerd_recording_paused", "1 while recording is paused (disk full, ...)")
         paused.add_metric([], 1.0 if store.recording_paused_reason else 0.0)
         yield paused
+        yield _counter(
+            "profilerd_recording_rows_dropped",
+            "Rows dropped because recording was paused too long to keep them in memory",
+            store.recording_rows_dropped,
+        )
 
-    def _training_metrics(self) -> Iterator[Metric]:
-        store = self.store
-        steps = HistogramMetricFamily("profilerd_step_duration_seconds", "Training step time", labels=["job", "rank"])
-        phase_total = CounterMetricFamily(
-            "profilerd_step_phase_seconds", "Time spent per step phase", labels=["job", "rank", "phase"]
-        )
-        phase_ratio = GaugeMetricFamily(
-            "profilerd_step_phase_ratio",
-            "Share of step time per phase over the analysis window",
-            labels=["job", "phase"],
-        )
-        last_step = GaugeMetricFamily(
-            "profilerd_last_step_timestamp_seconds",
-            "When the rank last finished a step",
-            labels=["job", "rank"],
-        )
-        verdict = GaugeMetricFamily(
-            "profilerd_verdict", "1 for the job's current bottleneck category", labels=["job", "category"]
-        )
-        severity = GaugeMetricFamily(
-            "profilerd_verdict_severity", "0 ok, 1 info, 2 warning, 3 critical", labels=["job"]
-        )
-        speedup = GaugeMetricFamily(
-            "profilerd_recommendation_estimated_speedup_ratio",
-            "Estimated whole-step speedup of each current recommendation",
-            labels=["job", "recommendation"],
-        )
-        for job in store.jobs.values():
-            for rank_id, rank in sorted(job.ranks.items()):
-                labels = [job.job, str(rank_id)]
-                cumulative = 0
-                buckets = []
-                for bound, count in zip(STEP_BUCKETS_S, rank.bucket_counts, strict=False):
-                    cumulative += count
-                    buckets.append((_bound(bound), cumulative))
-                buckets.append(("+Inf", rank.steps_total))
-                steps.add_metric(labels, buckets, rank.step_seconds_sum)
-                for field, phase in PHASE_LABELS.items():
-                    phase_total.add_metric([*labels, phase], rank.phase_seconds_total[field])
-                if rank.last_step_unix_s:
-                    last_step.add_metric(labels, rank.last_step_unix_s)
-            current = job.verdict
-            if current is None:
-                continue
-            for phase, value in current.features.phase_fractions.items():
-                if current.features.steps:
-                    phase_ratio.add_metric([job.job, phase], value)
-            for category in (*CATEGORIES, "none"):
-                verdict.add_metric([job.job, category], 1.0 if current.primary == category else 0.0)
-            severity.add_metric([job.job], float(SEVERITIES.index(current.severity)))
-            for rec in current.recommendations():
-                speedup.add_metric([job.job, rec["id"]], rec["estimated_speedup"])
-        yield from (steps, phase_total, phase_ratio, last_step, verdict, severity, speedup)
 
-    def _host_metrics(self) -> Iterator[Metric]:
-        host = self.store.host
-        if host is not None:
-            cpu = GaugeMetricFamily("profilerd_host_cpu_utilization_ratio", "Busy share per core", labels=["cpu"])
-            for index, value in enumerate(host.cpu_per_core_ratio):
-                cpu.add_metric([str(index)], value)
-            yield cpu
-            yield _gauge("profilerd_host_memory_used_bytes", "Host memory in use", host.memory_used_bytes)
-            yield _gauge("profilerd_host_memory_total_bytes", "Host memory", host.memory_total_bytes)
-            if host.iowait_ratio is not None:
-                yield _gauge("profilerd_host_iowait_ratio", "Share of CPU time waiting for I/O", host.iowait_ratio)
-        trainer = GaugeMetricFamily(
-            "profilerd_process_cpu_cores",
-            "CPU use in cores of training processes and their DataLoader workers",
-            labels=["job", "rank", "role"],
-        )
-        workers = GaugeMetricFamily("profilerd_dataloader_workers", "Live DataLoader workers", labels=["job", "rank"])
-        for sample in self.store.processes.values():
-            if not sample.alive or sample.cpu_ratio is None:
-                continue
-            labels = [sample.job, str(sample.rank)]
-            trainer.add_metric([*labels, "trainer"], sample.cpu_ratio)
-            trainer.add_metric([*labels, "dataloader_worker"], sample.workers_cpu_ratio)
-            workers.add_metric(labels, len(sample.worker_pids))
-        yield trainer
-        yield workers
+def _rank_copies(ranks: dict[int, Any]) -> list[tuple[Any, ...]]:
+    """What the training families need of each rank, copied (call with the store's lock held)."""
+    return [
+        (rank_id, list(r.bucket_counts), r.steps_total, r.step_seconds_sum, dict(r.phase_seconds_total),
+         r.last_step_unix_s)
+        for rank_id, r in sorted(ranks.items())
+    ]  # fmt: skip
+
+
+def _training_metrics(jobs: list[tuple[str, list[tuple[Any, ...]], Any]]) -> Iterator[Metric]:
+    """The training families from ``collect``'s copy: (job, ranks, verdict) per job."""
+    steps = HistogramMetricFamily("profilerd_step_duration_seconds", "Training step time", labels=["job", "rank"])
+    phase_total = CounterMetricFamily(
+        "profilerd_step_phase_seconds", "Time spent per step phase", labels=["job", "rank", "phase"]
+    )
+    phase_ratio = GaugeMetricFamily(
+        "profilerd_step_phase_ratio",
+        "Share of step time per phase over the analysis window",
+        labels=["job", "phase"],
+    )
+    last_step = GaugeMetricFamily(
+        "profilerd_last_step_timestamp_seconds",
+        "When the rank last finished a step",
+        labels=["job", "rank"],
+    )
+    verdict = GaugeMetricFamily(
+        "profilerd_verdict", "1 for the job's current bottleneck category", labels=["job", "category"]
+    )
+    severity = GaugeMetricFamily("profilerd_verdict_severity", "0 ok, 1 info, 2 warning, 3 critical", labels=["job"])
+    speedup = GaugeMetricFamily(
+        "profilerd_recommendation_estimated_speedup_ratio",
+        "Estimated whole-step speedup of each current recommendation",
+        labels=["job", "recommendation"],
+    )
+    for job, ranks, current in jobs:
+        for rank_id, bucket_counts, steps_total, seconds_sum, phase_seconds, last_step_unix_s in ranks:
+            labels = [job, str(rank_id)]
+            cumulative = 0
+            buckets = []
+            for bound, count in zip(STEP_BUCKETS_S, bucket_counts, strict=False):
+                cumulative += count
+                buckets.append((_bound(bound), cumulative))
+            buckets.append(("+Inf", steps_total))
+            steps.add_metric(labels, buckets, seconds_sum)
+            for field, phase in PHASE_LABELS.items():
+                phase_total.add_metric([*labels, phase], phase_seconds[field])
+            if last_step_unix_s:
+                last_step.add_metric(labels, last_step_unix_s)
+        if current is None:
+            continue
+        for phase, value in current.features.phase_fractions.items():
+            if current.features.steps:
+                phase_ratio.add_metric([job, phase], value)
+        for category in (*CATEGORIES, "none"):
+            verdict.add_metric([job, category], 1.0 if current.primary == category else 0.0)
+        severity.add_metric([job], float(SEVERITIES.index(current.severity)))
+        for rec in current.recommendations():
+            speedup.add_metric([job, rec["id"]], rec["estimated_speedup"])
+    yield from (steps, phase_total, phase_ratio, last_step, verdict, severity, speedup)
+
+
+def _host_metrics(host: HostSample | None, processes: list[ProcessSample]) -> Iterator[Metric]:
+    """The host and training-process families from ``collect``'s copy."""
+    if host is not None:
+        cpu = GaugeMetricFamily("profilerd_host_cpu_utilization_ratio", "Busy share per core", labels=["cpu"])
+        for index, value in enumerate(host.cpu_per_core_ratio):
+            cpu.add_metric([str(index)], value)
+        yield cpu
+        yield _gauge("profilerd_host_memory_used_bytes", "Host memory in use", host.memory_used_bytes)
+        yield _gauge("profilerd_host_memory_total_bytes", "Host memory", host.memory_total_bytes)
+        if host.iowait_ratio is not None:
+            yield _gauge("profilerd_host_iowait_ratio", "Share of CPU time waiting for I/O", host.iowait_ratio)
+    trainer = GaugeMetricFamily(
+        "profilerd_process_cpu_cores",
+        "CPU use in cores of training processes and their DataLoader workers",
+        labels=["job", "rank", "role"],
+    )
+    workers = GaugeMetricFamily("profilerd_dataloader_workers", "Live DataLoader workers", labels=["job", "rank"])
+    for sample in processes:
+        if not sample.alive or sample.cpu_ratio is None:
+            continue
+        labels = [sample.job, str(sample.rank)]
+        trainer.add_metric([*labels, "trainer"], sample.cpu_ratio)
+        trainer.add_metric([*labels, "dataloader_worker"], sample.workers_cpu_ratio)
+        workers.add_metric(labels, len(sample.worker_pids))
+    yield trainer
+    yield workers
 
 
 def _rank_gpu_families(gpus: list[Any], owners: dict[int, tuple[str, int]]) -> Iterator[Metric]:

@@ -59,9 +59,23 @@ class ProcessSampler:
             proc.cpu_percent(None)
         return proc
 
+    @staticmethod
+    def _workers_by_parent(parents: set[int]) -> dict[int, list[int]]:
+        """DataLoader workers of each parent, from one pass over the process table per tick
+        (psutil's children() scans every process once per parent: quadratic with many ranks)."""
+        workers: dict[int, list[int]] = {}
+        if not parents:
+            return workers
+        for proc in psutil.process_iter(["ppid", "name"]):
+            info = proc.info
+            if info["ppid"] in parents and info["name"] == DATALOADER_WORKER_NAME:
+                workers.setdefault(info["ppid"], []).append(proc.pid)
+        return workers
+
     def sample(self, now_unix_s: float, sessions: dict[int, ProbeSession]) -> list[ProcessSample]:
         samples = []
         live: set[int] = set()
+        workers_of = self._workers_by_parent(set(sessions))
         for pid, session in sessions.items():
             try:
                 proc = self._proc(pid)
@@ -72,14 +86,12 @@ class ProcessSampler:
                 live.add(pid)
                 workers = []
                 ratios = []
-                for child in proc.children(recursive=False):
+                for child_pid in workers_of.get(pid, ()):
                     try:
-                        if child.name() != DATALOADER_WORKER_NAME:
-                            continue
-                        worker = self._proc(child.pid)
+                        worker = self._proc(child_pid)
                         ratios.append(worker.cpu_percent(None) / 100.0)
-                        workers.append(child.pid)
-                        live.add(child.pid)
+                        workers.append(child_pid)
+                        live.add(child_pid)
                     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                         continue
                 samples.append(

@@ -1,14 +1,25 @@
-"""The probe ingest socket: an AF_UNIX datagram socket in the per-user runtime directory."""
+"""The probe ingest socket: an AF_UNIX datagram socket in the per-user runtime directory.
+
+Every datagram arrives with the sender's credentials as the kernel reports them
+(``SO_PASSCRED``/``SCM_CREDENTIALS``): a sender whose uid is not allowed is dropped before its
+bytes are decoded, and a message that claims another process's pid is dropped too, so one
+process cannot speak for another. Received bytes are only ever unpacked with ``struct`` or
+parsed with ``json`` (never pickle, eval or import), and the kernel truncates a datagram to
+``MAX_DATAGRAM_BYTES`` before anything reads it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import stat
+import struct
 import threading
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from probes import wire
 from profilerd.model import ProbeSession, StepRecord
@@ -18,28 +29,52 @@ from profilerd.store import Store
 log = logging.getLogger(__name__)
 
 RECEIVE_BUFFER_BYTES = 4 * 1024 * 1024
+# struct ucred: pid_t pid, uid_t uid, gid_t gid
+_UCRED = struct.Struct("=iII")
+PASSCRED = hasattr(socket, "SO_PASSCRED") and hasattr(socket, "SCM_CREDENTIALS")  # Linux
+_ANCILLARY_BYTES = socket.CMSG_SPACE(_UCRED.size) if PASSCRED else 0
+_NS_PID_CACHE_MAX = 4096
 
 
 class IngestError(RuntimeError):
     """The socket cannot be opened safely; the message says what to do."""
 
 
-def prepare_runtime_dir(directory: Path) -> None:
-    """Create the directory 0700, or refuse one that others could write into."""
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    info = directory.stat()
+class Credentials(NamedTuple):
+    """Who sent a datagram, as the kernel reports it (pid 0: not visible in our pid namespace)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def prepare_runtime_dir(directory: Path, shared: bool = False) -> None:
+    """Create the directory, or refuse a symlink or a directory that belongs to someone else.
+
+    The mode is 0700; 0711 when other uids are allowed to send (``shared``), so that they can
+    reach the socket without being able to list or create anything in the directory.
+    """
+    with contextlib.suppress(FileExistsError):  # checked below, without following a symlink
+        directory.mkdir(parents=True, mode=0o700)
+    info = os.lstat(directory)
+    if stat.S_ISLNK(info.st_mode):
+        raise IngestError(f"{directory} is a symbolic link; refusing to use it (remove it, or choose another socket)")
+    if not stat.S_ISDIR(info.st_mode):
+        raise IngestError(f"{directory} is not a directory")
     if info.st_uid != os.getuid():
         raise IngestError(f"{directory} belongs to uid {info.st_uid}, not to you ({os.getuid()})")
-    if stat.S_IMODE(info.st_mode) & 0o077:
-        os.chmod(directory, 0o700)
+    wanted = 0o711 if shared else 0o700
+    if stat.S_IMODE(info.st_mode) != wanted:
+        os.chmod(directory, wanted)
 
 
-def bind_socket(path: Path) -> socket.socket:
-    """Bind the ingest socket, replacing a stale file left by a crashed daemon.
+def bind_socket(path: Path, shared: bool = False) -> socket.socket:
+    """Bind the ingest socket (mode 0600, or 0666 when ``shared``), replacing a stale file left
+    by a crashed daemon, and ask the kernel for every sender's credentials.
 
     The caller holds the single-instance lock, so an existing file here is stale.
     """
-    prepare_runtime_dir(path.parent)
+    prepare_runtime_dir(path.parent, shared)
     if path.exists() or path.is_symlink():
         path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -47,20 +82,61 @@ def bind_socket(path: Path) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
     except OSError as exc:
         log.debug("could not enlarge the receive buffer: %s", exc)
+    if PASSCRED:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    mode = 0o666 if shared else 0o600
+    try:
+        os.fchmod(sock.fileno(), mode)  # Linux creates the file with the socket's mode: no window
+    except OSError as exc:
+        log.debug("could not set the socket's mode before bind: %s", exc)
     sock.bind(str(path))
-    os.chmod(path, 0o600)
+    os.chmod(path, mode)
     sock.settimeout(0.2)
     return sock
 
 
-class Ingest:
-    """Receives datagrams, decodes them with the shared wire module, updates store and recording."""
+def _credentials(ancdata: list[tuple[int, int, bytes]]) -> Credentials | None:
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= _UCRED.size:
+            return Credentials(*_UCRED.unpack_from(data))
+    return None
 
-    def __init__(self, sock: socket.socket, store: Store, recorder: Recorder | None, stop: threading.Event) -> None:
+
+def _innermost_pid(pid: int) -> int | None:
+    """The pid a process sees for itself (the last NSpid entry): it differs from ours when the
+    process runs in a container's pid namespace."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"NSpid:"):
+                    return int(line.split()[-1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+class Ingest:
+    """Receives datagrams, checks who sent them, decodes them with the shared wire module, and
+    updates store and recording.
+
+    Messages are accepted from the daemon's own uid and from ``allowed_uids``.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        store: Store,
+        recorder: Recorder | None,
+        stop: threading.Event,
+        allowed_uids: Iterable[int] = (),
+    ) -> None:
         self.sock = sock
         self.store = store
         self.recorder = recorder
         self._stop = stop
+        self.allowed_uids = frozenset((os.getuid(), *allowed_uids))
+        # kernel pid -> the pid that process claims for itself (only when they differ)
+        self._ns_pids: dict[int, int] = {}
         self.thread = threading.Thread(target=self._run, name="profilerd-ingest", daemon=True)
 
     def start(self) -> None:
@@ -70,11 +146,13 @@ class Ingest:
         self.thread.join(timeout)
 
     def _run(self) -> None:
-        recv = self.sock.recv
-        size = wire.MAX_DATAGRAM_BYTES + 1  # one byte more, so oversized is detectable
+        checked = PASSCRED
+        recvmsg = self.sock.recvmsg
+        ancillary = _ANCILLARY_BYTES if checked else 0
+        size = wire.MAX_DATAGRAM_BYTES  # the kernel cuts anything longer and says so (MSG_TRUNC)
         while not self._stop.is_set():
             try:
-                datagram = recv(size)
+                datagram, ancdata, flags, _ = recvmsg(size, ancillary)
             except TimeoutError:
                 continue
             except OSError as exc:
@@ -84,36 +162,81 @@ class Ingest:
                 self.store.count_dropped("socket_error")
                 continue
             try:
-                self.handle(datagram)
+                if flags & socket.MSG_TRUNC:
+                    self.store.count_dropped("oversized")
+                    continue
+                self.handle(datagram, _credentials(ancdata) if checked else None, checked)
             except Exception:  # nothing a sender does may stop ingest; count it and go on
                 log.exception("ingest failed on one datagram")
                 self.store.count_dropped("internal_error")
 
-    def handle(self, datagram: bytes) -> None:
-        """Process one datagram; never raises (bad input is counted by reason)."""
+    def handle(self, datagram: bytes, sender: Credentials | None = None, checked: bool = False) -> None:
+        """Process one datagram; never raises (bad input is counted by reason).
+
+        With ``checked``, ``sender`` must be the kernel's credentials for the datagram: an
+        unknown or disallowed uid is dropped unread, and every pid in the message must be the
+        sender's own. Without it (in-process use) the claimed pids are taken as they are.
+        """
+        if checked:
+            if sender is None:
+                self.store.count_dropped("no_credentials")
+                return
+            if sender.uid not in self.allowed_uids:
+                self.store.count_dropped("forbidden_uid")
+                return
         try:
             message = wire.decode(datagram)
         except wire.WireError as exc:
             self.store.count_dropped(exc.reason)
             return
-        if isinstance(message, wire.StepMessage):
-            self._on_step(message)
+        if isinstance(message, wire.StepMessage | wire.StepBatch):
+            steps = message.steps if isinstance(message, wire.StepBatch) else (message,)
+            for step in steps:
+                pid = self._verified_pid(step.pid, sender) if checked else step.pid
+                if pid is None:
+                    self.store.count_dropped("pid_mismatch")
+                else:
+                    self._on_step(step, pid)
             return
-        if isinstance(message, wire.StepBatch):
-            for step in message.steps:
-                self._on_step(step)
-            return
+        body = message.body
+        if checked:
+            pid = self._verified_pid(body["pid"], sender)
+            if pid is None:
+                self.store.count_dropped("pid_mismatch")
+                return
+            if pid != body["pid"]:
+                body = dict(body, pid=pid)
         try:
             handler = getattr(self, f"_on_{message.kind}")
-            handler(message.body)
+            handler(body)
         except (KeyError, TypeError, ValueError) as exc:
             log.debug("rejected %s message: %s", message.kind, exc)
             self.store.count_dropped("bad_field")
             return
         self.store.count_received(message.kind)
 
-    def _on_step(self, message: wire.StepMessage) -> None:
-        session = self.store.session_for(message.pid)
+    def _verified_pid(self, claimed: int, sender: Credentials | None) -> int | None:
+        """The kernel's pid of the sender if it is the process the message claims to be from.
+
+        A process in another pid namespace (a container) knows itself by another number; its
+        claim is accepted when it matches the innermost entry of the kernel's NSpid for it.
+        """
+        if sender is None or sender.pid <= 0:
+            return None
+        if claimed == sender.pid:
+            return claimed
+        if self._ns_pids.get(sender.pid) == claimed:
+            return sender.pid
+        inner = _innermost_pid(sender.pid)
+        if inner is None or inner != claimed or inner == sender.pid:
+            return None
+        if len(self._ns_pids) >= _NS_PID_CACHE_MAX:
+            self._ns_pids.clear()
+        self._ns_pids[sender.pid] = inner
+        return sender.pid
+
+    def _on_step(self, message: wire.StepMessage, pid: int) -> None:
+        session = self.store.session_for(pid)
         if session is None or session.rank != message.rank:
             self.store.count_dropped("unknown_sender")
             return
@@ -121,7 +244,7 @@ class Ingest:
         step = StepRecord(
             session.job,
             message.rank,
-            message.pid,
+            pid,
             message.step,
             message.end_unix_s,
             message.step_s,

@@ -1,0 +1,304 @@
+"""Who may talk to the daemon, and what it gives away: socket and directory permissions,
+kernel-checked sender credentials (uid and pid) on every datagram, a local-only HTTP server
+with secrets redacted, received data that is never executed, and the systemd unit."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from probes import wire
+from profilerd.analysis.rules import load_rules
+from profilerd.config import load
+from profilerd.daemon import Daemon, DaemonError
+from profilerd.exporters.http import redact_argv
+from profilerd.samplers.gpu import NoGpuBackend
+from tests.conftest import REPO
+from tests.reliability_helpers import hello, http_get, send, send_as, step_batch, wait_for
+
+RULES, _ = load_rules()
+OTHER_UID = 12345
+THIRD_UID = 23456
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to send as another user")
+
+DaemonFactory = Callable[..., Daemon]
+
+
+@pytest.fixture
+def make_daemon(profilerd_env: dict[str, str]) -> Iterator[DaemonFactory]:
+    started: list[Daemon] = []
+
+    def make(**overrides: Any) -> Daemon:
+        config, problems = load()
+        assert problems == []
+        daemon = Daemon(replace(config, **overrides), RULES, gpu_backend=NoGpuBackend("no GPU in tests"))
+        daemon.start()
+        started.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in started:
+        daemon.stop()
+
+
+def counts(daemon: Daemon) -> tuple[dict[str, int], dict[str, int]]:
+    with daemon.store.lock:
+        return dict(daemon.store.received), dict(daemon.store.dropped)
+
+
+def open_parents(path: Path) -> None:
+    """Let other users traverse the test's private temporary directories down to the socket."""
+    for parent in path.parents:
+        if parent == Path("/tmp"):
+            return
+        os.chmod(parent, parent.stat().st_mode | 0o011)
+
+
+def messages_from(job: str) -> Callable[[int], list[bytes]]:
+    """What a probe in a child process sends: a hello and 5 steps, all with its own pid."""
+    return lambda pid: [hello(pid, job=job, run_id=job), step_batch(1, 5, pid)]
+
+
+# ---- the socket and its directory ---------------------------------------------------------------
+@needs_root
+def test_another_user_cannot_even_reach_the_socket(make_daemon: DaemonFactory) -> None:
+    daemon = make_daemon()
+    path = daemon.config.socket_path
+    assert path.parent.stat().st_mode & 0o777 == 0o700 and path.stat().st_mode & 0o777 == 0o600
+    assert send_as(OTHER_UID, path, messages_from("intruder")) == 13  # EACCES from the file system
+    assert "intruder" not in daemon.store.jobs
+
+
+def test_a_symlinked_runtime_directory_is_refused(make_daemon: DaemonFactory, short_tmp: Path) -> None:
+    real = short_tmp / "elsewhere"
+    real.mkdir(mode=0o700)
+    (short_tmp / "link").symlink_to(real)
+    with pytest.raises(DaemonError, match="symbolic link"):
+        make_daemon(socket_path=short_tmp / "link" / "ingest.sock")
+    assert not (real / "ingest.sock").exists()
+
+
+@needs_root
+def test_a_runtime_directory_owned_by_someone_else_is_refused(make_daemon: DaemonFactory, short_tmp: Path) -> None:
+    theirs = short_tmp / "theirs"
+    theirs.mkdir(mode=0o777)
+    os.chown(theirs, OTHER_UID, OTHER_UID)
+    with pytest.raises(DaemonError, match=f"belongs to uid {OTHER_UID}"):
+        make_daemon(socket_path=theirs / "ingest.sock")
+
+
+def test_a_stale_symlink_in_place_of_the_socket_is_replaced_not_followed(
+    make_daemon: DaemonFactory, profilerd_env: dict[str, str], short_tmp: Path
+) -> None:
+    config, _ = load()
+    config.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    victim = short_tmp / "victim"
+    victim.write_text("keep me")
+    config.socket_path.symlink_to(victim)
+    daemon = make_daemon()
+    assert victim.read_text() == "keep me"
+    assert not daemon.config.socket_path.is_symlink()
+
+
+# ---- credentials on every datagram --------------------------------------------------------------
+@needs_root
+def test_another_uid_is_rejected_by_its_credentials_even_if_it_reaches_the_socket(make_daemon: DaemonFactory) -> None:
+    daemon = make_daemon()
+    path = daemon.config.socket_path
+    open_parents(path)  # a permission mistake: the file system no longer protects it
+    os.chmod(path, 0o666)
+    assert send_as(OTHER_UID, path, messages_from("intruder")) == 0  # it did reach the socket
+    wait_for(lambda: counts(daemon)[1].get("forbidden_uid") == 2, what="both datagrams rejected")
+    received, _ = counts(daemon)
+    assert received == {} and "intruder" not in daemon.store.jobs
+    send(path, hello(job="mine"), step_batch(1, 5))  # the daemon's own user still gets in
+    wait_for(lambda: counts(daemon)[0].get("step") == 5)
+
+
+@needs_root
+def test_allowed_uids_admits_exactly_the_configured_users(make_daemon: DaemonFactory) -> None:
+    daemon = make_daemon(allowed_uids=(OTHER_UID,))
+    path = daemon.config.socket_path
+    # reachable for the other users; the credentials decide
+    assert path.parent.stat().st_mode & 0o777 == 0o711 and path.stat().st_mode & 0o777 == 0o666
+    open_parents(path.parent)  # as a socket_path under /run would be
+    assert send_as(OTHER_UID, path, messages_from("colleague")) == 0
+    assert send_as(THIRD_UID, path, messages_from("stranger")) == 0
+    wait_for(lambda: counts(daemon)[0].get("step") == 5, what="the allowed user's steps")
+    wait_for(lambda: counts(daemon)[1].get("forbidden_uid") == 2, what="the other user's datagrams")
+    assert "colleague" in daemon.store.jobs and "stranger" not in daemon.store.jobs
+
+
+def test_a_message_claiming_another_process_pid_is_rejected(make_daemon: DaemonFactory) -> None:
+    daemon = make_daemon()
+    path = daemon.config.socket_path
+    me = os.getpid()
+    send(path, hello(job="victim", run_id="victim"), step_batch(1, 3))
+    wait_for(lambda: counts(daemon)[0].get("step") == 3)
+
+    def impostor(own_pid: int) -> list[bytes]:
+        # a same-user process speaking for this one: steps into its rank, a new hello, run_end
+        return [
+            step_batch(4, 10, me),
+            hello(me, job="hijack", run_id="victim"),
+            wire.encode_json(wire.KIND_RUN_END, {"pid": me, "run_id": "victim", "exit_code": 0}),
+            hello(own_pid, job="honest", run_id="honest"),  # its own pid is fine
+        ]
+
+    assert send_as(os.getuid(), path, impostor) == 0
+    wait_for(lambda: counts(daemon)[0].get("hello") == 2, what="the impostor's honest hello")
+    received, dropped = counts(daemon)
+    assert dropped.get("pid_mismatch") == 12  # 10 step records, the hello, the run_end
+    assert received["step"] == 3
+    assert daemon.store.runs["victim"].state == "running"
+    assert daemon.store.session_for(me).job == "victim"  # type: ignore[union-attr]
+    assert "honest" in daemon.store.jobs
+
+
+def test_run_end_from_the_run_command_with_its_own_pid_closes_the_run(make_daemon: DaemonFactory) -> None:
+    """`profilerd run` is another process than the trainer: its run_end carries its own pid."""
+    daemon = make_daemon()
+    path = daemon.config.socket_path
+    send(path, hello(job="j", run_id="r"), step_batch(1, 4))
+    wait_for(lambda: counts(daemon)[0].get("step") == 4)
+
+    def run_command(own_pid: int) -> list[bytes]:
+        return [wire.encode_json(wire.KIND_RUN_END, {"pid": own_pid, "run_id": "r", "exit_code": 0})]
+
+    assert send_as(os.getuid(), path, run_command) == 0
+    wait_for(lambda: daemon.store.runs["r"].state == "closed", what="run closed")
+
+
+# ---- HTTP ------------------------------------------------------------------------------------------
+def test_http_listens_on_loopback_only_by_default(make_daemon: DaemonFactory) -> None:
+    daemon = make_daemon()
+    assert daemon.http_address[0] == "127.0.0.1"
+
+
+SECRETS = ("hf_abcdefghijklmnop", "hunter2", "XYZ123456", "s3cr3tpw", "sk-abcdefghijklmnopq", "tok.en.value")
+
+
+def test_api_redacts_secrets_in_command_lines(make_daemon: DaemonFactory) -> None:
+    daemon = make_daemon()
+    argv = [
+        "train.py",
+        "--hf-token",
+        SECRETS[0],
+        "--password",
+        SECRETS[1],
+        f"--api-key={SECRETS[2]}",
+        f"--db=postgres://bob:{SECRETS[3]}@db/x",
+        SECRETS[4],
+        "--header",
+        f"Authorization: Bearer {SECRETS[5]}",
+        "--lr",
+        "0.1",
+    ]
+    send(daemon.config.socket_path, hello(job="j", run_id="r", argv=argv), step_batch(1, 3))
+    wait_for(lambda: counts(daemon)[0].get("step") == 3)
+    host, port = daemon.http_address
+    for path in ("/api/v1/jobs/j?steps=5", "/api/v1/jobs", "/api/v1/runs", "/api/v1/status", "/metrics"):
+        status, body = http_get(f"http://{host}:{port}{path}")
+        assert status == 200
+        assert not [s for s in SECRETS if s in body.decode()], path
+    document = json.loads(http_get(f"http://{host}:{port}/api/v1/jobs/j")[1])
+    shown = document["rank_detail"][0]["argv"]
+    assert shown[:2] == ["train.py", "--hf-token"] and shown[-2:] == ["--lr", "0.1"]  # the rest stays readable
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--password", "x"], ["--password", "[redacted]"]),
+        (["--secret_key", "x"], ["--secret_key", "[redacted]"]),
+        (["--token=x"], ["--token=[redacted]"]),
+        (["WANDB_API_KEY=x"], ["WANDB_API_KEY=[redacted]"]),
+        (["https://u:pw@host/p"], ["https://u:[redacted]@host/p"]),
+        (["--max-tokens", "100", "--tokenizer", "gpt2"], ["--max-tokens", "100", "--tokenizer", "gpt2"]),
+    ],
+)
+def test_redaction_patterns(argv: list[str], expected: list[str]) -> None:
+    assert redact_argv(argv) == expected
+
+
+# ---- received data is data ------------------------------------------------------------------------
+RECEIVING_CODE = ("probes/wire.py", "profilerd/samplers/ingest.py")
+FORBIDDEN_IMPORTS = {"pickle", "cPickle", "marshal", "shelve", "dill", "cloudpickle", "importlib", "runpy"}
+FORBIDDEN_CALLS = {"eval", "exec", "compile", "__import__", "import_module", "loads_pickle"}
+
+
+@pytest.mark.parametrize("relative", RECEIVING_CODE)
+def test_received_bytes_are_never_unpickled_evaluated_or_imported(relative: str) -> None:
+    tree = ast.parse((REPO / relative).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+            assert not {n.split(".")[0] for n in names if n} & FORBIDDEN_IMPORTS, ast.unparse(node)
+        if isinstance(node, ast.Call):
+            name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+            assert name not in FORBIDDEN_CALLS, ast.unparse(node)
+
+
+def test_sizes_are_bounded_before_parsing(make_daemon: DaemonFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel cuts a datagram to MAX_DATAGRAM_BYTES before anything reads it: an oversized
+    one is counted and never reaches the decoder."""
+    seen: list[int] = []
+    decode = wire.decode
+
+    def measuring_decode(datagram: bytes) -> Any:
+        seen.append(len(datagram))
+        return decode(datagram)
+
+    monkeypatch.setattr(wire, "decode", measuring_decode)
+    daemon = make_daemon()
+    big = wire.encode_json(wire.KIND_CONFIG, {"pid": os.getpid(), "x": "y" * (3 * wire.MAX_DATAGRAM_BYTES // 2)})
+    send(daemon.config.socket_path, big, hello())
+    wait_for(lambda: counts(daemon)[0].get("hello") == 1)
+    assert counts(daemon)[1] == {"oversized": 1}
+    assert max(seen) <= wire.MAX_DATAGRAM_BYTES
+
+
+# ---- attach and deployment ------------------------------------------------------------------------
+def test_attach_never_escalates_privileges_itself() -> None:
+    """It explains what to grant instead (tests/test_attach.py::test_no_permission_names_the_fix)."""
+    tree = ast.parse((REPO / "profilerd" / "attach.py").read_text())
+    escalating = {"sudo", "su", "pkexec", "doas", "setcap", "sysctl", "runuser"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.List | ast.Tuple) and node.elts:
+            first = node.elts[0]
+            assert not (isinstance(first, ast.Constant) and first.value in escalating), ast.unparse(node)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            assert node.func.attr not in {"setuid", "seteuid", "setresuid", "setgid", "setegid", "setresgid"}
+
+
+UNIT = REPO / "docs" / "profilerd.service"
+
+
+def test_systemd_unit_has_limits_and_hardening() -> None:
+    settings = dict(
+        line.split("=", 1) for line in UNIT.read_text().splitlines() if "=" in line and not line.startswith("#")
+    )
+    for key in ("CPUQuota", "MemoryMax", "NoNewPrivileges", "ProtectSystem"):
+        assert key in settings, key
+    assert settings["NoNewPrivileges"] == "yes" and settings["ProtectSystem"] == "strict"
+    assert settings["User"] == "%i"  # never root
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_systemd_accepts_the_unit(short_tmp: Path) -> None:
+    profilerd = shutil.which("profilerd") or shutil.which("python3")
+    assert profilerd is not None
+    instance = short_tmp / "profilerd@root.service"  # an instance of the template, for verify
+    instance.write_text(UNIT.read_text().replace("/usr/local/bin/profilerd", profilerd))
+    result = subprocess.run(["systemd-analyze", "verify", str(instance)], capture_output=True, text=True, timeout=60)
+    problems = [line for line in result.stderr.splitlines() if str(instance.name) in line or "Unknown" in line]
+    assert result.returncode == 0 and problems == [], result.stderr
