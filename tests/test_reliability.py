@@ -103,6 +103,7 @@ class FaultRun:
     root: Path
     env: dict[str, str]
     seen_by_a: int = 0
+    a_killed_unix_s: float = 0.0
     resumed_after_s: float = 0.0
     seen_by_b: int = 0
     trainer_returncode: int | None = None
@@ -132,6 +133,7 @@ def fault_run() -> Iterator[FaultRun]:
     )
     try:
         result.seen_by_a = wait_for(lambda: (n := job_steps(a.url)) >= 200 and n, timeout=60, what="steps at A")
+        result.a_killed_unix_s = time.time()
         a.kill()  # SIGKILL: no flush, no goodbye
         (phases / "down").touch()
         log = phases / "steps.log"
@@ -195,12 +197,14 @@ def test_probes_resume_within_2_s_of_a_daemon_restart(fault_run: FaultRun) -> No
 
 def test_the_run_continues_in_the_same_recording(fault_run: FaultRun) -> None:
     conn = recording(fault_run)
-    steps = [s for (s,) in conn.execute("SELECT step FROM steps ORDER BY step")]
+    rows = conn.execute("SELECT step, end_unix_s FROM steps ORDER BY step").fetchall()
+    steps = [step for step, _ in rows]
     sessions = conn.execute("SELECT COUNT(*) FROM sessions").fetchone()[0]
     assert sessions == 2  # the hello to A, and the hello to B
-    before = [s for s in steps if s <= fault_run.seen_by_a]
-    after = [s for s in steps if s > fault_run.seen_by_a + 300]  # past the steps sent while no daemon ran
-    assert len(before) >= fault_run.seen_by_a - 100  # kill -9 of A lost at most its last commit
+    from_a = [(step, end) for step, end in rows if end < fault_run.a_killed_unix_s]
+    assert [step for step, _ in from_a] == list(range(1, len(from_a) + 1))  # no hole
+    assert fault_run.a_killed_unix_s - from_a[-1][1] <= 1.0  # kill -9 of A lost at most ~1 s
+    after = [step for step in steps if step > fault_run.seen_by_a + 300]  # past those sent with no daemon
     assert len(after) >= fault_run.seen_by_b  # everything B heard is there
     assert len(steps) == len(set(steps))  # nothing twice
 
