@@ -27,6 +27,7 @@ class DatagramSender:
         self.dropped: Counter[str] = Counter()
         self.dropped_total = 0  # kept as an int: it goes into every step record
         self.sent = 0
+        self.connect_attempts = 0  # bounded by time, not by steps: what a missing daemon costs
         self._sock: socket.socket | None = None
         self._next_attempt = 0.0
         self.reconnected = False  # set when a (re)connection succeeds; the caller resends hello
@@ -36,6 +37,7 @@ class DatagramSender:
         if now < self._next_attempt:
             return False
         self._next_attempt = now + RECONNECT_INTERVAL_S
+        self.connect_attempts += 1
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.setblocking(False)
         try:
@@ -89,5 +91,6 @@ class DatagramSender:
         self.dropped = Counter()
         self.dropped_total = 0
         self.sent = 0
+        self.connect_attempts = 0
         self._next_attempt = 0.0
         self.reconnected = False

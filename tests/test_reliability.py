@@ -17,13 +17,13 @@ import shutil
 import signal
 import socket
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 
 from probes import wire
+from probes.transport import RECONNECT_INTERVAL_S
 from tests.conftest import REPO, run_cli
 from tests.reliability_helpers import Served, get_json, hello, metrics, send, send_as, step_batch, wait_for
 
@@ -52,22 +53,24 @@ TRAIN = textwrap.dedent("""
     x = torch.randn(32, 256)
     phases = os.environ["PHASE_DIR"]
     log = open(os.path.join(phases, "steps.log"), "w", buffering=1)
-    phase, i = "up", 0
+    sender = probes.core.active().sender
+    phase, i, entered = "up", 0, {}
     while phase != "stop":
         i += 1
         if i % 10 == 0:
             for name in ("stop", "back", "down"):
                 if os.path.exists(os.path.join(phases, name)):
+                    if name != phase:
+                        entered[name] = (time.monotonic(), sender.connect_attempts)
                     phase = name
                     break
-        started = time.thread_time()  # CPU of this thread: the probe's cost, not the machine's load
         opt.zero_grad()
         model(x).square().mean().backward()
         opt.step()
-        log.write(f"{phase} {time.thread_time() - started:.7f}\\n")
+        log.write(f"{phase}\\n")
         time.sleep(0.001)
-    sender = probes.core.active().sender
-    print(json.dumps({"steps": i, "installed": probes.installed(), "dropped": dict(sender.dropped)}), flush=True)
+    summary = {"steps": i, "installed": probes.installed(), "dropped": dict(sender.dropped), "entered": entered}
+    print(json.dumps(summary), flush=True)
     os.kill(os.getpid(), signal.SIGKILL)  # the training process is killed mid-run
 """)
 
@@ -109,7 +112,7 @@ class FaultRun:
     trainer_returncode: int | None = None
     trainer_stdout: str = ""
     trainer_stderr: str = ""
-    phases: dict[str, list[float]] = field(default_factory=dict)
+    steps_by_phase: Counter[str] = field(default_factory=Counter)
     run_state: dict[str, Any] = field(default_factory=dict)
     aborted_after_kill_s: float = 0.0
     b_exit_code: int | None = None
@@ -137,7 +140,7 @@ def fault_run() -> Iterator[FaultRun]:
         a.kill()  # SIGKILL: no flush, no goodbye
         (phases / "down").touch()
         log = phases / "steps.log"
-        wait_for(lambda: log.read_text().count("down ") >= 300, timeout=30, what="steps without a daemon")
+        wait_for(lambda: log.read_text().count("down") >= 300, timeout=30, what="steps without a daemon")
         b = Served(env, "--gpu", "none")
         ready = time.monotonic()
         (phases / "back").touch()
@@ -155,10 +158,7 @@ def fault_run() -> Iterator[FaultRun]:
             what="run closed as aborted",
         )
         result.aborted_after_kill_s = time.monotonic() - killed
-        for line in log.read_text().splitlines():
-            name, _, seconds = line.partition(" ")
-            if seconds:
-                result.phases.setdefault(name, []).append(float(seconds))
+        result.steps_by_phase = Counter(log.read_text().split())
         result.b_exit_code = b.terminate()
         result.b_stderr = b.stderr
         yield result
@@ -181,14 +181,19 @@ def test_training_carries_on_without_exception_when_the_daemon_is_killed(fault_r
     assert summary["installed"] is True  # the probe never disabled itself
     assert summary["dropped"].get("daemon_absent", 0) > 0  # it noticed, counted, and carried on
     assert fault_run.trainer_stderr == ""  # no exception, no warning
-    assert len(fault_run.phases["down"]) >= 300
+    assert fault_run.steps_by_phase["down"] >= 300
 
 
-def test_no_measurable_slowdown_while_the_daemon_is_gone(fault_run: FaultRun) -> None:
-    """Benchmark-style: the training thread's CPU per step, daemon gone vs daemon there."""
-    up = statistics.median(fault_run.phases["up"][20:])  # past the first, slow steps
-    down = statistics.median(fault_run.phases["down"])
-    assert down / up < 1.25, (up, down)
+def test_a_missing_daemon_costs_a_connect_attempt_per_interval_not_per_step(fault_run: FaultRun) -> None:
+    """Why training does not slow down without a daemon: the probe retries on a clock, never
+    per step, and otherwise only counts the drop. (The CPU cost per step, daemon gone versus
+    there, is measured side by side in benchmarks/bench_probe_overhead.py.)"""
+    summary = json.loads(fault_run.trainer_stdout.strip().splitlines()[-1])
+    (down_at, attempts_at_down), (back_at, attempts_at_back) = summary["entered"]["down"], summary["entered"]["back"]
+    attempts = attempts_at_back - attempts_at_down
+    allowed = (back_at - down_at) / RECONNECT_INTERVAL_S + 2
+    assert 1 <= attempts <= allowed, (attempts, allowed)
+    assert fault_run.steps_by_phase["down"] > 10 * attempts  # hundreds of steps, a handful of attempts
 
 
 def test_probes_resume_within_2_s_of_a_daemon_restart(fault_run: FaultRun) -> None:
