@@ -12,6 +12,7 @@ profilerd run -- torchrun --nproc-per-node 2 examples/ddp_cpu.py --model conv
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 
 import torch
@@ -107,6 +108,12 @@ def main() -> None:
                     break
         epoch += 1
     dist.destroy_process_group()
+    # DDP's hooks form reference cycles that keep it, and the gloo process group it holds,
+    # alive until the interpreter's final garbage collection. By then gloo's worker threads can
+    # no longer release the tensors of finished collectives, and torch aborts the process
+    # (pytorch/pytorch#190489). Free them now, while the interpreter is fully alive.
+    del model, optimizer
+    gc.collect()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ the user's code carries on untouched.
 
 from __future__ import annotations
 
+import glob
 import logging
 import math
 import os
@@ -38,6 +39,7 @@ from probes.signals import (
     DeferredScalar,
     NcclDeviceTime,
     SyncCounter,
+    arm_nccl_device_timing,
 )
 from probes.transport import DatagramSender
 
@@ -505,6 +507,11 @@ class StepProbe:
         torch = self._torch
         import torch.optim.optimizer as optim_mod
         from torch.utils.data import dataloader as dl
+
+        try:
+            arm_nccl_device_timing(torch, os.environ, bool(glob.glob("/dev/nvidia[0-9]*")))
+        except Exception as exc:  # optional: NCCL device times stay unknown, the rest runs
+            log.debug("cannot arm NCCL device timing: %r", exc)
 
         self._patch(dl._BaseDataLoaderIter, "__next__", _make_loader_next(dl._BaseDataLoaderIter.__next__))
         self._patch(dl._BaseDataLoaderIter, "__init__", _make_loader_init(dl._BaseDataLoaderIter.__init__))

@@ -244,14 +244,52 @@ class DdpSplit:
         self.samples += 1
 
 
+NCCL_TIMING_ENV = "PROFILERD_NCCL_TIMING"  # "1" from `profilerd run`; "0" turns it off
+FLIGHT_RECORDER_ENTRIES = "2000"
+
+
+def flight_recorder_variable(torch_version: str) -> str:
+    """The environment variable that sizes torch's flight recorder in this torch version.
+
+    torch 2.9 and later read TORCH_FR_BUFFER_SIZE and warn about the old NCCL-specific name;
+    older versions read only the old name.
+    """
+    try:
+        major, minor = (int(part) for part in torch_version.split("+")[0].split(".")[:2])
+    except ValueError:
+        return "TORCH_FR_BUFFER_SIZE"
+    return "TORCH_FR_BUFFER_SIZE" if (major, minor) >= (2, 9) else "TORCH_NCCL_TRACE_BUFFER_SIZE"
+
+
+def arm_nccl_device_timing(torch: Any, environ: Any, nvidia_devices: bool) -> str | None:
+    """Ask torch for device-side NCCL durations, before any process group exists.
+
+    Only where NCCL can run: a CUDA build of torch on a node with NVIDIA devices. Elsewhere the
+    flight recorder would only record gloo collectives, which it cannot time, at a cost (and
+    torch 2.13 can abort at exit in gloo jobs that have it on). A value the user set wins.
+    Returns the variable set, or None.
+    """
+    if environ.get(NCCL_TIMING_ENV) != "1" or getattr(torch.version, "cuda", None) is None or not nvidia_devices:
+        return None
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return None  # too late: the flight recorder reads its size once
+    environ.setdefault("TORCH_NCCL_ENABLE_TIMING", "1")
+    if "TORCH_FR_BUFFER_SIZE" in environ or "TORCH_NCCL_TRACE_BUFFER_SIZE" in environ:
+        return None
+    name = flight_recorder_variable(str(torch.__version__))
+    environ[name] = FLIGHT_RECORDER_ENTRIES
+    return name
+
+
 class NcclDeviceTime:
     """Device-side durations of NCCL collectives from torch's flight recorder.
 
-    Host timing of a NCCL op only measures the enqueue. With TORCH_NCCL_ENABLE_TIMING=1 (set by
-    `profilerd run` before any process group exists) ProcessGroupNCCL records CUDA events
-    around each collective, and the flight recorder (TORCH_NCCL_TRACE_BUFFER_SIZE) reports a
-    ``duration_ms`` once a collective has completed. Reading the dump is host-only: no sync.
-    Any failure turns this reader off and leaves the rest of the probes running.
+    Host timing of a NCCL op only measures the enqueue. With TORCH_NCCL_ENABLE_TIMING=1 (see
+    ``arm_nccl_device_timing``) ProcessGroupNCCL records CUDA events around each collective,
+    and the flight recorder reports a ``duration_ms`` once a collective has completed. Reading
+    the dump is host-only: no sync. Any failure turns this reader off and leaves the rest of
+    the probes running.
     """
 
     READ_EVERY_S = 1.0

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from probes import wire
+from probes.signals import NCCL_TIMING_ENV
 from profilerd import __version__
 from profilerd.analysis.rules import RuleSet, load_rules
 from profilerd.config import DaemonConfig, load
@@ -353,10 +354,9 @@ def run_command(cmd: list[str], args: argparse.Namespace, config: DaemonConfig, 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(boot), env.get("PYTHONPATH", "")) if p)
     env.update({"PROFILERD_SOCKET": str(handle.socket_path), "PROFILERD_RUN_ID": run_id, "PROFILERD_JOB_ID": job})
-    # Device-side NCCL durations: CUDA events around each collective and the flight recorder
-    # that reports them. Both must be set before any process group exists.
-    env.setdefault("TORCH_NCCL_ENABLE_TIMING", "1")
-    env.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
+    # Device-side NCCL durations: the probes turn on torch's collective timing and flight
+    # recorder in each rank where NCCL can run, under the name that rank's torch reads.
+    env.setdefault(NCCL_TIMING_ENV, "1")
     live = _live_view(args, handle, job)
     try:
         try:

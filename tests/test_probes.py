@@ -13,6 +13,7 @@ import contextlib
 import json
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -436,9 +437,11 @@ def test_transform_modules_in_the_loader_are_data_wait_not_forward(zygote, tmp_p
     run_scenario(zygote, tmp_path, receiver, TRANSFORM)
     steps = receiver.steps()
     assert_numbered(steps, N_STEPS)
+    # the model itself is tiny: forward is a fraction of one sample's augmentation (the median,
+    # so that one step descheduled on a loaded machine does not decide it)
+    assert statistics.median(s.forward_s for s in steps) < SLEEP_S / 2
     for s in steps:
         assert s.data_wait_s >= BATCH * SLEEP_S
-        assert s.forward_s < BATCH * SLEEP_S / 2  # the model itself is tiny
         assert s.step_s + STEP_TOL_S >= s.data_wait_s + s.forward_s + s.backward_s + s.optimizer_s
 
 
@@ -472,7 +475,7 @@ def test_loader_in_prefetch_thread_is_not_main_loop_data_wait(zygote, tmp_path, 
     for s in steps:
         # each batch takes 20 ms to load in the producer thread; none of it is DataLoader wait
         # on the training thread
-        assert s.data_wait_s < 0.005
+        assert s.data_wait_s == 0.0
         assert s.forward_s > 0 and s.backward_s > 0 and s.optimizer_s > 0
         assert boundary(s) == 0
 
