@@ -35,6 +35,7 @@ import psutil
 from profilerd.analysis.features import FRACTION_KEYS, Context, Features, Signals
 from profilerd.analysis.rules import RuleSet
 from profilerd.analysis.verdict import Verdict, evaluate
+from profilerd.config import ATTACH_RATE_HZ
 from profilerd.samplers.host import DATALOADER_WORKER_NAME
 
 PTRACE_HELP = (
@@ -236,8 +237,16 @@ def py_spy_path() -> str | None:
     return str(candidate) if candidate.exists() else None
 
 
+IMPORTING = re.compile(r"_find_and_load \(<frozen importlib")
+
+
 def phase_of(stack: str) -> str:
-    """The step phase of one stack (root first; communication wins wherever it appears)."""
+    """The step phase of one stack (root first; communication wins wherever it appears).
+
+    A stack that is importing a module is "other" whatever imports it: ``import
+    torch.distributed`` during start-up is not communication."""
+    if IMPORTING.search(stack):
+        return "other"
     if PHASE_PATTERNS[0][1].search(stack):
         return "communication"
     frames = stack.split(";")
@@ -387,7 +396,7 @@ def run_attach(
     ruleset: RuleSet,
     *,
     use_l1: bool = True,
-    rate_hz: int = 10,
+    rate_hz: int = ATTACH_RATE_HZ,
     on_tick: Any = None,
 ) -> AttachResult:
     """Observe the target for ``duration_s`` (or until it exits) with L0 and, if allowed, L1."""
@@ -557,7 +566,9 @@ class LiveAttach:
     CHUNK_S = 2.0
     WINDOW_CHUNKS = 5
 
-    def __init__(self, pid: int, ruleset: RuleSet, run_id: str, *, use_l1: bool = True, rate_hz: int = 10) -> None:
+    def __init__(
+        self, pid: int, ruleset: RuleSet, run_id: str, *, use_l1: bool = True, rate_hz: int = ATTACH_RATE_HZ
+    ) -> None:
         self.target = inspect_target(pid)
         self.run_id = run_id
         self.ruleset = ruleset

@@ -30,7 +30,7 @@ from probes import wire
 from probes.signals import NCCL_TIMING_ENV
 from profilerd import __version__
 from profilerd.analysis.rules import RuleSet, load_rules
-from profilerd.config import DaemonConfig, load
+from profilerd.config import ATTACH_RATE_HZ, DaemonConfig, load
 from profilerd.report import render_text
 
 log = logging.getLogger("profilerd")
@@ -125,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     attach.add_argument("--duration", type=float, default=8.0, help="seconds to observe (default 8)")
     attach.add_argument("--once", action="store_true", help="one verdict after --duration, then exit")
     attach.add_argument("--json", dest="json_path", type=Path, help="write the verdict JSON here")
-    attach.add_argument("--rate", type=int, default=10, help="stack samples per second for L1 (default 10)")
+    attach.add_argument(
+        "--rate", type=int, default=ATTACH_RATE_HZ, help=f"stack samples per second for L1 (default {ATTACH_RATE_HZ})"
+    )
     attach.add_argument("--no-stacks", action="store_true", help="L0 only: no py-spy stack sampling")
     attach.add_argument("--inject", action="store_true", help="L2: install the probes in the target (Python >= 3.14)")
     attach.add_argument(

@@ -24,6 +24,12 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 DEFAULT_HTTP_PORT = 9466
 CONFIG_ENV = "PROFILERD_CONFIG"
 
+# Stack samples per second for `profilerd attach` (L1). Enough that a short window resolves the
+# 10 % threshold: at 10 Hz a 5 s window holds 50 samples, and a 5.5 % phase reads over 10 % one
+# time in 18; at 50 Hz (250 samples) one time in 700. py-spy reads the target's memory without
+# pausing it, so the cost stays in py-spy's own process.
+ATTACH_RATE_HZ = 50
+
 
 def default_data_dir() -> Path:
     override = os.environ.get("PROFILERD_DATA_DIR")

@@ -181,3 +181,20 @@ def test_no_inject_forbids_injection(spawn, profilerd_env, short_tmp: Path) -> N
     )
     assert document["attach_layer"] == "L0"
     assert document["layers"]["L2"] == {"available": False, "why": "forbidden by --no-inject"}
+
+
+def test_stack_phases_from_py_spy_frames() -> None:
+    """Real frame shapes from py-spy on torch 2.13 / Python 3.11."""
+    from profilerd.attach import phase_of
+
+    loop = "<module> (train.py:42);main (train.py:29)"
+    loader = "_BaseDataLoaderIter.__next__ (torch/utils/data/dataloader.py:741);_next_data (x.py:1)"
+    assert phase_of(f"{loop};{loader}") == "data_wait"
+    assert phase_of(f"{loop};Module._call_impl (torch/nn/modules/module.py:1789);forward (train.py:9)") == "forward"
+    assert phase_of(f"{loop};all_reduce (torch/distributed/distributed_c10d.py:2900)") == "communication"
+    # start-up: the optimizer's first step imports torch._dynamo, which imports torch.distributed
+    importing = (
+        f"{loop};Optimizer.__init__ (torch/optim/optimizer.py:405);_find_and_load (<frozen importlib._bootstrap>:1176);"
+        "<module> (torch/distributed/__init__.py:13)"
+    )
+    assert phase_of(importing) == "other"
