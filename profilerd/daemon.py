@@ -199,12 +199,20 @@ class Daemon:
 
         def gpu_tick(now: float) -> None:
             samples = gpu.sample(now)
-            store.set_gpus(samples, gpu.drain_events())
+            events = gpu.drain_events()
+            store.set_gpus(samples, events)
             store.gpu_field_errors = int(getattr(gpu, "error_count", 0))
-            if self.recorder is not None and samples:
+            if self.recorder is not None and (samples or events):
                 run_ids = store.running_run_ids()
                 for sample in samples:
                     self.recorder.gpu(run_ids, sample)
+                # XID errors and lost/recovered GPUs go into every run on this node, so that the
+                # report shows them on the run's timeline.
+                uuids = {sample.index: sample.uuid for sample in samples}
+                for event in events:
+                    detail = {"gpu_index": event.index, "uuid": uuids.get(event.index), "detail": event.detail}
+                    for run_id in run_ids:
+                        self.recorder.event(run_id, event.kind, detail, ts_unix_s=event.ts_unix_s)
 
         queue: list[str] = []  # the jobs still to analyse in this round
         round_size = [1]

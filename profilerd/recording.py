@@ -195,8 +195,9 @@ class Recorder:
         for run_id in run_ids:
             self._queue.put((run_id, "gpu_samples", row))
 
-    def event(self, run_id: str, kind: str, detail: dict[str, Any]) -> None:
-        self._queue.put((run_id, "events", (time.time(), kind, json.dumps(detail, default=str))))
+    def event(self, run_id: str, kind: str, detail: dict[str, Any], ts_unix_s: float | None = None) -> None:
+        stamp = time.time() if ts_unix_s is None else ts_unix_s
+        self._queue.put((run_id, "events", (stamp, kind, json.dumps(detail, default=str))))
 
     def close_run(self, run_id: str, state: str, exit_code: int | None) -> None:
         self._queue.put((run_id, "_close", {"state": state, "exit_code": exit_code}))

@@ -276,9 +276,14 @@ def event_table(events: pd.DataFrame, gpus: pd.DataFrame, window: Window | None)
             }
         )
     if not gpus.empty and (gpus["lost"] == 1).any():
+        # Lost GPUs from the samples, for recordings made before the daemon recorded the event
+        # itself (or where it could not): one row per GPU, unless the event is there already.
+        recorded = {(row["node"], row["gpu"]) for row in rows if row["kind"] == "lost"}
         lost = gpus[gpus["lost"] == 1]
         first = lost.groupby(["node", "gpu_index"], sort=True)["ts_unix_s"].min().reset_index()
         for node, index, ts in first.itertuples(index=False, name=None):
+            if (node or "", int(index)) in recorded:
+                continue
             rows.append(
                 {"t_s": float(ts) - start, "node": node or "", "kind": "lost", "gpu": int(index), "text": "GPU lost"}
             )

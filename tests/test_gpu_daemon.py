@@ -3,9 +3,11 @@ unsupported fields left out, `profilerd doctor`, and the GPU findings in a verdi
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -113,3 +115,39 @@ def test_doctor_without_a_driver_says_why(profilerd_env: dict[str, str], short_t
     result = run_cli("doctor", env=env, timeout=60)
     assert result.returncode == 0
     assert "no" in result.stdout.lower() and "gpu" in result.stdout.lower()
+
+
+def test_gpu_events_are_recorded_in_the_run_and_reported(
+    profilerd_env: dict[str, str], sim_library: Path, short_tmp: Path
+) -> None:
+    """An XID error during a run reaches the run's recording and its report, not only /metrics."""
+    scenario = Scenario(gpus=[{}, {}], xids=[(1, 79, 2500)]).write(short_tmp / "scenario.txt")
+    env = dict(profilerd_env, PROFILERD_NVML_LIBRARY=str(sim_library), SIMNVML_SCENARIO=str(scenario))
+    process = subprocess.Popen([sys.executable, "-m", "profilerd", "serve"], env=env, stderr=subprocess.PIPE, text=True)
+    assert process.stderr is not None
+    try:
+        line = process.stderr.readline()
+        assert "serving http://" in line, line
+        url = line.split("serving ")[1].split("/metrics")[0]
+        sock_path = Path(env["XDG_RUNTIME_DIR"]) / "profilerd" / "ingest.sock"
+        pid = os.getpid()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            hello = {"pid": pid, "job": "xidjob", "run_id": "xid-run", "rank": 0, "world_size": 1}
+            sock.sendto(wire.encode_json(wire.KIND_HELLO, hello), str(sock_path))
+            now = time.time()
+            for i in range(30):
+                step = wire.encode_step(pid, 0, i + 1, i + 1, now - 3 + 0.1 * i, 0.1, 0.01, 0.03, 0.05, 0.01, 0.0, 0)
+                sock.sendto(step, str(sock_path))
+        wait_for_text(url, ['profilerd_gpu_events_total{gpu="1"'], timeout=20)
+        time.sleep(0.6)  # past the recorder's next commit (every 0.25 s)
+    finally:
+        process.terminate()
+        assert process.wait(timeout=10) == 0
+    recording = Path(env["PROFILERD_DATA_DIR"]) / "runs" / "xid-run.sqlite"
+    rows = sqlite3.connect(recording).execute("SELECT kind, detail FROM events WHERE kind = 'xid'").fetchall()
+    assert len(rows) == 1
+    detail = json.loads(rows[0][1])
+    assert detail["gpu_index"] == 1 and "Xid 79" in detail["detail"] and detail["uuid"]
+    report = run_cli("report", "xid-run", "--format", "md", env=env, timeout=60)
+    assert report.returncode == 0, report.stderr
+    assert "Xid 79" in report.stdout
