@@ -20,9 +20,7 @@ figures are "per daemon core".
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
-import datetime
 import inspect
 import json
 import os
@@ -39,81 +37,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from probes import wire
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# after the path set-up, for `python benchmarks/<name>.py`
+from benchmarks.machine import LoadWatch, machine_info, pin, wait_quiet  # noqa: E402
+from probes import wire  # noqa: E402
 
 TARGET_PER_S = 50_000
 PID = 424242  # the in-process case needs no real process behind its pid
 # Store counters inferred from sequence numbers and the sender's own count, not datagrams.
 INFERRED = ("sequence_gap", "sender_side")
 STEP_TIMES_S = (0.004, 0.005, 0.006, 0.03, 0.2)  # spread over a few histogram buckets
-
-
-# ---- shared helpers ----------------------------------------------------------------------
-def machine_info() -> dict[str, Any]:
-    cpu_model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    qlen = None
-    with contextlib.suppress(OSError, ValueError):
-        qlen = int(Path("/proc/sys/net/unix/max_dgram_qlen").read_text())
-    return {
-        "date": datetime.date.today().isoformat(),
-        "nproc": os.cpu_count(),
-        "cpus_allowed": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu_model,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "net_unix_max_dgram_qlen": qlen,
-    }
-
-
-def _machine_busy_s() -> float:
-    """CPU seconds spent by everything on the machine so far (from /proc/stat)."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-class LoadWatch:
-    """How much CPU other processes used meanwhile, in CPUs: noise we cannot remove, only see."""
-
-    def __init__(self) -> None:
-        self.busy0, self.own0, self.t0 = _machine_busy_s(), _own_cpu_s(), time.monotonic()
-
-    def others(self) -> float:
-        elapsed = max(time.monotonic() - self.t0, 1e-9)
-        return max(0.0, (_machine_busy_s() - self.busy0) - (_own_cpu_s() - self.own0)) / elapsed
-
-
-def wait_quiet(limit_s: float, threshold: float) -> float:
-    """Wait (up to limit_s) for a 2-second window in which other processes use < threshold CPUs."""
-    deadline = time.monotonic() + limit_s
-    while True:
-        watch = LoadWatch()
-        time.sleep(2.0)
-        others = watch.others()
-        if others < threshold or time.monotonic() >= deadline:
-            return others
-
-
-def pin(cpu: int | None) -> None:
-    """Pin this process to one CPU (children inherit the mask, so a child can pin itself elsewhere)."""
-    if cpu is not None:
-        try:
-            os.sched_setaffinity(0, {cpu})
-        except OSError as exc:
-            print(f"could not pin to CPU {cpu}: {exc}", file=sys.stderr)
 
 
 def pick_cpus() -> tuple[int | None, int | None]:

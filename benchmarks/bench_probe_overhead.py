@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -37,8 +35,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import probes
-from probes import core, wire
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# after the path set-up, for `python benchmarks/<name>.py`
+import probes  # noqa: E402
+from benchmarks.machine import LoadWatch, machine_info, pin, wait_quiet  # noqa: E402
+from probes import core, wire  # noqa: E402
 
 TARGET_RATIO = 1.01
 TARGET_US_PER_STEP = 20.0
@@ -46,76 +50,6 @@ MODES = ("plain", "daemon", "absent")
 # wall: mean step wall time; median: median step wall time; cpu: median step CPU time of the
 # training thread; cpu_mean: mean step CPU time (includes the work done every Nth step).
 CLOCKS = ("wall", "median", "cpu", "cpu_mean")
-
-
-# ---- machine and load -------------------------------------------------------------------------
-def machine_info() -> dict[str, Any]:
-    import torch
-
-    cpu_model = "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "date": datetime.date.today().isoformat(),
-        "nproc": os.cpu_count(),
-        "cpus_allowed": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu_model,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-    }
-
-
-def _machine_busy_s() -> float:
-    """CPU seconds spent by everything on the machine so far (from /proc/stat)."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-class LoadWatch:
-    """How much CPU other processes used meanwhile (in CPUs): noise we cannot remove, only see.
-
-    The receiver process counts as "other" here; it uses a few percent of a CPU.
-    """
-
-    def __init__(self) -> None:
-        self.busy0, self.own0, self.t0 = _machine_busy_s(), _own_cpu_s(), time.monotonic()
-
-    def others(self) -> float:
-        elapsed = time.monotonic() - self.t0
-        return max(0.0, (_machine_busy_s() - self.busy0) - (_own_cpu_s() - self.own0)) / max(elapsed, 1e-9)
-
-    def result(self) -> dict[str, float]:
-        return {"elapsed_s": time.monotonic() - self.t0, "other_processes_cpu_ratio": self.others()}
-
-
-def wait_quiet(limit_s: float, threshold: float) -> float:
-    """Wait (up to limit_s) for a 2-second window in which other processes use < threshold CPUs."""
-    deadline = time.monotonic() + limit_s
-    while True:
-        watch = LoadWatch()
-        time.sleep(2.0)
-        others = watch.others()
-        if others < threshold or time.monotonic() >= deadline:
-            return others
-
-
-def pin(cpu: int | None) -> None:
-    if cpu is not None:
-        try:
-            os.sched_setaffinity(0, {cpu})
-        except OSError as exc:
-            print(f"could not pin to CPU {cpu}: {exc}", file=sys.stderr)
 
 
 # ---- receiver process: the daemon's ingest, nothing else -------------------------------------
