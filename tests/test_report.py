@@ -417,3 +417,25 @@ def test_garbage_anywhere_gives_a_report_or_a_clear_error(where: float, tmp_path
             assert str(exc)  # the CLI prints it and exits 2
         else:
             assert output
+
+
+def test_a_lost_gpu_is_listed_once_whether_recorded_as_an_event_or_only_seen_in_samples() -> None:
+    import pandas as pd
+
+    from profilerd.timeline import event_table
+
+    gpus = pd.DataFrame(
+        {"node": ["n1"] * 4, "gpu_index": [0, 0, 1, 1], "ts_unix_s": [10.0, 11.0, 10.0, 11.0], "lost": [0, 1, 0, 1]}
+    )
+    recorded = pd.DataFrame(
+        {
+            "ts_unix_s": [10.9],
+            "kind": ["lost"],
+            "detail": [json.dumps({"gpu_index": 0, "detail": "GPU is lost: GPU_IS_LOST"})],
+            "node": ["n1"],
+        }
+    )
+    table = event_table(recorded, gpus, None)
+    lost = table[table["kind"] == "lost"]
+    assert sorted(lost["gpu"]) == [0, 1]  # GPU 0 from its event, GPU 1 from its samples only
+    assert lost[lost["gpu"] == 0]["text"].tolist() == ["GPU is lost: GPU_IS_LOST"]
