@@ -19,7 +19,7 @@ import time
 import torch
 import torch.distributed as dist
 
-import probes
+import profilerd_probes as probes
 
 
 def segment(op: str, calls: int, tensor: torch.Tensor) -> float:

@@ -43,7 +43,7 @@ if str(REPO) not in sys.path:
 
 # after the path set-up, for `python benchmarks/<name>.py`
 from benchmarks.machine import LoadWatch, machine_info, pin, wait_quiet  # noqa: E402
-from probes import wire  # noqa: E402
+from profilerd_probes import wire  # noqa: E402
 
 TARGET_PER_S = 50_000
 PID = 424242  # the in-process case needs no real process behind its pid

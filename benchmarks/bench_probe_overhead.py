@@ -40,9 +40,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 # after the path set-up, for `python benchmarks/<name>.py`
-import probes  # noqa: E402
+import profilerd_probes as probes  # noqa: E402
 from benchmarks.machine import LoadWatch, machine_info, pin, wait_quiet  # noqa: E402
-from probes import core, wire  # noqa: E402
+from profilerd_probes import core, wire  # noqa: E402
 
 TARGET_RATIO = 1.01
 TARGET_US_PER_STEP = 20.0
@@ -308,7 +308,7 @@ def _measure(costs: dict[str, Any], name: str, fn: Callable[[], float]) -> None:
 
 def grad_norm_cost(optimizer: Any, paths: dict[str, Path], repeats: int = 20) -> dict[str, Any]:
     """The periodic gradient-norm sample, per sample and amortised over its period."""
-    from probes.transport import DatagramSender
+    from profilerd_probes.transport import DatagramSender
 
     sender = DatagramSender(paths["absent"])
     try:
@@ -352,7 +352,7 @@ def _noops(pair_args: tuple) -> tuple:
 def hook_costs(paths: dict[str, Path], n: int, close_n: int, training_optimizer: Any) -> dict[str, Any]:
     import torch
 
-    from probes.transport import DatagramSender
+    from profilerd_probes.transport import DatagramSender
 
     results: dict[str, Any] = {}
     module = torch.nn.Linear(8, 1)
@@ -439,7 +439,7 @@ def in_situ(work: Workload, path: Path, warmup: int, steps: int, repeats: int = 
     """
     targets: list[tuple[Any, str, str]] = [(core.StepProbe, n, n) for n in IN_SITU_ENTRY + IN_SITU_NESTED]
     with contextlib.suppress(ImportError):
-        from probes import signals
+        from profilerd_probes import signals
 
         # the loss capture runs in the backward wrapper before on_backward: an entry point too
         targets.append((signals.DeferredScalar, "capture", "DeferredScalar.capture (loss, scale)"))

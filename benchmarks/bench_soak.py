@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from probes import wire  # noqa: E402 - after the path set-up, for `python benchmarks/bench_soak.py`
+from profilerd_probes import wire  # noqa: E402 - after the path set-up, for `python benchmarks/bench_soak.py`
 
 RANKS_PER_JOB = 8
 BATCH_INTERVAL_S = 0.05  # the probes' BATCH_MAX_AGE_S

@@ -2,7 +2,7 @@
 
 Importing this package imports only the standard library; torch is imported by ``install()``.
 
-    import probes
+    import profilerd_probes as probes
     probes.install()            # or: with probes.profile(): train()
 """
 
@@ -17,12 +17,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from probes import core, paths
-from probes.transport import DatagramSender
+from profilerd_probes import core, paths
+from profilerd_probes.transport import DatagramSender
 
 __all__ = ["install", "installed", "profile", "uninstall"]
 
-log = logging.getLogger("probes")
+log = logging.getLogger("profilerd_probes")
 _registered_atexit = False
 
 

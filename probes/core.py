@@ -30,8 +30,8 @@ import warnings
 import weakref
 from typing import Any
 
-from probes import wire
-from probes.signals import (
+from profilerd_probes import wire
+from profilerd_probes.signals import (
     COLLECTIVES,
     SYNC_METHODS,
     CollectiveTimer,
@@ -41,9 +41,9 @@ from probes.signals import (
     SyncCounter,
     arm_nccl_device_timing,
 )
-from probes.transport import DatagramSender
+from profilerd_probes.transport import DatagramSender
 
-log = logging.getLogger("probes")
+log = logging.getLogger("profilerd_probes")
 
 PROBE_VERSION = "0.1.0"
 # Steps at which the configuration snapshot is rebuilt and resent if it changed; later, every

@@ -498,14 +498,14 @@ def document(result: AttachResult, run_id: str) -> dict[str, Any]:
 # ---- L2: injection ------------------------------------------------------------------------------
 def injection_code(boot_dir: Path, socket_path: Path, run_id: str, install: bool) -> str:
     if not install:
-        return "import probes; probes.uninstall()"
+        return "import profilerd_probes as probes; probes.uninstall()"
     return (
         "import os, sys\n"
         f"sys.path.insert(0, {str(boot_dir)!r})\n"
         f"os.environ['PROFILERD_SOCKET'] = {str(socket_path)!r}\n"
         f"os.environ.setdefault('PROFILERD_RUN_ID', {run_id!r})\n"
         f"os.environ.setdefault('PROFILERD_JOB_ID', {run_id!r})\n"
-        "import probes; probes.install()\n"
+        "import profilerd_probes as probes; probes.install()\n"
     )
 
 

@@ -26,8 +26,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from probes import wire
-from probes.signals import NCCL_TIMING_ENV
+from profilerd_probes import wire
+from profilerd_probes.signals import NCCL_TIMING_ENV
 from profilerd import __version__
 from profilerd.analysis.rules import RuleSet, load_rules
 from profilerd.config import ATTACH_RATE_HZ, DaemonConfig, load
@@ -262,12 +262,12 @@ def _bootstrap_dir() -> Path:
     Only these two go on the child's path, so a training job in another environment does not
     see profilerd's own dependencies.
     """
-    import probes
+    import profilerd_probes as probes
 
     directory = Path(tempfile.mkdtemp(prefix="profilerd-boot-"))
     package = Path(probes.__file__).parent
     shutil.copy(package / "bootstrap" / "sitecustomize.py", directory / "sitecustomize.py")
-    (directory / "probes").symlink_to(package, target_is_directory=True)
+    (directory / "profilerd_probes").symlink_to(package, target_is_directory=True)
     return directory
 
 
@@ -313,7 +313,7 @@ def _live_view(args: argparse.Namespace, handle: _DaemonHandle, job: str) -> Any
     if not all(stream.isatty() for stream in (sys.stdin, sys.stdout, sys.stderr)):
         return None
     try:
-        from tui.runview import LiveView
+        from profilerd_tui.runview import LiveView
     except ImportError:
         return None
     return LiveView(handle.base_url, job)
@@ -540,9 +540,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_tui(args: argparse.Namespace) -> int:
     try:
-        from tui.cli import run_tui
+        from profilerd_tui.cli import run_tui
     except ImportError as exc:
-        raise UsageError(f"the terminal UI needs textual: pip install 'profilerd[tui]' ({exc})") from None
+        raise UsageError(f"the terminal UI needs textual: pip install textual ({exc})") from None
     return run_tui(args, _config(args))
 
 
@@ -615,8 +615,8 @@ def _wants_tui(args: argparse.Namespace) -> bool:
 def _attach_live_view(args: argparse.Namespace, ruleset: RuleSet, run_id: str) -> int:
     """On a terminal, attach shows the TUI over rolling L0/L1 verdicts until `q` or the target exits."""
     from profilerd import attach
-    from tui.app import make_app
-    from tui.sources import AttachSource
+    from profilerd_tui.app import make_app
+    from profilerd_tui.sources import AttachSource
 
     try:
         live = attach.LiveAttach(args.pid, ruleset, run_id, use_l1=not args.no_stacks, rate_hz=args.rate)

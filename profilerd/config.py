@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from probes import paths as probe_paths
+from profilerd_probes import paths as probe_paths
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-import probes
-from probes import wire
+import profilerd_probes as probes
+from profilerd_probes import wire
 
 PROBES_DIR = Path(probes.__file__).resolve().parent
 SITECUSTOMIZE = PROBES_DIR / "bootstrap" / "sitecustomize.py"
@@ -216,7 +216,7 @@ def make_bootstrap_dir(parent: Path) -> Path:
     directory = Path(parent) / "boot"
     directory.mkdir()
     shutil.copy(SITECUSTOMIZE, directory / "sitecustomize.py")
-    (directory / "probes").symlink_to(PROBES_DIR, target_is_directory=True)
+    (directory / "profilerd_probes").symlink_to(PROBES_DIR, target_is_directory=True)
     return directory
 
 
@@ -243,7 +243,7 @@ import json, os, sys
 import torch
 import torch.utils.data
 torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1)  # imports torch._dynamo
-assert "probes" not in sys.modules
+assert "profilerd_probes" not in sys.modules
 requests = os.fdopen(0, "r")
 replies = os.fdopen(os.dup(1), "w")
 os.dup2(os.open(os.devnull, os.O_WRONLY), 1)

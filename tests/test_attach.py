@@ -167,7 +167,7 @@ def test_experimental_injection_installs_and_removes_the_probes(spawn, profilerd
     time.sleep(1.0)
     lines = log.read_text().splitlines()
     modules = [line.split()[1] for line in lines]
-    assert "probes.core" in modules  # the probes were in the loop while attached
+    assert "profilerd_probes.core" in modules  # the probes were in the loop while attached
     assert modules[-1] == "torch.utils.data.dataloader"  # and gone after detach
     assert target.poll() is None  # the target carries on
 

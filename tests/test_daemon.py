@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from probes import wire
+from profilerd_probes import wire
 from profilerd.analysis.rules import load_rules
 from profilerd.config import load
 from profilerd.daemon import Daemon, DaemonError

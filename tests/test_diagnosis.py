@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from probes import wire
+from profilerd_probes import wire
 from profilerd.analysis.features import Context, compute_features, steps_frame
 from profilerd.analysis.recommendations import removed
 from profilerd.analysis.rules import RATIONALE, REGISTRY, load_rules

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from probes import wire
+from profilerd_probes import wire
 from profilerd.analysis.rules import load_rules
 from profilerd.config import load
 from profilerd.daemon import Daemon

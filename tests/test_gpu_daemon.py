@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from probes import wire
+from profilerd_probes import wire
 from tests.conftest import run_cli
 from tests.simnvml import GIB, Scenario, build_library
 

@@ -16,7 +16,7 @@ def _loaded_after(statement: str) -> set[str]:
 
 
 def test_probes_import_only_the_standard_library() -> None:
-    loaded = _loaded_after("import probes, probes.core, probes.wire, probes.transport")
+    loaded = _loaded_after("import profilerd_probes.core, profilerd_probes.wire, profilerd_probes.transport")
     for heavy in ("torch", "pandas", "numpy", "prometheus_client", "textual", "psutil", "pynvml", "profilerd"):
         assert heavy not in loaded, f"importing probes loaded {heavy}"
 

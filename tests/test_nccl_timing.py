@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from probes.signals import NCCL_TIMING_ENV, arm_nccl_device_timing, flight_recorder_variable
+from profilerd_probes.signals import NCCL_TIMING_ENV, arm_nccl_device_timing, flight_recorder_variable
 from tests.conftest import run_cli
 
 
@@ -72,7 +72,7 @@ def test_profilerd_run_on_a_cpu_only_machine_leaves_the_flight_recorder_off(
         textwrap.dedent("""
             import json, os, sys
             import torch
-            import probes
+            import profilerd_probes as probes
             names = ("TORCH_NCCL_ENABLE_TIMING", "TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE")
             print(json.dumps({"installed": probes.installed(), "set": [n for n in names if n in os.environ]}))
         """)

@@ -31,8 +31,8 @@ from probe_helpers import (
     write_script,
 )
 
-from probes import wire
-from probes.transport import RECONNECT_INTERVAL_S, DatagramSender
+from profilerd_probes import wire
+from profilerd_probes.transport import RECONNECT_INTERVAL_S, DatagramSender
 
 # Shared by the training scripts: no `import probes`, so bootstrap scripts stay unmodified.
 COMMON = """
@@ -132,7 +132,7 @@ BATCH = 2
 SLEEP_S = 0.005  # per sample, so at least BATCH * SLEEP_S of data wait per step
 
 BASIC = f"""
-import probes
+import profilerd_probes as probes
 probes.install()
 model = make_model().double()
 opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -271,7 +271,7 @@ def test_no_global_module_hooks_after_the_first_step(basic_run):
 
 # ---- autocast ----------------------------------------------------------------------------------
 AUTOCAST_LOOP = """
-import probes
+import profilerd_probes as probes
 probes.install()
 {model}
 opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -328,7 +328,7 @@ def test_autocast_with_loss_module_outside_the_block_is_reported(zygote, tmp_pat
 
 # ---- step boundaries without an optimizer or without a DataLoader ------------------------------
 FALLBACK = f"""
-import probes
+import profilerd_probes as probes
 mode = os.environ["MODE"]
 probes.install()
 model = make_model()
@@ -378,7 +378,7 @@ def test_steps_arrive_without_optimizer_or_loader(zygote, tmp_path, receiver, mo
 
 # ---- gradient accumulation -------------------------------------------------------------------
 ACCUMULATION = f"""
-import probes
+import profilerd_probes as probes
 probes.install()
 model = make_model()
 opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -407,7 +407,7 @@ def test_gradient_accumulation_gives_one_step_per_optimizer_step(zygote, tmp_pat
 
 # ---- a transform module run by the DataLoader in the main process -------------------------------
 TRANSFORM = f"""
-import probes
+import profilerd_probes as probes
 probes.install()
 
 class SlowAugment(nn.Module):
@@ -448,7 +448,7 @@ def test_transform_modules_in_the_loader_are_data_wait_not_forward(zygote, tmp_p
 # ---- a DataLoader drained by a prefetch thread -------------------------------------------------
 PREFETCH = f"""
 import queue
-import probes
+import profilerd_probes as probes
 probes.install()
 q = queue.Queue(maxsize=2)
 
@@ -482,7 +482,7 @@ def test_loader_in_prefetch_thread_is_not_main_loop_data_wait(zygote, tmp_path, 
 
 # ---- the daemon is absent ----------------------------------------------------------------------
 ABSENT = """
-import probes
+import profilerd_probes as probes
 if os.environ["INSTALL"] == "1":
     probes.install()
 model = make_model()
@@ -521,7 +521,7 @@ def test_absent_daemon_costs_nothing_visible(zygote, tmp_path, sock_dir, absence
 
 # ---- the daemon restarts mid-run ---------------------------------------------------------------
 RESTART = """
-import probes
+import profilerd_probes as probes
 probes.install()
 model = make_model()
 opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -596,8 +596,8 @@ def test_restarted_daemon_hears_hello_before_any_step(restart_run):
 # ---- the probe's own failures never reach the user ---------------------------------------------
 FAILURE = """
 import warnings
-import probes
-import probes.core
+import profilerd_probes as probes
+import profilerd_probes as probes, profilerd_probes.core
 from torch.utils.data import dataloader as dl
 
 class Indexed(Dataset):
@@ -659,7 +659,7 @@ def test_internal_failure_disables_probe_with_one_warning(zygote, tmp_path, rece
 
 
 USER_ERRORS = """
-import probes
+import profilerd_probes as probes
 probes.install()
 
 class DatasetError(Exception):
@@ -729,7 +729,7 @@ def test_user_dataset_exceptions_propagate_unchanged(zygote, tmp_path, receiver)
 
 
 CONTEXT_ON_FAILURE = """
-import probes, probes.core
+import profilerd_probes as probes, profilerd_probes.core
 
 def boom(self, *args, **kwargs):
     raise RuntimeError("injected probe failure")
@@ -768,7 +768,7 @@ def test_probe_failure_is_not_chained_into_user_exceptions(zygote, tmp_path, rec
 # ---- uninstall and profile() -------------------------------------------------------------------
 UNINSTALL = """
 import types
-import probes
+import profilerd_probes as probes
 import torch.optim.optimizer as optim_mod
 from torch.utils.data import dataloader as dl
 
@@ -852,7 +852,7 @@ def test_uninstall_restores_everything(zygote, tmp_path, receiver):
 
 
 PROFILE_BLOCK = """
-import probes
+import profilerd_probes as probes
 model = make_model()
 opt = torch.optim.SGD(model.parameters(), lr=0.05)
 
@@ -974,7 +974,7 @@ def test_bootstrap_with_python_dash_m(tmp_path, receiver):
 
 def test_bootstrap_respects_profilerd_disable(tmp_path, receiver):
     boot = make_bootstrap_dir(tmp_path)
-    body = COMMON + USER_TRAIN_LITE + "import probes\nresult('installed', probes.installed())\n"
+    body = COMMON + USER_TRAIN_LITE + "import profilerd_probes as probes\nresult('installed', probes.installed())\n"
     _, res = run_real(tmp_path, receiver, body, env={"PYTHONPATH": str(boot), "PROFILERD_DISABLE": "1"})
     assert res["installed"] is False
     assert receiver.received == []
@@ -982,7 +982,7 @@ def test_bootstrap_respects_profilerd_disable(tmp_path, receiver):
 
 def test_install_without_torch_returns_false_with_one_warning():
     code = (
-        "import sys, warnings; sys.modules['torch'] = None; import probes; "
+        "import sys, warnings; sys.modules['torch'] = None; import profilerd_probes as probes; "
         "warnings.simplefilter('always'); print(probes.install(), probes.install(), probes.installed())"
     )
     proc = run_python(["-c", code], None)
@@ -1000,7 +1000,7 @@ def test_bootstrap_leaves_programs_without_torch_alone(tmp_path, receiver):
         tmp_path,
         f"""
         import json, sys
-        import probes
+        import profilerd_probes as probes
         print(json.dumps([probes.installed(), sorted(m for m in {LIGHT_MODULES!r} if m in sys.modules)]))
         """,
         "tool.py",
@@ -1018,7 +1018,7 @@ def test_torchrun_agent_is_not_probed(tmp_path, receiver):
     body = (
         COMMON
         + USER_TRAIN_LITE
-        + ("import probes\nresult('installed', probes.installed())\nresult('launcher', probes.is_launcher_process())\n")
+        + ("import profilerd_probes as probes\nresult('installed', probes.installed())\nresult('launcher', probes.is_launcher_process())\n")
     )
     _, res = run_real(tmp_path, receiver, body, env={"PYTHONPATH": str(boot)}, name="torchrun")
     assert res["launcher"] is True
@@ -1030,7 +1030,7 @@ AT_EXIT_MARKER = """
 import atexit, os, sys
 
 def _report():
-    probes = sys.modules.get("probes")
+    probes = sys.modules.get("profilerd_probes")
     with open(os.environ["MARKER"], "w") as f:
         f.write(f"torch={'torch' in sys.modules} installed={bool(probes and probes.installed())}")
 
@@ -1064,7 +1064,7 @@ def test_python_dash_m_torch_distributed_run_is_not_probed(tmp_path):
 
 # ---- fork --------------------------------------------------------------------------------------
 FORK = """
-import probes
+import profilerd_probes as probes
 probes.install()
 model = make_model()
 opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -1092,7 +1092,7 @@ def test_forked_child_sends_nothing(zygote, tmp_path, receiver):
 
 
 WORKERS = """
-import probes
+import profilerd_probes as probes
 probes.install()
 
 class Augmented(SleepyDataset):
@@ -1132,7 +1132,7 @@ def test_dataloader_workers_send_nothing(zygote, tmp_path, receiver):
 
 # ---- ranks started without a launcher's environment (torch.multiprocessing) ----------------------
 DDP_RANKS = """
-import probes
+import profilerd_probes as probes
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -1208,7 +1208,7 @@ def test_ddp_ranks_without_launcher_env_share_one_job(ddp_run):
 
 # ---- GradScaler skipping a step ----------------------------------------------------------------
 SCALER = """
-import probes
+import profilerd_probes as probes
 probes.install()
 model = make_model()
 opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -1270,7 +1270,7 @@ import time
 _real_monotonic = time.monotonic
 _boot = _real_monotonic() - 2.0
 time.monotonic = lambda: _real_monotonic() - _boot  # uptime: 2 s
-import probes
+import profilerd_probes as probes
 probes.install()
 model = make_model()
 opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -1344,7 +1344,7 @@ def test_sender_drops_an_oversized_datagram_and_keeps_going(receiver):
 
 
 GRAD_NORM = """
-import probes
+import profilerd_probes as probes
 probes.install()
 model = make_model()
 opt = torch.optim.SGD(model.parameters(), lr=0.05)

@@ -31,8 +31,8 @@ from typing import Any
 
 import pytest
 
-from probes import wire
-from probes.transport import RECONNECT_INTERVAL_S
+from profilerd_probes import wire
+from profilerd_probes.transport import RECONNECT_INTERVAL_S
 from tests.conftest import REPO, run_cli
 from tests.reliability_helpers import Served, get_json, hello, metrics, send, send_as, step_batch, wait_for
 
@@ -44,7 +44,7 @@ FAST_DAEMON = "[daemon]\nhost_interval_s = 0.25\nanalysis_interval_s = 0.5\n"
 TRAIN = textwrap.dedent("""
     import json, os, signal, sys, time
     import torch
-    import probes, probes.core
+    import profilerd_probes as probes, profilerd_probes.core
 
     torch.set_num_threads(1)
     assert probes.install()

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from probes import wire
+from profilerd_probes import wire
 from profilerd.analysis.rules import load_rules
 from profilerd.config import load
 from profilerd.daemon import Daemon, DaemonError

@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from tui.app import ProfilerdApp, make_app
-from tui.model import RankRow, fmt_duration, mark_straggler
-from tui.screens import DetailsScreen, HelpScreen
-from tui.sources import DaemonSource, PrometheusSource, ReplaySource, SourceError
-from tui.testing import JsonServer, daemon_documents, make_fixture_recording, run_async, wait_for
-from tui.widgets import StatusBar
+from profilerd_tui.app import ProfilerdApp, make_app
+from profilerd_tui.model import RankRow, fmt_duration, mark_straggler
+from profilerd_tui.screens import DetailsScreen, HelpScreen
+from profilerd_tui.sources import DaemonSource, PrometheusSource, ReplaySource, SourceError
+from profilerd_tui.testing import JsonServer, daemon_documents, make_fixture_recording, run_async, wait_for
+from profilerd_tui.widgets import StatusBar
 
 
 @pytest.fixture(scope="module")
@@ -344,7 +344,7 @@ def test_straggler_needs_a_clear_margin() -> None:
 
 def test_tui_never_loads_pynvml_or_torch() -> None:
     code = (
-        "import sys, tui.app, tui.cli, tui.runview; from tui.sources import local_daemon_url; local_daemon_url(); "
+        "import sys, profilerd_tui.app, profilerd_tui.cli, profilerd_tui.runview; from profilerd_tui.sources import local_daemon_url; local_daemon_url(); "
         "print(' '.join(m for m in ('pynvml', 'torch') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

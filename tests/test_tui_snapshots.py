@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from tui.app import make_app
-from tui.sources import ReplaySource
-from tui.testing import make_fixture_recording, wait_for
+from profilerd_tui.app import make_app
+from profilerd_tui.sources import ReplaySource
+from profilerd_tui.testing import make_fixture_recording, wait_for
 
 
 @pytest.fixture(scope="module")

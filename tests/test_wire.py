@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from probes import wire
+from profilerd_probes import wire
 
 HEADER_STEP = wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.KIND_STEP)
 DURATION_FIELDS = (

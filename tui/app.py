@@ -28,7 +28,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, OptionList
 
-from tui.model import (
+from profilerd_tui.model import (
     FRACTION_KEYS,
     GpuRow,
     ProcessRow,
@@ -39,9 +39,9 @@ from tui.model import (
     fmt_duration,
     fmt_ratio,
 )
-from tui.screens import DetailsScreen, HelpScreen, JobPicker, OutputScreen
-from tui.sources import DaemonSource, ReplaySource, Source, SourceError
-from tui.widgets import (
+from profilerd_tui.screens import DetailsScreen, HelpScreen, JobPicker, OutputScreen
+from profilerd_tui.sources import DaemonSource, ReplaySource, Source, SourceError
+from profilerd_tui.widgets import (
     Breakdown,
     GpuPanel,
     Panel,

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from profilerd.config import DaemonConfig
-from tui.sources import DaemonSource, PrometheusSource, ReplaySource, Source, SourceError, local_daemon_url
+from profilerd_tui.sources import DaemonSource, PrometheusSource, ReplaySource, Source, SourceError, local_daemon_url
 
 THEMES = {"dark": "textual-dark", "light": "textual-light"}
 
@@ -51,7 +51,7 @@ def build_source(args: argparse.Namespace, config: DaemonConfig) -> Source:
 
 def run_tui(args: argparse.Namespace, config: DaemonConfig) -> int:
     """Run the app in this terminal; 0 when the user quits, 2 for bad flags or no terminal."""
-    from tui.app import make_app
+    from profilerd_tui.app import make_app
 
     if not (sys.stdin.isatty() and sys.stderr.isatty()):
         print("profilerd: error: `profilerd tui` needs a terminal (use the /api/v1 JSON or `report`)", file=sys.stderr)

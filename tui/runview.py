@@ -113,8 +113,8 @@ class LiveView:
 
     def run(self, child: subprocess.Popen[bytes]) -> None:
         """The view, until the child exits or the user quits it (the child keeps running)."""
-        from tui.app import make_app
-        from tui.sources import DaemonSource
+        from profilerd_tui.app import make_app
+        from profilerd_tui.sources import DaemonSource
 
         self.output.started()
 

@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from tui.model import (
+from profilerd_tui.model import (
     SEVERITY_ORDER,
     FindingRow,
     GpuRow,
@@ -804,7 +804,7 @@ def _node(instance: str) -> str | None:
 
 
 def _prometheus_summary(primary: str, fractions: dict[str, float] | None, ranks: int, nodes: int) -> str:
-    from tui.model import HEADLINES
+    from profilerd_tui.model import HEADLINES
 
     headline = HEADLINES.get(primary, primary.upper())
     if not fractions:

@@ -20,7 +20,7 @@ from textual.widget import Widget
 from textual.widgets import DataTable, OptionList
 from textual.widgets.option_list import Option
 
-from tui.model import (
+from profilerd_tui.model import (
     FRACTION_KEYS,
     GpuRow,
     HostView,

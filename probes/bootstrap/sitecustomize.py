@@ -30,7 +30,7 @@ def _chain_to_next_sitecustomize() -> None:
 
 def _install_probes() -> None:
     try:
-        import probes
+        import profilerd_probes as probes
 
         if probes.is_launcher_process():
             return

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from probes import wire
+from profilerd_probes import wire
 from profilerd.model import ProbeSession, StepRecord
 from profilerd.recording import Recorder
 from profilerd.store import Store
