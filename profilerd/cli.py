@@ -26,12 +26,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from profilerd_probes import wire
-from profilerd_probes.signals import NCCL_TIMING_ENV
 from profilerd import __version__
 from profilerd.analysis.rules import RuleSet, load_rules
 from profilerd.config import ATTACH_RATE_HZ, DaemonConfig, load
 from profilerd.report import render_text
+from profilerd_probes import wire
+from profilerd_probes.signals import NCCL_TIMING_ENV
 
 log = logging.getLogger("profilerd")
 

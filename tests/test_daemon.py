@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from profilerd_probes import wire
 from profilerd.analysis.rules import load_rules
 from profilerd.config import load
 from profilerd.daemon import Daemon, DaemonError
 from profilerd.samplers.gpu import NoGpuBackend
+from profilerd_probes import wire
 
 RULES, _ = load_rules()
 

@@ -39,10 +39,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from profilerd_probes import wire
 from profilerd.exporters.gpu_metrics import CLOCK_EVENT_REASONS, describe_gpu_metric_families
 from profilerd.exporters.prometheus import PHASE_LABELS
 from profilerd.model import PRIMARY_VALUES
+from profilerd_probes import wire
 from tests.conftest import REPO
 from tests.simnvml import GIB, Scenario, build_library
 

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from profilerd_probes import wire
 from profilerd.analysis.features import Context, compute_features, steps_frame
 from profilerd.analysis.recommendations import removed
 from profilerd.analysis.rules import RATIONALE, REGISTRY, load_rules
 from profilerd.analysis.verdict import evaluate
 from profilerd.model import StepRecord
+from profilerd_probes import wire
 
 RULES, _ = load_rules()
 BASE_CONFIG: dict[str, Any] = {

@@ -22,11 +22,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from profilerd_probes import wire
 from profilerd.analysis.rules import load_rules
 from profilerd.config import load
 from profilerd.daemon import Daemon
 from profilerd.samplers.gpu import NoGpuBackend
+from profilerd_probes import wire
 from tests.reliability_helpers import hello, http_get, step_batch, step_records, wait_for
 
 RULES, _ = load_rules()

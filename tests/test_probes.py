@@ -1018,7 +1018,10 @@ def test_torchrun_agent_is_not_probed(tmp_path, receiver):
     body = (
         COMMON
         + USER_TRAIN_LITE
-        + ("import profilerd_probes as probes\nresult('installed', probes.installed())\nresult('launcher', probes.is_launcher_process())\n")
+        + (
+            "import profilerd_probes as probes\n"
+            "result('installed', probes.installed())\nresult('launcher', probes.is_launcher_process())\n"
+        )
     )
     _, res = run_real(tmp_path, receiver, body, env={"PYTHONPATH": str(boot)}, name="torchrun")
     assert res["launcher"] is True

@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
-from profilerd_probes import wire
 from profilerd.analysis.rules import load_rules
 from profilerd.config import load
 from profilerd.daemon import Daemon, DaemonError
 from profilerd.exporters.http import redact_argv
 from profilerd.samplers.gpu import NoGpuBackend
+from profilerd_probes import wire
 from tests.conftest import REPO
 from tests.reliability_helpers import hello, http_get, send, send_as, step_batch, wait_for
 

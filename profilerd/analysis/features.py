@@ -12,8 +12,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from profilerd_probes.wire import FLAG_GRAD_SCALER_SKIPPED, FLAG_HAS_GRAD_NORM, FLAG_HAS_LOSS, FLAG_HAS_LR, FLAG_HAS_SCALE
 from profilerd.model import StepRecord
+from profilerd_probes.wire import (
+    FLAG_GRAD_SCALER_SKIPPED,
+    FLAG_HAS_GRAD_NORM,
+    FLAG_HAS_LOSS,
+    FLAG_HAS_LR,
+    FLAG_HAS_SCALE,
+)
 
 STEP_COLUMNS = [
     "end_unix_s",

@@ -21,10 +21,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from profilerd_probes import wire
 from profilerd.model import ProbeSession, StepRecord
 from profilerd.recording import Recorder
 from profilerd.store import Store
+from profilerd_probes import wire
 
 log = logging.getLogger(__name__)
 
