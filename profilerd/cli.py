@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ID",
         help="the recommendation applied between the runs (default: read from the config changes)",
     )
+    diff.add_argument(
+        "--force", action="store_true", help="state a speedup even when A and B are different jobs (other model, ...)"
+    )
     diff.add_argument("--data-dir", dest="data_dir")
     diff.add_argument("--rules", dest="rules_file")
 
@@ -483,7 +486,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         path_a = runs.resolve(config.runs_dir, args.run_a)
         path_b = runs.resolve(config.runs_dir, args.run_b)
         fmt = report.output_format(args.format, args.output)
-        output = report.build_diff(path_a, path_b, ruleset, fmt, args.applied)
+        output = report.build_diff(path_a, path_b, ruleset, fmt, args.applied, args.force)
     except runs.RecordingError as exc:
         raise UsageError(str(exc)) from exc
     _write_output(output, args.output)

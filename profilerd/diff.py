@@ -10,11 +10,17 @@ interval. The ratio's interval is taken on the log scale (delta method, Student'
 Which recommendation was applied is read from the two configuration snapshots (num_workers
 went from 0 to 2: `dataloader.num_workers`), or named with ``--applied``; its predicted speedup
 is the one run A's verdict estimated.
+
+A speedup means something only between two runs of the same job: the same program, model size,
+batch size and world size. Arguments may differ (that is how most fixes are applied). For two
+different jobs the figures are shown, labelled as such, without a speedup headline unless forced.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import shlex
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -147,6 +153,63 @@ def _batch_size(recording: Recording) -> int | None:
     return int(size) if isinstance(size, int | float) and size > 0 else None
 
 
+@dataclass(frozen=True)
+class JobShape:
+    """What a run trained, as far as the recording tells (None: not recorded)."""
+
+    command: tuple[str, ...]
+    parameters: int | None
+    batch_size: int | None
+    world_size: int | None
+
+    @property
+    def program(self) -> str:
+        """The training script (or module file) without its directory: a clone elsewhere is the same program."""
+        scripts = [arg for arg in self.command if arg.endswith(".py")]
+        first = scripts[0] if scripts else (self.command[0] if self.command else "")
+        return first.rsplit("/", 1)[-1]
+
+
+def job_shape(recording: Recording, doc: dict[str, Any]) -> JobShape:
+    config = recording.config() or {}
+    counts = [m.get("parameters") for m in config.get("models") or [] if isinstance(m, dict)]
+    parameters = sum(int(n) for n in counts if isinstance(n, int | float)) or None
+    sizes = recording.sessions["world_size"].dropna() if "world_size" in recording.sessions else []
+    if len(sizes):
+        world = int(max(sizes))
+    elif isinstance(config.get("world_size"), int):
+        world = int(config["world_size"])
+    else:
+        world = int(doc["ranks"]) if doc.get("ranks") else None
+    return JobShape(tuple(_argv(recording)), parameters, _batch_size(recording), world)
+
+
+def job_differences(a: JobShape, b: JobShape) -> list[dict[str, Any]]:
+    """What differs between the two jobs; ``defining`` marks what makes them different jobs.
+
+    A changed argument list alone does not (``--num-workers 4`` is how a fix is applied); another
+    program, model size, batch size (step times measure different work) or world size does.
+    """
+    found = []
+    if a.command and b.command and a.command != b.command:
+        found.append(
+            {
+                "what": "command",
+                "a": shlex.join(a.command),
+                "b": shlex.join(b.command),
+                "defining": a.program != b.program,
+            }
+        )
+    for what, value_a, value_b in (
+        ("model size", a.parameters, b.parameters),
+        ("batch size", a.batch_size, b.batch_size),
+        ("world size", a.world_size, b.world_size),
+    ):
+        if value_a is not None and value_b is not None and value_a != value_b:
+            found.append({"what": what, "a": value_a, "b": value_b, "defining": True})
+    return found
+
+
 def applied_recommendations(
     changes: list[tuple[str, Any, Any]], recommendations: list[dict[str, Any]], named: list[str] | None = None
 ) -> list[dict[str, Any]]:
@@ -188,29 +251,17 @@ def _status(predicted: float | None, measured: tuple[float, float, float] | None
     return "not materialized", f"{span}: no measurable speedup"
 
 
-def _warnings(a: Recording, b: Recording, doc_a: dict[str, Any], doc_b: dict[str, Any]) -> list[str]:
+def _warnings(doc_a: dict[str, Any], doc_b: dict[str, Any]) -> list[str]:
     warnings = []
     for doc, name in ((doc_a, "A"), (doc_b, "B")):
         if doc["primary"] == "none":
             warnings.append(f"run {name} has too little evidence for a verdict: {doc['summary']}")
         for note in (doc.get("data_quality") or {}).get("notes", []):
             warnings.append(f"run {name}: {note}")
-    if doc_a.get("ranks") != doc_b.get("ranks"):
-        warnings.append(f"the runs have different numbers of ranks ({doc_a.get('ranks')} and {doc_b.get('ranks')})")
-    batch_a, batch_b = _batch_size(a), _batch_size(b)
-    if batch_a and batch_b and batch_a != batch_b:
-        warnings.append(
-            f"the batch size changed ({batch_a} → {batch_b}): compare samples/s, step times are not comparable"
-        )
-    argv = [_argv(r) for r in (a, b)]
-    if all(argv) and _script(argv[0]) != _script(argv[1]):
-        warnings.append(f"the runs trained different commands ({_script(argv[0])} and {_script(argv[1])})")
     return warnings
 
 
 def _argv(recording: Recording) -> list[str]:
-    import json
-
     sessions = recording.sessions
     if sessions.empty or "argv" not in sessions:
         return []
@@ -221,11 +272,6 @@ def _argv(recording: Recording) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else []
 
 
-def _script(argv: list[str]) -> str:
-    scripts = [a for a in argv if a.endswith(".py")]
-    return scripts[0].rsplit("/", 1)[-1] if scripts else (argv[0] if argv else "")
-
-
 def compare(
     a: Recording,
     doc_a: dict[str, Any],
@@ -233,10 +279,16 @@ def compare(
     doc_b: dict[str, Any],
     warmup_steps: int,
     applied: list[str] | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """The `profilerd.diff/v1` document comparing run B against run A."""
+    """The `profilerd.diff/v1` document comparing run B against run A.
+
+    ``force`` claims a speedup even between different jobs (``same_job`` false).
+    """
     est_a, est_b = mean_step_time(a, warmup_steps), mean_step_time(b, warmup_steps)
     interval = speedup_interval(est_a, est_b)
+    differences = job_differences(job_shape(a, doc_a), job_shape(b, doc_b))
+    defining = [d["what"] for d in differences if d["defining"]]
 
     def side(recording: Recording, doc: dict[str, Any], est: MeanEstimate) -> dict[str, Any]:
         t = t_quantile(0.975, est.blocks - 1) if est.stderr_s is not None else float("nan")
@@ -286,7 +338,10 @@ def compare(
     recommended = applied_recommendations(changes, doc_a.get("recommendations", []), applied)
     applied_out = []
     for rec in recommended:
-        status, detail = _status(rec.get("estimated_speedup"), interval)
+        if defining and not force:
+            status, detail = "different jobs", f"A and B are different jobs ({', '.join(defining)} differ)"
+        else:
+            status, detail = _status(rec.get("estimated_speedup"), interval)
         suggested = _suggested_value(rec, changes)
         applied_out.append(
             {
@@ -304,6 +359,9 @@ def compare(
     return {
         "schema": SCHEMA,
         **sides,
+        "same_job": not defining,
+        "forced": force,
+        "differences": differences,
         "speedup": {
             "step_time": _round(speedup),
             "ci95": [_round(interval[1]), _round(interval[2])] if interval else [None, None],
@@ -324,7 +382,7 @@ def compare(
         },
         "config_changes": [{"key": k, "a": va, "b": vb} for k, va, vb in changes],
         "applied": applied_out,
-        "warnings": _warnings(a, b, doc_a, doc_b),
+        "warnings": _warnings(doc_a, doc_b),
     }
 
 
@@ -349,15 +407,47 @@ def _pct(value: float) -> str:
     return f"{value:+.1%}"
 
 
+def claims_speedup(diff: dict[str, Any]) -> bool:
+    """Whether the speedup may be stated as such: the same job, or ``--force``."""
+    return bool(diff["same_job"] or diff["forced"])
+
+
+def headline(diff: dict[str, Any]) -> str:
+    """The one-line answer every format leads with."""
+    s = diff["speedup"]
+    defining = ", ".join(d["what"] for d in diff["differences"] if d["defining"])
+    if not claims_speedup(diff):
+        return f"A and B are different jobs ({defining} differ): no speedup claimed (--force to compare anyway)"
+    if s["step_time"] is None:
+        return "No steps to compare"
+    ci = s["ci95"]
+    interval = f" (95% CI {ci[0]:.2f}–{ci[1]:.2f}×)" if ci[0] is not None else " (too few steps for an interval)"
+    verdict = "faster" if s["step_time"] > 1 else "slower"
+    sure = "" if s["significant"] else ", not significant"
+    forced = f" [forced: different jobs, {defining} differ]" if not diff["same_job"] else ""
+    return f"B is {s['step_time']:.2f}× {verdict}{interval}{sure}{forced}"
+
+
+def describe_difference(row: dict[str, Any]) -> str:
+    """One difference between the jobs, in words."""
+    what, value_a, value_b = row["what"], row["a"], row["b"]
+    if what == "command":
+        same = "" if row["defining"] else "  (same program, other arguments)"
+        return f"command: {value_a} → {value_b}{same}"
+    if what == "model size":
+        return f"model size: {value_a:,} → {value_b:,} parameters"
+    if what == "batch size":
+        return f"batch size: {value_a} → {value_b} (a step is different work: compare samples/s)"
+    return f"world size: {value_a} → {value_b} ranks"
+
+
 def render_text(diff: dict[str, Any]) -> str:
-    a, b, s = diff["a"], diff["b"], diff["speedup"]
-    lines = [f"profilerd diff · A {a['run_id']}  →  B {b['run_id']}"]
-    if s["step_time"] is not None:
-        ci = s["ci95"]
-        interval = f" (95% CI {ci[0]:.2f}–{ci[1]:.2f}×)" if ci[0] is not None else " (too few steps for an interval)"
-        verdict = "faster" if s["step_time"] > 1 else "slower"
-        sure = "" if s["significant"] else ", not significant"
-        lines.append(f"B is {s['step_time']:.2f}× {verdict}{interval}{sure}")
+    a, b = diff["a"], diff["b"]
+    lines = [f"profilerd diff · A {a['run_id']}  →  B {b['run_id']}", headline(diff)]
+    if diff["differences"]:
+        lines += ["What differs between A and B:"] + [f"  {describe_difference(d)}" for d in diff["differences"]]
+    if not claims_speedup(diff):
+        lines.append("Figures of the two jobs (not a speedup):")
     for name, side in (("A", a), ("B", b)):
         step = side["step_time_s"]
         if step["mean"] is None:
@@ -406,12 +496,11 @@ def render_text(diff: dict[str, Any]) -> str:
 
 def render_markdown(diff: dict[str, Any]) -> str:
     a, b, s = diff["a"], diff["b"], diff["speedup"]
-    ci = s["ci95"]
-    head = f"{s['step_time']:.2f}×" if s["step_time"] is not None else "n/a"
-    interval = f" (95% CI {ci[0]:.2f}–{ci[1]:.2f}×)" if ci[0] is not None else ""
     lines = [
-        f"### profilerd diff: `{a['run_id']}` → `{b['run_id']}` — {head}{interval}",
+        f"### profilerd diff: `{a['run_id']}` → `{b['run_id']}` — {headline(diff)}",
         "",
+        *[f"- differs: {describe_difference(d)}" for d in diff["differences"]],
+        *([""] if diff["differences"] else []),
         "| | A | B | change |",
         "|---|---|---|---|",
         f"| step time (mean) | {_ms(a['step_time_s']['mean'])} | {_ms(b['step_time_s']['mean'])} | "
@@ -465,25 +554,21 @@ def render_html(diff: dict[str, Any]) -> str:
     text = escape(render_text(diff))
     title = escape(f"profilerd diff · {a['run_id']} → {b['run_id']}")
     legend = charts.legend([(key.replace("_", " "), FRACTION_COLORS[key]) for key in FRACTIONS])
-    speedup, (low, high) = diff["speedup"]["step_time"], diff["speedup"]["ci95"]
+    speedup = diff["speedup"]["step_time"]
     faster = speedup is not None and speedup >= 1
-    headline = (
-        f"B is {speedup:.2f}× {'faster' if faster else 'slower'}" if speedup is not None else "No steps to compare"
-    )
-    interval = f" (95% CI {low:.2f}–{high:.2f}×)" if low is not None else ""
     verdict = diff["verdict"]
     moved = f"{verdict['a']} → {verdict['b']}" if verdict["changed"] else f"unchanged ({verdict['a']})"
     applied = "".join(
         f"<div><b>{escape(r['id'])}</b>: {escape(r['status'])} — {escape(r['detail'])}</div>" for r in diff["applied"]
     )
-    color = "#15803d" if diff["speedup"]["significant"] and faster else "#c2410c"
+    color = "#15803d" if diff["speedup"]["significant"] and faster and claims_speedup(diff) else "#c2410c"
     return (
         "<!DOCTYPE html>\n"
         f'<html lang="en"><head><meta charset="utf-8"><meta http-equiv="Content-Security-Policy" content="{CSP}">'
         f'<title>{title}</title><style>{CSS}</style></head><body><div class="page">'
         f"<header><h1>{title}</h1></header>"
-        f'<section><div class="verdict" style="--sev:{color}"><div class="headline">{escape(headline)}'
-        f'{escape(interval)}</div><div class="summary">Verdict: {escape(moved)}</div>{applied}</div></section>'
+        f'<section><div class="verdict" style="--sev:{color}"><div class="headline">{escape(headline(diff))}</div>'
+        f'<div class="summary">Verdict: {escape(moved)}</div>{applied}</div></section>'
         f"<section><h2>Mean time per step</h2>{legend}{bars}</section>"
         f"<section><h2>Comparison</h2><pre><code>{text}</code></pre></section></div></body></html>\n"
     )

@@ -210,13 +210,21 @@ def build_report(paths: Sequence[Path], ruleset: RuleSet, fmt: str) -> str:
     return render_html(data)
 
 
-def build_diff(path_a: Path, path_b: Path, ruleset: RuleSet, fmt: str, applied: Sequence[str] = ()) -> str:
+def build_diff(
+    path_a: Path, path_b: Path, ruleset: RuleSet, fmt: str, applied: Sequence[str] = (), force: bool = False
+) -> str:
     """`profilerd diff` in any format; raises RecordingError for what is not a recording."""
     from profilerd import diff, runs
 
     a, b = runs.load(path_a), runs.load(path_b)
     document = diff.compare(
-        a, verdict_document(a, ruleset), b, verdict_document(b, ruleset), ruleset.warmup_steps, list(applied) or None
+        a,
+        verdict_document(a, ruleset),
+        b,
+        verdict_document(b, ruleset),
+        ruleset.warmup_steps,
+        list(applied) or None,
+        force,
     )
     if fmt == "json":
         return json.dumps(document, indent=2) + "\n"

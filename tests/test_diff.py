@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -113,6 +114,107 @@ def test_diff_cli_formats_and_errors(profilerd_env: dict[str, str], tmp_path: Pa
     assert 'id="chart-diff"' in html and "<script" not in html and "http" not in html.replace("http-equiv", "")
     missing = run_cli("diff", str(a), "no-such-run", env=profilerd_env, timeout=60)
     assert missing.returncode == 2 and "no run 'no-such-run'" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def _retrain(
+    path: Path,
+    argv: list[str] | None = None,
+    parameters: int | None = None,
+    batch_size: int | None = None,
+    world_size: int | None = None,
+) -> Path:
+    """The recording as if another job had been trained: its command, model, batch or world size."""
+    conn = sqlite3.connect(path)
+    if argv is not None:
+        conn.execute("UPDATE sessions SET argv = ?", (json.dumps(argv),))
+    if world_size is not None:
+        conn.execute("UPDATE sessions SET world_size = ?", (world_size,))
+    for rowid, text in conn.execute("SELECT rowid, config FROM configs").fetchall():
+        config = json.loads(text)
+        if parameters is not None:
+            config["models"][0]["parameters"] = parameters
+        if batch_size is not None:
+            config["dataloader"]["batch_size"] = batch_size
+        if world_size is not None:
+            config["world_size"] = world_size
+        conn.execute("UPDATE configs SET config = ? WHERE rowid = ?", (json.dumps(config), rowid))
+    conn.commit()
+    conn.close()
+    return path
+
+
+def test_two_different_jobs_get_no_speedup_headline(profilerd_env: dict[str, str], tmp_path: Path) -> None:
+    """Another script, model, batch and world size: the differences are named, no "B is N× faster"."""
+    slow = Job(seconds=20, world_size=2, straggler_rank=None, data_wait_s=0.040, seed=1, **QUIET)
+    fast = Job(seconds=20, world_size=2, straggler_rank=None, data_wait_s=0.001, seed=2, **QUIET)
+    a, b = _pair(tmp_path, slow, fast)
+    _retrain(b, argv=["/home/me/gpt/train_gpt.py", "--lr", "3"], parameters=124_439_808, batch_size=16, world_size=4)
+    text = run_cli("diff", str(a), str(b), env=profilerd_env, timeout=60)
+    assert text.returncode == 0, text.stderr
+    out = text.stdout
+    assert not re.search(r"B is [\d.]+× (faster|slower)", out), out
+    assert "A and B are different jobs (command, model size, batch size, world size differ)" in out
+    assert "--force" in out
+    assert "command: train.py --epochs 90 → /home/me/gpt/train_gpt.py --lr 3\n" in out
+    assert "model size: 25,557,032 → 124,439,808 parameters" in out
+    assert "batch size: 64 → 16" in out and "world size: 2 → 4 ranks" in out
+    assert "Figures of the two jobs (not a speedup):" in out
+    assert re.search(r"  A: step time mean [\d.]+ ms", out) and re.search(r"  B: step time mean [\d.]+ ms", out)
+
+    document = json.loads(run_cli("diff", str(a), str(b), "--format", "json", env=profilerd_env).stdout)
+    assert document["same_job"] is False and document["forced"] is False
+    assert [d["what"] for d in document["differences"] if d["defining"]] == [
+        "command",
+        "model size",
+        "batch size",
+        "world size",
+    ]
+    assert all(r["status"] == "different jobs" for r in document["applied"])
+    for rendered in (diff.render_markdown(document), diff.render_html(document)):
+        assert "different jobs" in rendered and not re.search(r"B is [\d.]+× faster", rendered)
+
+    forced = run_cli("diff", str(a), str(b), "--force", env=profilerd_env, timeout=60)
+    assert forced.returncode == 0, forced.stderr
+    assert re.search(r"B is \d+\.\d\d× faster \(95% CI [\d.]+–[\d.]+×\) \[forced: different jobs", forced.stdout)
+    assert "model size: 25,557,032 → 124,439,808 parameters" in forced.stdout
+    assert "Figures of the two jobs" not in forced.stdout
+
+
+@pytest.mark.parametrize(
+    ("change", "what"),
+    [
+        ({"parameters": 11_689_512}, "model size"),
+        ({"batch_size": 256}, "batch size"),
+        ({"world_size": 8}, "world size"),
+        ({"argv": ["eval.py", "--epochs", "90"]}, "command"),
+    ],
+)
+def test_any_one_job_difference_withholds_the_headline(tmp_path: Path, change: dict, what: str) -> None:
+    job = Job(seconds=12, world_size=2, straggler_rank=None, **QUIET)
+    a, b = _pair(tmp_path, job, job)
+    _retrain(b, **change)
+    document = _compare(a, b)
+    assert [d["what"] for d in document["differences"]] == [what]
+    assert document["same_job"] is False
+    assert diff.headline(document).startswith(f"A and B are different jobs ({what} differ)")
+
+
+def test_other_arguments_to_the_same_script_are_the_same_job(tmp_path: Path) -> None:
+    """A fix applied through a flag (same script, other arguments) keeps its interval headline."""
+    before = Job(seconds=20, world_size=2, straggler_rank=None, data_wait_s=0.040, num_workers=1, seed=1, **QUIET)
+    after = Job(seconds=20, world_size=2, straggler_rank=None, data_wait_s=0.001, num_workers=4, seed=2, **QUIET)
+    a, b = _pair(tmp_path, before, after)
+    _retrain(a, argv=["/src/examples/data_starved.py", "--seconds", "5"])
+    _retrain(b, argv=["/elsewhere/examples/data_starved.py", "--seconds", "4", "--num-workers", "4"])
+    document = _compare(a, b)
+    assert document["same_job"] is True
+    [row] = document["differences"]
+    assert row["what"] == "command" and row["defining"] is False
+    assert re.fullmatch(r"B is \d\.\d\d× faster \(95% CI \d\.\d\d–\d\.\d\d×\)", diff.headline(document))
+    text = diff.render_text(document)
+    assert "(same program, other arguments)" in text and "Figures of the two jobs" not in text
+    [applied] = [r for r in document["applied"] if r["id"] == "dataloader.num_workers"]
+    assert applied["status"] in ("materialized", "exceeded", "partial")
 
 
 @pytest.mark.slow
