@@ -465,7 +465,17 @@ def document(result: AttachResult, run_id: str) -> dict[str, Any]:
     layers["L2"] = {"available": False, "why": result.l2_note or "injection not requested (see --inject)"}
     if result.verdict is not None:
         doc = result.verdict.to_json(run_id, f"pid-{result.target.pid}")
+        # The evidence counted stack samples, not steps: no step boundaries are visible without the
+        # probes, so step count, rate and time stay empty rather than mix samples with steps.
+        samples = doc["steps"]
+        doc.update(steps=0, steps_per_s=0.0, step_time_s={"p50": 0.0, "p95": 0.0, "mean": 0.0}, stack_samples=samples)
+        notes = [
+            *result.notes,
+            f"{samples} stack samples of the training thread over {result.l0.seconds:.1f} s; steps, step rate and "
+            "step time need the probes (`--inject`, or train under `profilerd run`)",
+        ]
     else:
+        notes = list(result.notes)
         primary, severity, evidence, rough = result.l0_verdict or ("none", "ok", "no samples", {})
         fractions = dict.fromkeys(FRACTION_KEYS, 0.0)
         fractions.update(rough)
@@ -491,8 +501,48 @@ def document(result: AttachResult, run_id: str) -> dict[str, Any]:
     doc["target"] = {"pid": result.target.pid, "python": result.target.python_version}
     if result.l0_verdict is not None:
         doc["l0_estimate"] = {"primary": result.l0_verdict[0], "evidence": result.l0_verdict[2]}
-    doc["notes"] = result.notes
+    doc["notes"] = notes
     return doc
+
+
+def save_recording(doc: dict[str, Any], target: Target, runs_dir: Path, started_unix_s: float) -> Path:
+    """Keep an attach verdict (L0/L1: no steps) as a recording under its run id, so that
+    `profilerd report ID` and `profilerd runs` find it; the verdict is stored in the meta table."""
+    import json
+
+    from profilerd import __version__
+    from profilerd.recording import open_recording, recording_file
+
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    path = recording_file(runs_dir, doc["run_id"])
+    ended = time.time()
+    meta = {
+        "schema_version": "1",
+        "run_id": doc["run_id"],
+        "job": doc["job"],
+        "profilerd_version": __version__,
+        "state": "closed",
+        "started_unix_s": repr(started_unix_s),
+        "ended_unix_s": repr(ended),
+        "attach_layer": doc["attach_layer"],
+        "attach_verdict": json.dumps({**doc, "recording": str(path)}),
+    }
+    conn = open_recording(path)
+    try:
+        with conn:
+            conn.execute("BEGIN")
+            conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", sorted(meta.items()))
+            conn.execute(
+                "INSERT INTO sessions VALUES (?,?,?,?,?,?,?,?)",
+                (target.pid, 0, 0, 1, os.uname().nodename, json.dumps(list(target.cmdline)), started_unix_s, None),
+            )
+            conn.execute(
+                "INSERT INTO verdicts VALUES (?,?,?,?,?)",
+                (ended, doc["job"], doc["primary"], doc["severity"], json.dumps(doc)),
+            )
+    finally:
+        conn.close()
+    return path
 
 
 # ---- L2: injection ------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -562,6 +563,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
         target = attach.inspect_target(args.pid)
     except attach.AttachError as exc:
         raise UsageError(str(exc)) from exc
+    started_unix_s = time.time()
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-attach-{args.pid}"
     wants_inject = (args.inject or args.inject_experimental) and not args.no_inject
     show_status = sys.stderr.isatty() and not args.once
@@ -577,7 +579,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
             sys.stderr.flush()
 
     if _wants_tui(args) and not args.once and not wants_inject:
-        return _attach_live_view(args, ruleset, run_id)
+        return _attach_live_view(args, config, ruleset, target, run_id, started_unix_s)
     print(
         f"profilerd: attaching to pid {args.pid} (Python {target.python_version}) for {args.duration:.0f} s…",
         file=sys.stderr,
@@ -599,6 +601,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
     document = attach.document(result, run_id)
     if injected is not None:
         document = injected.finish(document, result)
+    document = _record_attach(document, config, target, started_unix_s)
     print(render_text(document), file=sys.stderr)
     for note in document.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
@@ -615,7 +618,22 @@ def _wants_tui(args: argparse.Namespace) -> bool:
     return not getattr(args, "no_tui", False) and all(s is not None and s.isatty() for s in streams)
 
 
-def _attach_live_view(args: argparse.Namespace, ruleset: RuleSet, run_id: str) -> int:
+def _record_attach(document: dict[str, Any], config: DaemonConfig, target: Any, started_s: float) -> dict[str, Any]:
+    """An attach without probes leaves a recording of its verdict (L2's steps are recorded by the daemon)."""
+    from profilerd import attach
+
+    if document.get("recording") or not config.record:
+        return document
+    try:
+        path = attach.save_recording(document, target, config.runs_dir, started_s)
+    except (OSError, sqlite3.Error) as exc:
+        return {**document, "notes": [*document["notes"], f"could not record the verdict: {exc}"]}
+    return {**document, "recording": str(path)}
+
+
+def _attach_live_view(
+    args: argparse.Namespace, config: DaemonConfig, ruleset: RuleSet, target: Any, run_id: str, started_unix_s: float
+) -> int:
     """On a terminal, attach shows the TUI over rolling L0/L1 verdicts until `q` or the target exits."""
     from profilerd import attach
     from profilerd_tui.app import make_app
@@ -632,9 +650,10 @@ def _attach_live_view(args: argparse.Namespace, ruleset: RuleSet, run_id: str) -
     finally:
         live.stop()
     if live.document is not None:
-        print(render_text(live.document), file=sys.stderr)
+        document = _record_attach(live.document, config, target, started_unix_s)
+        print(render_text(document), file=sys.stderr)
         if args.json_path is not None:
-            _write_json(args.json_path, live.document)
+            _write_json(args.json_path, document)
     return 0
 
 

@@ -166,6 +166,9 @@ def verdict_document(recording: Recording, ruleset: RuleSet) -> dict[str, Any]:
     """The verdict JSON of a recording, exactly as `profilerd run --json` writes it for that run."""
     from profilerd import runs
 
+    attached = recording.meta.get("attach_verdict")
+    if attached and recording.steps.empty:  # `attach` without probes: its verdict rests on samples, not steps
+        return json.loads(attached)
     verdict = runs.analyse(recording, ruleset)
     exit_code = recording.meta.get("exit_code")
     return verdict.to_json(

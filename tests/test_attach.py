@@ -76,6 +76,40 @@ def test_data_starved_and_compute_bound_targets(spawn, profilerd_env, short_tmp:
         assert document["layers"]["L1"]["samples"]["backward"] > 0
 
 
+def test_once_figures_agree_and_report_finds_the_run(spawn, profilerd_env, short_tmp: Path) -> None:
+    """What `attach --once` prints rests on one set of data, and `profilerd report ID` shows that verdict."""
+    target = start(sys.executable, "-m", "profilerd.demo.starved", "--seconds", "60", env=profilerd_env)
+    spawn.append(target)
+    wait_for_torch(target.pid)
+    out = short_tmp / "once.json"
+    result = run_cli("attach", str(target.pid), "--once", "--duration", "4", "--json", str(out), env=profilerd_env)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(out.read_text())
+    assert document["attach_layer"] in ("L0", "L1")
+    # Without probes no step is seen: no step count, rate or time, not a sample count next to "0.0 steps/s".
+    assert document["steps"] == 0 and document["steps_per_s"] == 0.0 and document["step_time_s"]["p50"] == 0.0
+    assert " steps over " not in result.stderr and "0.0 steps/s" not in result.stderr
+    if document["attach_layer"] == "L1":
+        samples = document["stack_samples"]
+        assert samples == sum(document["layers"]["L1"]["samples"].values())
+        assert f"note: {samples} stack samples of the training thread" in result.stderr
+    run_id = document["run_id"]
+    assert f"(profilerd report {run_id})" in result.stderr
+    report = run_cli("report", run_id, "--format", "json", env=profilerd_env)
+    assert report.returncode == 0, report.stderr
+    reported = json.loads(report.stdout)
+    assert (reported["run_id"], reported["primary"], reported["summary"]) == (
+        document["run_id"],
+        document["primary"],
+        document["summary"],
+    )
+    assert reported["primary"] == "data"
+    text = run_cli("report", run_id, env=profilerd_env)
+    assert text.returncode == 0 and document["summary"] in text.stdout, text.stderr
+    listing = json.loads(run_cli("runs", "--json", env=profilerd_env).stdout)
+    assert [(r["run_id"], r["primary"]) for r in listing] == [(run_id, "data")]
+
+
 def test_target_that_exits_mid_attach_still_gets_a_verdict(spawn, profilerd_env, short_tmp: Path) -> None:
     target = start(sys.executable, "-m", "profilerd.demo.starved", "--seconds", "6", env=profilerd_env)
     spawn.append(target)

@@ -253,7 +253,10 @@ class DaemonSource:
     def base_url(self) -> str:
         url = self._url if isinstance(self._url, str) else self._url()
         if not url:
-            raise SourceError("no profilerd daemon is running for this user (start one with `profilerd serve`)")
+            raise SourceError(
+                "no profilerd daemon is running for this user (start one with `profilerd serve`, "
+                "or train under `profilerd run -- ...`)"
+            )
         url = url.rstrip("/")
         if not isinstance(self._url, str):
             self.label = f"live {_origin(url)}"
