@@ -1,6 +1,7 @@
-"""Writes the Grafana dashboards in dashboards/grafana/ from the panel lists below.
+"""Writes the Grafana dashboards in dashboards/grafana/ from the panel lists below, and the alerts'
+runbook links from DOCS_BASE_URL.
 
-    python dashboards/generate.py          # rewrite the JSON files
+    python dashboards/generate.py          # rewrite the JSON files and the alerts' runbook_url
     python dashboards/generate.py --check  # exit 1 if a file differs from what this writes
 
 The JSON files are what users import (Grafana 10 or newer: Dashboards > New > Import); this
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,6 +25,14 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "grafana"
+# Where docs/alerts.md is published: every alert's runbook_url is this plus "/alerts.md#<alert>".
+# `profilerd dashboards --runbook-base URL` writes the files with another base (an internal mirror).
+DOCS_BASE_URL = "https://github.com/profilerd/profilerd/blob/main/docs"
+ALERT_FILES = (
+    HERE / "prometheus" / "profilerd-alerts.yml",
+    HERE / "prometheus" / "tests" / "profilerd-alerts.test.yml",
+)
+_RUNBOOK_URL = re.compile(r'(runbook_url: "?)[^"\s#]*(#[\w-]+)')
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 GRAFANA_MIN_VERSION = "10.0.0"
 SCHEMA_VERSION = 39
@@ -1173,19 +1183,25 @@ def render(build: Any) -> str:
     return json.dumps(build(), indent=2, ensure_ascii=False) + "\n"
 
 
+def with_runbook_base(text: str, base: str) -> str:
+    """Alert rules (or their promtool tests) with every runbook_url under ``base``."""
+    return _RUNBOOK_URL.sub(lambda m: f"{m.group(1)}{base.rstrip('/')}/alerts.md{m.group(2)}", text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only check that the files are up to date")
     args = parser.parse_args(argv)
     stale = []
-    for name, build in DASHBOARDS.items():
-        path = OUT / name
-        text = render(build)
+    outputs = [(OUT / name, render(build)) for name, build in DASHBOARDS.items()]
+    outputs += [(path, with_runbook_base(path.read_text(), DOCS_BASE_URL)) for path in ALERT_FILES]
+    for path, text in outputs:
+        name = path.name
         if args.check:
             if not path.exists() or path.read_text() != text:
                 stale.append(name)
         else:
-            OUT.mkdir(exist_ok=True)
+            path.parent.mkdir(exist_ok=True)
             path.write_text(text)
     if stale:
         print(f"out of date: {', '.join(stale)}; run python dashboards/generate.py", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""The `profilerd` command line: serve, run, demo, report, runs, doctor.
+"""The `profilerd` command line: serve, run, demo, report, diff, runs, doctor, attach, tui, dashboards.
 
 Exit codes: 0 success, 2 usage or configuration errors (with a message naming the problem),
 1 other failures; `run` and `demo` exit with the training command's own exit code.
@@ -122,6 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--dry-run", action="store_true", help="with --older-than/--keep: list, do not delete")
 
     sub.add_parser("doctor", help="what profilerd can see on this machine (GPUs, capabilities)")
+
+    dashboards = sub.add_parser(
+        "dashboards", help="write the Grafana dashboards, Prometheus rules and alerts, and the systemd unit"
+    )
+    dashboards.add_argument("--out", type=Path, required=True, help="the folder to write them into")
+    dashboards.add_argument(
+        "--runbook-base",
+        metavar="URL",
+        help="where docs/alerts.md is published, for the alerts' runbook_url (default: the project's repository)",
+    )
 
     attach = sub.add_parser("attach", help="diagnose a training process that is already running")
     _daemon_flags(attach)
@@ -550,6 +560,27 @@ def cmd_tui(args: argparse.Namespace) -> int:
     return run_tui(args, _config(args))
 
 
+def cmd_dashboards(args: argparse.Namespace) -> int:
+    import profilerd_dashboards
+
+    base = args.runbook_base or profilerd_dashboards.DOCS_BASE_URL
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", base):
+        raise UsageError(f"--runbook-base must be an absolute http(s) URL, not {base!r}")
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is not a folder")
+    try:
+        written = profilerd_dashboards.export(args.out, base)
+    except OSError as exc:
+        raise UsageError(f"cannot write into {args.out}: {exc.strerror or exc}") from exc
+    for path in written:
+        print(path)
+    print(
+        f"wrote {len(written)} files; runbook links under {base.rstrip('/')}/alerts.md (set up: docs/deployment.md)",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_attach(args: argparse.Namespace) -> int:
     from profilerd import attach
 
@@ -743,6 +774,7 @@ COMMANDS = {
     "diff": cmd_diff,
     "runs": cmd_runs,
     "doctor": cmd_doctor,
+    "dashboards": cmd_dashboards,
     "attach": cmd_attach,
     "tui": cmd_tui,
 }

@@ -42,6 +42,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from profilerd.exporters.gpu_metrics import CLOCK_EVENT_REASONS, describe_gpu_metric_families
 from profilerd.exporters.prometheus import PHASE_LABELS
 from profilerd.model import PRIMARY_VALUES
+from profilerd_dashboards import DOCS_BASE_URL
 from profilerd_probes import wire
 from tests.conftest import REPO
 from tests.simnvml import GIB, Scenario, build_library
@@ -512,6 +513,11 @@ def test_dashboard_files_are_generated_and_up_to_date() -> None:
         assert (GRAFANA / name).read_text() == generator.render(build), (
             f"{name} is out of date: run python dashboards/generate.py"
         )
+    for path in generator.ALERT_FILES:
+        text = path.read_text()
+        assert generator.with_runbook_base(text, generator.DOCS_BASE_URL) == text, (
+            f"{path.name}: runbook links out of date: run python dashboards/generate.py"
+        )
 
 
 def test_generator_knows_every_verdict_category_and_phase() -> None:
@@ -737,7 +743,7 @@ def test_every_alert_has_for_severity_summary_description_and_runbook() -> None:
         assert len(annotations["summary"]) < 120, f"{name}: a summary is one line"
         assert len(annotations["description"]) > 150, f"{name}: the description must say what to do"
         url = annotations["runbook_url"]
-        assert url == f"docs/alerts.md#{name.lower()}", f"{name}: runbook_url {url}"
+        assert url == f"{DOCS_BASE_URL}/alerts.md#{name.lower()}", f"{name}: runbook_url {url}"
         assert name.lower() in anchors, f"docs/alerts.md has no section {name}"
 
 

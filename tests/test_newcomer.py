@@ -71,25 +71,33 @@ def test_readme_first_command_in_a_fresh_clone_on_a_terminal(short_tmp: Path) ->
         [*tmux, "new-session", "-d", "-s", "nc", "-x", "120", "-y", "40", f"bash {script}"], env=env, check=True
     )
     subprocess.run([*tmux, "set-option", "-t", "nc", "history-limit", "10000"], env=env, capture_output=True)
-    screen = ""
+    screen = live_view = ""
     try:
         deadline = time.monotonic() + INSTALL_AND_DEMO_S
         while time.monotonic() < deadline:
-            time.sleep(2)
+            time.sleep(1)
+            alternate = subprocess.run(
+                [*tmux, "display-message", "-p", "-t", "nc", "#{alternate_on}"], env=env, capture_output=True, text=True
+            ).stdout.strip()
             screen = subprocess.run(
                 [*tmux, "capture-pane", "-p", "-S", "-10000", "-t", "nc"], env=env, capture_output=True, text=True
             ).stdout
+            if alternate == "1":  # the live view holds the alternate screen while the demo trains
+                live_view = subprocess.run(
+                    [*tmux, "capture-pane", "-p", "-t", "nc"], env=env, capture_output=True, text=True
+                ).stdout
             if "NEWCOMER-EXIT=" in screen:
                 break
     finally:
         subprocess.run([*tmux, "kill-server"], env=env, capture_output=True)
     shown = "\n".join(line for line in screen.splitlines() if not line.startswith("WARNING: Location"))
-    print(f"$ {command}\n{shown[-6000:]}")  # the screen, for the log (pytest -s, or on failure)
+    print(f"$ {command}\n{shown[-6000:]}\n--- the live view, last seen ---\n{live_view}")  # for the log (pytest -s)
     exit_line = re.search(r"NEWCOMER-EXIT=(\d+) after (\d+) s", screen)
     assert exit_line, f"no exit after {INSTALL_AND_DEMO_S} s; the screen:\n{shown[-4000:]}"
     assert exit_line.group(1) == "0", f"`{command}` exited {exit_line.group(1)}; the screen:\n{shown[-4000:]}"
     assert "Traceback (most recent call last)" not in screen, f"a traceback on screen:\n{shown[-4000:]}"
     assert "DATA-BOUND" in screen, f"the demo's verdict is not on screen:\n{shown[-4000:]}"
+    assert live_view.strip(), "the demo never showed its live view on the terminal"
 
 
 def _on_a_terminal(args: list[str], env: dict[str, str], timeout: float = 60) -> tuple[int, str]:

@@ -280,7 +280,7 @@ def test_attach_never_escalates_privileges_itself() -> None:
             assert node.func.attr not in {"setuid", "seteuid", "setresuid", "setgid", "setegid", "setresgid"}
 
 
-UNIT = REPO / "docs" / "profilerd.service"
+UNIT = REPO / "dashboards" / "systemd" / "profilerd@.service"
 
 
 def test_systemd_unit_has_limits_and_hardening() -> None:
