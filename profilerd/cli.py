@@ -737,7 +737,8 @@ class _Injected:
             document["layers"]["L2"] = {"available": False, "why": f"only {verdict.features.steps} steps observed"}
             return document
         injected = verdict.to_json(self.run_id, f"pid-{self.pid}", recording=str(recording))
-        injected.update({k: document[k] for k in ("layers", "target", "notes") if k in document})
+        injected.update({k: document[k] for k in ("layers", "target") if k in document})
+        injected["notes"] = list(result.notes)  # not the L1 note that steps need probes: here they are
         injected["layers"]["L2"] = {"available": True, "steps": verdict.features.steps, "detached": True}
         injected["attach_layer"] = "L2"
         return injected
