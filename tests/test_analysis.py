@@ -117,12 +117,24 @@ def test_fractions_sum_to_one_and_p95_is_reported() -> None:
     assert document["steps"] == len(records) - RULES.warmup_steps
 
 
-def test_no_verdict_before_enough_steps_or_time() -> None:
+def test_no_verdict_before_enough_steps() -> None:
     few = verdict_for(make_steps(n=15, data=0.9, fwd=0.05, bwd=0.05, opt=0.0))
     assert few.primary == "none"
-    assert "Not enough evidence" in few.summary
-    short = verdict_for(make_steps(n=60, step_s=0.05, data=0.9, fwd=0.05, bwd=0.05, opt=0.0))  # 3 s < 10 s
-    assert short.primary == "none"
+    assert few.summary == "Not enough evidence yet: 13 of 20 steps observed"
+
+
+def test_a_short_run_gets_a_verdict_whose_confidence_says_how_much_it_rests_on() -> None:
+    """58 steps in 2 s are enough for a verdict; it says so, and is less sure than 10 s of steps."""
+    short = verdict_for(make_steps(n=60, step_s=0.035, data=0.9, fwd=0.05, bwd=0.05, opt=0.0))
+    long = verdict_for(make_steps(n=300, step_s=0.035, data=0.9, fwd=0.05, bwd=0.05, opt=0.0))
+    assert short.primary == long.primary == "data"
+    assert short.confidence < long.confidence
+    document = short.to_json("run-s")
+    assert document["evidence"]["steps"] == 58
+    assert document["evidence"]["seconds"] == pytest.approx(58 * 0.035, abs=0.01)
+    assert document["evidence"]["basis"].startswith("58 steps over 2.0 s; confidence")
+    assert "(low)" in document["evidence"]["basis"] or "(medium)" in document["evidence"]["basis"]
+    assert long.to_json("run-l")["evidence"]["basis"].endswith("(high)")
 
 
 def test_every_estimate_respects_amdahl() -> None:

@@ -139,9 +139,10 @@ def test_a_healthy_stream_has_no_problem_findings() -> None:
         ),
         (
             "algorithm.loss_plateau",
-            {"records": {"loss": 0.5}},
-            {"records": {"loss": 0.5}, "config": {"lr_scheduler": "CosineAnnealingLR"}},
+            {"records": {"loss": lambda i: max(0.5, 2.0 - 0.05 * i)}},
+            {"records": {"loss": lambda i: max(0.5, 2.0 - 0.05 * i)}, "config": {"lr_scheduler": "CosineAnnealingLR"}},
         ),
+        ("algorithm.loss_stuck", {"records": {"loss": 0.5}}, {}),
         (
             "algorithm.grad_norm",
             {"records": {"grad_norm": lambda i: 500.0 if i % 37 == 0 else 1.0}},

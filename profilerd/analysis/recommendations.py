@@ -22,32 +22,49 @@ def removed(fraction: float) -> float:
     return 1.0 / max(1e-9, 1.0 - min(max(fraction, 0.0), 0.999))
 
 
-def suggest_num_workers(features: Features) -> tuple[int, str]:
-    """A worker count from the free cores and how saturated the current workers are."""
+def extra_workers(features: Features) -> tuple[int | None, float]:
+    """How many more DataLoader workers the free cores can run, and the CPU one worker needs.
+
+    A worker needs what the busiest current worker uses (a full core when none runs yet, or
+    when it is unknown); None when the host's free cores were not measured.
+    """
     ctx = features.context
     current = int(ctx.dataloader().get("num_workers") or 0)
-    cores = ctx.cpu_count or 1
-    free = ctx.free_cores if ctx.free_cores is not None else max(0.0, cores - 1.0)
-    saturation = ctx.worker_cpu_max_ratio
+    per_worker = 1.0
+    if current > 0 and ctx.worker_cpu_max_ratio is not None:
+        per_worker = min(1.0, max(ctx.worker_cpu_max_ratio, 0.1))
+    free = ctx.free_cores
+    if free is None:
+        return None, per_worker
+    return int(free / per_worker + 1e-9), per_worker
+
+
+def loader_advice(features: Features, gain: float) -> Recommendation:
+    """More workers where free cores can run them; otherwise the input pipeline is CPU-bound
+    and only cheaper samples help. The one place that decides between the two."""
+    ctx = features.context
+    current = int(ctx.dataloader().get("num_workers") or 0)
+    extra, per_worker = extra_workers(features)
+    cores = ctx.cpu_count
+    if extra is None:
+        suggested = max(2, current * 2)
+        reason = f"the host's free cores were not measured: check that {suggested - current} more cores are idle"
+        return _num_workers(features, current, suggested, reason)
+    free = ctx.free_cores or 0.0
+    if extra < 1:
+        return cheaper_samples(features, current, free, cores, gain)
+    suggested = min(64, current + extra, max(8, 2 * current))
     if current == 0:
-        suggested = min(8, max(2, int(free)))
         reason = f"{free:.1f} of {cores} cores are free and the loader runs in the training loop"
-    elif saturation is not None and saturation >= 0.8:
-        suggested = current + max(1, int(free))
-        reason = (
-            f"the busiest of {current} workers uses {saturation:.0%} of a core (CPU-bound), {free:.1f} cores are free"
-        )
     else:
-        suggested = min(64, current * 2)
-        busy = f"{saturation:.0%}" if saturation is not None else "an unknown share"
-        reason = f"{current} workers each use {busy} of a core: they wait on I/O, so more hide latency"
-    return suggested, reason
+        reason = (
+            f"{free:.1f} of {cores} cores are free and each of the {current} workers uses "
+            f"{per_worker:.0%} of a core, so the free cores can run {suggested - current} more"
+        )
+    return _num_workers(features, current, suggested, reason)
 
 
-def num_workers(features: Features) -> Recommendation:
-    ctx = features.context
-    current = int(ctx.dataloader().get("num_workers") or 0)
-    suggested, reason = suggest_num_workers(features)
+def _num_workers(features: Features, current: int, suggested: int, reason: str) -> Recommendation:
     step = features.step_time_mean_s
     wait = features.fractions["data_wait"] * step
     compute = step - wait
@@ -62,6 +79,26 @@ def num_workers(features: Features) -> Recommendation:
         estimated_speedup=min(speedup, removed(features.fractions["data_wait"])),
         how=f"DataLoader(dataset, batch_size=..., num_workers={suggested}, persistent_workers=True)",
         why=reason,
+    )
+
+
+def cheaper_samples(
+    features: Features, workers: int, free_cores: float, cores: int | None, gain: float
+) -> Recommendation:
+    """The loader saturates the host: each sample must cost less CPU (the pipeline's throughput
+    grows by ``gain``, up to the point where compute sets the pace)."""
+    step = features.step_time_mean_s
+    compute = step * (1.0 - features.fractions["data_wait"])
+    speedup = step / max(compute, step / gain) if step > 0 else 1.0
+    busy = f"{workers} DataLoader workers are busy" if workers else "the loader runs in the training loop"
+    return Recommendation(
+        id="dataloader.cheaper_samples",
+        title="The input pipeline is CPU-bound: make each sample cheaper to produce",
+        estimated_speedup=min(max(1.0, speedup), removed(features.fractions["data_wait"])),
+        how="# decode once and cache the decoded samples (or store them pre-decoded),\n"
+        "# use lighter transforms, or decode/augment on the GPU after batching:\n"
+        "batch = batch.to(device, non_blocking=True)\nbatch = gpu_augment(batch)",
+        why=f"{busy} and {free_cores:.1f} of {cores} cores are free: more workers would have no core to run on",
     )
 
 
@@ -156,17 +193,6 @@ def host_work(features: Features, gain: float) -> Recommendation:
     )
 
 
-def cheaper_transforms(features: Features) -> Recommendation:
-    return Recommendation(
-        id="dataloader.cheaper_transforms",
-        title="Make each sample cheaper to load: cache decoded data or move augmentation to the GPU",
-        estimated_speedup=removed(features.fractions["data_wait"] * 0.5),
-        how="# decode once and cache, or augment on the GPU after batching:\n"
-        "batch = batch.to(device, non_blocking=True)\nbatch = gpu_augment(batch)",
-        why="the workers are CPU-bound and there are no free cores to add more of them",
-    )
-
-
 def tf32(features: Features) -> Recommendation:
     return Recommendation(
         id="compute.tf32",
@@ -234,14 +260,18 @@ def static_graph(features: Features) -> Recommendation:
     )
 
 
-def straggler(rank: int, cause: str, wait_fraction: float) -> Recommendation:
+def straggler(rank: int, cause: str, excess_fraction: float, wait_fraction: float) -> Recommendation:
+    """Fixing the culprit removes its excess work (the others then wait less by that much), not
+    all of the others' wait: some of it is the collective itself."""
+    removable = min(excess_fraction, wait_fraction)
     return Recommendation(
         id="straggler.rank",
         title=f"Fix rank {rank}: the others wait for it ({cause})",
-        estimated_speedup=removed(wait_fraction),
+        estimated_speedup=removed(removable),
         how=f"# look at rank {rank}'s host: its {cause} is slower than on the other ranks\n"
         "profilerd report RUN  # per-rank table",
-        why=f"the other ranks spend {wait_fraction:.0%} of their step time waiting for rank {rank}",
+        why=f"rank {rank}'s own work takes {excess_fraction:.0%} of a step longer than the median rank's; "
+        f"the other ranks spend {wait_fraction:.0%} of their step time waiting",
     )
 
 
@@ -269,6 +299,29 @@ def stabilize(features: Features, kind: str) -> Recommendation:
         "scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=1000)\n"
         "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)  # before optimizer.step()",
         why="steps that produce inf/NaN or a growing loss waste the run; no speedup helps until fixed",
+    )
+
+
+def not_learning(features: Features, zero_lr: bool) -> Recommendation:
+    if zero_lr:
+        title = "Set a non-zero learning rate: with lr=0 no step changes the model"
+        how = (
+            "optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)\n"
+            "# and check schedulers and warm-ups that start at 0"
+        )
+    else:
+        title = "Check that the parameters are trained: the loss never moves"
+        how = (
+            "optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)  # the model's own parameters\n"
+            "assert any(p.requires_grad for p in model.parameters())\n"
+            "# and that optimizer.step() runs after loss.backward()"
+        )
+    return Recommendation(
+        id="convergence.not_learning",
+        title=title,
+        estimated_speedup=1.0,
+        how=how,
+        why="a loss stuck at its first value means every step is wasted; no speedup helps until fixed",
     )
 
 
