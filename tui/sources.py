@@ -404,6 +404,7 @@ class ReplaySource:
         self._last_tick = clock()
         self._cache: tuple[float, Snapshot] | None = None
         self._final: dict[str, Any] | None = None  # the whole run's verdict document, once computed
+        self._gpu_samples: pd.DataFrame | None = None
 
     def _read_extra(self, path: Path) -> None:
         """What ``runs.load`` leaves out and the screens show: per-core CPU, memory, GPUs, RSS."""
@@ -537,20 +538,33 @@ class ReplaySource:
         from profilerd.analysis.history import summarize_losses
         from profilerd.analysis.live import select_window
         from profilerd.analysis.verdict import diagnose
-        from profilerd.config import Config
+        from profilerd.config import DaemonConfig
 
         rec = self.recording
         if finished:
             if self._final is None:
                 self._final = runs.analyse(rec, self.ruleset).to_json(rec.run_id, rec.job)
             return self._final
-        live = Config()
+        live = DaemonConfig()
         window = select_window(done, at_unix_s, live.window_s, live.window_steps, self.ruleset)
         hosts = rec.hosts[rec.hosts["ts_unix_s"] <= at_unix_s][HOST_COLUMNS]
         procs = rec.processes[rec.processes["ts_unix_s"] <= at_unix_s][PROCESS_COLUMNS]
+        gpus = self._gpu_frame()
         since = float((window["end_unix_s"] - window["step_s"]).min()) if not window.empty else at_unix_s
-        context = build_context(rec.config(), hosts, procs, since)
+        context = build_context(rec.config(), hosts, procs, since, gpus[gpus["ts_unix_s"] <= at_unix_s])
         return diagnose(window, context, self.ruleset, summarize_losses(done)).to_json(rec.run_id, rec.job)
+
+    def _gpu_frame(self) -> pd.DataFrame:
+        """The job's GPU samples, as the live analysis and `report` read them (read once)."""
+        if self._gpu_samples is None:
+            from profilerd.analysis.context import gpu_frame
+            from profilerd.recording import read_gpu_samples
+
+            rec = self.recording
+            pids = {int(p) for p in rec.sessions["pid"].dropna()} if "pid" in rec.sessions else set()
+            paths = [source.path for source in rec.sources] or [rec.path]
+            self._gpu_samples = gpu_frame(read_gpu_samples(paths), pids)
+        return self._gpu_samples
 
     def _host_at(self, at_unix_s: float) -> tuple[HostView, ...]:
         row = _latest(self._hosts, at_unix_s)

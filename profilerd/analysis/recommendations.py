@@ -53,14 +53,13 @@ def loader_advice(features: Features, gain: float) -> Recommendation:
     free = ctx.free_cores or 0.0
     if extra < 1:
         return cheaper_samples(features, current, free, cores, gain)
-    suggested = min(64, current + extra, max(8, 2 * current))
+    # From the loop, a few workers first: how much CPU one needs is not known until one runs.
+    suggested = min(8, extra) if current == 0 else min(64, current + extra)
     if current == 0:
         reason = f"{free:.1f} of {cores} cores are free and the loader runs in the training loop"
     else:
-        reason = (
-            f"{free:.1f} of {cores} cores are free and each of the {current} workers uses "
-            f"{per_worker:.0%} of a core, so the free cores can run {suggested - current} more"
-        )
+        each = "the worker uses" if current == 1 else f"each of the {current} workers uses"
+        reason = f"{free:.1f} of {cores} cores are free and {each} {per_worker:.0%} of a core: room for {extra} more"
     return _num_workers(features, current, suggested, reason)
 
 
