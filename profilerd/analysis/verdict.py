@@ -111,6 +111,7 @@ class Verdict:
                 "seconds": round(f.duration_s, 3),
                 "ranks": f.ranks,
                 "confidence": round(self.confidence, 3),
+                "level": _level(self.confidence) if self.primary != "none" else None,
                 "basis": self.basis,
             },
             "findings": [finding.to_json() for finding in self.findings],
