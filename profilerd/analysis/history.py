@@ -16,7 +16,9 @@ import pandas as pd
 
 from profilerd_probes.wire import FLAG_HAS_LOSS, FLAG_HAS_LR
 
-BASELINE_READINGS = 3  # the loss at the start: the median of the first finite readings
+# The loss at the start is the first finite reading: it is taken before any update, and with
+# the loss read every early step a median of the next few would already include a blow-up.
+BASELINE_READINGS = 1
 SUSTAINED_READINGS = 5  # a rise counts when this many consecutive readings agree (a median)
 
 
@@ -29,13 +31,22 @@ class LossSummary:
     first_nonfinite_step: int | None = None
     first_nonfinite_rank: int | None = None
     first_nonfinite_value: float | None = None
-    baseline: float | None = None  # median of the first finite readings
+    baseline: float | None = None  # the first finite reading
     peak: float | None = None  # highest median of SUSTAINED_READINGS consecutive readings
     peak_step: int | None = None
     low: float | None = None  # smallest and largest finite reading
     high: float | None = None
     lr_max: float | None = None  # largest |learning rate| seen, None if never measured
     steps_seen: int = 0  # step records seen, with or without a loss
+    first_step: int | None = None  # the steps of the first and the latest reading
+    last_step: int | None = None
+
+    @property
+    def steps_spanned(self) -> int:
+        """How many steps the readings cover (readings may be spaced out in time)."""
+        if self.first_step is None or self.last_step is None:
+            return 0
+        return self.last_step - self.first_step + 1
 
     @property
     def rise_ratio(self) -> float | None:
@@ -77,6 +88,8 @@ class LossHistory:
         self._low = self._high = None
         self._lr_max: float | None = None
         self._steps_seen = 0
+        self._first_step: int | None = None
+        self._last_step: int | None = None
 
     def update(self, steps: pd.DataFrame) -> None:
         if steps.empty:
@@ -91,6 +104,10 @@ class LossHistory:
             return
         values = readings["loss"].to_numpy(np.float64)
         finite = np.isfinite(values)
+        numbers = readings["step"].to_numpy()
+        if self._first_step is None:
+            self._first_step = int(numbers[0])
+        self._last_step = max(self._last_step or 0, int(numbers.max()))
         self._readings += len(values)
         self._nonfinite += int((~finite).sum())
         if self._first_bad is None and not finite.all():
@@ -131,6 +148,8 @@ class LossHistory:
             high=self._high,
             lr_max=self._lr_max,
             steps_seen=self._steps_seen,
+            first_step=self._first_step,
+            last_step=self._last_step,
         )
 
 

@@ -616,7 +616,7 @@ def check_loss_nonfinite(features: Features, t: dict[str, float], a: dict[str, f
 )
 def check_loss_diverging(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
     """The highest sustained loss of the run (a median of 5 consecutive readings) over the loss
-    at its start (the median of its first 3 readings), whenever in the run the rise happened."""
+    at its start (its first reading, taken before any update), whenever in the run it happened."""
     losses = features.losses
     ratio = losses.rise_ratio
     if ratio is None or losses.peak is None or losses.baseline is None:
@@ -653,19 +653,21 @@ def check_loss_diverging(features: Features, t: dict[str, float], a: dict[str, f
     correctness=True,
 )
 def check_loss_stuck(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
-    """Over at least ``min_samples`` loss readings from the start of the run, a learning rate of 0,
-    or a loss whose whole range stays within ``spread`` of its first value."""
+    """Over ``min_steps`` steps from the start of the run (at least ``min_readings`` loss
+    readings), a learning rate of 0, or a loss whose whole range stays within ``spread`` of its
+    first value."""
     losses = features.losses
     moved = losses.relative_range
-    if losses.readings < t["min_samples"] or losses.baseline is None or moved is None:
+    spanned = losses.steps_spanned
+    if spanned < t["min_steps"] or losses.readings < t["min_readings"] or losses.baseline is None or moved is None:
         return None
     zero_lr = losses.lr_max == 0.0
     if not zero_lr and moved >= t["spread"]:
         return None
     cause = "the learning rate is 0" if zero_lr else "no parameter update changes it"
     evidence = (
-        f"the loss stays at {losses.baseline:.4g} (range {moved:.2%} of it) over {losses.readings} "
-        f"readings from the start of the run: {cause}"
+        f"the loss stays at {losses.baseline:.4g} (range {moved:.2%} of it) over {spanned} steps "
+        f"({losses.readings} readings) from the start of the run: {cause}"
     )
     return Finding(
         "algorithm.loss_stuck",
@@ -673,7 +675,7 @@ def check_loss_stuck(features: Features, t: dict[str, float], a: dict[str, float
         "critical" if zero_lr else "warning",
         evidence,
         0.9 if zero_lr else 0.75,
-        {"relative_range": moved, "readings": float(losses.readings), "lr_max": losses.lr_max or 0.0},
+        {"relative_range": moved, "steps": float(spanned), "lr_max": losses.lr_max or 0.0},
         t,
         (recs.not_learning(features, zero_lr),),
         cost=1.0,
@@ -971,12 +973,14 @@ RATIONALE: dict[str, tuple[str, str]] = {
     ),
     "algorithm.loss_diverging": (
         "A rising loss usually means a learning rate too high for the current state.",
-        "1.5x/10x growth of a 5-reading median over the first readings; profilerd's own default.",
+        "2x/10x growth of a 5-reading median over the first reading; healthy losses stay under "
+        "their initial value, batch noise under 1.5x of it. profilerd's own default.",
     ),
     "algorithm.loss_stuck": (
         "A loss that never moves from its first value (a learning rate of 0, frozen parameters) "
         "means every step is wasted.",
-        "200 readings from the start within 1% of the first value, or a learning rate of 0; profilerd's default.",
+        "200 steps (20+ readings) from the start within 1% of the first value, or a learning rate of 0; "
+        "profilerd's own default.",
     ),
     "algorithm.loss_plateau": (
         "A flat loss at a constant learning rate often resumes improving with a decaying schedule.",

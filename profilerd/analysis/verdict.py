@@ -61,17 +61,23 @@ class Verdict:
         return f"{observed}; confidence {self.confidence:.2f} ({_level(self.confidence)})"
 
     def _all_recommendations(self) -> list[dict[str, Any]]:
+        """Fixes to a training that is broken (a warning or worse from a correctness rule) come
+        first: no speedup matters until they are made. Then the best estimated speedup first."""
         seen: dict[str, dict[str, Any]] = {}
+        urgent: set[str] = set()
         for finding in self.findings:
             rule = REGISTRY.get(finding.rule)
+            correctness = bool(rule and rule.correctness)
             for rec in finding.recommendations:
+                if correctness and _SEVERITY_RANK[finding.severity] >= _SEVERITY_RANK["warning"]:
+                    urgent.add(rec.id)
                 if rec.id not in seen or rec.estimated_speedup > seen[rec.id]["estimated_speedup"]:
-                    seen[rec.id] = dict(rec.to_json(), rule=finding.rule, correctness=bool(rule and rule.correctness))
-        return sorted(seen.values(), key=lambda r: -r["estimated_speedup"])
+                    seen[rec.id] = dict(rec.to_json(), rule=finding.rule, correctness=correctness)
+        return sorted(seen.values(), key=lambda r: (r["id"] not in urgent, -r["estimated_speedup"]))
 
     def recommendations(self) -> list[dict[str, Any]]:
-        """Every fix worth making, best estimated speedup first, ids unique: correctness fixes
-        (they claim no speedup) and speed fixes estimated at ``min_speedup`` or more."""
+        """Every fix worth making, ids unique: correctness fixes (they claim no speedup) and
+        speed fixes estimated at ``min_speedup`` or more."""
         return [
             {k: v for k, v in r.items() if k != "correctness"}
             for r in self._all_recommendations()
