@@ -25,15 +25,16 @@ def removed(fraction: float) -> float:
 def extra_workers(features: Features) -> tuple[int | None, float]:
     """How many more DataLoader workers the free cores can run, and the CPU one worker needs.
 
-    A worker needs what the busiest current worker uses (a full core when none runs yet, or
-    when it is unknown); None when the host's free cores were not measured.
+    A worker needs what the busiest current worker uses, as long as the host had a free core
+    (on a full host a worker gets less CPU than it needs); else, or when none runs yet, a full
+    core. None when the host's free cores were not measured.
     """
     ctx = features.context
     current = int(ctx.dataloader().get("num_workers") or 0)
-    per_worker = 1.0
-    if current > 0 and ctx.worker_cpu_max_ratio is not None:
-        per_worker = min(1.0, max(ctx.worker_cpu_max_ratio, 0.1))
     free = ctx.free_cores
+    per_worker = 1.0
+    if current > 0 and ctx.worker_cpu_max_ratio is not None and free is not None and free >= 1.0:
+        per_worker = min(1.0, max(ctx.worker_cpu_max_ratio, 0.1))
     if free is None:
         return None, per_worker
     return int(free / per_worker + 1e-9), per_worker
@@ -89,7 +90,7 @@ def cheaper_samples(
     step = features.step_time_mean_s
     compute = step * (1.0 - features.fractions["data_wait"])
     speedup = step / max(compute, step / gain) if step > 0 else 1.0
-    busy = f"{workers} DataLoader workers are busy" if workers else "the loader runs in the training loop"
+    running = f"with {workers} DataLoader workers running" if workers else "and the loader runs in the training loop"
     return Recommendation(
         id="dataloader.cheaper_samples",
         title="The input pipeline is CPU-bound: make each sample cheaper to produce",
@@ -97,7 +98,7 @@ def cheaper_samples(
         how="# decode once and cache the decoded samples (or store them pre-decoded),\n"
         "# use lighter transforms, or decode/augment on the GPU after batching:\n"
         "batch = batch.to(device, non_blocking=True)\nbatch = gpu_augment(batch)",
-        why=f"{busy} and {free_cores:.1f} of {cores} cores are free: more workers would have no core to run on",
+        why=f"{free_cores:.1f} of {cores} cores are free {running}: more workers would have no core to run on",
     )
 
 
@@ -129,7 +130,8 @@ def prefetch_factor(features: Features) -> Recommendation:
         title=f"Prefetch more batches per worker ({current} → {current * 2})",
         estimated_speedup=removed(features.fractions["data_wait"] * 0.5),
         how=f"DataLoader(..., num_workers=N, prefetch_factor={current * 2})",
-        why="workers are not CPU-saturated, so deeper prefetching can absorb uneven load times",
+        why="the workers use little CPU while cores are free: they wait on I/O, and deeper prefetching "
+        "absorbs uneven load times",
     )
 
 

@@ -192,9 +192,11 @@ def check_input_wait(features: Features, t: dict[str, float], a: dict[str, float
     if workers > 0 and not loader.get("persistent_workers") and features.data_wait_spike_fraction > 0.01:
         found.append(recs.persistent_workers(features))
     saturation = ctx.worker_cpu_max_ratio
-    if workers > 0 and saturation is not None and saturation < 0.5:
-        found.append(recs.prefetch_factor(features))
+    # Workers that use little CPU on a host with free cores wait on I/O: deeper prefetching helps.
+    # On a full host they use little because they get little: that is not waiting on I/O.
     free = ctx.free_cores
+    if workers > 0 and saturation is not None and saturation < 0.5 and free is not None and free >= 1.0:
+        found.append(recs.prefetch_factor(features))
     cores = f"; {free:.1f} of {ctx.cpu_count} cores idle" if free is not None and ctx.cpu_count else ""
     bound = "; the input pipeline is CPU-bound" if loader_fix.id == "dataloader.cheaper_samples" else ""
     evidence = f"{wait:.0%} of step time waiting for batches; {workers} DataLoader workers{cores}{bound}"
