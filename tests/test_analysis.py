@@ -366,3 +366,14 @@ def test_the_live_verdict_keeps_the_first_nan_after_it_left_the_ring() -> None:
     finding = next(f for f in verdict.findings if f.rule == "algorithm.loss_nonfinite")
     assert finding.metrics["first_nonfinite_step"] == 9
     assert finding.metrics["nonfinite_readings"] == 592  # every step counted once
+
+
+def test_a_loader_in_the_loop_waiting_on_io_may_move_to_one_worker_even_on_a_full_host() -> None:
+    steps = make_steps(data=0.8, fwd=0.05, bwd=0.1, opt=0.02)
+    io_bound = verdict_for(steps, cpu_count=2, host_busy_cores=2.0, trainer_cpu_cores=0.2)
+    rec = next(r for r in io_bound.recommendations() if r["id"] == "dataloader.num_workers")
+    assert rec["title"] == "Raise DataLoader num_workers from 0 to 1"
+    assert "mostly waits on I/O" in rec["why"] and "0.0 of 2 cores are free" in rec["why"]
+    cpu_bound = verdict_for(steps, cpu_count=2, host_busy_cores=2.0, trainer_cpu_cores=1.0)
+    ids = {r["id"] for r in cpu_bound.recommendations()}
+    assert "dataloader.num_workers" not in ids and "dataloader.cheaper_samples" in ids

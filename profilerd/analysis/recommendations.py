@@ -22,22 +22,45 @@ def removed(fraction: float) -> float:
     return 1.0 / max(1e-9, 1.0 - min(max(fraction, 0.0), 0.999))
 
 
-def extra_workers(features: Features) -> tuple[int | None, float]:
-    """How many more DataLoader workers the free cores can run, and the CPU one worker needs.
+IO_BOUND_CPU = 0.5  # a loader using less than half a core while the loop waits is waiting on I/O
 
-    A worker needs what the busiest current worker uses, as long as the host had a free core
-    (on a full host a worker gets less CPU than it needs); else, or when none runs yet, a full
-    core. None when the host's free cores were not measured.
+
+def worker_cpu_need(features: Features) -> float:
+    """The CPU (in cores) one more DataLoader worker needs.
+
+    What the busiest current worker uses, as long as the host had a free core (on a full host a
+    worker gets less than it needs). With no workers, at most what each training process uses
+    in all, loading included. A full core when neither is known.
     """
     ctx = features.context
     current = int(ctx.dataloader().get("num_workers") or 0)
     free = ctx.free_cores
-    per_worker = 1.0
-    if current > 0 and ctx.worker_cpu_max_ratio is not None and free is not None and free >= 1.0:
-        per_worker = min(1.0, max(ctx.worker_cpu_max_ratio, 0.1))
+    if current > 0:
+        if ctx.worker_cpu_max_ratio is not None and free is not None and free >= 1.0:
+            return min(1.0, max(ctx.worker_cpu_max_ratio, 0.1))
+        return 1.0
+    if ctx.trainer_cpu_cores is not None and features.ranks > 0:
+        return min(1.0, max(ctx.trainer_cpu_cores / features.ranks, 0.1))
+    return 1.0
+
+
+def extra_workers(features: Features) -> tuple[int | None, float]:
+    """How many more DataLoader workers the free cores can run, and the CPU one worker needs;
+    None when the host's free cores were not measured.
+
+    From the loop, a first worker that waits on I/O is always possible: it takes over the little
+    CPU the loop spends loading, and the wait it overlaps needs none.
+    """
+    ctx = features.context
+    current = int(ctx.dataloader().get("num_workers") or 0)
+    per_worker = worker_cpu_need(features)
+    free = ctx.free_cores
     if free is None:
         return None, per_worker
-    return int(free / per_worker + 1e-9), per_worker
+    extra = int(free / per_worker + 1e-9)
+    if current == 0 and per_worker < IO_BOUND_CPU:
+        extra = max(extra, 1)
+    return extra, per_worker
 
 
 def loader_advice(features: Features, gain: float) -> Recommendation:
@@ -56,7 +79,14 @@ def loader_advice(features: Features, gain: float) -> Recommendation:
         return cheaper_samples(features, current, free, cores, gain)
     # From the loop, a few workers first: how much CPU one needs is not known until one runs.
     suggested = min(8, extra) if current == 0 else min(64, current + extra)
-    if current == 0:
+    if current == 0 and per_worker < IO_BOUND_CPU:
+        waits = (
+            f"the loader runs in the training loop and mostly waits on I/O (each training process uses "
+            f"{per_worker:.2f} cores in all), so workers need little CPU"
+        )
+        room = f"room for {extra}" if free >= per_worker else "enough for one to take the loading over, not more"
+        reason = f"{waits}: {free:.1f} of {cores} cores are free, {room}"
+    elif current == 0:
         reason = f"{free:.1f} of {cores} cores are free and the loader runs in the training loop"
     else:
         each = "the worker uses" if current == 1 else f"each of the {current} workers uses"
