@@ -80,18 +80,15 @@ def test_a_40_ms_diverging_job_names_its_first_non_finite_step(profilerd_env: di
     assert document["recommendations"][0]["id"] == "convergence.nonfinite"
 
 
+def train_at(env: dict[str, str], tmp: Path, lr: str) -> dict[str, Any]:
+    """The learning-rate example for 2 s at ``lr``: its verdict."""
+    command = (sys.executable, str(EXAMPLES / "learning_rate.py"), "--lr", lr, "--seconds", "2")
+    return run_job(env, tmp / f"lr{lr}.json", *command)[0]
+
+
 def test_a_runaway_finite_loss_is_an_algorithm_verdict(profilerd_env: dict[str, str], short_tmp: Path) -> None:
     """Adam at lr=3: the loss goes from ~2.3 to thousands and never becomes NaN."""
-    document, _ = run_job(
-        profilerd_env,
-        short_tmp / "lr3.json",
-        sys.executable,
-        str(EXAMPLES / "learning_rate.py"),
-        "--lr",
-        "3",
-        "--seconds",
-        "2",
-    )
+    document = train_at(profilerd_env, short_tmp, "3")
     assert document["primary"] == "algorithm", document["summary"]
     finding = findings_of(document)["algorithm.loss_diverging"]
     assert finding["metrics"]["loss_start"] == pytest.approx(2.3, abs=0.2)
@@ -100,16 +97,7 @@ def test_a_runaway_finite_loss_is_an_algorithm_verdict(profilerd_env: dict[str, 
 
 
 def test_a_job_at_learning_rate_0_is_not_learning(profilerd_env: dict[str, str], short_tmp: Path) -> None:
-    document, _ = run_job(
-        profilerd_env,
-        short_tmp / "lr0.json",
-        sys.executable,
-        str(EXAMPLES / "learning_rate.py"),
-        "--lr",
-        "0",
-        "--seconds",
-        "2",
-    )
+    document = train_at(profilerd_env, short_tmp, "0")
     assert document["primary"] == "algorithm", document["summary"]
     finding = findings_of(document)["algorithm.loss_stuck"]
     assert "the learning rate is 0" in finding["evidence"]
