@@ -160,7 +160,7 @@ def test_a_200_steps_per_second_ddp_job_is_communication_bound_live_and_at_the_e
     """2 ranks on gloo with a tiny model and batch: all-reduce dominates, a step takes ~5 ms."""
     out = short_tmp / "ddp.json"
     command = [sys.executable, "-m", "profilerd", "run", "--no-status", "--json", str(out), "--"]
-    command += ["torchrun", "--nproc-per-node", "2", str(EXAMPLES / "ddp_cpu.py"), "--seconds", "10"]
+    command += ["torchrun", "--nproc-per-node", "2", str(EXAMPLES / "ddp_cpu.py"), "--seconds", "6"]
     command += ["--width", "256", "--batch-size", "2"]
     log = short_tmp / "ddp.log"
     with log.open("w") as sink:
