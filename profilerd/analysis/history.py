@@ -65,14 +65,15 @@ class LossSummary:
 def loss_readings(steps: pd.DataFrame) -> pd.DataFrame:
     """The measured losses of a step frame, unscaled from GradScaler's scale, in time order."""
     flags = steps["flags"].astype(int)
-    measured = steps.loc[(flags & FLAG_HAS_LOSS) > 0]
+    # Only the columns needed: a recording's frame has millions of rows and twenty columns.
+    measured = steps.loc[(flags & FLAG_HAS_LOSS) > 0, ["end_unix_s", "rank", "step", "loss", "scaler_scale"]]
     loss = measured["loss"].astype(float)
     scale = measured["scaler_scale"].astype(float)
     # The probe reads the loss passed to backward(): under GradScaler that is the scaled loss.
-    loss = loss.where(~(scale > 0), loss / scale).fillna(float("nan"))
-    return pd.DataFrame(
-        {"end_unix_s": measured["end_unix_s"], "rank": measured["rank"], "step": measured["step"], "loss": loss}
-    ).sort_values(["end_unix_s", "rank"], kind="stable")
+    readings = measured.drop(columns="scaler_scale").assign(loss=loss.where(~(scale > 0), loss / scale))
+    if readings["end_unix_s"].is_monotonic_increasing:  # as recorded
+        return readings
+    return readings.sort_values(["end_unix_s", "rank"], kind="stable")
 
 
 class LossHistory:
