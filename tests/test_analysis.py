@@ -377,3 +377,11 @@ def test_a_loader_in_the_loop_waiting_on_io_may_move_to_one_worker_even_on_a_ful
     cpu_bound = verdict_for(steps, cpu_count=2, host_busy_cores=2.0, trainer_cpu_cores=1.0)
     ids = {r["id"] for r in cpu_bound.recommendations()}
     assert "dataloader.num_workers" not in ids and "dataloader.cheaper_samples" in ids
+
+
+def test_hysteresis_does_not_hold_back_a_nan_loss() -> None:
+    tracker = VerdictTracker(RULES.hysteresis_evaluations)
+    records = make_steps(data=0.6, fwd=0.1, bwd=0.2, opt=0.05)
+    assert tracker.update(verdict_for(records)).primary == "data"
+    broken = [replace(s, loss=float("nan"), flags=FLAG_HAS_LOSS) for s in records]
+    assert tracker.update(verdict_for(broken)).primary == "algorithm"

@@ -235,7 +235,9 @@ class VerdictTracker:
 
     def update(self, fresh: Verdict) -> Verdict:
         current = self.current
-        if current is None or current.primary == "none" or fresh.primary == current.primary:
+        # Decisive evidence (a NaN loss) is not noise to be waited out.
+        decisive = bool(fresh.findings) and REGISTRY[fresh.findings[0].rule].decisive
+        if current is None or current.primary == "none" or fresh.primary == current.primary or decisive:
             self._candidate, self._count = None, 0
             self.current = fresh
             return fresh
