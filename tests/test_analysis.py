@@ -385,3 +385,13 @@ def test_hysteresis_does_not_hold_back_a_nan_loss() -> None:
     assert tracker.update(verdict_for(records)).primary == "data"
     broken = [replace(s, loss=float("nan"), flags=FLAG_HAS_LOSS) for s in records]
     assert tracker.update(verdict_for(broken)).primary == "algorithm"
+
+
+def test_live_windows_span_min_seconds_at_any_rate_and_aim_at_500_steps() -> None:
+    from profilerd.analysis.live import WINDOW_TARGET_STEPS, select_window
+
+    for steps_per_s, expected in ((400.0, 4000), (200.0, 2000), (20.0, WINDOW_TARGET_STEPS), (1.0, 120)):
+        records = make_steps(n=4000, step_s=1 / steps_per_s)
+        frame = steps_frame(records)
+        window = select_window(frame, records[-1].end_unix_s, 120.0, 4000, RULES)
+        assert abs(len(window) - expected) <= 1, (steps_per_s, len(window))

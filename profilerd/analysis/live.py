@@ -19,6 +19,9 @@ from profilerd.recording import Recorder
 from profilerd.store import Store
 
 RECORD_EVERY_S = 10.0  # a verdict is recorded when it changes, and at least this often
+# A window aims at this many steps per rank (it reacts within that many steps when the cause
+# of a bottleneck goes away); faster jobs get more, so that it still spans min_seconds.
+WINDOW_TARGET_STEPS = 500
 
 
 def select_window(
@@ -26,17 +29,20 @@ def select_window(
 ) -> pd.DataFrame:
     """The steps a live verdict at ``at_unix_s`` rests on, the same for the daemon and a replay.
 
-    Per rank: the steps of the last ``window_s`` seconds, at most ``window_steps`` (the daemon's
-    ring), and never fewer than a verdict needs (``min_steps`` after warm-up), however old: a
-    job at 10 s per step still gets a window, and one at 500 steps/s one that spans seconds.
+    Per rank, within the last ``window_s`` seconds and the daemon's ring (``window_steps``): the
+    newest WINDOW_TARGET_STEPS steps, or all of the last ``min_seconds`` when that is more (a
+    job at 200 steps/s gets 2000); and never fewer than a verdict needs (``min_steps`` after
+    warm-up), however old, so a job at 10 s per step gets a verdict too.
     """
     done = steps[steps["end_unix_s"] <= at_unix_s]
     if done.empty:
         return done
     ring = done.groupby("rank", sort=False).tail(window_steps)
-    recent = ring["end_unix_s"] >= at_unix_s - window_s
-    newest = ring.groupby("rank", sort=False).cumcount(ascending=False) < ruleset.min_steps + ruleset.warmup_steps
-    return ring[recent | newest]
+    age = ring.groupby("rank", sort=False).cumcount(ascending=False)  # 0 for each rank's newest
+    end = ring["end_unix_s"]
+    wanted = (age < WINDOW_TARGET_STEPS) | (end >= at_unix_s - ruleset.min_seconds)
+    needed = age < ruleset.min_steps + ruleset.warmup_steps
+    return ring[(wanted & (end >= at_unix_s - window_s)) | needed]
 
 
 class LiveAnalyzer:
