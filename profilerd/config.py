@@ -51,7 +51,8 @@ class DaemonConfig:
     gpu_interval_s: float = 1.0
     gpu_backend: str = "auto"  # auto | nvml | none
     analysis_interval_s: float = 1.0
-    window_steps: int = 500  # steps kept per rank for live analysis
+    # Steps kept per rank for live analysis: enough that even 400 steps/s fill min_seconds.
+    window_steps: int = 4000
     window_s: float = 120.0  # and no older than this
     rules_file: Path | None = None
     max_jobs: int = 256

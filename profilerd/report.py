@@ -43,9 +43,13 @@ def render_text(document: dict[str, Any], top: int = 3) -> str:
     lines.append(f"{document['summary']}" + (f"  [{severity}]" if document["primary"] != "none" else ""))
     if steps:
         f = document["fractions"]
+        evidence = document.get("evidence") or {}
+        confidence = (
+            f" · confidence {evidence['confidence']:.2f} ({evidence['level']})" if evidence.get("level") else ""
+        )
         lines.append(
             f"  {steps} steps over {document['duration_s']:.1f} s · {document['steps_per_s']:.1f} steps/s · "
-            f"step time p50 {p50:.1f} ms, p95 {p95:.1f} ms"
+            f"step time p50 {p50:.1f} ms, p95 {p95:.1f} ms{confidence}"
         )
         lines.append(
             f"  {fraction_bar(f)} data wait {f['data_wait']:.0%} · compute {f['compute']:.0%} · "
@@ -82,7 +86,7 @@ def render_text(document: dict[str, Any], top: int = 3) -> str:
 
 
 def render_findings(document: dict[str, Any]) -> str:
-    """Every rule that fired, with its evidence and thresholds (for `report`)."""
+    """Every rule that fired, with its evidence and thresholds, and the minor fixes (for `report`)."""
     if not document.get("findings"):
         return ""
     lines = ["", "Rules that fired:"]
@@ -92,6 +96,10 @@ def render_findings(document: dict[str, Any]) -> str:
             f"  {finding['rule']} ({finding['category']}, {finding['severity']}, "
             f"confidence {finding['confidence']:.2f}): {finding['evidence']}  [thresholds: {thresholds}]"
         )
+    minor = document.get("minor_recommendations") or []
+    if minor:
+        lines += ["", "Minor fixes (estimated too small to recommend):"]
+        lines += [f"  {rec['title']}  ~{rec['estimated_speedup']:.2f}x  [{rec['id']}]" for rec in minor]
     return "\n".join(lines)
 
 

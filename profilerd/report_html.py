@@ -187,6 +187,8 @@ def _verdict(data: ReportData) -> str:
         if fractions.get(key, 0.0) > 0
     )
     sev = f'<span class="severity">{_e(severity)}</span>' if doc["primary"] != "none" else ""
+    evidence = doc.get("evidence") or {}
+    basis = f'<p class="caption">Based on {_e(evidence["basis"])}.</p>' if evidence.get("basis") else ""
     return (
         f'<section id="verdict"><h2>Verdict</h2><div class="verdict" style="--sev:{color}">'
         f'<div><span class="headline">{_e(headline)}</span>{sev}</div>'
@@ -194,7 +196,8 @@ def _verdict(data: ReportData) -> str:
         f'<div class="kpis">{"".join(f"<div class=kpi><b>{_e(v)}</b><span>{_e(k)}</span></div>" for v, k in kpis)}'
         "</div>"
         f'<div class="fractions">{bar}</div>'
-        f'<p class="caption">Share of step time, summed over every rank\'s steps after warm-up.</p></div></section>'
+        f'<p class="caption">Share of step time, summed over every rank\'s steps after warm-up.</p>{basis}</div>'
+        "</section>"
     )
 
 
@@ -644,11 +647,19 @@ def _rules(data: ReportData) -> str:
                 f"<code>{_e(thresholds)}</code>",
             ]
         )
+    minor = data.document.get("minor_recommendations") or []
+    minor_html = ""
+    if minor:
+        items = "".join(
+            f"<li>{_e(r['title'])} · ~{r['estimated_speedup']:.2f}× · <code>{_e(r['id'])}</code></li>" for r in minor
+        )
+        minor_html = f"<h3>Minor fixes</h3><p>Estimated too small to recommend:</p><ul>{items}</ul>"
     return (
         '<section id="rules"><h2>Rules that fired</h2>'
         '<p class="caption">Every rule whose check passed its threshold, most severe first, with the measured '
         "numbers and the thresholds they were held against (override them with a rules file: docs/rules.md).</p>"
         + _table(["rule", "category", "severity", "confidence", "evidence", "measured", "thresholds"], rows, (3,))
+        + minor_html
         + "</section>"
     )
 

@@ -33,6 +33,9 @@ def render_markdown(data: ReportData, top: int = 3) -> str:
     headline, _, evidence = doc["summary"].partition(": ")
     severity = f" ({doc['severity']})" if doc["primary"] != "none" else ""
     lines = [f"### profilerd · `{doc['run_id']}` — {headline}{severity}", "", f"> {evidence or doc['summary']}", ""]
+    basis = (doc.get("evidence") or {}).get("basis")
+    if basis:
+        lines += [f"Based on {basis}.", ""]
     step = doc.get("step_time_s", {})
     fractions = doc.get("fractions", {})
     lines += _table(
@@ -100,9 +103,12 @@ def render_markdown(data: ReportData, top: int = 3) -> str:
             ]
             for f in findings
         ]
+        minor = doc.get("minor_recommendations") or []
+        minor_lines = ["", "Minor fixes, estimated too small to recommend: "] if minor else []
+        minor_lines += [f"- {r['title']} ~{r['estimated_speedup']:.2f}× `{r['id']}`" for r in minor]
         lines += _details(
             f"Rules that fired ({len(findings)})",
-            _table(["rule", "severity", "confidence", "evidence", "thresholds"], rows),
+            _table(["rule", "severity", "confidence", "evidence", "thresholds"], rows) + minor_lines,
         )
     ranks = data.ranks
     if len(ranks) > 1:

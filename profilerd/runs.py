@@ -16,7 +16,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,9 @@ import numpy as np
 import pandas as pd
 
 from profilerd.analysis.context import HOST_COLUMNS, PROCESS_COLUMNS, build_context, gpu_frame
-from profilerd.analysis.features import STEP_COLUMNS, compute_features
+from profilerd.analysis.features import STEP_COLUMNS
 from profilerd.analysis.rules import RuleSet
-from profilerd.analysis.verdict import Verdict, evaluate
+from profilerd.analysis.verdict import Verdict, diagnose
 from profilerd.recording import read_gpu_samples
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -576,7 +576,8 @@ class RunVerdict(Verdict):
 
 
 def analyse(recording: Recording, ruleset: RuleSet) -> RunVerdict:
-    """The whole-run verdict: every recorded step after warm-up, one evaluation."""
+    """The whole-run verdict: every recorded step after warm-up, one evaluation; the loss
+    evidence from every step, warm-up included (a loss that is NaN from step 1 counts)."""
     from profilerd import timeline
 
     steps = recording.steps
@@ -585,17 +586,12 @@ def analyse(recording: Recording, ruleset: RuleSet) -> RunVerdict:
     paths = [source.path for source in recording.sources] or [recording.path]
     gpus = gpu_frame(read_gpu_samples(paths), pids)
     context = build_context(recording.config(), recording.hosts, recording.processes, since, gpus)
-    features = compute_features(steps, context, ruleset.warmup_steps)
-    verdict = evaluate(features, ruleset)
+    verdict = diagnose(steps, context, ruleset)
     # Stamp it with the last recorded step, so the same recording always gives the same JSON.
     last = float(steps["end_unix_s"].max()) if not steps.empty else 0.0
+    base = {f.name: getattr(verdict, f.name) for f in fields(Verdict)}
     return RunVerdict(
-        verdict.primary,
-        verdict.severity,
-        verdict.summary,
-        verdict.features,
-        verdict.findings,
-        last,
+        **{**base, "evaluated_unix_s": last},
         timeseries=timeline.summaries(recording, ruleset.warmup_steps),
         data_quality=timeline.data_quality(recording),
     )

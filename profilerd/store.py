@@ -284,14 +284,19 @@ class Store:
                 rank.clean_exit = rank.clean_exit or clean
 
     # ---- readers -----------------------------------------------------------------------
-    def window(self, job: str, now_unix_s: float | None = None) -> dict[int, list[StepRecord]]:
-        """Recent steps per rank, no older than window_s: a copy analysis can use unlocked."""
-        cutoff = (now_unix_s or time.time()) - self.window_s
+    def ring(self, job: str) -> dict[int, list[StepRecord]]:
+        """Every step each rank's ring holds: a copy analysis can use unlocked. Analysis picks
+        its window from it (``analysis.live.select_window``), as the replay does from a recording."""
         with self.lock:
             state = self.jobs.get(job)
             if state is None:
                 return {}
-            return {rank: [s for s in r.steps if s.end_unix_s >= cutoff] for rank, r in state.ranks.items()}
+            return {rank: list(r.steps) for rank, r in state.ranks.items()}
+
+    def run_of(self, job: str) -> str | None:
+        with self.lock:
+            state = self.jobs.get(job)
+            return state.run_id if state else None
 
     def job_names(self) -> list[str]:
         with self.lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from profilerd.analysis.recommendations import removed
 from profilerd.analysis.rules import REGISTRY, load_rules
 from profilerd.analysis.verdict import VerdictTracker, evaluate
 from profilerd.model import StepRecord
+from profilerd_probes.wire import FLAG_HAS_LOSS
 
 RULES, _ = load_rules()
 CPU_CONFIG = {
@@ -117,12 +119,24 @@ def test_fractions_sum_to_one_and_p95_is_reported() -> None:
     assert document["steps"] == len(records) - RULES.warmup_steps
 
 
-def test_no_verdict_before_enough_steps_or_time() -> None:
+def test_no_verdict_before_enough_steps() -> None:
     few = verdict_for(make_steps(n=15, data=0.9, fwd=0.05, bwd=0.05, opt=0.0))
     assert few.primary == "none"
-    assert "Not enough evidence" in few.summary
-    short = verdict_for(make_steps(n=60, step_s=0.05, data=0.9, fwd=0.05, bwd=0.05, opt=0.0))  # 3 s < 10 s
-    assert short.primary == "none"
+    assert few.summary == "Not enough evidence yet: 13 of 20 steps observed"
+
+
+def test_a_short_run_gets_a_verdict_whose_confidence_says_how_much_it_rests_on() -> None:
+    """58 steps in 2 s are enough for a verdict; it says so, and is less sure than 10 s of steps."""
+    short = verdict_for(make_steps(n=60, step_s=0.035, data=0.9, fwd=0.05, bwd=0.05, opt=0.0))
+    long = verdict_for(make_steps(n=300, step_s=0.035, data=0.9, fwd=0.05, bwd=0.05, opt=0.0))
+    assert short.primary == long.primary == "data"
+    assert short.confidence < long.confidence
+    document = short.to_json("run-s")
+    assert document["evidence"]["steps"] == 58
+    assert document["evidence"]["seconds"] == pytest.approx(58 * 0.035, abs=0.01)
+    assert document["evidence"]["basis"].startswith("58 steps over 2.0 s; confidence")
+    assert "(low)" in document["evidence"]["basis"] or "(medium)" in document["evidence"]["basis"]
+    assert long.to_json("run-l")["evidence"]["basis"].endswith("(high)")
 
 
 def test_every_estimate_respects_amdahl() -> None:
@@ -193,3 +207,191 @@ def test_rules_doc_is_generated_from_the_registry() -> None:
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "rules.md"
     assert doc.read_text() == render(), "regenerate: python -m profilerd.analysis.docs > docs/rules.md"
+
+
+# ---- advice agrees with its evidence ------------------------------------------------------------------
+def loader_config(workers: int) -> dict:
+    return dict(CPU_CONFIG, dataloader=dict(CPU_CONFIG["dataloader"], num_workers=workers, persistent_workers=True))
+
+
+def test_a_loader_that_saturates_the_host_gets_cheaper_samples_not_more_workers() -> None:
+    """Two workers at a full core each on 2 cores: more workers have nowhere to run."""
+    verdict = verdict_for(
+        make_steps(data=0.7, fwd=0.1, bwd=0.15, opt=0.03),
+        loader_config(2),
+        cpu_count=2,
+        host_busy_cores=1.95,
+        worker_cpu_max_ratio=0.98,
+    )
+    assert verdict.primary == "data"
+    recs = {r["id"]: r for r in verdict.recommendations() + verdict.minor_recommendations()}
+    assert "dataloader.num_workers" not in recs
+    cheaper = recs["dataloader.cheaper_samples"]
+    assert "CPU-bound" in cheaper["title"]
+    assert "cache" in cheaper["how"] and "GPU" in cheaper["how"]
+    assert cheaper["why"].startswith("0.1 of 2 cores are free with 2 DataLoader workers running")
+    assert "the input pipeline is CPU-bound" in verdict.summary
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2, 4])
+@pytest.mark.parametrize("free", [0.0, 0.4, 1.0, 1.6, 3.0, 6.5])
+@pytest.mark.parametrize("busy_worker", [0.2, 0.6, 0.98])
+def test_more_workers_are_recommended_only_where_free_cores_can_run_them(
+    workers: int, free: float, busy_worker: float
+) -> None:
+    verdict = verdict_for(
+        make_steps(data=0.6, fwd=0.1, bwd=0.2, opt=0.05),
+        loader_config(workers),
+        cpu_count=8,
+        host_busy_cores=8 - free,
+        worker_cpu_max_ratio=busy_worker if workers else None,
+    )
+    recs = {r["id"]: r for r in verdict.recommendations() + verdict.minor_recommendations()}
+    # What one more worker needs: what a current one uses, unless the host was full (then it got less).
+    per_worker = max(busy_worker, 0.1) if workers and free >= 1 else 1.0
+    if "dataloader.num_workers" in recs:
+        rec = recs["dataloader.num_workers"]
+        suggested = int(rec["title"].rsplit(" ", 1)[1])
+        assert rec["title"].startswith(f"Raise DataLoader num_workers from {workers} to ")
+        assert suggested > workers
+        assert (suggested - workers) * per_worker <= free + 1e-9, rec
+        assert f"{free:.1f} of 8 cores are free" in rec["why"]
+    else:
+        assert free < per_worker
+        assert "dataloader.cheaper_samples" in recs
+
+
+def test_without_a_host_measurement_the_why_says_so() -> None:
+    verdict = verdict_for(make_steps(data=0.6, fwd=0.1, bwd=0.2, opt=0.05))
+    rec = next(r for r in verdict.recommendations() if r["id"] == "dataloader.num_workers")
+    assert rec["title"] == "Raise DataLoader num_workers from 0 to 2"
+    assert rec["why"] == "the host's free cores were not measured: check that 2 more cores are idle"
+
+
+def test_a_straggler_fix_is_bounded_by_the_culprits_excess_work() -> None:
+    """The culprit's step is 87% data wait; the others wait 89% of theirs for it. Fixing it removes
+    the culprit's excess own work, not all of the others' wait."""
+    culprit = make_steps(rank=3, data=0.87, fwd=0.04, bwd=0.05, opt=0.01, comm=0.03)
+    others = [make_steps(rank=r, data=0.01, fwd=0.04, bwd=0.05, opt=0.01, comm=0.89) for r in range(3)]
+    verdict = verdict_for(culprit + [s for rank in others for s in rank])
+    finding = next(f for f in verdict.findings if f.rule == "communication.straggler")
+    rec = finding.recommendations[0]
+    gap = finding.metrics["gap_fraction"]
+    assert rec.estimated_speedup == pytest.approx(removed(min(gap, finding.metrics["victim_wait_fraction"])))
+    assert rec.estimated_speedup < removed(finding.metrics["victim_wait_fraction"])
+    assert f"{gap:.0%} of a step longer" in rec.why
+
+
+def test_fixes_estimated_under_the_minimum_go_to_the_details() -> None:
+    verdict = verdict_for(make_steps(data=0.02, fwd=0.35, bwd=0.45, opt=0.04))
+    shown = verdict.recommendations()
+    minor = verdict.minor_recommendations()
+    assert all(r["estimated_speedup"] >= RULES.min_speedup for r in shown)
+    assert minor and all(r["estimated_speedup"] < RULES.min_speedup for r in minor)
+    assert "optimizer.fused" in {r["id"] for r in minor}  # 4% of step time, fused 2x faster: ~1.02x
+    document = verdict.to_json("run-m")
+    assert document["minor_recommendations"] == minor and document["recommendations"] == shown
+
+
+def test_correctness_fixes_come_first_and_are_never_minor() -> None:
+    records = make_steps(data=0.6, fwd=0.1, bwd=0.2, opt=0.05)
+    records = [replace(s, loss=float("nan"), flags=FLAG_HAS_LOSS) for s in records]
+    verdict = verdict_for(records, cpu_count=8, host_busy_cores=1.0)
+    shown = verdict.recommendations()
+    assert shown[0]["id"] == "convergence.nonfinite" and shown[0]["estimated_speedup"] == 1.0
+    assert "dataloader.num_workers" in {r["id"] for r in shown}
+
+
+# ---- live windows hold time, at any step rate -----------------------------------------------------------
+def live_store(window_steps: int, window_s: float, ranks: int = 2):
+    from profilerd.model import ProbeSession
+    from profilerd.store import Store
+
+    store = Store(window_steps, window_s)
+    for rank in range(ranks):
+        store.add_session(ProbeSession(100 + rank, "job", "run-1", rank, rank, ranks, "h", ("t",), 0.0, "1"))
+    return store
+
+
+def feed(store, records: list[StepRecord]) -> None:
+    for seq, record in enumerate(sorted(records, key=lambda s: s.end_unix_s), 1):
+        store.add_step(record, seq, 0)
+
+
+def test_a_job_at_200_steps_per_second_gets_a_live_verdict_within_10_s() -> None:
+    from profilerd.analysis.live import LiveAnalyzer
+    from profilerd.config import DaemonConfig
+
+    defaults = DaemonConfig()
+    store = live_store(defaults.window_steps, defaults.window_s)
+    records = [
+        s for r in range(2) for s in make_steps(n=2000, step_s=0.005, fwd=0.1, bwd=0.2, opt=0.05, comm=0.6, rank=r)
+    ]
+    feed(store, records)
+    now = max(s.end_unix_s for s in records)
+    LiveAnalyzer(store, RULES, None).tick(now)
+    verdict = store.jobs["job"].verdict
+    assert verdict.primary == "communication"
+    assert verdict.features.duration_s >= RULES.min_seconds - 0.1  # the window spans 10 s, not 500 steps
+    assert verdict.to_json("run-1")["evidence"]["level"] == "high"
+
+
+def test_a_slow_job_keeps_enough_steps_in_its_live_window() -> None:
+    """10 s per step: 120 s hold 12 steps, fewer than a verdict needs; the window keeps 22."""
+    from profilerd.analysis.live import LiveAnalyzer
+
+    store = live_store(500, 120.0, ranks=1)
+    records = make_steps(n=40, step_s=10.0, data=0.6, fwd=0.1, bwd=0.2, opt=0.05)
+    feed(store, records)
+    LiveAnalyzer(store, RULES, None).tick(max(s.end_unix_s for s in records))
+    verdict = store.jobs["job"].verdict
+    assert verdict.primary == "data"
+    assert RULES.min_steps <= verdict.features.steps < 40
+
+
+def test_the_live_verdict_keeps_the_first_nan_after_it_left_the_ring() -> None:
+    from profilerd.analysis.live import LiveAnalyzer
+
+    store = live_store(100, 120.0, ranks=1)
+    analyzer = LiveAnalyzer(store, RULES, None)
+    records = [
+        replace(s, loss=float("nan") if s.step >= 9 else 2.0, flags=FLAG_HAS_LOSS)
+        for s in make_steps(n=600, step_s=0.01, fwd=0.3, bwd=0.4, opt=0.1)
+    ]
+    for start in range(0, 600, 50):  # a tick every 50 steps; the ring holds 100
+        chunk = records[start : start + 50]
+        feed(store, chunk)
+        analyzer.tick(chunk[-1].end_unix_s)
+    verdict = store.jobs["job"].verdict
+    finding = next(f for f in verdict.findings if f.rule == "algorithm.loss_nonfinite")
+    assert finding.metrics["first_nonfinite_step"] == 9
+    assert finding.metrics["nonfinite_readings"] == 592  # every step counted once
+
+
+def test_a_loader_in_the_loop_waiting_on_io_may_move_to_one_worker_even_on_a_full_host() -> None:
+    steps = make_steps(data=0.8, fwd=0.05, bwd=0.1, opt=0.02)
+    io_bound = verdict_for(steps, cpu_count=2, host_busy_cores=2.0, trainer_cpu_cores=0.2)
+    rec = next(r for r in io_bound.recommendations() if r["id"] == "dataloader.num_workers")
+    assert rec["title"] == "Raise DataLoader num_workers from 0 to 1"
+    assert "mostly waits on I/O" in rec["why"] and "0.0 of 2 cores are free" in rec["why"]
+    cpu_bound = verdict_for(steps, cpu_count=2, host_busy_cores=2.0, trainer_cpu_cores=1.0)
+    ids = {r["id"] for r in cpu_bound.recommendations()}
+    assert "dataloader.num_workers" not in ids and "dataloader.cheaper_samples" in ids
+
+
+def test_hysteresis_does_not_hold_back_a_nan_loss() -> None:
+    tracker = VerdictTracker(RULES.hysteresis_evaluations)
+    records = make_steps(data=0.6, fwd=0.1, bwd=0.2, opt=0.05)
+    assert tracker.update(verdict_for(records)).primary == "data"
+    broken = [replace(s, loss=float("nan"), flags=FLAG_HAS_LOSS) for s in records]
+    assert tracker.update(verdict_for(broken)).primary == "algorithm"
+
+
+def test_live_windows_span_min_seconds_at_any_rate_and_aim_at_500_steps() -> None:
+    from profilerd.analysis.live import WINDOW_TARGET_STEPS, select_window
+
+    for steps_per_s, expected in ((400.0, 4000), (200.0, 2000), (20.0, WINDOW_TARGET_STEPS), (1.0, 120)):
+        records = make_steps(n=4000, step_s=1 / steps_per_s)
+        frame = steps_frame(records)
+        window = select_window(frame, records[-1].end_unix_s, 120.0, 4000, RULES)
+        assert abs(len(window) - expected) <= 1, (steps_per_s, len(window))

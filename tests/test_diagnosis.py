@@ -11,7 +11,7 @@ import pytest
 from profilerd.analysis.features import Context, compute_features, steps_frame
 from profilerd.analysis.recommendations import removed
 from profilerd.analysis.rules import RATIONALE, REGISTRY, load_rules
-from profilerd.analysis.verdict import evaluate
+from profilerd.analysis.verdict import diagnose, evaluate
 from profilerd.model import StepRecord
 from profilerd_probes import wire
 
@@ -139,9 +139,10 @@ def test_a_healthy_stream_has_no_problem_findings() -> None:
         ),
         (
             "algorithm.loss_plateau",
-            {"records": {"loss": 0.5}},
-            {"records": {"loss": 0.5}, "config": {"lr_scheduler": "CosineAnnealingLR"}},
+            {"records": {"loss": lambda i: max(0.5, 2.0 - 0.05 * i)}},
+            {"records": {"loss": lambda i: max(0.5, 2.0 - 0.05 * i)}, "config": {"lr_scheduler": "CosineAnnealingLR"}},
         ),
+        ("algorithm.loss_stuck", {"records": {"loss": 0.5}}, {}),
         (
             "algorithm.grad_norm",
             {"records": {"grad_norm": lambda i: 500.0 if i % 37 == 0 else 1.0}},
@@ -307,3 +308,92 @@ def test_gradient_norms_falling_early_in_training_are_not_exploding() -> None:
     """Norms drop by orders of magnitude in the first steps; only a jump above the recent past counts."""
     falling = stream(grad_norm=lambda i: 2.0 * 0.98**i + 0.01)
     assert "algorithm.grad_norm" not in findings(falling)
+
+
+# ---- decisive evidence: the loss over the whole run, read every step --------------------------------
+def every_step_loss(n: int, loss: Any, step_s: float = 0.0008, **overrides: Any) -> list[StepRecord]:
+    """A short, fast stream whose every record carries the loss, as the probes send early steps."""
+    return stream(n, step_s=step_s, loss=loss, flags=wire.FLAG_HAS_LOSS | wire.FLAG_HAS_LR, **overrides)
+
+
+def test_a_nan_in_a_40_ms_run_is_reported_at_its_exact_first_step() -> None:
+    losses = {3: math.inf, 4: 1e30}
+    records = every_step_loss(50, lambda i: losses.get(i + 1, math.nan if i + 1 >= 5 else 0.9))
+    found = findings(records)
+    verdict = found["_verdict"]
+    assert verdict.primary == "algorithm" and verdict.severity == "critical"
+    finding = found["algorithm.loss_nonfinite"]
+    assert finding.metrics["first_nonfinite_step"] == 3
+    assert "the loss is inf first at step 3" in finding.evidence
+    assert "in 47 of 50 readings" in finding.evidence  # warm-up steps count: the loss is run-wide
+
+
+def test_a_nan_within_the_warm_up_or_before_min_steps_is_still_reported() -> None:
+    found = findings(every_step_loss(12, lambda i: math.nan if i >= 1 else 2.0))
+    assert found["_verdict"].primary == "algorithm"  # decisive: no min_steps needed
+    assert found["algorithm.loss_nonfinite"].metrics["first_nonfinite_step"] == 2
+    assert set(found) == {"_verdict", "algorithm.loss_nonfinite"}  # only decisive rules ran
+
+
+def test_the_first_nan_is_found_across_the_run_not_the_window() -> None:
+    """A window that holds only the steps after the first NaN still names the first NaN step."""
+    from profilerd.analysis.history import summarize_losses
+
+    records = every_step_loss(400, lambda i: math.nan if i + 1 >= 7 else 3.0)
+    frame = steps_frame(records)
+    window = frame[frame["step"] > 300]
+    ctx = Context(config=BASE_CONFIG)
+    verdict = diagnose(window, ctx, RULES, summarize_losses(frame))
+    finding = next(f for f in verdict.findings if f.rule == "algorithm.loss_nonfinite")
+    assert finding.metrics["first_nonfinite_step"] == 7
+
+
+def test_a_finite_runaway_loss_is_an_algorithm_finding_whenever_it_happened() -> None:
+    """nanoGPT at lr=3: 4.9 at first, then 30 to 180 and finite; the window is all after the rise."""
+    from profilerd.analysis.history import summarize_losses
+
+    records = every_step_loss(600, lambda i: 4.9 if i < 20 else 30 + (i * 37) % 150, step_s=0.05)
+    frame = steps_frame(records)
+    late = frame[frame["step"] > 400]
+    verdict = diagnose(late, Context(config=BASE_CONFIG), RULES, summarize_losses(frame))
+    assert verdict.primary == "algorithm"
+    finding = next(f for f in verdict.findings if f.rule == "algorithm.loss_diverging")
+    assert finding.metrics["loss_start"] == pytest.approx(4.9)
+    assert finding.metrics["loss_peak"] > 30
+    assert "from 4.9 at the start" in finding.evidence
+    assert finding.severity == "critical"
+
+
+def test_noisy_but_healthy_losses_do_not_diverge() -> None:
+    noisy = every_step_loss(400, lambda i: 2.3 / (1 + 0.01 * i) * (1.3 if i % 3 == 0 else 0.8), step_s=0.05)
+    assert "algorithm.loss_diverging" not in findings(noisy)
+
+
+def test_a_learning_rate_of_zero_is_a_not_learning_finding() -> None:
+    records = every_step_loss(300, lambda i: 2.3 * (1.04 if i % 2 else 0.97), step_s=0.02, lr=0.0)
+    found = findings(records)
+    assert found["_verdict"].primary == "algorithm"
+    finding = found["algorithm.loss_stuck"]
+    assert finding.severity == "critical"
+    assert "the learning rate is 0" in finding.evidence
+    assert "over 300 steps" in finding.evidence
+    assert finding.recommendations[0].id == "convergence.not_learning"
+    assert "algorithm.loss_plateau" not in found  # no "add an LR schedule" to a job at lr=0
+
+
+def test_a_loss_that_never_moves_is_not_learning_and_one_that_fell_and_flattened_is_a_plateau() -> None:
+    stuck = findings(every_step_loss(300, 1.75, step_s=0.02))
+    assert stuck["algorithm.loss_stuck"].severity == "warning"
+    assert "algorithm.loss_plateau" not in stuck
+    plateau = findings(every_step_loss(300, lambda i: max(0.5, 2.0 - 0.05 * i), step_s=0.02))
+    assert "algorithm.loss_stuck" not in plateau
+    assert "after falling from 2 to 0.5" in plateau["algorithm.loss_plateau"].evidence
+    short = findings(every_step_loss(150, 1.75, step_s=0.02))
+    assert "algorithm.loss_stuck" not in short  # under 200 steps: not yet "hundreds of steps"
+
+
+def test_readings_spaced_out_in_time_still_cover_hundreds_of_steps() -> None:
+    """After the first steps the probe reads the loss by time: 25 readings over 500 steps."""
+    records = stream(500, step_s=0.02, loss=1.75, flags=lambda i: wire.FLAG_HAS_LOSS if i % 20 == 0 else 0)
+    found = findings(records)
+    assert "over 481 steps (25 readings)" in found["algorithm.loss_stuck"].evidence

@@ -20,7 +20,10 @@ import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from profilerd_tui.model import (
     SEVERITY_ORDER,
@@ -403,6 +406,8 @@ class ReplaySource:
         self._position_s = min(max(0.0, self._position_s), self.duration_s)
         self._last_tick = clock()
         self._cache: tuple[float, Snapshot] | None = None
+        self._final: dict[str, Any] | None = None  # the whole run's verdict document, once computed
+        self._gpu_samples: pd.DataFrame | None = None
 
     def _read_extra(self, path: Path) -> None:
         """What ``runs.load`` leaves out and the screens show: per-core CPU, memory, GPUs, RSS."""
@@ -487,24 +492,16 @@ class ReplaySource:
 
     def snapshot_at(self, at_unix_s: float, replay: ReplayState | None = None) -> Snapshot:
         """What the live view would have shown at ``at_unix_s``."""
-        from profilerd.analysis.context import HOST_COLUMNS, PROCESS_COLUMNS, build_context
-        from profilerd.analysis.features import compute_features, with_phases
-        from profilerd.analysis.verdict import evaluate
+        from profilerd.analysis.features import with_phases
 
         rec = self.recording
         steps = rec.steps
         done = steps[steps["end_unix_s"] <= at_unix_s]
-        window = done[done["end_unix_s"] >= at_unix_s - 120.0].groupby("rank").tail(500)
-        hosts = rec.hosts[rec.hosts["ts_unix_s"] <= at_unix_s][HOST_COLUMNS]
-        procs = rec.processes[rec.processes["ts_unix_s"] <= at_unix_s][PROCESS_COLUMNS]
-        since = float((window["end_unix_s"] - window["step_s"]).min()) if not window.empty else at_unix_s
-        context = build_context(rec.config(), hosts, procs, since)
-        verdict = evaluate(compute_features(window, context, self.ruleset.warmup_steps), self.ruleset)
-        fields = verdict_fields(verdict.to_json(rec.run_id, rec.job))
+        finished = at_unix_s >= self.end_unix_s
+        fields = verdict_fields(self._verdict_at(at_unix_s, done, finished))
         ranks = []
         recent = with_phases(done.groupby("rank").tail(SPARKLINE_STEPS)) if not done.empty else done
         totals = done.groupby("rank").size() if not done.empty else {}
-        finished = at_unix_s >= self.end_unix_s
         for rank, group in recent.groupby("rank") if not recent.empty else ():
             pid, hostname = self._sessions.get(int(rank), (int(group["pid"].iloc[-1]), None))
             ranks.append(
@@ -535,6 +532,42 @@ class ReplaySource:
             taken_unix_s=at_unix_s,
             **fields,
         )
+
+    def _verdict_at(self, at_unix_s: float, done: pd.DataFrame, finished: bool) -> dict[str, Any]:
+        """At the end, the whole run's verdict, the one `report` gives; before it, what the live
+        analysis would have shown: the daemon's window, with the loss evidence of the run so far."""
+        from profilerd import runs
+        from profilerd.analysis.context import HOST_COLUMNS, PROCESS_COLUMNS, build_context
+        from profilerd.analysis.history import summarize_losses
+        from profilerd.analysis.live import select_window
+        from profilerd.analysis.verdict import diagnose
+        from profilerd.config import DaemonConfig
+
+        rec = self.recording
+        if finished:
+            if self._final is None:
+                self._final = runs.analyse(rec, self.ruleset).to_json(rec.run_id, rec.job)
+            return self._final
+        live = DaemonConfig()
+        window = select_window(done, at_unix_s, live.window_s, live.window_steps, self.ruleset)
+        hosts = rec.hosts[rec.hosts["ts_unix_s"] <= at_unix_s][HOST_COLUMNS]
+        procs = rec.processes[rec.processes["ts_unix_s"] <= at_unix_s][PROCESS_COLUMNS]
+        gpus = self._gpu_frame()
+        since = float((window["end_unix_s"] - window["step_s"]).min()) if not window.empty else at_unix_s
+        context = build_context(rec.config(), hosts, procs, since, gpus[gpus["ts_unix_s"] <= at_unix_s])
+        return diagnose(window, context, self.ruleset, summarize_losses(done)).to_json(rec.run_id, rec.job)
+
+    def _gpu_frame(self) -> pd.DataFrame:
+        """The job's GPU samples, as the live analysis and `report` read them (read once)."""
+        if self._gpu_samples is None:
+            from profilerd.analysis.context import gpu_frame
+            from profilerd.recording import read_gpu_samples
+
+            rec = self.recording
+            pids = {int(p) for p in rec.sessions["pid"].dropna()} if "pid" in rec.sessions else set()
+            paths = [source.path for source in rec.sources] or [rec.path]
+            self._gpu_samples = gpu_frame(read_gpu_samples(paths), pids)
+        return self._gpu_samples
 
     def _host_at(self, at_unix_s: float) -> tuple[HostView, ...]:
         row = _latest(self._hosts, at_unix_s)

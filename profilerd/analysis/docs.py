@@ -20,9 +20,19 @@ def render() -> str:
         "with a rules file (`--rules FILE`, `PROFILERD_RULES`, or `rules_file` in the config) that",
         "uses the layout of `profilerd/analysis/default_rules.toml`.",
         "",
-        f"Evidence needed before any verdict: {ruleset.min_steps} steps and {ruleset.min_seconds:g} s "
-        f"(after the first {ruleset.warmup_steps} steps of each rank). A new primary category must win "
-        f"{ruleset.hysteresis_evaluations} consecutive evaluations before the live verdict changes.",
+        f"Evidence needed before any verdict: {ruleset.min_steps} steps (after the first "
+        f"{ruleset.warmup_steps} steps of each rank), however short; decisive rules (marked below) need "
+        f"none. A verdict on fewer than 200 steps or {ruleset.min_seconds:g} s has a lower confidence, and "
+        f"the live window spans at least {ruleset.min_seconds:g} s once the job has run that long. A new "
+        f"primary category must win {ruleset.hysteresis_evaluations} consecutive evaluations before the "
+        "live verdict changes.",
+        "",
+        "The loss rules judge the whole run so far (warm-up included), not the window: a NaN loss, a "
+        "loss that rose far above its first values or one that never moved stays a finding however "
+        "long ago it happened.",
+        "",
+        f"Speed recommendations estimated under {ruleset.min_speedup:g}x are listed in the report's "
+        "details, not among the recommendations.",
         "",
     ]
     for category in ("data", "compute", "communication", "algorithm"):
@@ -33,10 +43,13 @@ def render() -> str:
             thresholds = ", ".join(f"`{k}` = {v}" for k, v in ruleset.thresholds[rule_id].items())
             recs = ", ".join(f"`{r}`" for r in rule.recommendation_ids) or "none"
             rationale, source = RATIONALE[rule_id]
+            decisive = (
+                " Decisive: checked from the first step, before the window holds enough." if rule.decisive else ""
+            )
             lines += [
                 f"## `{rule_id}`",
                 "",
-                f"**{rule.title}.**",
+                f"**{rule.title}.**{decisive}",
                 "",
                 f"- Evidence shown: {rule.description}",
                 f"- Why: {rationale}",

@@ -12,14 +12,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from profilerd.analysis.history import LossSummary, loss_readings, summarize_losses
 from profilerd.model import StepRecord
-from profilerd_probes.wire import (
-    FLAG_GRAD_SCALER_SKIPPED,
-    FLAG_HAS_GRAD_NORM,
-    FLAG_HAS_LOSS,
-    FLAG_HAS_LR,
-    FLAG_HAS_SCALE,
-)
+from profilerd_probes.wire import FLAG_GRAD_SCALER_SKIPPED, FLAG_HAS_GRAD_NORM, FLAG_HAS_LR, FLAG_HAS_SCALE
 
 STEP_COLUMNS = [
     "end_unix_s",
@@ -93,13 +88,13 @@ class Context:
 
 @dataclass(frozen=True)
 class Signals:
-    """Training-health signals of a window: loss, gradients, GradScaler, syncs, compiles, LR."""
+    """Training-health signals of a window: loss, gradients, GradScaler, syncs, compiles, LR.
+
+    What must not depend on the window (a non-finite or runaway loss) is in ``LossSummary``.
+    """
 
     loss_samples: int = 0
-    loss_nonfinite: int = 0
-    loss_first_nonfinite_step: int | None = None
-    loss_start: float | None = None  # median of the first quarter of finite losses
-    loss_end: float | None = None  # median of the last quarter
+    loss_recent: float | None = None  # median of the last half of the window's finite losses
     loss_relative_spread: float | None = None  # (max - min) / |median| over the last half
     grad_norm_samples: int = 0
     grad_norm_nonfinite: int = 0
@@ -139,9 +134,10 @@ class Features:
     per_rank: pd.DataFrame
     context: Context = field(default_factory=Context)
     signals: Signals = field(default_factory=Signals)
+    losses: LossSummary = field(default_factory=LossSummary)  # the whole run so far, warm-up included
 
 
-def empty_features(context: Context | None = None) -> Features:
+def empty_features(context: Context | None = None, losses: LossSummary | None = None) -> Features:
     zero = dict.fromkeys(FRACTION_KEYS, 0.0)
     return Features(
         0,
@@ -156,18 +152,26 @@ def empty_features(context: Context | None = None) -> Features:
         0.0,
         pd.DataFrame(),
         context or Context(),
+        losses=losses or LossSummary(),
     )
 
 
-def compute_features(steps: pd.DataFrame, context: Context, warmup_steps: int = 2) -> Features:
-    """Fractions of step time and step-time statistics, after dropping each rank's warm-up."""
+def compute_features(
+    steps: pd.DataFrame, context: Context, warmup_steps: int = 2, losses: LossSummary | None = None
+) -> Features:
+    """Fractions of step time and step-time statistics, after dropping each rank's warm-up.
+
+    ``losses`` is the run-wide loss evidence; without it, it is taken from ``steps`` (warm-up
+    included: a loss that is NaN from the first step is still a NaN loss).
+    """
+    losses = losses if losses is not None else summarize_losses(steps)
     usable = steps[steps["step"] > warmup_steps]
     if usable.empty:
-        return empty_features(context)
+        return empty_features(context, losses)
     frame = with_phases(usable)
     total = float(frame["step_s"].sum())
     if total <= 0:
-        return empty_features(context)
+        return empty_features(context, losses)
     sums = frame[["data_wait_s", "compute_s", "comm_s", "other_s", "forward_s", "backward_s", "optimizer_s"]].sum()
     # Normalise by the attributed sum so the four fractions add up to exactly 1 even when the
     # probes' phases overlap a little (nested timers, clock granularity).
@@ -207,15 +211,8 @@ def compute_features(steps: pd.DataFrame, context: Context, warmup_steps: int = 
         per_rank=per_rank_summary(frame),
         context=context,
         signals=compute_signals(frame, scale),
+        losses=losses,
     )
-
-
-def _quarter_median(values: pd.Series, last: bool) -> float | None:
-    if values.empty:
-        return None
-    size = max(1, len(values) // 4)
-    part = values.iloc[-size:] if last else values.iloc[:size]
-    return float(part.median())
 
 
 def _spike_ratio(values: pd.Series, history: int = 5) -> float | None:
@@ -235,19 +232,13 @@ def compute_signals(frame: pd.DataFrame, total_s: float) -> Signals:
     ordered = frame.sort_values("end_unix_s")
     flags = ordered["flags"].astype(int)
     # The flags say which values were measured: a NaN loss is a finding, a missing one is not.
-    loss = ordered.loc[(flags & FLAG_HAS_LOSS) > 0, "loss"].astype(float)
-    scale = ordered.loc[loss.index, "scaler_scale"].astype(float)
-    loss = loss.where(~(scale > 0), loss / scale).fillna(float("nan"))
+    loss = loss_readings(ordered)["loss"]
     finite_loss = loss[np.isfinite(loss)]
-    nonfinite = loss[~np.isfinite(loss)]
-    first_bad = None
-    if not nonfinite.empty:
-        first_bad = int(ordered.loc[nonfinite.index, "step"].min())
-    spread = None
+    spread = recent = None
     if len(finite_loss) >= 8:
         half = finite_loss.iloc[len(finite_loss) // 2 :]
-        median = float(half.median())
-        spread = float(half.max() - half.min()) / abs(median) if median else None
+        recent = float(half.median())
+        spread = float(half.max() - half.min()) / abs(recent) if recent else None
     grads = ordered.loc[(flags & FLAG_HAS_GRAD_NORM) > 0, "grad_norm"].astype(float)
     finite_grads = grads[np.isfinite(grads)]
     scales = ordered.loc[(flags & FLAG_HAS_SCALE) > 0, "scaler_scale"].astype(float).dropna()
@@ -257,10 +248,7 @@ def compute_signals(frame: pd.DataFrame, total_s: float) -> Signals:
     steps = len(ordered)
     return Signals(
         loss_samples=len(loss),
-        loss_nonfinite=len(nonfinite),
-        loss_first_nonfinite_step=first_bad,
-        loss_start=_quarter_median(finite_loss, last=False),
-        loss_end=_quarter_median(finite_loss, last=True),
+        loss_recent=recent,
         loss_relative_spread=spread,
         grad_norm_samples=len(grads),
         grad_norm_nonfinite=int((~np.isfinite(grads)).sum()),

@@ -22,32 +22,79 @@ def removed(fraction: float) -> float:
     return 1.0 / max(1e-9, 1.0 - min(max(fraction, 0.0), 0.999))
 
 
-def suggest_num_workers(features: Features) -> tuple[int, str]:
-    """A worker count from the free cores and how saturated the current workers are."""
+IO_BOUND_CPU = 0.5  # a loader using less than half a core while the loop waits is waiting on I/O
+
+
+def worker_cpu_need(features: Features) -> float:
+    """The CPU (in cores) one more DataLoader worker needs.
+
+    What the busiest current worker uses, as long as the host had a free core (on a full host a
+    worker gets less than it needs). With no workers, at most what each training process uses
+    in all, loading included. A full core when neither is known.
+    """
     ctx = features.context
     current = int(ctx.dataloader().get("num_workers") or 0)
-    cores = ctx.cpu_count or 1
-    free = ctx.free_cores if ctx.free_cores is not None else max(0.0, cores - 1.0)
-    saturation = ctx.worker_cpu_max_ratio
-    if current == 0:
-        suggested = min(8, max(2, int(free)))
-        reason = f"{free:.1f} of {cores} cores are free and the loader runs in the training loop"
-    elif saturation is not None and saturation >= 0.8:
-        suggested = current + max(1, int(free))
-        reason = (
-            f"the busiest of {current} workers uses {saturation:.0%} of a core (CPU-bound), {free:.1f} cores are free"
+    free = ctx.free_cores
+    if current > 0:
+        if ctx.worker_cpu_max_ratio is not None and free is not None and free >= 1.0:
+            return min(1.0, max(ctx.worker_cpu_max_ratio, 0.1))
+        return 1.0
+    if ctx.trainer_cpu_cores is not None and features.ranks > 0:
+        return min(1.0, max(ctx.trainer_cpu_cores / features.ranks, 0.1))
+    return 1.0
+
+
+def extra_workers(features: Features) -> tuple[int | None, float]:
+    """How many more DataLoader workers the free cores can run, and the CPU one worker needs;
+    None when the host's free cores were not measured.
+
+    From the loop, a first worker that waits on I/O is always possible: it takes over the little
+    CPU the loop spends loading, and the wait it overlaps needs none.
+    """
+    ctx = features.context
+    current = int(ctx.dataloader().get("num_workers") or 0)
+    per_worker = worker_cpu_need(features)
+    free = ctx.free_cores
+    if free is None:
+        return None, per_worker
+    extra = int(free / per_worker + 1e-9)
+    if current == 0 and per_worker < IO_BOUND_CPU:
+        extra = max(extra, 1)
+    return extra, per_worker
+
+
+def loader_advice(features: Features, gain: float) -> Recommendation:
+    """More workers where free cores can run them; otherwise the input pipeline is CPU-bound
+    and only cheaper samples help. The one place that decides between the two."""
+    ctx = features.context
+    current = int(ctx.dataloader().get("num_workers") or 0)
+    extra, per_worker = extra_workers(features)
+    cores = ctx.cpu_count
+    if extra is None:
+        suggested = max(2, current * 2)
+        reason = f"the host's free cores were not measured: check that {suggested - current} more cores are idle"
+        return _num_workers(features, current, suggested, reason)
+    free = ctx.free_cores or 0.0
+    if extra < 1:
+        return cheaper_samples(features, current, free, cores, gain)
+    # From the loop, a few workers first: how much CPU one needs is not known until one runs.
+    suggested = min(8, extra) if current == 0 else min(64, current + extra)
+    if current == 0 and per_worker < IO_BOUND_CPU:
+        waits = (
+            f"the loader runs in the training loop and mostly waits on I/O (each training process uses "
+            f"{per_worker:.2f} cores in all), so workers need little CPU"
         )
+        room = f"room for {extra}" if free >= per_worker else "enough for one to take the loading over, not more"
+        reason = f"{waits}: {free:.1f} of {cores} cores are free, {room}"
+    elif current == 0:
+        reason = f"{free:.1f} of {cores} cores are free and the loader runs in the training loop"
     else:
-        suggested = min(64, current * 2)
-        busy = f"{saturation:.0%}" if saturation is not None else "an unknown share"
-        reason = f"{current} workers each use {busy} of a core: they wait on I/O, so more hide latency"
-    return suggested, reason
+        each = "the worker uses" if current == 1 else f"each of the {current} workers uses"
+        reason = f"{free:.1f} of {cores} cores are free and {each} {per_worker:.0%} of a core: room for {extra} more"
+    return _num_workers(features, current, suggested, reason)
 
 
-def num_workers(features: Features) -> Recommendation:
-    ctx = features.context
-    current = int(ctx.dataloader().get("num_workers") or 0)
-    suggested, reason = suggest_num_workers(features)
+def _num_workers(features: Features, current: int, suggested: int, reason: str) -> Recommendation:
     step = features.step_time_mean_s
     wait = features.fractions["data_wait"] * step
     compute = step - wait
@@ -62,6 +109,26 @@ def num_workers(features: Features) -> Recommendation:
         estimated_speedup=min(speedup, removed(features.fractions["data_wait"])),
         how=f"DataLoader(dataset, batch_size=..., num_workers={suggested}, persistent_workers=True)",
         why=reason,
+    )
+
+
+def cheaper_samples(
+    features: Features, workers: int, free_cores: float, cores: int | None, gain: float
+) -> Recommendation:
+    """The loader saturates the host: each sample must cost less CPU (the pipeline's throughput
+    grows by ``gain``, up to the point where compute sets the pace)."""
+    step = features.step_time_mean_s
+    compute = step * (1.0 - features.fractions["data_wait"])
+    speedup = step / max(compute, step / gain) if step > 0 else 1.0
+    running = f"with {workers} DataLoader workers running" if workers else "and the loader runs in the training loop"
+    return Recommendation(
+        id="dataloader.cheaper_samples",
+        title="The input pipeline is CPU-bound: make each sample cheaper to produce",
+        estimated_speedup=min(max(1.0, speedup), removed(features.fractions["data_wait"])),
+        how="# decode once and cache the decoded samples (or store them pre-decoded),\n"
+        "# use lighter transforms, or decode/augment on the GPU after batching:\n"
+        "batch = batch.to(device, non_blocking=True)\nbatch = gpu_augment(batch)",
+        why=f"{free_cores:.1f} of {cores} cores are free {running}: more workers would have no core to run on",
     )
 
 
@@ -93,7 +160,8 @@ def prefetch_factor(features: Features) -> Recommendation:
         title=f"Prefetch more batches per worker ({current} → {current * 2})",
         estimated_speedup=removed(features.fractions["data_wait"] * 0.5),
         how=f"DataLoader(..., num_workers=N, prefetch_factor={current * 2})",
-        why="workers are not CPU-saturated, so deeper prefetching can absorb uneven load times",
+        why="the workers use little CPU while cores are free: they wait on I/O, and deeper prefetching "
+        "absorbs uneven load times",
     )
 
 
@@ -153,17 +221,6 @@ def host_work(features: Features, gain: float) -> Recommendation:
         ),
         why="time outside data loading, forward, backward and optimizer: logging, .item(), "
         "checkpoints or Python work between steps",
-    )
-
-
-def cheaper_transforms(features: Features) -> Recommendation:
-    return Recommendation(
-        id="dataloader.cheaper_transforms",
-        title="Make each sample cheaper to load: cache decoded data or move augmentation to the GPU",
-        estimated_speedup=removed(features.fractions["data_wait"] * 0.5),
-        how="# decode once and cache, or augment on the GPU after batching:\n"
-        "batch = batch.to(device, non_blocking=True)\nbatch = gpu_augment(batch)",
-        why="the workers are CPU-bound and there are no free cores to add more of them",
     )
 
 
@@ -234,14 +291,18 @@ def static_graph(features: Features) -> Recommendation:
     )
 
 
-def straggler(rank: int, cause: str, wait_fraction: float) -> Recommendation:
+def straggler(rank: int, cause: str, excess_fraction: float, wait_fraction: float) -> Recommendation:
+    """Fixing the culprit removes its excess work (the others then wait less by that much), not
+    all of the others' wait: some of it is the collective itself."""
+    removable = min(excess_fraction, wait_fraction)
     return Recommendation(
         id="straggler.rank",
         title=f"Fix rank {rank}: the others wait for it ({cause})",
-        estimated_speedup=removed(wait_fraction),
+        estimated_speedup=removed(removable),
         how=f"# look at rank {rank}'s host: its {cause} is slower than on the other ranks\n"
         "profilerd report RUN  # per-rank table",
-        why=f"the other ranks spend {wait_fraction:.0%} of their step time waiting for rank {rank}",
+        why=f"rank {rank}'s own work takes {excess_fraction:.0%} of a step longer than the median rank's; "
+        f"the other ranks spend {wait_fraction:.0%} of their step time waiting",
     )
 
 
@@ -269,6 +330,29 @@ def stabilize(features: Features, kind: str) -> Recommendation:
         "scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=1000)\n"
         "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)  # before optimizer.step()",
         why="steps that produce inf/NaN or a growing loss waste the run; no speedup helps until fixed",
+    )
+
+
+def not_learning(features: Features, zero_lr: bool) -> Recommendation:
+    if zero_lr:
+        title = "Set a non-zero learning rate: with lr=0 no step changes the model"
+        how = (
+            "optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)\n"
+            "# and check schedulers and warm-ups that start at 0"
+        )
+    else:
+        title = "Check that the parameters are trained: the loss never moves"
+        how = (
+            "optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)  # the model's own parameters\n"
+            "assert any(p.requires_grad for p in model.parameters())\n"
+            "# and that optimizer.step() runs after loss.backward()"
+        )
+    return Recommendation(
+        id="convergence.not_learning",
+        title=title,
+        estimated_speedup=1.0,
+        how=how,
+        why="a loss stuck at its first value means every step is wasted; no speedup helps until fixed",
     )
 
 

@@ -6,6 +6,7 @@ overridden by a user's rules file. ``docs/rules.md`` is generated from ``REGISTR
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,14 +35,28 @@ class Rule:
     description: str
     check: Check
     recommendation_ids: tuple[str, ...] = ()
+    # Decisive rules judge run-wide evidence, so they run even before the window holds enough steps.
+    decisive: bool = False
+    # Correctness rules recommend fixing the training itself; their advice claims no speedup and
+    # is never moved to the details for a small estimate.
+    correctness: bool = False
 
 
 REGISTRY: dict[str, Rule] = {}
 
 
-def rule(id: str, category: str, title: str, recommendation_ids: tuple[str, ...] = ()) -> Callable[[Check], Check]:
+def rule(
+    id: str,
+    category: str,
+    title: str,
+    recommendation_ids: tuple[str, ...] = (),
+    *,
+    decisive: bool = False,
+    correctness: bool = False,
+) -> Callable[[Check], Check]:
     def register(check: Check) -> Check:
-        REGISTRY[id] = Rule(id, category, title, (check.__doc__ or "").strip(), check, recommendation_ids)
+        description = (check.__doc__ or "").strip()
+        REGISTRY[id] = Rule(id, category, title, description, check, recommendation_ids, decisive, correctness)
         return check
 
     return register
@@ -52,9 +67,10 @@ class RuleSet:
     """Loaded thresholds: per rule, plus evidence, hysteresis and assumptions."""
 
     thresholds: dict[str, dict[str, float]]
-    min_steps: int = 20
-    min_seconds: float = 10.0
+    min_steps: int = 20  # no verdict on fewer steps (after warm-up), unless the evidence is decisive
+    min_seconds: float = 10.0  # time a live window spans when it can; less lowers the confidence
     warmup_steps: int = 2
+    min_speedup: float = 1.03  # speed recommendations estimated below this go to the details
     hysteresis_evaluations: int = 3
     assumptions: dict[str, float] = field(default_factory=dict)
     source: str = str(DEFAULT_RULES_FILE)
@@ -127,6 +143,7 @@ def _evidence_kwargs(evidence: dict[str, Any], hysteresis: dict[str, Any]) -> di
         "min_steps": int(evidence["min_steps"]),
         "min_seconds": float(evidence["min_seconds"]),
         "warmup_steps": int(evidence["warmup_steps"]),
+        "min_speedup": float(evidence["min_speedup"]),
         "hysteresis_evaluations": max(1, int(hysteresis["evaluations"])),
     }
 
@@ -153,6 +170,7 @@ def _confidence(features: Features, value: float, threshold: float) -> float:
     "The training loop waits for input batches",
     (
         "dataloader.num_workers",
+        "dataloader.cheaper_samples",
         "dataloader.pin_memory",
         "dataloader.persistent_workers",
         "dataloader.prefetch_factor",
@@ -167,17 +185,21 @@ def check_input_wait(features: Features, t: dict[str, float], a: dict[str, float
     ctx = features.context
     loader = ctx.dataloader()
     workers = int(loader.get("num_workers") or 0)
-    found: list[Recommendation] = [recs.num_workers(features)]
+    loader_fix = recs.loader_advice(features, a["cheaper_samples_speedup"])
+    found: list[Recommendation] = [loader_fix]
     if (ctx.config or {}).get("device_type") == "cuda" and not loader.get("pin_memory"):
         found.append(recs.pin_memory(features, a["pin_memory_gain"]))
     if workers > 0 and not loader.get("persistent_workers") and features.data_wait_spike_fraction > 0.01:
         found.append(recs.persistent_workers(features))
     saturation = ctx.worker_cpu_max_ratio
-    if workers > 0 and saturation is not None and saturation < 0.5:
-        found.append(recs.prefetch_factor(features))
+    # Workers that use little CPU on a host with free cores wait on I/O: deeper prefetching helps.
+    # On a full host they use little because they get little: that is not waiting on I/O.
     free = ctx.free_cores
+    if workers > 0 and saturation is not None and saturation < 0.5 and free is not None and free >= 1.0:
+        found.append(recs.prefetch_factor(features))
     cores = f"; {free:.1f} of {ctx.cpu_count} cores idle" if free is not None and ctx.cpu_count else ""
-    evidence = f"{wait:.0%} of step time waiting for batches; {workers} DataLoader workers{cores}"
+    bound = "; the input pipeline is CPU-bound" if loader_fix.id == "dataloader.cheaper_samples" else ""
+    evidence = f"{wait:.0%} of step time waiting for batches; {workers} DataLoader workers{cores}{bound}"
     metrics = {"data_wait_fraction": wait, "num_workers": float(workers)}
     if free is not None:
         metrics["free_cores"] = free
@@ -344,7 +366,7 @@ def check_optimizer_unfused(features: Features, t: dict[str, float], a: dict[str
     "data.worker_saturation",
     "data",
     "DataLoader workers are CPU-bound",
-    ("dataloader.num_workers", "dataloader.cheaper_transforms"),
+    ("dataloader.num_workers", "dataloader.cheaper_samples"),
 )
 def check_worker_saturation(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
     """The busiest DataLoader worker's CPU use while the loop waits for data."""
@@ -353,11 +375,15 @@ def check_worker_saturation(features: Features, t: dict[str, float], a: dict[str
     wait = features.fractions["data_wait"]
     if saturation is None or saturation < t["worker_cpu"] or wait < t["data_wait"]:
         return None
-    free = ctx.free_cores if ctx.free_cores is not None else 0.0
-    rec = recs.num_workers(features) if free >= 1.0 else recs.cheaper_transforms(features)
+    rec = recs.loader_advice(features, a["cheaper_samples_speedup"])
+    free = ctx.free_cores
+    metrics = {"worker_cpu_max_ratio": saturation, "data_wait_fraction": wait}
+    if free is not None:
+        metrics["free_cores"] = free
+    cores = f"{free:.1f} cores free" if free is not None else "free cores not measured"
     evidence = (
         f"the busiest DataLoader worker uses {saturation:.0%} of a core while the loop waits "
-        f"{wait:.0%} of step time; {free:.1f} cores free"
+        f"{wait:.0%} of step time; {cores}"
     )
     return Finding(
         "data.worker_saturation",
@@ -365,7 +391,7 @@ def check_worker_saturation(features: Features, t: dict[str, float], a: dict[str
         "warning",
         evidence,
         _confidence(features, saturation, t["worker_cpu"]),
-        {"worker_cpu_max_ratio": saturation, "data_wait_fraction": wait, "free_cores": free},
+        metrics,
         t,
         (rec,),
     )
@@ -482,7 +508,7 @@ def check_straggler(features: Features, t: dict[str, float], a: dict[str, float]
         _confidence(features, gap, t["warning"]),
         {"straggler_rank": float(culprit), "gap_fraction": gap, "victim_wait_fraction": waited, "wait_gap": wait_gap},
         t,
-        (recs.straggler(culprit, cause, waited),),
+        (recs.straggler(culprit, cause, gap, waited),),
         cost=waited,
     )
 
@@ -544,16 +570,27 @@ def check_syncs(features: Features, t: dict[str, float], a: dict[str, float]) ->
     )
 
 
-@rule("algorithm.loss_nonfinite", "algorithm", "The loss is NaN or inf", ("convergence.nonfinite",))
+@rule(
+    "algorithm.loss_nonfinite",
+    "algorithm",
+    "The loss is NaN or inf",
+    ("convergence.nonfinite",),
+    decisive=True,
+    correctness=True,
+)
 def check_loss_nonfinite(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
-    """Share of loss readings that are NaN or inf (read a step late, without a sync)."""
-    signals = features.signals
-    if not signals.loss_samples or signals.loss_nonfinite / signals.loss_samples <= t["critical"]:
+    """The first step of the run whose loss was NaN or inf, and the share of readings that were;
+    judged over the whole run, not the window: from that step on, the run is wasted."""
+    losses = features.losses
+    if not losses.readings or losses.nonfinite / losses.readings <= t["critical"]:
         return None
-    share = signals.loss_nonfinite / signals.loss_samples
+    share = losses.nonfinite / losses.readings
+    value = losses.first_nonfinite_value
+    what = "NaN" if value is None or math.isnan(value) else f"{value:g}"
+    rank = f" on rank {losses.first_nonfinite_rank}" if features.ranks > 1 else ""
     evidence = (
-        f"the loss is NaN or inf in {signals.loss_nonfinite} of {signals.loss_samples} steps "
-        f"({share:.0%}), first at step {signals.loss_first_nonfinite_step}"
+        f"the loss is {what} first at step {losses.first_nonfinite_step}{rank}; NaN or inf in "
+        f"{losses.nonfinite} of {losses.readings} readings ({share:.0%})"
     )
     return Finding(
         "algorithm.loss_nonfinite",
@@ -561,51 +598,115 @@ def check_loss_nonfinite(features: Features, t: dict[str, float], a: dict[str, f
         "critical",
         evidence,
         0.95,
-        {"nonfinite_fraction": share, "first_nonfinite_step": float(signals.loss_first_nonfinite_step or 0)},
+        {
+            "nonfinite_fraction": share,
+            "first_nonfinite_step": float(losses.first_nonfinite_step or 0),
+            "nonfinite_readings": float(losses.nonfinite),
+        },
         t,
         (recs.stabilize(features, "nonfinite"),),
         cost=1.0,
     )
 
 
-@rule("algorithm.loss_diverging", "algorithm", "The loss grows instead of falling", ("convergence.diverging",))
+@rule(
+    "algorithm.loss_diverging",
+    "algorithm",
+    "The loss rose far above its early values",
+    ("convergence.diverging",),
+    correctness=True,
+)
 def check_loss_diverging(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
-    """The loss at the end of the window over the loss at its start (medians of quarters)."""
-    signals = features.signals
-    start, end = signals.loss_start, signals.loss_end
-    if start is None or end is None or start <= 0 or signals.loss_samples < 20:
+    """The highest sustained loss of the run (a median of 5 consecutive readings) over the loss
+    at its start (its first reading, taken before any update), whenever in the run it happened."""
+    losses = features.losses
+    ratio = losses.rise_ratio
+    if ratio is None or losses.peak is None or losses.baseline is None:
         return None
-    ratio = end / start
     severity = _severity(ratio, t)
     if severity is None:
         return None
-    evidence = f"the loss rose {ratio:.1f}x, from {start:.4g} to {end:.4g}"
+    now = features.signals.loss_recent
+    recent = f"; {now:.4g} recently" if now is not None else ""
+    evidence = (
+        f"the loss rose {ratio:.1f}x above its early values: from {losses.baseline:.4g} at the start "
+        f"to {losses.peak:.4g} around step {losses.peak_step}{recent}"
+    )
+    metrics = {"loss_start": losses.baseline, "loss_peak": losses.peak, "ratio": ratio}
+    metrics["peak_step"] = float(losses.peak_step or 0)
     return Finding(
         "algorithm.loss_diverging",
         "algorithm",
         severity,
         evidence,
-        0.8,
-        {"loss_start": start, "loss_end": end, "ratio": ratio},
+        0.85 if severity == "critical" else 0.75,
+        metrics,
         t,
         (recs.stabilize(features, "diverging"),),
         cost=1.0,
     )
 
 
-@rule("algorithm.loss_plateau", "algorithm", "The loss has stopped improving", ("optimizer.lr_schedule",))
+@rule(
+    "algorithm.loss_stuck",
+    "algorithm",
+    "The loss does not move: the model is not learning",
+    ("convergence.not_learning",),
+    correctness=True,
+)
+def check_loss_stuck(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
+    """Over ``min_steps`` steps from the start of the run (at least ``min_readings`` loss
+    readings), a learning rate of 0, or a loss whose whole range stays within ``spread`` of its
+    first value."""
+    losses = features.losses
+    moved = losses.relative_range
+    spanned = losses.steps_spanned
+    if spanned < t["min_steps"] or losses.readings < t["min_readings"] or losses.baseline is None or moved is None:
+        return None
+    zero_lr = losses.lr_max == 0.0
+    if not zero_lr and moved >= t["spread"]:
+        return None
+    cause = "the learning rate is 0" if zero_lr else "no parameter update changes it"
+    evidence = (
+        f"the loss stays at {losses.baseline:.4g} (range {moved:.2%} of it) over {spanned} steps "
+        f"({losses.readings} readings) from the start of the run: {cause}"
+    )
+    return Finding(
+        "algorithm.loss_stuck",
+        "algorithm",
+        "critical" if zero_lr else "warning",
+        evidence,
+        0.9 if zero_lr else 0.75,
+        {"relative_range": moved, "steps": float(spanned), "lr_max": losses.lr_max or 0.0},
+        t,
+        (recs.not_learning(features, zero_lr),),
+        cost=1.0,
+    )
+
+
+@rule(
+    "algorithm.loss_plateau",
+    "algorithm",
+    "The loss has stopped improving",
+    ("optimizer.lr_schedule",),
+    correctness=True,
+)
 def check_loss_plateau(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
-    """Relative spread of the loss over the last half of the window, with a constant LR."""
+    """Relative spread of the loss over the last half of the window, with a constant LR, after
+    the loss had fallen from its start (a loss that never fell is not learning at all)."""
     signals = features.signals
     spread = signals.loss_relative_spread
     if spread is None or signals.loss_samples < t["min_samples"] or spread >= t["spread"]:
         return None
     scheduled = (features.context.config or {}).get("lr_scheduler")
-    if scheduled or signals.lr_constant is False:
+    if scheduled or signals.lr_constant is False or not signals.lr_end:
+        return None
+    start, recent = features.losses.baseline, signals.loss_recent
+    if start is None or recent is None or recent >= start * (1 - t["spread"]):
         return None
     evidence = (
         f"the loss moved only {spread:.2%} over the last {signals.loss_samples // 2} steps "
-        f"at a constant learning rate ({signals.lr_end if signals.lr_end is not None else 'unknown'})"
+        f"at a constant learning rate ({signals.lr_end:g}), after falling from {start:.4g} to {recent:.4g}"
     )
     return Finding(
         "algorithm.loss_plateau",
@@ -619,7 +720,7 @@ def check_loss_plateau(features: Features, t: dict[str, float], a: dict[str, flo
     )
 
 
-@rule("algorithm.grad_norm", "algorithm", "Gradients explode or vanish", ("convergence.gradients",))
+@rule("algorithm.grad_norm", "algorithm", "Gradients explode or vanish", ("convergence.gradients",), correctness=True)
 def check_grad_norm(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
     """A gradient norm that jumps far above the median of the samples before it (exploding), or a
     tiny median (vanishing)."""
@@ -654,7 +755,13 @@ def check_grad_norm(features: Features, t: dict[str, float], a: dict[str, float]
     )
 
 
-@rule("algorithm.grad_scaler", "algorithm", "GradScaler skips steps or its scale collapsed", ("convergence.scaler",))
+@rule(
+    "algorithm.grad_scaler",
+    "algorithm",
+    "GradScaler skips steps or its scale collapsed",
+    ("convergence.scaler",),
+    correctness=True,
+)
 def check_grad_scaler(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
     """Share of steps GradScaler skipped for inf/NaN gradients, and the smallest scale seen."""
     signals = features.signals
@@ -700,7 +807,13 @@ def check_recompilation(features: Features, t: dict[str, float], a: dict[str, fl
     )
 
 
-@rule("algorithm.adam_weight_decay", "algorithm", "Weight decay through Adam instead of AdamW", ("optimizer.adamw",))
+@rule(
+    "algorithm.adam_weight_decay",
+    "algorithm",
+    "Weight decay through Adam instead of AdamW",
+    ("optimizer.adamw",),
+    correctness=True,
+)
 def check_adam_weight_decay(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
     """Adam (not AdamW) configured with weight decay, which acts as L2 scaled by the adaptive step."""
     for optimizer in features.context.optimizers():
@@ -862,11 +975,18 @@ RATIONALE: dict[str, tuple[str, str]] = {
     ),
     "algorithm.loss_diverging": (
         "A rising loss usually means a learning rate too high for the current state.",
-        "1.5x/10x growth over the window; profilerd's own default.",
+        "2x/10x growth of a 5-reading median over the first reading; healthy losses stay under "
+        "their initial value, batch noise under 1.5x of it. profilerd's own default.",
+    ),
+    "algorithm.loss_stuck": (
+        "A loss that never moves from its first value (a learning rate of 0, frozen parameters) "
+        "means every step is wasted.",
+        "200 steps (20+ readings) from the start within 1% of the first value, or a learning rate of 0; "
+        "profilerd's own default.",
     ),
     "algorithm.loss_plateau": (
         "A flat loss at a constant learning rate often resumes improving with a decaying schedule.",
-        "Under 1% relative movement over 100+ readings; profilerd's own default.",
+        "Under 1% relative movement over 200+ readings, after the loss had fallen; profilerd's own default.",
     ),
     "algorithm.grad_norm": (
         "Gradient spikes precede divergence; vanishing gradients mean no learning.",

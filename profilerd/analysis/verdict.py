@@ -1,4 +1,8 @@
-"""From features to a verdict: run every rule, pick the primary bottleneck, explain it."""
+"""From features to a verdict: run every rule, pick the primary bottleneck, explain it.
+
+``diagnose`` is the one entry point of the live, offline (report, ``run --json``) and replay
+paths: a frame of steps, the run-wide loss evidence and the context in, a verdict out.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,10 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from profilerd.analysis.features import Features
+import pandas as pd
+
+from profilerd.analysis.features import Context, Features, compute_features
+from profilerd.analysis.history import LossSummary
 from profilerd.analysis.rules import REGISTRY, RuleSet
 from profilerd.model import SEVERITIES, Finding
 
@@ -25,6 +32,7 @@ _HEADLINE = {
     "algorithm": "ALGORITHM",
     "none": "NO VERDICT YET",
 }
+FULL_EVIDENCE_STEPS = 200  # with this many steps and min_seconds of them, evidence is complete
 
 
 @dataclass(frozen=True)
@@ -35,19 +43,54 @@ class Verdict:
     features: Features
     findings: tuple[Finding, ...] = ()
     evaluated_unix_s: float = field(default_factory=time.time)
+    confidence: float = 0.0  # of the primary category, given the amount of evidence
+    min_speedup: float = 1.03  # speed fixes estimated below this are details, not recommendations
 
     @property
     def headline(self) -> str:
         return _HEADLINE[self.primary]
 
-    def recommendations(self) -> list[dict[str, Any]]:
-        """Every recommendation of every finding, best estimated speedup first, ids unique."""
+    @property
+    def basis(self) -> str:
+        """What the verdict rests on, in words: steps, seconds, ranks and the confidence."""
+        f = self.features
+        ranks = f" on {f.ranks} ranks" if f.ranks > 1 else ""
+        observed = f"{f.steps} steps over {f.duration_s:.1f} s{ranks}"
+        if self.primary == "none":
+            return observed
+        return f"{observed}; confidence {self.confidence:.2f} ({_level(self.confidence)})"
+
+    def _all_recommendations(self) -> list[dict[str, Any]]:
+        """Fixes to a training that is broken (a warning or worse from a correctness rule) come
+        first: no speedup matters until they are made. Then the best estimated speedup first."""
         seen: dict[str, dict[str, Any]] = {}
+        urgent: set[str] = set()
         for finding in self.findings:
+            rule = REGISTRY.get(finding.rule)
+            correctness = bool(rule and rule.correctness)
             for rec in finding.recommendations:
+                if correctness and _SEVERITY_RANK[finding.severity] >= _SEVERITY_RANK["warning"]:
+                    urgent.add(rec.id)
                 if rec.id not in seen or rec.estimated_speedup > seen[rec.id]["estimated_speedup"]:
-                    seen[rec.id] = dict(rec.to_json(), rule=finding.rule)
-        return sorted(seen.values(), key=lambda r: -r["estimated_speedup"])
+                    seen[rec.id] = dict(rec.to_json(), rule=finding.rule, correctness=correctness)
+        return sorted(seen.values(), key=lambda r: (r["id"] not in urgent, -r["estimated_speedup"]))
+
+    def recommendations(self) -> list[dict[str, Any]]:
+        """Every fix worth making, ids unique: correctness fixes (they claim no speedup) and
+        speed fixes estimated at ``min_speedup`` or more."""
+        return [
+            {k: v for k, v in r.items() if k != "correctness"}
+            for r in self._all_recommendations()
+            if r["correctness"] or r["estimated_speedup"] >= self.min_speedup
+        ]
+
+    def minor_recommendations(self) -> list[dict[str, Any]]:
+        """Speed fixes estimated under ``min_speedup``: for the report's details only."""
+        return [
+            {k: v for k, v in r.items() if k != "correctness"}
+            for r in self._all_recommendations()
+            if not r["correctness"] and r["estimated_speedup"] < self.min_speedup
+        ]
 
     def to_json(self, run_id: str, job: str | None = None, **extra: Any) -> dict[str, Any]:
         f = self.features
@@ -69,8 +112,17 @@ class Verdict:
                 "p95": round(f.step_time_p95_s, 6),
                 "mean": round(f.step_time_mean_s, 6),
             },
+            "evidence": {
+                "steps": f.steps,
+                "seconds": round(f.duration_s, 3),
+                "ranks": f.ranks,
+                "confidence": round(self.confidence, 3),
+                "level": _level(self.confidence) if self.primary != "none" else None,
+                "basis": self.basis,
+            },
             "findings": [finding.to_json() for finding in self.findings],
             "recommendations": self.recommendations(),
+            "minor_recommendations": self.minor_recommendations(),
             "evaluated_unix_s": round(self.evaluated_unix_s, 3),
         }
         if f.context.gpu:
@@ -97,27 +149,59 @@ class Verdict:
         return document
 
 
+def diagnose(steps: pd.DataFrame, context: Context, ruleset: RuleSet, losses: LossSummary | None = None) -> Verdict:
+    """The verdict over a frame of steps (a live window, or a whole recording). ``losses`` is the
+    run-wide loss evidence when ``steps`` is only a window of the run; without it, the loss
+    evidence is taken from ``steps`` themselves."""
+    return evaluate(compute_features(steps, context, ruleset.warmup_steps, losses), ruleset)
+
+
 def evaluate(features: Features, ruleset: RuleSet) -> Verdict:
-    """One evaluation, no memory: the same input always gives the same verdict."""
-    missing_steps = features.steps < ruleset.min_steps
-    missing_time = features.duration_s < ruleset.min_seconds
-    if missing_steps or missing_time:
-        missing = []
-        if missing_steps:
-            missing.append(f"{features.steps} of {ruleset.min_steps} steps")
-        if missing_time:
-            missing.append(f"{features.duration_s:.1f} of {ruleset.min_seconds:g} s")
-        summary = f"Not enough evidence yet: {' and '.join(missing)} observed"
-        return Verdict("none", "ok", summary, features)
+    """One evaluation, no memory: the same input always gives the same verdict.
+
+    A verdict needs ``min_steps`` steps, however short they are; decisive rules (a NaN loss)
+    are checked even before that. Less evidence gives a lower confidence, not no verdict.
+    """
+    enough = features.steps >= ruleset.min_steps
     findings = []
     for rule in REGISTRY.values():
+        if not (enough or rule.decisive):
+            continue
         finding = rule.check(features, ruleset.thresholds[rule.id], ruleset.assumptions)
         if finding is not None:
             findings.append(finding)
+    if not enough and not findings:
+        summary = f"Not enough evidence yet: {features.steps} of {ruleset.min_steps} steps observed"
+        return Verdict("none", "ok", summary, features, min_speedup=ruleset.min_speedup)
     findings.sort(key=lambda f: (-_SEVERITY_RANK[f.severity], -(f.cost or features.fractions[_COST_KEY[f.category]])))
     primary, severity = _choose_primary(features, findings)
     summary = _summary(primary, features, findings)
-    return Verdict(primary, severity, summary, features, tuple(findings))
+    confidence = _verdict_confidence(features, ruleset, primary, findings)
+    return Verdict(
+        primary,
+        severity,
+        summary,
+        features,
+        tuple(findings),
+        confidence=confidence,
+        min_speedup=ruleset.min_speedup,
+    )
+
+
+def _verdict_confidence(features: Features, ruleset: RuleSet, primary: str, findings: list[Finding]) -> float:
+    """The leading finding's confidence, lowered when the verdict rests on few steps or little
+    time; decisive evidence (a NaN loss) is as certain on 20 steps as on 20,000."""
+    lead = next((f for f in findings if f.category == primary), None)
+    if lead is not None and REGISTRY[lead.rule].decisive:
+        return lead.confidence
+    base = lead.confidence if lead is not None else 0.6
+    seconds = features.duration_s / ruleset.min_seconds if ruleset.min_seconds > 0 else 1.0
+    amount = min(1.0, features.steps / FULL_EVIDENCE_STEPS, seconds)
+    return round(base * (0.6 + 0.4 * amount), 3)
+
+
+def _level(confidence: float) -> str:
+    return "high" if confidence >= 0.8 else "medium" if confidence >= 0.6 else "low"
 
 
 def _choose_primary(features: Features, findings: list[Finding]) -> tuple[str, str]:
@@ -151,7 +235,9 @@ class VerdictTracker:
 
     def update(self, fresh: Verdict) -> Verdict:
         current = self.current
-        if current is None or current.primary == "none" or fresh.primary == current.primary:
+        # Decisive evidence (a NaN loss) is not noise to be waited out.
+        decisive = bool(fresh.findings) and REGISTRY[fresh.findings[0].rule].decisive
+        if current is None or current.primary == "none" or fresh.primary == current.primary or decisive:
             self._candidate, self._count = None, 0
             self.current = fresh
             return fresh
