@@ -307,7 +307,7 @@ def test_serve_says_no_gpu_mode_once(profilerd_env) -> None:
 
 
 def test_multi_node_job_ids_come_from_the_launcher() -> None:
-    from profilerd.cli import _scheduler_job_id
+    from profilerd.session import scheduler_job_id as _scheduler_job_id
 
     assert _scheduler_job_id(["torchrun", "--nnodes", "2", "--rdzv-id", "exp7", "train.py"]) == "rdzv-exp7"
     assert _scheduler_job_id(["torchrun", "--rdzv_id=exp8", "train.py"]) == "rdzv-exp8"
