@@ -511,7 +511,10 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)  # --help writes to stdout too
+    except BrokenPipeError:
+        return _closed_pipe()
     _setup_logging(args.log_level)
     try:
         code = COMMANDS[args.command](args)
