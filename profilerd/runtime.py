@@ -6,7 +6,9 @@ for the daemon's imports (pandas, prometheus_client) to do so.
 A daemon started for runs (`profilerd serve --for-runs`) lives as long as some run needs it.
 Each `profilerd run` holds a lease: a file in ``leases/`` it keeps locked (flock) while it
 lives. The kernel drops the lock when the process ends however it ends (SIGKILL included), so
-the daemon counts live leases by trying to lock each file. ``leases.lock`` orders the two sides:
+the daemon counts live leases by trying to lock each file. A lease also names the training it
+covers (pid and start time): a run killed with SIGKILL leaves its training running, and that
+keeps the lease alive until the training ends too. ``leases.lock`` orders the two sides:
 a run holds it while it takes its lease and finds (or starts) the daemon, and a daemon holds it
 while it decides to exit and shuts down, so that no run ever picks a daemon that is leaving.
 """
@@ -91,6 +93,12 @@ class Lease:
         self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         fcntl.flock(self._fd, fcntl.LOCK_EX)
 
+    def cover(self, pid: int) -> None:
+        """The training this lease is for: it keeps the lease alive should this process die first."""
+        started = _start_time(pid)
+        if self._fd is not None and started is not None:
+            os.pwrite(self._fd, f"{pid} {started}".encode(), 0)
+
     def release(self) -> None:
         if self._fd is None:
             return
@@ -117,10 +125,28 @@ def live_leases(runtime_dir: Path) -> int:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            alive += 1
+            alive += 1  # its run holds it
         else:
-            with contextlib.suppress(OSError):
-                path.unlink()
+            if _training_alive(os.pread(fd, 64, 0).decode(errors="replace")):
+                alive += 1
+            else:
+                with contextlib.suppress(OSError):
+                    path.unlink()
         finally:
             os.close(fd)
     return alive
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot): a pid reused later has another."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _training_alive(content: str) -> bool:
+    parts = content.split()
+    if len(parts) != 2 or not parts[0].isdigit():
+        return False
+    return _start_time(int(parts[0])) == parts[1]
