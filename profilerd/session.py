@@ -125,8 +125,11 @@ class SignalRelay:
             with contextlib.suppress(ProcessLookupError):
                 child.send_signal(signum)
         if signum == signal.SIGTSTP:
+            stops_here = signal.getsignal(signal.SIGTSTP) in (signal.SIG_DFL, None)
             self._stop_self()
-            if _is_stopped(child.pid):  # we were resumed alone (`kill -CONT`): resume the training too
+            # Resumed alone (`kill -CONT`): resume the training too. With a handler installed (the
+            # live view's), the stop happens later in the main thread: nothing to resume yet.
+            if stops_here and _is_stopped(child.pid):
                 with contextlib.suppress(ProcessLookupError):
                     child.send_signal(signal.SIGCONT)
 
@@ -486,15 +489,15 @@ def _run(
             live.close()
             live = None
         handle.send(wire.encode_json(wire.KIND_RUN_END, {"pid": os.getpid(), "run_id": run_id, "exit_code": code}))
-        if relay.interrupted is not None:  # the user wants out: no waiting for the verdict
-            return -relay.interrupted
         recording = wait_for_recording(handle, run_id, config, cancelled=lambda: relay.interrupted)
+        if relay.interrupted is not None:  # the user wants out: no verdict
+            return -relay.interrupted
         document = _verdict(recording, ruleset, run_id, job, code, cmd)
         if document is not None:
             print(render_text(document), file=sys.stderr)
         if args.json_path is not None:
             write_json(args.json_path, document or _no_steps_document(run_id, job, code))
-        return -relay.interrupted if relay.interrupted is not None else code
+        return code
     finally:
         if live is not None:
             live.close()
