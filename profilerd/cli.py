@@ -1,7 +1,8 @@
 """The `profilerd` command line: serve, run, demo, report, diff, runs, doctor, attach, tui, dashboards.
 
 Exit codes: 0 success, 2 usage or configuration errors (with a message naming the problem),
-1 other failures; `run` and `demo` exit with the training command's own exit code.
+1 other failures, 141 when stdout is a pipe closed early; `run` and `demo` exit with the
+training command's own exit code, or die by the signal that killed it.
 """
 
 from __future__ import annotations
@@ -12,35 +13,25 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
-import signal
-import socket
 import sqlite3
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from profilerd import __version__
+from profilerd import __version__, session
 from profilerd.analysis.rules import RuleSet, load_rules
 from profilerd.config import ATTACH_RATE_HZ, DaemonConfig, load
 from profilerd.report import render_text
+from profilerd.session import DaemonHandle, UsageError, bootstrap_dir, check_output_path, wait_for_recording, write_json
 from profilerd_probes import wire
-from profilerd_probes.signals import NCCL_TIMING_ENV
 
 log = logging.getLogger("profilerd")
 
 EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """Bad flags, config or input: printed as `profilerd: error: ...` with exit code 2."""
+EXIT_CLOSED_PIPE = 128 + 13  # SIGPIPE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the daemon in the foreground")
     _daemon_flags(serve)
+    serve.add_argument("--for-runs", action="store_true", help=argparse.SUPPRESS)  # started by `run`
 
     run = sub.add_parser(
         "run", help="run a training command under profilerd", usage="profilerd run [options] -- CMD [ARGS...]"
@@ -205,10 +197,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from profilerd.daemon import Daemon, DaemonError
 
     config = _config(args)
-    daemon = Daemon(config, _rules(config))
+    ruleset = _rules(config)
+    daemon = Daemon(config, ruleset)
     daemon.catch_signals()  # a SIGTERM from here on still flushes and exits 0
     try:
-        daemon.start()
+        try:
+            daemon.start()
+        except DaemonError as exc:
+            if not (args.for_runs and "cannot listen" in str(exc)):
+                raise
+            # The port is taken by something else: any free port will do for runs.
+            daemon = Daemon(replace(config, http_port=0), ruleset)
+            daemon.catch_signals()
+            daemon.start()
     except DaemonError as exc:
         print(f"profilerd: {exc}", file=sys.stderr)
         return 1
@@ -219,238 +220,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    return daemon.serve_until_signal()
+    return daemon.serve_until_signal(for_runs=args.for_runs)
 
 
-# ---- run -------------------------------------------------------------------------------------
-class _DaemonHandle:
-    """The daemon a run talks to: one already running for this user, or one started here."""
-
-    def __init__(self, config: DaemonConfig, ruleset: RuleSet) -> None:
-        from profilerd.daemon import Daemon, DaemonError, read_running_daemon
-
-        self.owned = None
-        running = read_running_daemon(config.runtime_dir)
-        if running:
-            self.base_url = f"http://{running['http_host']}:{running['http_port']}"
-            self.socket_path = Path(running.get("socket") or config.socket_path)
-            self.data_dir = Path(running.get("data_dir") or config.data_dir)
-            return
-        daemon = Daemon(config, ruleset)
-        try:
-            daemon.start()
-        except DaemonError as exc:
-            if "cannot listen" not in str(exc):
-                raise UsageError(str(exc)) from exc
-            # The default port is taken by something else: any free port will do for a run.
-            daemon = Daemon(replace(config, http_port=0), ruleset)
-            daemon.start()
-        self.owned = daemon
-        host, port = daemon.http_address
-        self.base_url = f"http://{host}:{port}"
-        self.socket_path = config.socket_path
-        self.data_dir = config.data_dir
-
-    def get(self, path: str, timeout: float = 1.0) -> dict[str, Any] | None:
-        try:
-            with urllib.request.urlopen(self.base_url + path, timeout=timeout) as response:
-                return json.loads(response.read())
-        except (urllib.error.URLError, OSError, ValueError):
-            return None
-
-    def send(self, datagram: bytes) -> None:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            try:
-                sock.sendto(datagram, str(self.socket_path))
-            except OSError as exc:
-                log.warning("could not reach the daemon at %s: %s", self.socket_path, exc)
-
-    def close(self) -> None:
-        if self.owned is not None:
-            self.owned.stop()
-
-
-def _bootstrap_dir() -> Path:
-    """A temporary PYTHONPATH entry with our sitecustomize and the probes package only.
-
-    Only these two go on the child's path, so a training job in another environment does not
-    see profilerd's own dependencies.
-    """
-    import profilerd_probes as probes
-
-    directory = Path(tempfile.mkdtemp(prefix="profilerd-boot-"))
-    package = Path(probes.__file__).parent
-    shutil.copy(package / "bootstrap" / "sitecustomize.py", directory / "sitecustomize.py")
-    (directory / "profilerd_probes").symlink_to(package, target_is_directory=True)
-    return directory
-
-
-def _run_id(cmd: list[str]) -> str:
-    """A sortable, readable id: time, the script or module name, and a random suffix."""
-    if "-m" in cmd[:-1]:
-        name = cmd[cmd.index("-m") + 1].rsplit(".", 1)[-1]
-    else:
-        scripts = [c for c in cmd if c.endswith(".py")]
-        name = Path(scripts[0]).stem if scripts else Path(cmd[0]).name
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")[:32] or "job"
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{secrets.token_hex(2)}"
-
-
-def _scheduler_job_id(cmd: list[str]) -> str | None:
-    """The id every node of a multi-node job shares: torchrun's rendezvous id, or Slurm's job id.
-
-    Each node runs its own `profilerd run`; grouping by this id makes them one job in Prometheus.
-    """
-    for index, arg in enumerate(cmd):
-        for flag in ("--rdzv-id", "--rdzv_id"):
-            if arg == flag and index + 1 < len(cmd):
-                return f"rdzv-{cmd[index + 1]}"
-            if arg.startswith(flag + "="):
-                return f"rdzv-{arg.split('=', 1)[1]}"
-    return os.environ.get("SLURM_JOB_ID") and f"slurm-{os.environ['SLURM_JOB_ID']}"
-
-
-def _status_line(handle: _DaemonHandle, job: str) -> str:
-    document = handle.get(f"/api/v1/jobs/{job}?steps=0", timeout=0.3)
-    if document is None:
-        return "profilerd ▸ waiting for the first training step…"
-    verdict = document.get("verdict") or {}
-    rate = verdict.get("steps_per_s") or 0.0
-    return f"profilerd ▸ {document['steps_total']} steps · {rate:.1f} steps/s · {document['summary'][:90]}"
-
-
-def _live_view(args: argparse.Namespace, handle: _DaemonHandle, job: str) -> Any:
-    """The TUI as the live view: only with a terminal on stdin, stdout and stderr, and not with
-    --no-tui or --no-status. Textual is optional, so without it the status line is used."""
-    if getattr(args, "no_tui", False) or args.no_status:
-        return None
-    if not all(stream.isatty() for stream in (sys.stdin, sys.stdout, sys.stderr)):
-        return None
-    try:
-        from profilerd_tui.runview import LiveView
-    except ImportError:
-        return None
-    return LiveView(handle.base_url, job)
-
-
-def _wait_for_child(
-    child: subprocess.Popen[bytes], handle: _DaemonHandle, job: str, show_status: bool, live_view: Any = None
-) -> int:
-    def forward(signum: int, frame: Any) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            child.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    width = shutil.get_terminal_size((100, 20)).columns - 1
-    try:
-        if live_view is not None:
-            live_view.run(child)  # returns when the child exits, or the user leaves the view
-        while True:
-            try:
-                return child.wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
-                if show_status:
-                    sys.stderr.write("\r\x1b[2K" + _status_line(handle, job)[:width])
-                    sys.stderr.flush()
-    finally:
-        if show_status:
-            sys.stderr.write("\r\x1b[2K")
-            sys.stderr.flush()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def run_command(cmd: list[str], args: argparse.Namespace, config: DaemonConfig, ruleset: RuleSet) -> int:
-    from profilerd import runs
-
-    run_id = _run_id(cmd)
-    job = os.environ.get("PROFILERD_JOB_ID") or _scheduler_job_id(cmd) or run_id
-    handle = _DaemonHandle(config, ruleset)
-    boot = _bootstrap_dir()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(boot), env.get("PYTHONPATH", "")) if p)
-    env.update({"PROFILERD_SOCKET": str(handle.socket_path), "PROFILERD_RUN_ID": run_id, "PROFILERD_JOB_ID": job})
-    # Device-side NCCL durations: the probes turn on torch's collective timing and flight
-    # recorder in each rank where NCCL can run, under the name that rank's torch reads.
-    env.setdefault(NCCL_TIMING_ENV, "1")
-    live = _live_view(args, handle, job)
-    try:
-        try:
-            child = subprocess.Popen(cmd, env=env, **(live.popen_kwargs() if live else {}))
-        except (FileNotFoundError, PermissionError) as exc:
-            print(f"profilerd: cannot run {cmd[0]!r}: {exc.strerror}", file=sys.stderr)
-            return 127 if isinstance(exc, FileNotFoundError) else 126
-        show_status = not args.no_status and sys.stderr.isatty()
-        code = _wait_for_child(child, handle, job, show_status, live)
-        handle.send(wire.encode_json(wire.KIND_RUN_END, {"pid": os.getpid(), "run_id": run_id, "exit_code": code}))
-        recording = _wait_for_recording(handle, run_id, config)
-        if recording is None:
-            print(
-                f"profilerd: no training steps were recorded for `{' '.join(cmd)}`: "
-                "did it import torch and run a training loop?",
-                file=sys.stderr,
-            )
-            document = None
-        else:
-            verdict = runs.analyse(runs.load(recording), ruleset)
-            document = verdict.to_json(run_id, job, recording=str(recording), exit_code=code)
-            print(render_text(document), file=sys.stderr)
-        if args.json_path is not None:
-            _write_json(
-                args.json_path,
-                document
-                or {
-                    "schema": "profilerd.verdict/v1",
-                    "run_id": run_id,
-                    "job": job,
-                    "primary": "none",
-                    "steps": 0,
-                    "error": "no training steps were recorded",
-                    "exit_code": code,
-                },
-            )
-        return code if code >= 0 else 128 - code
-    finally:
-        if live is not None:
-            live.close()
-        handle.close()
-        shutil.rmtree(boot, ignore_errors=True)
-
-
-def _wait_for_recording(handle: _DaemonHandle, run_id: str, config: DaemonConfig, timeout: float = 15.0) -> Path | None:
-    """Wait until the daemon has flushed and closed the run's recording."""
-    from profilerd.recording import recording_file
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = handle.get(f"/api/v1/runs/{run_id}")
-        if run is None:
-            if handle.get("/healthz") is not None:
-                return None  # the daemon never heard of this run: no probe ever said hello
-        elif run.get("state") in ("closed", "aborted"):
-            path = run.get("recording_path")
-            return Path(path) if path else None
-        time.sleep(0.1)
-    fallback = recording_file(handle.data_dir / "runs", run_id)
-    return fallback if fallback.exists() else None
-
-
-def _write_json(path: Path, document: dict[str, Any]) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(document, indent=2) + "\n")
-    except OSError as exc:
-        print(f"profilerd: cannot write {path}: {exc.strerror}", file=sys.stderr)
-
-
+# ---- run / demo ----------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
+    """`run` and `demo` return the training's exit code, or -N when it died by signal N."""
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     if not cmd:
         raise UsageError("no command to run: use `profilerd run -- python train.py`")
     config = _config(args)
-    return run_command(cmd, args, config, _rules(config))
+    return session.run_command(cmd, args, config, _rules(config))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -460,7 +242,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     cmd = [sys.executable, "-m", "profilerd.demo.starved", "--seconds", str(args.seconds)]
-    return run_command(cmd, args, config, _rules(config))
+    return session.run_command(cmd, args, config, _rules(config))
 
 
 # ---- report / runs / doctor ----------------------------------------------------------------
@@ -586,6 +368,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
     config = _config(args)
     ruleset = _rules(config)
+    check_output_path(args.json_path)
     if args.duration <= 0:
         raise UsageError("--duration must be positive")
     if not 1 <= args.rate <= 100:
@@ -640,7 +423,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
     why = {k: v.get("why") for k, v in document["layers"].items() if not v.get("available")}
     print(f"attach layer {layer}" + "".join(f"; {k} unavailable: {v}" for k, v in why.items()), file=sys.stderr)
     if args.json_path is not None:
-        _write_json(args.json_path, document)
+        write_json(args.json_path, document)
     return 0
 
 
@@ -684,7 +467,7 @@ def _attach_live_view(
         document = _record_attach(live.document, config, target, started_unix_s)
         print(render_text(document), file=sys.stderr)
         if args.json_path is not None:
-            _write_json(args.json_path, document)
+            write_json(args.json_path, document)
     return 0
 
 
@@ -693,7 +476,7 @@ class _Injected:
 
     def __init__(
         self,
-        handle: _DaemonHandle,
+        handle: DaemonHandle,
         config: DaemonConfig,
         boot: Path,
         pid: int,
@@ -723,7 +506,7 @@ class _Injected:
             self.handle.send(
                 wire.encode_json(wire.KIND_RUN_END, {"pid": os.getpid(), "run_id": self.run_id, "exit_code": None})
             )
-            recording = _wait_for_recording(self.handle, self.run_id, self.config, timeout=10)
+            recording = wait_for_recording(self.handle, self.run_id, self.config, timeout=10)
             self.handle.close()
             shutil.rmtree(self.boot, ignore_errors=True)
         if self.error is not None:
@@ -749,8 +532,8 @@ def _attach_inject(
 ) -> _Injected | None:
     from profilerd import attach
 
-    handle = _DaemonHandle(config, ruleset)
-    boot = _bootstrap_dir()
+    handle = DaemonHandle(config, session.daemon_flags(args))
+    boot = bootstrap_dir()
     os.chmod(boot, 0o755)  # the target may run as another user than the one reading its files
     injected = _Injected(
         handle, config, boot, args.pid, run_id, target.python_version, args.inject_experimental, ruleset
@@ -783,15 +566,31 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)  # --help writes to stdout too
+    except BrokenPipeError:
+        return _closed_pipe()
     _setup_logging(args.log_level)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
     except UsageError as exc:
         print(f"profilerd: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _closed_pipe()
+    return session.exit_status(code)
+
+
+def _closed_pipe() -> int:
+    """The reader went away (`profilerd runs | head -1`): stop quietly, with 128+SIGPIPE as a
+    tool killed by SIGPIPE would; stdout goes to /dev/null so the final flush cannot fail."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_CLOSED_PIPE
 
 
 if __name__ == "__main__":

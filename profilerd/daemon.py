@@ -7,7 +7,6 @@ SIGTERM/SIGINT -> stop HTTP, join threads, flush the recording, close NVML -> ex
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import gc
 import json
@@ -17,7 +16,6 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from profilerd import __version__
@@ -26,6 +24,7 @@ from profilerd.analysis.rules import RuleSet
 from profilerd.config import DaemonConfig
 from profilerd.exporters.http import DaemonHttpServer
 from profilerd.recording import Recorder
+from profilerd.runtime import INFO_NAME, LOCK_NAME, leases_locked, live_leases, read_running_daemon
 from profilerd.samplers.gpu import GpuBackend, open_backend
 from profilerd.samplers.host import HostSampler, ProcessSampler
 from profilerd.samplers.ingest import Ingest, IngestError, bind_socket, prepare_runtime_dir
@@ -34,8 +33,6 @@ from profilerd.store import Store
 
 log = logging.getLogger(__name__)
 
-LOCK_NAME = "daemon.lock"
-INFO_NAME = "daemon.json"
 # A run whose processes are all gone is closed after this long without a run_end message.
 ORPHAN_GRACE_S = 3.0
 # Live analysis (pandas, holding the GIL) may take at most this share of the time: with many
@@ -52,33 +49,17 @@ GIL_SWITCH_INTERVAL_S = 0.001
 # Full collections are left to the host sampler instead, once a minute.
 GC_THRESHOLDS = (700, 10, 1_000_000)
 FULL_GC_INTERVAL_S = 60.0
+# A daemon started for runs exits once no run holds a lease and no run is recording, after this
+# long: short, so that it does not outlive a script of runs by much, long enough that the next
+# run of a loop of short runs finds it still there.
+RUN_DAEMON_LINGER_S = 2.0
+RUN_DAEMON_CHECK_S = 0.5
+
+__all__ = ["Daemon", "DaemonError", "read_running_daemon"]
 
 
 class DaemonError(RuntimeError):
     """The daemon cannot start; the message is for the user."""
-
-
-def read_running_daemon(runtime_dir: Path) -> dict[str, Any] | None:
-    """The running daemon's address, or None if no daemon holds the lock."""
-    lock_path = runtime_dir / LOCK_NAME
-    try:
-        fd = os.open(lock_path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                return None
-            try:
-                return json.loads((runtime_dir / INFO_NAME).read_text())
-            except (OSError, ValueError):
-                return None
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
 
 
 class Daemon:
@@ -95,6 +76,7 @@ class Daemon:
         self.ingest: Ingest | None = None
         self._previous_handlers: dict[int, Any] = {}
         self._tuned = False
+        self._stopped = False
 
     @property
     def http_address(self) -> tuple[str, int]:
@@ -111,6 +93,7 @@ class Daemon:
 
     def start(self) -> None:
         cfg = self.config
+        self._stopped = False
         try:
             prepare_runtime_dir(cfg.runtime_dir, self._shared_socket)
         except (OSError, IngestError) as exc:
@@ -294,6 +277,9 @@ class Daemon:
 
     # ---- stop ----------------------------------------------------------------------------
     def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         self.stop_event.set()
         if self.http is not None:
             self.http.shutdown()
@@ -347,15 +333,41 @@ class Daemon:
         gc.set_threshold(*GC_THRESHOLDS)
         self._tuned = True
 
-    def serve_until_signal(self) -> int:
-        """Run until SIGTERM or SIGINT, then shut down cleanly; returns the exit code."""
+    def serve_until_signal(self, for_runs: bool = False) -> int:
+        """Run until SIGTERM or SIGINT, then shut down cleanly; returns the exit code.
+
+        ``for_runs``: a daemon that `profilerd run` started: it also ends once no run needs it
+        (see :mod:`profilerd.runtime`), shutting down with the leases locked so that no run
+        starting meanwhile picks a daemon that is leaving.
+        """
         self.catch_signals()
         self._tune_process()
         try:
-            self.stop_event.wait()
+            if for_runs:
+                self._wait_until_unneeded()
+            else:
+                self.stop_event.wait()
         finally:
             self.stop()
             for sig, handler in self._previous_handlers.items():
                 signal.signal(sig, handler)
             self._previous_handlers = {}
         return 0
+
+    def _wait_until_unneeded(self) -> None:
+        runtime_dir = self.config.runtime_dir
+        idle_since: float | None = None
+        while not self.stop_event.wait(RUN_DAEMON_CHECK_S):
+            with leases_locked(runtime_dir, wait_s=0) as locked:
+                if not locked:  # a run is taking its lease right now
+                    idle_since = None
+                    continue
+                if live_leases(runtime_dir) or self.store.running_run_ids():
+                    idle_since = None
+                    continue
+                now = time.monotonic()
+                idle_since = idle_since or now
+                if now - idle_since >= RUN_DAEMON_LINGER_S:
+                    log.info("no run needs this daemon any more: shutting down")
+                    self.stop()  # under the lock: see profilerd.runtime
+                    return

@@ -32,6 +32,10 @@ from profilerd.recording import read_gpu_samples
 SQLITE_MAGIC = b"SQLite format 3\x00"
 CHUNK_ROWS = 65_536
 STALE_RUNNING_S = 3600.0
+# A daemon writes every running recording at least once per host sample (at most 60 s apart):
+# one marked 'running' and untouched for longer lost its writer (a killed daemon), and is
+# listed 'aborted'. Pruning waits for STALE_RUNNING_S still, in case the daemon is only stuck.
+WRITER_GONE_S = 120.0
 # Integer columns; every other numeric column is float64 and NaN where the value is unknown.
 _INT_COLUMNS = {
     "rank",
@@ -610,6 +614,7 @@ class RunSummary:
     primary: str | None
     size_bytes: int
     last_step_unix_s: float | None = None
+    writer_gone: bool = False  # marked 'running' in the file, listed 'aborted': nobody writes it
 
     @property
     def duration_s(self) -> float | None:
@@ -636,6 +641,7 @@ class RunSummary:
 
 def summarize(path: Path) -> RunSummary:
     """A recording's listing row; a damaged file is listed as 'damaged' rather than hidden."""
+    untouched_s = _untouched_s(path, time.time())  # before opening it: that may create its -wal
     conn = connect_readonly(path)
     notes: list[str] = []
     try:
@@ -654,11 +660,14 @@ def summarize(path: Path) -> RunSummary:
     started = _float(meta.get("started_unix_s")) or first
     if started is None:
         started = path.stat().st_mtime
+    state = "damaged" if notes else meta.get("state", "unknown")
+    writer_gone = state == "running" and untouched_s > WRITER_GONE_S
     return RunSummary(
         run_id=meta.get("run_id", path.stem),
         path=path,
         job=meta.get("job", meta.get("run_id", path.stem)),
-        state="damaged" if notes else meta.get("state", "unknown"),
+        state="aborted" if writer_gone else state,
+        writer_gone=writer_gone,
         started_unix_s=started,
         ended_unix_s=_float(meta.get("ended_unix_s")),
         steps=int(steps or 0),
@@ -714,13 +723,18 @@ def resolve(runs_dir: Path, reference: str) -> Path:
     raise RecordingError(f"no run '{reference}' in {runs_dir} (see `profilerd runs`)")
 
 
+def _untouched_s(path: Path, now: float) -> float:
+    """Seconds since the recording (or its write-ahead log) was last written."""
+    try:
+        modified = max(p.stat().st_mtime for p in (path, Path(f"{path}-wal")) if p.exists())
+    except (OSError, ValueError):
+        return 0.0
+    return now - modified
+
+
 def _abandoned(run: RunSummary, now: float) -> bool:
     """A 'running' recording nobody has written for an hour: its daemon was killed."""
-    try:
-        modified = max(p.stat().st_mtime for p in (run.path, Path(f"{run.path}-wal")) if p.exists())
-    except (OSError, ValueError):
-        return False
-    return now - modified > STALE_RUNNING_S
+    return _untouched_s(run.path, now) > STALE_RUNNING_S
 
 
 def select_for_pruning(
@@ -733,7 +747,7 @@ def select_for_pruning(
     left behind by a killed daemon and is pruned like any other.
     """
     now = time.time() if now is None else now
-    finished = [r for r in runs if r.state != "running" or _abandoned(r, now)]
+    finished = [r for r in runs if (r.state != "running" and not r.writer_gone) or _abandoned(r, now)]
     doomed = []
     for index, run in enumerate(finished):
         when = run.ended_unix_s or run.last_step_unix_s or run.started_unix_s or now

@@ -148,6 +148,7 @@ def test_python_dash_m_and_a_chained_sitecustomize(profilerd_env, short_tmp: Pat
     (package / "__main__.py").write_text(
         textwrap.dedent("""
         import time, torch
+        import site_extra  # on sys.path only through the site's own sitecustomize
         model = torch.nn.Linear(16, 1)
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         end = time.monotonic() + 3
@@ -160,7 +161,12 @@ def test_python_dash_m_and_a_chained_sitecustomize(profilerd_env, short_tmp: Pat
     marker = short_tmp / "chained"
     user_site = short_tmp / "usersite"
     user_site.mkdir()
-    (user_site / "sitecustomize.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    extra = short_tmp / "extra"
+    extra.mkdir()
+    (extra / "site_extra.py").write_text("")
+    (user_site / "sitecustomize.py").write_text(
+        f"import sys\nopen({str(marker)!r}, 'w').write('ran')\nsys.path.append({str(extra)!r})\n"
+    )
     env = dict(profilerd_env, PYTHONPATH=f"{short_tmp / 'pkgroot'}:{user_site}")
     verdict_path = short_tmp / "m.json"
     result = run_cli(
@@ -307,7 +313,7 @@ def test_serve_says_no_gpu_mode_once(profilerd_env) -> None:
 
 
 def test_multi_node_job_ids_come_from_the_launcher() -> None:
-    from profilerd.cli import _scheduler_job_id
+    from profilerd.session import scheduler_job_id as _scheduler_job_id
 
     assert _scheduler_job_id(["torchrun", "--nnodes", "2", "--rdzv-id", "exp7", "train.py"]) == "rdzv-exp7"
     assert _scheduler_job_id(["torchrun", "--rdzv_id=exp8", "train.py"]) == "rdzv-exp8"

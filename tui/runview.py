@@ -4,7 +4,11 @@ While the view owns the terminal, the training command must not write over it: i
 stderr go to a pseudo-terminal (so it still line-buffers and draws progress bars as it would on
 a terminal), a thread keeps the recent lines for the `o` screen and spools everything, and
 when the view closes the spool is written to the real terminal and the rest of the output
-passes straight through. Imported lazily by ``profilerd.cli`` only on a terminal.
+passes straight through. Imported lazily by ``profilerd.session`` only on a terminal.
+
+The view must never take the run down: whatever fails in it (the app, the terminal), the view
+ends, the held-back output is written out, the rest passes through, and `run` goes on with its
+status line. A crash inside the app is reported in one line, its traceback in a log file.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ import sys
 import tempfile
 import termios
 import threading
+import time
 from collections import deque
 from typing import Any
 
 MAX_LINES = 2000
+FAULT_AFTER_S = 2.0
 
 
 class ChildOutput:
@@ -50,6 +56,8 @@ class ChildOutput:
         self._thread.start()
 
     def _pump(self) -> None:
+        """Drain the child's output for as long as it writes: if this stopped, the training
+        would block on a full pseudo-terminal, so nothing here may end the loop but EOF."""
         while True:
             try:
                 data = os.read(self.master, 65536)
@@ -61,7 +69,12 @@ class ChildOutput:
                 if self._passthrough:
                     _write_stdout(data)
                     continue
-                self._spool.write(data)
+                try:
+                    self._spool.write(data)
+                except OSError:  # no room for the spool: what is held back goes out now
+                    self._release_locked()
+                    _write_stdout(data)
+                    continue
                 self._split(data.decode(errors="replace"))
 
     def _split(self, text: str) -> None:
@@ -78,11 +91,18 @@ class ChildOutput:
     def release(self) -> None:
         """Write what was held back to the terminal; from now on output passes straight through."""
         with self._lock:
+            self._release_locked()
+
+    def _release_locked(self) -> None:
+        if self._passthrough:
+            return
+        self._passthrough = True
+        with contextlib.suppress(OSError, ValueError):
             self._spool.seek(0)
             while chunk := self._spool.read(1 << 16):
                 _write_stdout(chunk)
+        with contextlib.suppress(OSError):
             self._spool.close()
-            self._passthrough = True
 
     def close(self) -> None:
         if self._started:
@@ -94,18 +114,59 @@ class ChildOutput:
             os.close(self.master)
 
 
+def _terminal_state() -> list[Any] | None:
+    try:
+        return termios.tcgetattr(sys.stdin.fileno())
+    except (OSError, ValueError, termios.error):
+        return None
+
+
+def _restore_terminal(state: list[Any] | None) -> None:
+    """After a crash that Textual did not clean up: cooked mode, main screen, cursor, no mouse."""
+    with contextlib.suppress(OSError, ValueError, termios.error):
+        if state is not None:
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, state)
+        sys.stdout.write("\x1b[?1000l\x1b[?1003l\x1b[?1006l\x1b[?2004l\x1b[?1049l\x1b[?25h")
+        sys.stdout.flush()
+
+
+def _describe_failure(app: Any, errors: list[Any]) -> str:
+    exception = getattr(app, "_exception", None)
+    what = f"{type(exception).__name__}: {exception}" if exception is not None else f"exit code {app.return_code}"
+    try:
+        from rich.console import Console
+
+        with tempfile.NamedTemporaryFile("w", prefix="profilerd-live-view-", suffix=".log", delete=False) as log:
+            console = Console(file=log, width=120, color_system=None)
+            for renderable in errors:
+                console.print(renderable)
+        return f"{what}; traceback in {log.name}"
+    except Exception:
+        return what
+
+
 def _write_stdout(data: bytes) -> None:
     with contextlib.suppress(OSError, ValueError):
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
 
 
-class LiveView:
-    """What `profilerd run` needs: stdio for the child, then the app until the child exits."""
+class LiveViewFailed(RuntimeError):
+    """The app ended on an error; the message says where its traceback went."""
 
-    def __init__(self, base_url: str, job: str) -> None:
+
+class LiveView:
+    """What `profilerd run` needs: stdio for the child, then the app until the child exits.
+
+    ``fault`` (a test aid) makes the app fail from inside, after it has drawn for a moment.
+    """
+
+    def __init__(self, base_url: str, job: str, fault: bool = False) -> None:
+        from profilerd_tui.app import make_app  # noqa: F401 - fail here, before the child starts
+
         self.base_url = base_url
         self.job = job
+        self.fault_at = time.monotonic() + FAULT_AFTER_S if fault else None
         self.output = ChildOutput()
 
     def popen_kwargs(self) -> dict[str, Any]:
@@ -119,19 +180,35 @@ class LiveView:
         self.output.started()
 
         def interrupt() -> None:
+            # ctrl+c is a key here (the view reads the terminal raw), so this is its only delivery.
             with contextlib.suppress(ProcessLookupError):
                 child.send_signal(signal.SIGINT)
 
-        app = make_app(
-            DaemonSource(self.base_url, self.job),
-            exit_when=lambda: child.poll() is not None,
-            on_interrupt=interrupt,
-            output=self.output.recent,
-        )
+        def exit_when() -> bool:
+            if self.fault_at is not None and time.monotonic() >= self.fault_at:
+                raise RuntimeError("live view fault injected (PROFILERD_LIVE_VIEW_FAULT=running)")
+            return child.poll() is not None
+
+        terminal = _terminal_state()
         try:
+            app = make_app(
+                DaemonSource(self.base_url, self.job),
+                exit_when=exit_when,
+                on_interrupt=interrupt,
+                output=self.output.recent,
+            )
+            errors: list[Any] = []
+            # Textual prints a crash's traceback over the terminal when it exits: keep it for
+            # the log instead, and tell the user in one line.
+            app._print_error_renderables = lambda: errors.extend(app._exit_renderables)  # type: ignore[method-assign]
             app.run()
+        except BaseException:
+            _restore_terminal(terminal)
+            raise
         finally:
             self.output.release()
+        if errors or app.return_code:
+            raise LiveViewFailed(_describe_failure(app, errors))
 
     def close(self) -> None:
         self.output.close()

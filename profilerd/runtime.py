@@ -1,0 +1,152 @@
+"""The per-user runtime directory: the daemon's lock and address, and the leases of runs.
+
+Standard library only: `profilerd run` reads these before the training starts, and must not pay
+for the daemon's imports (pandas, prometheus_client) to do so.
+
+A daemon started for runs (`profilerd serve --for-runs`) lives as long as some run needs it.
+Each `profilerd run` holds a lease: a file in ``leases/`` it keeps locked (flock) while it
+lives. The kernel drops the lock when the process ends however it ends (SIGKILL included), so
+the daemon counts live leases by trying to lock each file. A lease also names the training it
+covers (pid and start time): a run killed with SIGKILL leaves its training running, and that
+keeps the lease alive until the training ends too. ``leases.lock`` orders the two sides:
+a run holds it while it takes its lease and finds (or starts) the daemon, and a daemon holds it
+while it decides to exit and shuts down, so that no run ever picks a daemon that is leaving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+LOCK_NAME = "daemon.lock"
+INFO_NAME = "daemon.json"
+LEASES_DIR = "leases"
+LEASES_LOCK = "leases.lock"
+
+
+def read_running_daemon(runtime_dir: Path) -> dict[str, Any] | None:
+    """The running daemon's address, or None if no daemon holds the lock."""
+    lock_path = runtime_dir / LOCK_NAME
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                return None
+            try:
+                return json.loads((runtime_dir / INFO_NAME).read_text())
+            except (OSError, ValueError):
+                return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def ensure_runtime_dir(runtime_dir: Path) -> None:
+    """Create the runtime directory private to this user, as the daemon expects it."""
+    runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def leases_locked(runtime_dir: Path, wait_s: float | None) -> Iterator[bool]:
+    """Hold ``leases.lock``; yields False when it could not be had within ``wait_s`` (None: wait)."""
+    fd = os.open(runtime_dir / LEASES_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = None if wait_s is None else time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+            if deadline is not None and time.monotonic() >= deadline:
+                yield False
+                return
+            time.sleep(0.02)
+        yield True
+    finally:
+        os.close(fd)  # closing the only descriptor releases the lock
+
+
+class Lease:
+    """One run's claim on the shared daemon, held until release() or the process's end."""
+
+    def __init__(self, runtime_dir: Path) -> None:
+        directory = runtime_dir / LEASES_DIR
+        directory.mkdir(mode=0o700, exist_ok=True)
+        self.path = directory / f"{os.getpid()}-{secrets.token_hex(4)}"
+        # Not inheritable (Python's default): the training must not hold our lease, nor see the fd.
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def cover(self, pid: int) -> None:
+        """The training this lease is for: it keeps the lease alive should this process die first."""
+        started = _start_time(pid)
+        if self._fd is not None and started is not None:
+            os.pwrite(self._fd, f"{pid} {started}".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        os.close(self._fd)
+        self._fd = None
+
+
+def live_leases(runtime_dir: Path) -> int:
+    """How many runs hold a lease; the files of runs that died are removed on the way."""
+    directory = runtime_dir / LEASES_DIR
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    alive = 0
+    for name in names:
+        path = directory / name
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # released meanwhile
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            alive += 1  # its run holds it
+        else:
+            if _training_alive(os.pread(fd, 64, 0).decode(errors="replace")):
+                alive += 1
+            else:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        finally:
+            os.close(fd)
+    return alive
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot): a pid reused later has another."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _training_alive(content: str) -> bool:
+    parts = content.split()
+    if len(parts) != 2 or not parts[0].isdigit():
+        return False
+    return _start_time(int(parts[0])) == parts[1]
