@@ -24,7 +24,7 @@ from profilerd.analysis.rules import RuleSet
 from profilerd.config import DaemonConfig
 from profilerd.exporters.http import DaemonHttpServer
 from profilerd.recording import Recorder
-from profilerd.runtime import INFO_NAME, LOCK_NAME, leases_locked, live_leases, read_running_daemon
+from profilerd.runtime import INFO_NAME, LOCK_NAME, leased_run_ids, leases_locked, live_leases, read_running_daemon
 from profilerd.samplers.gpu import GpuBackend, open_backend
 from profilerd.samplers.host import HostSampler, ProcessSampler
 from profilerd.samplers.ingest import Ingest, IngestError, bind_socket, prepare_runtime_dir
@@ -256,11 +256,12 @@ class Daemon:
         """Close runs whose processes are all gone without a run_end (killed, or not under `run`)."""
         now = time.time()
         store = self.store
+        announced = leased_run_ids(self.config.runtime_dir)  # their `profilerd run` sends run_end
         with store.lock:
             candidates = []
             for job in store.jobs.values():
                 run = store.runs.get(job.run_id)
-                if run is None or run.state != "running" or not job.ranks:
+                if run is None or run.state != "running" or not job.ranks or job.run_id in announced:
                     continue
                 if any(r.alive for r in job.ranks.values()):
                     continue

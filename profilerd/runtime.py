@@ -93,11 +93,12 @@ class Lease:
         self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         fcntl.flock(self._fd, fcntl.LOCK_EX)
 
-    def cover(self, pid: int) -> None:
-        """The training this lease is for: it keeps the lease alive should this process die first."""
+    def cover(self, pid: int, run_id: str) -> None:
+        """The training this lease is for: it keeps the lease alive should this process die first,
+        and tells the daemon that the run's end will be announced (no orphan closing meanwhile)."""
         started = _start_time(pid)
         if self._fd is not None and started is not None:
-            os.pwrite(self._fd, f"{pid} {started}".encode(), 0)
+            os.pwrite(self._fd, f"{pid} {started} {run_id}".encode(), 0)
 
     def release(self) -> None:
         if self._fd is None:
@@ -110,12 +111,21 @@ class Lease:
 
 def live_leases(runtime_dir: Path) -> int:
     """How many runs hold a lease; the files of runs that died are removed on the way."""
+    return len(_live_lease_contents(runtime_dir))
+
+
+def leased_run_ids(runtime_dir: Path) -> set[str]:
+    """The runs whose `profilerd run` (or training, should that have died) is still alive."""
+    return {parts[2] for parts in (c.split() for c in _live_lease_contents(runtime_dir)) if len(parts) >= 3}
+
+
+def _live_lease_contents(runtime_dir: Path) -> list[str]:
     directory = runtime_dir / LEASES_DIR
     try:
         names = os.listdir(directory)
     except OSError:
-        return 0
-    alive = 0
+        return []
+    alive = []
     for name in names:
         path = directory / name
         try:
@@ -123,15 +133,17 @@ def live_leases(runtime_dir: Path) -> int:
         except OSError:
             continue  # released meanwhile
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            alive += 1  # its run holds it
-        else:
-            if _training_alive(os.pread(fd, 64, 0).decode(errors="replace")):
-                alive += 1
+            content = os.pread(fd, 256, 0).decode(errors="replace")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                alive.append(content)  # its run holds it
             else:
-                with contextlib.suppress(OSError):
-                    path.unlink()
+                if _training_alive(content):
+                    alive.append(content)
+                else:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
         finally:
             os.close(fd)
     return alive
@@ -147,6 +159,6 @@ def _start_time(pid: int) -> str | None:
 
 def _training_alive(content: str) -> bool:
     parts = content.split()
-    if len(parts) != 2 or not parts[0].isdigit():
+    if len(parts) < 2 or not parts[0].isdigit():
         return False
     return _start_time(int(parts[0])) == parts[1]

@@ -482,7 +482,7 @@ def _run(
             print(f"profilerd: cannot run {cmd[0]!r}: {exc.strerror}", file=sys.stderr)
             return 127 if isinstance(exc, FileNotFoundError) else 126
         relay.child = child
-        handle.lease.cover(child.pid)
+        handle.lease.cover(child.pid, run_id)
         code = _wait_for_child(child, handle, job, status, live)
         relay.training_ended = True
         if live is not None:
