@@ -19,7 +19,7 @@ import pytest
 from profilerd.analysis.rules import load_rules
 from profilerd.config import load
 from profilerd.daemon import Daemon, DaemonError
-from profilerd.exporters.http import redact_argv
+from profilerd.redaction import MASK, redact_argv
 from profilerd.samplers.gpu import NoGpuBackend
 from profilerd_probes import wire
 from tests.conftest import REPO
@@ -215,19 +215,53 @@ def test_api_redacts_secrets_in_command_lines(make_daemon: DaemonFactory) -> Non
     assert shown[:2] == ["train.py", "--hf-token"] and shown[-2:] == ["--lr", "0.1"]  # the rest stays readable
 
 
+# Each flag spelling from issue 18 that the old deny-list missed, and common token shapes.
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["--password", "x"], ["--password", "[redacted]"]),
-        (["--secret_key", "x"], ["--secret_key", "[redacted]"]),
-        (["--token=x"], ["--token=[redacted]"]),
-        (["WANDB_API_KEY=x"], ["WANDB_API_KEY=[redacted]"]),
-        (["https://u:pw@host/p"], ["https://u:[redacted]@host/p"]),
-        (["--max-tokens", "100", "--tokenizer", "gpt2"], ["--max-tokens", "100", "--tokenizer", "gpt2"]),
+        (["train.py", "--db-pass", "x"], ["train.py", "--db-pass", MASK]),
+        (["train.py", "--wandb-key=x"], ["train.py", f"--wandb-key={MASK}"]),
+        (["train.py", "--private-key="], ["train.py", f"--private-key={MASK}"]),
+        (["train.py", "--key", "x"], ["train.py", "--key", MASK]),
+        (["train.py", "--credentials=/x.json"], ["train.py", f"--credentials={MASK}"]),
+        (["train.py", "--pass=x"], ["train.py", f"--pass={MASK}"]),
+        (["train.py", "--pwd=x"], ["train.py", f"--pwd={MASK}"]),
+        (["train.py", "--passphrase=x y"], ["train.py", f"--passphrase={MASK}"]),
+        (["train.py", "--master_key=x"], ["train.py", f"--master_key={MASK}"]),
+        (["train.py", "-p", "x"], ["train.py", "-p", MASK]),
+        (["train.py", "-pSECRETVALUE"], ["train.py", f"-{MASK}"]),
+        (["train.py", "glpat-abcdefghij0123456789"], ["train.py", MASK]),
+        (["train.py", "AKIAIOSFODNN7EXAMPLE"], ["train.py", MASK]),
+        (["train.py", "--password", "x"], ["train.py", "--password", MASK]),
+        (["train.py", "--token=x"], ["train.py", f"--token={MASK}"]),
+        (["train.py", "WANDB_API_KEY=x"], ["train.py", f"WANDB_API_KEY={MASK}"]),
+        (["train.py", "https://u:pw@host/p"], ["train.py", MASK]),
+        (["train.py", "data/imagenet", "7"], ["train.py", MASK, MASK]),  # positional: never shown
+        # a token in the value of a harmless flag, or in what is shown, is still masked
+        (["train.py", "--model", "hf_abcdefghijklmnop"], ["train.py", "--model", MASK]),
+        (["train.py", "--model=https://u:pw@hub/m"], ["train.py", f"--model=https://u:{MASK}@hub/m"]),
+        # what is shown: the script, flag names, values of known-harmless flags
+        (
+            ["train.py", "--lr", "3e-4", "--batch-size=64", "-b", "256", "--epochs", "90", "--seed", "-1"],
+            ["train.py", "--lr", "3e-4", "--batch-size=64", "-b", "256", "--epochs", "90", "--seed", "-1"],
+        ),
+        (["train.py", "--num_workers", "8", "--amp"], ["train.py", "--num_workers", "8", "--amp"]),
+        (["train.py", "optimizer.lr=0.1", "db.password=x"], ["train.py", "optimizer.lr=0.1", f"db.password={MASK}"]),
+        (["train.py", "--", "--lr", "1"], ["train.py", "--", MASK, MASK]),
+        (
+            ["train.py", "--max-tokens", "100", "--tokenizer", "gpt2"],
+            ["train.py", "--max-tokens", MASK, "--tokenizer", MASK],
+        ),
     ],
 )
-def test_redaction_patterns(argv: list[str], expected: list[str]) -> None:
+def test_redaction_allow_list(argv: list[str], expected: list[str]) -> None:
     assert redact_argv(argv) == expected
+
+
+def test_flags_the_user_lists_show_their_values() -> None:
+    argv = ["train.py", "--max-tokens", "100", "--max_new_tokens=20", "--hf-token", "x"]
+    shown = redact_argv(argv, ["max-tokens", "--max-new-tokens"])
+    assert shown == ["train.py", "--max-tokens", "100", "--max_new_tokens=20", "--hf-token", MASK]
 
 
 # ---- received data is data ------------------------------------------------------------------------

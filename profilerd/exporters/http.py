@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
+import socket
 import threading
 import time
 from dataclasses import asdict
@@ -20,43 +20,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from profilerd import __version__
 from profilerd.exporters.prometheus import ProfilerdCollector
+from profilerd.redaction import DEFAULT_REDACTOR, ArgvRedactor
 from profilerd.store import Store
 
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1/"
-# Command lines can carry secrets; these patterns are masked in everything the API returns.
-_SECRET = re.compile(r"(?i)((?:token|secret|password|passwd|api[_-]?key|access[_-]?key|auth)[A-Za-z_-]*[=:])\S+")
-_BEARER = re.compile(r"(?i)\b(?:hf|ghp|gho|sk|xox[bp])[_-][A-Za-z0-9_-]{8,}")
-_AUTH_HEADER = re.compile(r"(?i)\b(bearer|basic)\s+\S+")
-_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s:/@]+:)[^\s@/]+@")
-# A flag whose value is a secret: `--password VALUE`, `--hf-token VALUE`, `--secret_key VALUE`.
-_SECRET_FLAG = re.compile(
-    r"(?i)--?[a-z0-9_-]*(?:secret|password|passwd|credentials?)[a-z0-9_-]*"
-    r"|--?[a-z0-9_-]*(?:token|api[_-]?key|access[_-]?key|private[_-]?key|auth)"
-)
-
-
-def redact(text: str) -> str:
-    text = _SECRET.sub(r"\1[redacted]", text)
-    text = _URL_PASSWORD.sub(r"\1[redacted]@", text)
-    text = _AUTH_HEADER.sub(r"\1 [redacted]", text)
-    return _BEARER.sub("[redacted]", text)
-
-
-def redact_argv(argv: tuple[str, ...] | list[str]) -> list[str]:
-    """Mask values of secret-looking flags, including the `--token VALUE` two-word form."""
-    out: list[str] = []
-    hide_next = False
-    for arg in argv:
-        if hide_next:
-            out.append("[redacted]")
-            hide_next = False
-            continue
-        out.append(redact(arg))
-        if _SECRET_FLAG.fullmatch(arg):
-            hide_next = True
-    return out
 
 
 class ApiError(Exception):
@@ -65,13 +34,96 @@ class ApiError(Exception):
         self.status = status
 
 
+# One client must not exhaust the daemon (issue 18): each connection costs a thread and a file
+# descriptor, so the server holds at most MAX_CONNECTIONS. A connection has REQUEST_TIMEOUT_S
+# from opening (or from its last response, when kept alive) to deliver a complete request head,
+# however slowly it trickles; a full server makes room by closing the connection that has
+# waited longest for its request, so idle connections can never lock out a scrape.
+MAX_CONNECTIONS = 64
+REQUEST_TIMEOUT_S = 10.0
+# Each blocking read or write on a connection; a client that stops reading its response is
+# dropped after this long instead of holding a thread.
+SOCKET_TIMEOUT_S = 10.0
+
+
+class _Connections:
+    """The connections the server holds, and since when each has waited for a request."""
+
+    def __init__(self, limit: int, request_timeout_s: float) -> None:
+        self.limit = limit
+        self.request_timeout_s = request_timeout_s
+        self._lock = threading.Lock()
+        self._waiting_since: dict[socket.socket, float | None] = {}  # None while a request is served
+        self.evicted_total = 0
+
+    def admit(self, conn: socket.socket) -> bool:
+        """Take ``conn`` if there is room, making room by closing the longest-waiting idle one."""
+        with self._lock:
+            if len(self._waiting_since) >= self.limit:
+                idle = [(since, c) for c, since in self._waiting_since.items() if since is not None]
+                if not idle:
+                    return False  # every connection is being answered: the newcomer waits its turn elsewhere
+                _, oldest = min(idle, key=lambda item: item[0])
+                self._drop(oldest)
+            self._waiting_since[conn] = time.monotonic()
+            return True
+
+    def waiting(self, conn: socket.socket) -> None:
+        with self._lock:
+            if conn in self._waiting_since:
+                self._waiting_since[conn] = time.monotonic()
+
+    def serving(self, conn: socket.socket) -> None:
+        with self._lock:
+            if conn in self._waiting_since:
+                self._waiting_since[conn] = None
+
+    def release(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._waiting_since.pop(conn, None)
+
+    def expire(self) -> None:
+        """Close every connection that has waited too long for its request."""
+        deadline = time.monotonic() - self.request_timeout_s
+        with self._lock:
+            for conn, since in list(self._waiting_since.items()):
+                if since is not None and since < deadline:
+                    self._drop(conn)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._waiting_since)
+
+    def _drop(self, conn: socket.socket) -> None:
+        """Wake the connection's thread with an end of file; that thread closes the socket (closing
+        it here could close a descriptor number already reused by a new connection)."""
+        del self._waiting_since[conn]
+        self.evicted_total += 1
+        try:
+            conn.shutdown(socket.SHUT_RDWR)
+        except OSError as exc:  # already gone
+            log.debug("http: shutting down an idle connection: %s", exc)
+
+
 class DaemonHttpServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # Connections a flood leaves in the kernel's queue cost the daemon no descriptor; a deeper
+    # queue keeps a scrape from being refused while the server works through them.
+    request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], store: Store, info: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        store: Store,
+        info: dict[str, Any],
+        redactor: ArgvRedactor = DEFAULT_REDACTOR,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         self.store = store
         self.info = info
+        self.redactor = redactor
+        self.connections = _Connections(max_connections, REQUEST_TIMEOUT_S)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ProfilerdCollector(store))
         super().__init__(address, _Handler)
@@ -83,6 +135,24 @@ class DaemonHttpServer(ThreadingHTTPServer):
         thread.start()
         return thread
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.connections.admit(request):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        self.connections.release(request)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away mid-answer (or was dropped as idle) is not the daemon's error."""
+        log.debug("http: connection from %s failed", client_address, exc_info=True)
+
+    def service_actions(self) -> None:
+        """Called by serve_forever every poll interval, in its own thread."""
+        self.connections.expire()
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: DaemonHttpServer
@@ -90,6 +160,16 @@ class _Handler(BaseHTTPRequestHandler):
     # Headers and body are two writes: with Nagle's algorithm the body can wait for the
     # client's delayed ACK (up to 40 ms on Linux), which showed up as the scrape latency tail.
     disable_nagle_algorithm = True
+    timeout = SOCKET_TIMEOUT_S
+
+    def handle_one_request(self) -> None:
+        self.server.connections.waiting(self.connection)
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        self.server.connections.serving(self.connection)  # a complete head (or an error to answer)
+        return parsed
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("http %s - %s", self.address_string(), format % args)
@@ -170,7 +250,7 @@ def route(server: DaemonHttpServer, path: str, query: dict[str, list[str]]) -> A
         return {"jobs": [job_summary(store, name) for name in store.job_names()]}
     if len(segments) == 2 and segments[0] == "jobs":
         steps = _int_param(query, "steps", 120, 0, 5000)
-        return job_document(store, segments[1], steps)
+        return job_document(store, segments[1], steps, server.redactor)
     if segments == ["runs"]:
         with store.lock:
             return {"runs": [asdict(run) for run in store.runs.values()]}
@@ -229,7 +309,9 @@ def job_summary(store: Store, name: str) -> dict[str, Any]:
         }
 
 
-def job_document(store: Store, name: str, recent_steps: int) -> dict[str, Any]:
+def job_document(
+    store: Store, name: str, recent_steps: int, redactor: ArgvRedactor = DEFAULT_REDACTOR
+) -> dict[str, Any]:
     summary = job_summary(store, name)
     with store.lock:
         job = store.jobs[name]
@@ -242,7 +324,7 @@ def job_document(store: Store, name: str, recent_steps: int) -> dict[str, Any]:
                     "rank": rank_id,
                     "pid": rank.session.pid,
                     "hostname": rank.session.hostname,
-                    "argv": redact_argv(rank.session.argv),
+                    "argv": redactor(rank.session.argv),
                     "alive": rank.alive,
                     "steps_total": rank.steps_total,
                     "last_step_unix_s": rank.last_step_unix_s,
