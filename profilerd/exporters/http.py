@@ -108,9 +108,12 @@ class _Connections:
 class DaemonHttpServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
-    # Connections a flood leaves in the kernel's queue cost the daemon no descriptor; a deeper
-    # queue keeps a scrape from being refused while the server works through them.
-    request_queue_size = 128
+    # Connections waiting in the kernel's accept queue cost the daemon no descriptor. The queue
+    # must outlast a flood: when it overflows, Linux drops the client's handshake ACK, and a
+    # scrape that believes it is connected waits for retransmissions (seconds) instead of
+    # queueing behind the flood's connections (microseconds each). The kernel caps it at
+    # net.core.somaxconn (4096 by default since Linux 5.4).
+    request_queue_size = 4096
 
     def __init__(
         self,
@@ -154,6 +157,22 @@ class DaemonHttpServer(ThreadingHTTPServer):
         self.connections.expire()
 
 
+class _LineReader:
+    """The connection's reader, remembering the last line read: http.client's header parser
+    stops at a blank line and at end of file alike, and only the first is a complete head."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+        self.last_line: bytes | None = None
+
+    def readline(self, limit: int = -1) -> bytes:
+        self.last_line = self._raw.readline(limit)
+        return self.last_line
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: DaemonHttpServer
     protocol_version = "HTTP/1.1"
@@ -162,12 +181,22 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     timeout = SOCKET_TIMEOUT_S
 
+    def setup(self) -> None:
+        super().setup()
+        self.rfile = _LineReader(self.rfile)  # type: ignore[assignment]
+
     def handle_one_request(self) -> None:
         self.server.connections.waiting(self.connection)
         super().handle_one_request()
 
     def parse_request(self) -> bool:
         parsed = super().parse_request()
+        if parsed and self.rfile.last_line == b"":  # type: ignore[attr-defined]
+            # The head ended at end of file, not at its blank line: the client went away, or
+            # the connection was dropped as idle. Answering would build a response (a /metrics
+            # scrape's worth of work) for nobody, once per dropped connection.
+            self.close_connection = True
+            return False
         self.server.connections.serving(self.connection)  # a complete head (or an error to answer)
         return parsed
 
@@ -192,6 +221,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(200, route(self.server, parts.path[len(API_PREFIX) :], query))
                 return
             raise ApiError(404, f"no such path: {parts.path}")
+        except (BrokenPipeError, ConnectionResetError, TimeoutError) as exc:  # the client left or stalled
+            log.debug("http %s: %s", parts.path, exc)
+            self.close_connection = True
         except ApiError as exc:
             self._json(exc.status, {"error": str(exc), "status": exc.status})
         except ValueError as exc:
