@@ -5,14 +5,19 @@ Handlers only read the store's snapshots; nothing here calls NVML or waits on a 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
+import re
+import selectors
 import socket
 import threading
 import time
-from dataclasses import asdict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -34,85 +39,82 @@ class ApiError(Exception):
         self.status = status
 
 
-# One client must not exhaust the daemon (issue 18): each connection costs a thread and a file
-# descriptor, so the server holds at most MAX_CONNECTIONS. A connection has REQUEST_TIMEOUT_S
-# from opening (or from its last response, when kept alive) to deliver a complete request head,
-# however slowly it trickles; a full server makes room by closing the connection that has
-# waited longest for its request, so idle connections can never lock out a scrape.
-MAX_CONNECTIONS = 64
+# One client must not exhaust the daemon (issue 18). Connections are accepted and their request
+# heads read by one selector loop, so an idle or trickling connection costs a descriptor and a
+# few hundred bytes, never a thread; only a complete head goes to one of MAX_WORKERS threads.
+# At most MAX_CONNECTIONS are held: a full server closes the connection that has waited longest
+# for its head, so idle connections can never lock out a scrape, and the daemon's descriptors
+# stay far from its limit (the samplers need some). A connection has REQUEST_TIMEOUT_S to send a
+# complete head, however slowly it trickles, and is closed after its response.
+MAX_CONNECTIONS = 128
+MAX_WORKERS = 8
 REQUEST_TIMEOUT_S = 10.0
-# Each blocking read or write on a connection; a client that stops reading its response is
-# dropped after this long instead of holding a thread.
+# Each blocking write of a response: a client that stops reading is dropped after this long.
 SOCKET_TIMEOUT_S = 10.0
+# A head longer than this is handed to the handler, which answers 414 or 431 as for any other.
+MAX_HEAD_BYTES = 80 * 1024
+# New connections taken per turn of the loop, so a flood cannot stall reading the heads of
+# connections already accepted.
+ACCEPTS_PER_TURN = 64
+_REQUEST_LINE = re.compile(rb"\S+ \S+ HTTP/\d\.\d\r?")
 
 
-class _Connections:
-    """The connections the server holds, and since when each has waited for a request."""
+@dataclass
+class _Pending:
+    """A connection whose request head is still arriving."""
 
-    def __init__(self, limit: int, request_timeout_s: float) -> None:
-        self.limit = limit
-        self.request_timeout_s = request_timeout_s
-        self._lock = threading.Lock()
-        self._waiting_since: dict[socket.socket, float | None] = {}  # None while a request is served
-        self.evicted_total = 0
+    sock: socket.socket
+    address: Any
+    since: float
+    head: bytearray = field(default_factory=bytearray)
 
-    def admit(self, conn: socket.socket) -> bool:
-        """Take ``conn`` if there is room, making room by closing the longest-waiting idle one."""
-        with self._lock:
-            if len(self._waiting_since) >= self.limit:
-                idle = [(since, c) for c, since in self._waiting_since.items() if since is not None]
-                if not idle:
-                    return False  # every connection is being answered: the newcomer waits its turn elsewhere
-                _, oldest = min(idle, key=lambda item: item[0])
-                self._drop(oldest)
-            self._waiting_since[conn] = time.monotonic()
+    def ready(self) -> bool:
+        """The head is complete, too long, or its request line is one the handler will refuse
+        without reading headers (it answers 400 at once)."""
+        head = bytes(self.head)
+        if b"\r\n\r\n" in head or b"\n\n" in head or len(head) > MAX_HEAD_BYTES:
             return True
-
-    def waiting(self, conn: socket.socket) -> None:
-        with self._lock:
-            if conn in self._waiting_since:
-                self._waiting_since[conn] = time.monotonic()
-
-    def serving(self, conn: socket.socket) -> None:
-        with self._lock:
-            if conn in self._waiting_since:
-                self._waiting_since[conn] = None
-
-    def release(self, conn: socket.socket) -> None:
-        with self._lock:
-            self._waiting_since.pop(conn, None)
-
-    def expire(self) -> None:
-        """Close every connection that has waited too long for its request."""
-        deadline = time.monotonic() - self.request_timeout_s
-        with self._lock:
-            for conn, since in list(self._waiting_since.items()):
-                if since is not None and since < deadline:
-                    self._drop(conn)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._waiting_since)
-
-    def _drop(self, conn: socket.socket) -> None:
-        """Wake the connection's thread with an end of file; that thread closes the socket (closing
-        it here could close a descriptor number already reused by a new connection)."""
-        del self._waiting_since[conn]
-        self.evicted_total += 1
-        try:
-            conn.shutdown(socket.SHUT_RDWR)
-        except OSError as exc:  # already gone
-            log.debug("http: shutting down an idle connection: %s", exc)
+        line, newline, _ = head.partition(b"\n")
+        return bool(newline) and _REQUEST_LINE.fullmatch(line) is None
 
 
-class DaemonHttpServer(ThreadingHTTPServer):
-    daemon_threads = True
+class _HeadThenSocket(io.RawIOBase):
+    """The bytes the selector loop already read, then the socket: the handler's input."""
+
+    def __init__(self, head: bytes, sock: socket.socket) -> None:
+        self._head = memoryview(head)
+        self._sock = sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._head:
+            count = min(len(buffer), len(self._head))
+            buffer[:count] = self._head[:count]
+            self._head = self._head[count:]
+            return count
+        return self._sock.recv_into(buffer)
+
+
+class _SocketWriter(io.BufferedIOBase):
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self._sock.sendall(data)
+        return len(data)
+
+
+class DaemonHttpServer(HTTPServer):
     allow_reuse_address = True
     # Connections waiting in the kernel's accept queue cost the daemon no descriptor. The queue
     # must outlast a flood: when it overflows, Linux drops the client's handshake ACK, and a
-    # scrape that believes it is connected waits for retransmissions (seconds) instead of
-    # queueing behind the flood's connections (microseconds each). The kernel caps it at
-    # net.core.somaxconn (4096 by default since Linux 5.4).
+    # scrape that believes it is connected waits for retransmissions (seconds). The kernel caps
+    # it at net.core.somaxconn (4096 by default since Linux 5.4).
     request_queue_size = 4096
 
     def __init__(
@@ -126,51 +128,124 @@ class DaemonHttpServer(ThreadingHTTPServer):
         self.store = store
         self.info = info
         self.redactor = redactor
-        self.connections = _Connections(max_connections, REQUEST_TIMEOUT_S)
+        self.max_connections = max_connections
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ProfilerdCollector(store))
+        self._pending: dict[socket.socket, _Pending] = {}  # oldest first (insertion order)
+        self._answering = 0  # connections handed to a worker and not yet closed
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._serving = False
+        self._workers = ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix="profilerd-http-worker")
+        self.evicted_total = 0
         super().__init__(address, _Handler)
 
     def serve_in_thread(self) -> threading.Thread:
         thread = threading.Thread(
             target=self.serve_forever, kwargs={"poll_interval": 0.2}, name="profilerd-http", daemon=True
         )
+        self._serving = True
         thread.start()
         return thread
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.connections.admit(request):
-            self.shutdown_request(request)
+    def serve_forever(self, poll_interval: float = 0.2) -> None:
+        self._serving = True
+        selector = selectors.DefaultSelector()
+        self.socket.setblocking(False)
+        selector.register(self.socket, selectors.EVENT_READ, None)
+        try:
+            while not self._stop.is_set():
+                for key, _ in selector.select(poll_interval):
+                    if key.data is None:
+                        self._accept(selector)
+                    else:
+                        self._read(selector, key.data)
+                deadline = time.monotonic() - REQUEST_TIMEOUT_S
+                while self._pending and (oldest := next(iter(self._pending.values()))).since < deadline:
+                    self._discard(selector, oldest)
+        finally:
+            for pending in list(self._pending.values()):
+                self._discard(selector, pending)
+            selector.close()
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self._serving:
+            self._stopped.wait()
+        self._workers.shutdown(wait=False, cancel_futures=True)
+
+    def _accept(self, selector: selectors.BaseSelector) -> None:
+        for _ in range(ACCEPTS_PER_TURN):
+            try:
+                conn, address = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors, or the peer left: try again next turn
+                log.debug("http: accept failed: %s", exc)
+                return
+            with self._lock:
+                held = len(self._pending) + self._answering
+            if held >= self.max_connections:
+                if not self._pending:  # every connection is being answered: this one must retry
+                    conn.close()
+                    continue
+                self.evicted_total += 1
+                self._discard(selector, next(iter(self._pending.values())))
+            conn.setblocking(False)
+            pending = _Pending(conn, address, time.monotonic())
+            self._pending[conn] = pending
+            selector.register(conn, selectors.EVENT_READ, pending)
+
+    def _read(self, selector: selectors.BaseSelector, pending: _Pending) -> None:
+        try:
+            data = pending.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
             return
-        super().process_request(request, client_address)
+        except OSError:
+            data = b""
+        if not data:  # the client left before finishing its head: nothing to answer
+            self._discard(selector, pending)
+            return
+        pending.head += data
+        if not pending.ready():
+            return
+        selector.unregister(pending.sock)
+        del self._pending[pending.sock]
+        with self._lock:
+            self._answering += 1
+        try:
+            self._workers.submit(self._answer, pending)
+        except RuntimeError:  # shutting down
+            self._finish(pending.sock)
 
-    def shutdown_request(self, request: Any) -> None:
-        self.connections.release(request)
-        super().shutdown_request(request)
+    def _discard(self, selector: selectors.BaseSelector, pending: _Pending) -> None:
+        self._pending.pop(pending.sock, None)
+        with contextlib.suppress(KeyError, ValueError):  # not registered yet, or already gone
+            selector.unregister(pending.sock)
+        pending.sock.close()
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that went away mid-answer (or was dropped as idle) is not the daemon's error."""
-        log.debug("http: connection from %s failed", client_address, exc_info=True)
+    def _answer(self, pending: _Pending) -> None:
+        try:
+            pending.sock.setblocking(True)
+            pending.sock.settimeout(SOCKET_TIMEOUT_S)
+            self.RequestHandlerClass(pending, pending.address, self)
+        except Exception:  # a client that went away mid-answer is not the daemon's error
+            log.debug("http: answering %s failed", pending.address, exc_info=True)
+        finally:
+            self._finish(pending.sock)
 
-    def service_actions(self) -> None:
-        """Called by serve_forever every poll interval, in its own thread."""
-        self.connections.expire()
+    def _finish(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._answering -= 1
+        with contextlib.suppress(OSError):  # the client already left
+            sock.shutdown(socket.SHUT_WR)
+        sock.close()
 
-
-class _LineReader:
-    """The connection's reader, remembering the last line read: http.client's header parser
-    stops at a blank line and at end of file alike, and only the first is a complete head."""
-
-    def __init__(self, raw: Any) -> None:
-        self._raw = raw
-        self.last_line: bytes | None = None
-
-    def readline(self, limit: int = -1) -> bytes:
-        self.last_line = self._raw.readline(limit)
-        return self.last_line
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._raw, name)
+    def server_close(self) -> None:
+        super().server_close()
+        self._workers.shutdown(wait=False, cancel_futures=True)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -179,26 +254,17 @@ class _Handler(BaseHTTPRequestHandler):
     # Headers and body are two writes: with Nagle's algorithm the body can wait for the
     # client's delayed ACK (up to 40 ms on Linux), which showed up as the scrape latency tail.
     disable_nagle_algorithm = True
-    timeout = SOCKET_TIMEOUT_S
 
     def setup(self) -> None:
-        super().setup()
-        self.rfile = _LineReader(self.rfile)  # type: ignore[assignment]
+        """The server hands a connection with its head already read (see DaemonHttpServer)."""
+        pending: _Pending = self.request
+        self.connection = pending.sock
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        self.rfile = io.BufferedReader(_HeadThenSocket(bytes(pending.head), pending.sock))
+        self.wfile = _SocketWriter(pending.sock)
 
-    def handle_one_request(self) -> None:
-        self.server.connections.waiting(self.connection)
-        super().handle_one_request()
-
-    def parse_request(self) -> bool:
-        parsed = super().parse_request()
-        if parsed and self.rfile.last_line == b"":  # type: ignore[attr-defined]
-            # The head ended at end of file, not at its blank line: the client went away, or
-            # the connection was dropped as idle. Answering would build a response (a /metrics
-            # scrape's worth of work) for nobody, once per dropped connection.
-            self.close_connection = True
-            return False
-        self.server.connections.serving(self.connection)  # a complete head (or an error to answer)
-        return parsed
+    def handle(self) -> None:
+        self.handle_one_request()  # one request per connection: a kept-alive idle one would hold a worker
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("http %s - %s", self.address_string(), format % args)
@@ -258,6 +324,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
+        self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
 
