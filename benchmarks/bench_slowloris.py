@@ -1,10 +1,10 @@
 """`/metrics` latency of a real daemon, quiet and while 1,000 idle connections are held open.
 
-A forked attacker opens CONNECTIONS loopback connections that send `GET /metrics HTTP/1.1` and
-one header, never the blank line, and reopens each one the daemon closes (issue 18's
-slowloris). The daemon (`profilerd serve --gpu none`, held to 1,024 descriptors as the issue
-found it) is scraped SCRAPES times in each phase; latencies, and the daemon's descriptors and
-threads under attack, are printed.
+A forked attacker (uid 12345 when run as root) opens CONNECTIONS loopback connections that
+send `GET /metrics HTTP/1.1` and one header, never the blank line, and reopens each one the
+daemon closes (issue 18's slowloris). The daemon (`profilerd serve --gpu none`, held to 1,024
+descriptors as the issue found it) is scraped SCRAPES times in each phase; latencies, and the
+daemon's descriptors and threads under attack, are printed.
 
     python benchmarks/bench_slowloris.py
     python benchmarks/bench_slowloris.py --connections 2000 --scrapes 500 --json out.json
@@ -16,9 +16,7 @@ import argparse
 import json
 import os
 import resource
-import selectors
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,28 +26,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-def hold(port: int, connections: int, ready_fd: int) -> None:  # runs in the forked attacker
-    resource.setrlimit(resource.RLIMIT_NOFILE, (connections + 256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-    selector = selectors.DefaultSelector()
-
-    def open_one() -> None:
-        try:
-            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
-            sock.setblocking(False)
-            selector.register(sock, selectors.EVENT_READ)
-        except OSError:
-            time.sleep(0.01)
-
-    for _ in range(connections):
-        open_one()
-    os.write(ready_fd, b"1")
-    while True:
-        for key, _ in selector.select(timeout=0.5):
-            selector.unregister(key.fileobj)
-            key.fileobj.close()
-            open_one()
+from tests.test_shared_box import hold_idle_connections  # noqa: E402  (the attacker of the test)
 
 
 def scrape(url: str, count: int) -> list[float]:
@@ -106,7 +86,7 @@ def main() -> None:
             attacker = os.fork()
             if attacker == 0:
                 try:
-                    hold(int(url.rsplit(":", 1)[1]), args.connections, write_fd)
+                    hold_idle_connections(int(url.rsplit(":", 1)[1]), args.connections, write_fd)
                 finally:
                     os._exit(1)
             os.close(write_fd)

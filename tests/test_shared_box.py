@@ -1,6 +1,6 @@
 """Safe on a shared GPU box (issue 18): another local user cannot blind the daemon with idle
-connections, command-line secrets never leave by default, settings that would break the daemon
-are refused at load, and damaged or newer recordings say so instead of looking healthy."""
+connections, settings that would break the daemon are refused at load, and damaged or newer
+recordings say so instead of looking healthy. (Command-line secrets: tests/test_security.py.)"""
 
 from __future__ import annotations
 
@@ -13,38 +13,31 @@ import signal
 import socket
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from profilerd.analysis.rules import load_rules
-from profilerd.config import load
-from profilerd.daemon import Daemon
 from profilerd.exporters.http import MAX_CONNECTIONS, MAX_WORKERS
-from profilerd.recording import recording_file
-from profilerd.redaction import MASK
-from profilerd.samplers.gpu import NoGpuBackend
 from tests.conftest import run_cli
 from tests.fixtures.make_fixture import FIXTURE
-from tests.reliability_helpers import Served, get_json, hello, http_get, metrics, send, step_batch, wait_for
+from tests.reliability_helpers import Served, get_json, http_get, metrics, wait_for
+from tests.test_report import _corrupted, _truncated
 
-RULES, _ = load_rules()
 ATTACKER_UID = 12345
 SLOWLORIS_CONNECTIONS = 1000
 
 
 # ---- slowloris -------------------------------------------------------------------------------------
-def _slowloris(port: int, ready_fd: int) -> None:  # pragma: no cover - runs in the forked child
-    """Hold SLOWLORIS_CONNECTIONS connections that never finish their request head, reopening
-    every one the daemon closes, until killed. Runs as another user when the test is root."""
+def hold_idle_connections(port: int, count: int, ready_fd: int) -> None:  # pragma: no cover - a forked child
+    """Hold ``count`` connections that never finish their request head, reopening every one the
+    daemon closes, until killed; one byte on ``ready_fd`` once all are open. Runs as another
+    user when started as root. (benchmarks/bench_slowloris.py uses it too.)"""
     if os.geteuid() == 0:
         os.setgroups([])
         os.setgid(ATTACKER_UID)
         os.setuid(ATTACKER_UID)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (4096, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (count + 256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
     selector = selectors.DefaultSelector()
 
     def open_one() -> None:
@@ -56,7 +49,7 @@ def _slowloris(port: int, ready_fd: int) -> None:  # pragma: no cover - runs in 
         except OSError:
             time.sleep(0.01)
 
-    for _ in range(SLOWLORIS_CONNECTIONS):
+    for _ in range(count):
         open_one()
     os.write(ready_fd, b"1")
     while True:
@@ -89,7 +82,7 @@ def test_a_slowloris_of_1000_idle_connections_leaves_metrics_answering_and_the_s
         attacker = os.fork()
         if attacker == 0:  # pragma: no cover - the child
             try:
-                _slowloris(port, write_fd)
+                hold_idle_connections(port, SLOWLORIS_CONNECTIONS, write_fd)
             finally:
                 os._exit(1)
         os.close(write_fd)
@@ -141,94 +134,6 @@ def test_a_connection_that_never_finishes_its_request_is_closed(profilerd_env: d
         assert served.terminate() == 0
 
 
-# ---- secrets ---------------------------------------------------------------------------------------
-@pytest.fixture
-def make_daemon(profilerd_env: dict[str, str]) -> Iterator[Callable[..., Daemon]]:
-    started: list[Daemon] = []
-
-    def make(**overrides: Any) -> Daemon:
-        config, problems = load()
-        assert problems == []
-        daemon = Daemon(replace(config, **overrides), RULES, gpu_backend=NoGpuBackend("no GPU in tests"))
-        daemon.start()
-        started.append(daemon)
-        return daemon
-
-    yield make
-    for daemon in started:
-        daemon.stop()
-
-
-# The issue's examples, each with a secret that must not leave the training process (the probes
-# send at most 16 arguments; every spelling is in tests/test_security.py::test_redaction_allow_list).
-SECRET_ARGV = [
-    "train.py",
-    "--db-pass",
-    "S1-hunter2",
-    "--wandb-key=S2-0123456789abcdef",
-    "--private-key=S3-/home/a/.ssh/id",
-    "--key",
-    "S4-k",
-    "--credentials=S5-creds.json",
-    "-p",
-    "S7",
-    "glpat-S8abcdefghij0123456",
-    "AKIAS9ABCDEFGHIJKLMN",
-    "--lr",
-    "0.1",
-    "--max-tokens",
-    "512",
-]
-SECRETS = ["S1-hunter2", "S2-0123", "S3-", "S4-k", "S5-", "S7", "S8", "S9"]
-
-
-def _recorded_argv(daemon: Daemon, run_id: str) -> list[str]:
-    path = recording_file(daemon.config.runs_dir, run_id)
-
-    def read() -> list[str] | None:
-        if not path.exists():
-            return None
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
-            try:
-                row = conn.execute("SELECT argv FROM sessions").fetchone()
-            except sqlite3.OperationalError:
-                return None
-        return json.loads(row[0]) if row else None
-
-    return wait_for(read, what="the session recorded")
-
-
-def _shown_argv(daemon: Daemon, job: str) -> tuple[list[str], str]:
-    host, port = daemon.http_address
-    wait_for(lambda: get_json(f"http://{host}:{port}/api/v1/jobs/{job}"), what="the job in the API")
-    everything = "".join(
-        http_get(f"http://{host}:{port}{path}")[1].decode()
-        for path in (f"/api/v1/jobs/{job}?steps=5", "/api/v1/jobs", "/api/v1/runs", "/api/v1/status", "/metrics")
-    )
-    return get_json(f"http://{host}:{port}/api/v1/jobs/{job}")["rank_detail"][0]["argv"], everything
-
-
-def test_secrets_in_the_command_line_leave_neither_by_the_api_nor_in_the_recording(
-    make_daemon: Callable[..., Daemon],
-) -> None:
-    daemon = make_daemon()
-    send(daemon.config.socket_path, hello(job="j", run_id="r", argv=SECRET_ARGV), step_batch(1, 3))
-    shown, everything = _shown_argv(daemon, "j")
-    assert not [s for s in SECRETS if s in everything]
-    assert shown[:3] == ["train.py", "--db-pass", MASK]  # flag names stay readable
-    assert shown[-4:] == ["--lr", "0.1", "--max-tokens", MASK]  # harmless values shown, others not
-    assert _recorded_argv(daemon, "r") == shown  # the recording follows the same rule
-
-
-def test_the_user_can_list_harmless_flags_and_opt_in_to_full_recordings(make_daemon: Callable[..., Daemon]) -> None:
-    daemon = make_daemon(argv_safe_flags=("max-tokens",), record_full_argv=True)
-    send(daemon.config.socket_path, hello(job="j", run_id="r", argv=SECRET_ARGV), step_batch(1, 3))
-    shown, everything = _shown_argv(daemon, "j")
-    assert shown[-4:] == ["--lr", "0.1", "--max-tokens", "512"]
-    assert not [s for s in SECRETS if s in everything]  # the API never shows more
-    assert _recorded_argv(daemon, "r") == SECRET_ARGV  # opted in: the user's own 0700 recording keeps it all
-
-
 # ---- settings ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("line", "message"),
@@ -270,23 +175,7 @@ def _snapshot(directory: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
 
 
-def _cut_short(directory: Path) -> Path:
-    path = directory / "cut-short.sqlite"
-    data = FIXTURE.read_bytes()
-    path.write_bytes(data[: int(len(data) * 0.45)])
-    return path
-
-
-def _corrupt(directory: Path) -> Path:
-    path = directory / "corrupt.sqlite"
-    data = bytearray(FIXTURE.read_bytes())
-    start = int(len(data) * 0.3) // 4096 * 4096
-    data[start : start + 3 * 4096] = b"\xff" * (3 * 4096)
-    path.write_bytes(bytes(data))
-    return path
-
-
-@pytest.mark.parametrize("make", [_cut_short, _corrupt])
+@pytest.mark.parametrize("make", [_truncated, _corrupted])
 def test_a_damaged_recording_says_so_in_the_header_and_exits_3(make: Any, profilerd_env: dict[str, str]) -> None:
     directory = _runs_dir(profilerd_env)
     path = make(directory)
@@ -331,7 +220,7 @@ def test_runs_lists_unreadable_files_and_never_prunes_them(profilerd_env: dict[s
     (directory / "good.sqlite").write_bytes(FIXTURE.read_bytes())
     (directory / "empty.sqlite").write_bytes(b"")
     (directory / "garbage.sqlite").write_bytes(b"not a database at all, really not" * 20)
-    _cut_short(directory)
+    _truncated(directory)
     listing = run_cli("runs", env=profilerd_env, timeout=60)
     assert listing.returncode == 0, listing.stderr
     lines = listing.stdout.splitlines()[1:]
@@ -345,7 +234,7 @@ def test_runs_lists_unreadable_files_and_never_prunes_them(profilerd_env: dict[s
         "good.sqlite": "closed",
         "empty.sqlite": "unreadable",
         "garbage.sqlite": "unreadable",
-        "cut-short.sqlite": "damaged",
+        "truncated.sqlite": "damaged",
     }
     pruned = run_cli("runs", "--keep", "0", env=profilerd_env, timeout=60)
     assert pruned.returncode == 0, pruned.stderr
