@@ -138,7 +138,6 @@ class DaemonHttpServer(HTTPServer):
         self._stopped = threading.Event()
         self._serving = False
         self._workers = ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix="profilerd-http-worker")
-        self.evicted_total = 0
         super().__init__(address, _Handler)
 
     def serve_in_thread(self) -> threading.Thread:
@@ -191,7 +190,6 @@ class DaemonHttpServer(HTTPServer):
                 if not self._pending:  # every connection is being answered: this one must retry
                     conn.close()
                     continue
-                self.evicted_total += 1
                 self._discard(selector, next(iter(self._pending.values())))
             conn.setblocking(False)
             pending = _Pending(conn, address, time.monotonic())
