@@ -1,8 +1,9 @@
 """The `profilerd` command line: serve, run, demo, report, diff, runs, doctor, attach, tui, dashboards.
 
 Exit codes: 0 success, 2 usage or configuration errors (with a message naming the problem),
-1 other failures, 141 when stdout is a pipe closed early; `run` and `demo` exit with the
-training command's own exit code, or die by the signal that killed it.
+1 other failures, 3 `report`/`diff` of a damaged recording (what could be read is still shown),
+141 when stdout is a pipe closed early; `run` and `demo` exit with the training command's own exit
+code, or die by the signal that killed it.
 """
 
 from __future__ import annotations
@@ -263,11 +264,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     ruleset = _rules(config)
     try:
         paths = [runs.resolve(config.runs_dir, reference) for reference in args.run]
-        output = report.build_report(paths, ruleset, report.output_format(args.format, args.output))
+        recording = report.load_merged(paths)
+        output = report.render_report(recording, ruleset, report.output_format(args.format, args.output))
     except runs.RecordingError as exc:
         raise UsageError(str(exc)) from exc
     _write_output(output, args.output)
-    return 0
+    return _damage_status(recording)
+
+
+def _damage_status(*recordings: Any) -> int:
+    """Exit 3, with one line on stderr, when a recording read is damaged (docs/reports.md)."""
+    from profilerd import report
+
+    for recording in recordings:
+        for damage in recording.damage:
+            print(f"profilerd: warning: {recording.path} is damaged: {damage}", file=sys.stderr)
+    return report.exit_status(*recordings)
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
@@ -276,14 +288,14 @@ def cmd_diff(args: argparse.Namespace) -> int:
     config = _config(args)
     ruleset = _rules(config)
     try:
-        path_a = runs.resolve(config.runs_dir, args.run_a)
-        path_b = runs.resolve(config.runs_dir, args.run_b)
+        a = runs.load(runs.resolve(config.runs_dir, args.run_a))
+        b = runs.load(runs.resolve(config.runs_dir, args.run_b))
         fmt = report.output_format(args.format, args.output)
-        output = report.build_diff(path_a, path_b, ruleset, fmt, args.applied, args.force)
+        output = report.render_diff(a, b, ruleset, fmt, args.applied, args.force)
     except runs.RecordingError as exc:
         raise UsageError(str(exc)) from exc
     _write_output(output, args.output)
-    return 0
+    return _damage_status(a, b)
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -309,12 +321,13 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if not listing:
         print(f"no recordings in {config.runs_dir}")
         return 0
-    print(f"{'RUN':40} {'JOB':24} {'STARTED':19} {'DURATION':>9} {'STEPS':>8} {'STATE':8} VERDICT")
+    print(f"{'RUN':40} {'JOB':24} {'STARTED':19} {'DURATION':>9} {'STEPS':>8} {'STATE':10} VERDICT")
     for r in listing:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started_unix_s)) if r.started_unix_s else "-"
         duration = f"{r.duration_s:.0f}s" if r.duration_s is not None else "-"
         job = "=" if r.job == r.run_id else r.job[:24]
-        print(f"{r.run_id[:40]:40} {job:24} {started:19} {duration:>9} {r.steps:>8} {r.state:8} {r.primary or '-'}")
+        verdict = f"- ({r.problem})" if r.problem else r.primary or "-"
+        print(f"{r.run_id[:40]:40} {job:24} {started:19} {duration:>9} {r.steps:>8} {r.state:10} {verdict}")
     return 0
 
 

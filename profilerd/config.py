@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,12 @@ class DaemonConfig:
     # Uids besides the daemon's own whose probes may send (checked on every datagram with the
     # kernel's SCM_CREDENTIALS); with any, the socket is made reachable for them (0666 in 0711).
     allowed_uids: tuple[int, ...] = ()
+    # Flags whose values may be shown besides profilerd.redaction.SAFE_VALUE_FLAGS; every other
+    # value in a command line is shown as *** (API, TUI, recordings).
+    argv_safe_flags: tuple[str, ...] = ()
+    # Opt-in: recordings keep the full command line, values and all (the user's 0700 data
+    # directory); the API never shows more than the redacted form.
+    record_full_argv: bool = False
 
     @property
     def runtime_dir(self) -> Path:
@@ -86,7 +93,24 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "max_jobs": (int,),
     "retention_days": (int, float),
     "allowed_uids": (list, tuple),
+    "argv_safe_flags": (list, tuple),
+    "record_full_argv": (bool,),
 }
+# Every numeric setting has a finite range, checked at load: a value outside it (1e20 steps in a
+# window, an infinite retention) would break the daemon later, far from the config that caused it.
+# key: (lowest, highest, the range as the error message says it)
+RANGES: dict[str, tuple[float, float, str]] = {
+    "http_port": (0, 65535, "0 (any free port) and 65535"),
+    "host_interval_s": (0.05, 60, "0.05 and 60 s"),
+    "gpu_interval_s": (0.1, 60, "0.1 (10 Hz) and 60 s"),
+    "analysis_interval_s": (0.05, 60, "0.05 and 60 s"),
+    "window_steps": (20, 100_000, "20 and 100000 steps"),
+    "window_s": (1, 86_400, "1 and 86400 s"),
+    "max_jobs": (1, 10_000, "1 and 10000"),
+    "retention_days": (0, 36_500, "0 and 36500 days"),
+}
+MAX_UID = 2**32 - 2  # uid_t; 2**32 - 1 is (uid_t) -1, "no user"
+_FLAG_NAME = re.compile(r"-{0,2}[A-Za-z][A-Za-z0-9_.-]*")
 _PATH_KEYS = {"socket_path", "data_dir", "rules_file"}
 _ENV = {
     "PROFILERD_SOCKET": "socket_path",
@@ -96,13 +120,15 @@ _ENV = {
     "PROFILERD_RULES": "rules_file",
     "PROFILERD_GPU_BACKEND": "gpu_backend",
     "PROFILERD_ALLOWED_UIDS": "allowed_uids",
+    "PROFILERD_ARGV_SAFE_FLAGS": "argv_safe_flags",
 }
 
 
 def _coerce_env(key: str, raw: str) -> Any:
     kind = _TYPES[key][0]
-    if kind is list:  # comma-separated integers
-        return [int(part) for part in raw.replace(",", " ").split()]
+    if kind is list:  # comma-separated integers, or names
+        parts = raw.replace(",", " ").split()
+        return parts if key == "argv_safe_flags" else [int(part) for part in parts]
     if kind is bool:
         return raw.lower() in ("1", "true", "yes", "on")
     if kind is int:
@@ -120,35 +146,34 @@ def _check(key: str, value: Any, source: str, problems: list[str]) -> bool:
     # bool is an int in Python; do not accept true for a port
     if (isinstance(value, bool) and bool not in wanted) or not isinstance(value, wanted):
         names = " or ".join(t.__name__ for t in wanted)
-        problems.append(f"{source}: '{key}' must be {names}, got {type(value).__name__} {value!r}")
+        within = f" between {_range_text(key)}" if key in RANGES else ""
+        problems.append(f"{source}: '{key}' must be {names}{within}, got {type(value).__name__} {value!r}")
         return False
-    if key == "allowed_uids" and not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
-        problems.append(f"{source}: 'allowed_uids' must be a list of user ids (integers >= 0), got {value!r}")
+    if key == "allowed_uids" and not all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_UID for v in value
+    ):
+        problems.append(f"{source}: 'allowed_uids' must be a list of user ids (integers 0 to {MAX_UID}), got {value!r}")
+        return False
+    if key == "argv_safe_flags" and not all(isinstance(v, str) and _FLAG_NAME.fullmatch(v) for v in value):
+        problems.append(f"{source}: 'argv_safe_flags' must be a list of flag names (e.g. 'max-tokens'), got {value!r}")
         return False
     return True
+
+
+def _range_text(key: str) -> str:
+    return RANGES[key][2]
 
 
 def _range_problems(config: DaemonConfig) -> list[tuple[str, str]]:
     """(key, problem) for every value out of its range."""
     problems = []
-    if not 0 <= config.http_port <= 65535:
-        problems.append(("http_port", f"http_port {config.http_port} is not a TCP port"))
-    if not 0.1 <= config.gpu_interval_s <= 60:
-        problems.append(("gpu_interval_s", "gpu_interval_s must be between 0.1 (10 Hz) and 60"))
-    if not 0.05 <= config.host_interval_s <= 60:
-        problems.append(("host_interval_s", "host_interval_s must be between 0.05 and 60"))
+    for key in RANGES:
+        value = getattr(config, key)
+        low, high, _ = RANGES[key]
+        if value is not None and not low <= value <= high:  # NaN fails too
+            problems.append((key, f"{key} must be between {_range_text(key)}, got {value!r}"))
     if config.gpu_backend not in ("auto", "nvml", "none"):
         problems.append(("gpu_backend", f"gpu_backend must be auto, nvml or none, got {config.gpu_backend!r}"))
-    if config.window_steps < 20:
-        problems.append(("window_steps", "window_steps must be at least 20"))
-    if not config.window_s > 0:
-        problems.append(("window_s", "window_s must be positive"))
-    if not 0.05 <= config.analysis_interval_s <= 60:
-        problems.append(("analysis_interval_s", "analysis_interval_s must be between 0.05 and 60"))
-    if config.max_jobs < 1:
-        problems.append(("max_jobs", "max_jobs must be at least 1"))
-    if config.retention_days is not None and not config.retention_days >= 0:
-        problems.append(("retention_days", "retention_days must not be negative"))
     if config.rules_file is not None and not config.rules_file.is_file():
         problems.append(("rules_file", f"rules_file {config.rules_file} does not exist"))
     return problems
@@ -214,8 +239,9 @@ def load(file: Path | None = None, overrides: dict[str, Any] | None = None) -> t
     for key in ("host_interval_s", "gpu_interval_s", "analysis_interval_s", "window_s"):
         if key in values:
             values[key] = float(values[key])
-    if "allowed_uids" in values:
-        values["allowed_uids"] = tuple(values["allowed_uids"])
+    for key in ("allowed_uids", "argv_safe_flags"):
+        if key in values:
+            values[key] = tuple(values[key])
     config = DaemonConfig(**values)
     problems.extend(
         f"{sources[key]}: {problem}" if key in sources else problem for key, problem in _range_problems(config)

@@ -24,6 +24,7 @@ from profilerd.analysis.rules import RuleSet
 from profilerd.config import DaemonConfig
 from profilerd.exporters.http import DaemonHttpServer
 from profilerd.recording import Recorder
+from profilerd.redaction import ArgvRedactor
 from profilerd.runtime import INFO_NAME, LOCK_NAME, leased_run_ids, leases_locked, live_leases, read_running_daemon
 from profilerd.samplers.gpu import GpuBackend, open_backend
 from profilerd.samplers.host import HostSampler, ProcessSampler
@@ -73,6 +74,7 @@ class Daemon:
         self._threads: list[Any] = []
         self.recorder: Recorder | None = None
         self.http: DaemonHttpServer | None = None
+        self.redactor = ArgvRedactor(config.argv_safe_flags)
         self.ingest: Ingest | None = None
         self._previous_handlers: dict[int, Any] = {}
         self._tuned = False
@@ -138,7 +140,12 @@ class Daemon:
 
             prune(cfg.runs_dir, older_than_s=cfg.retention_days * 86400)
         if cfg.record:
-            self.recorder = Recorder(cfg.runs_dir, on_closed=store.finish_run, on_status=self._recording_status)
+            self.recorder = Recorder(
+                cfg.runs_dir,
+                on_closed=store.finish_run,
+                on_status=self._recording_status,
+                argv_filter=None if cfg.record_full_argv else self.redactor,
+            )
             try:
                 self.recorder.start()
             except OSError as exc:
@@ -220,7 +227,7 @@ class Daemon:
         self._threads.extend(loops)
         info = {"socket": str(cfg.socket_path), "data_dir": str(cfg.data_dir)}
         try:
-            self.http = DaemonHttpServer((cfg.http_host, cfg.http_port), store, info)
+            self.http = DaemonHttpServer((cfg.http_host, cfg.http_port), store, info, self.redactor)
         except OSError as exc:
             raise DaemonError(
                 f"cannot listen on {cfg.http_host}:{cfg.http_port}: {exc.strerror or exc} "

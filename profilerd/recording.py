@@ -17,7 +17,7 @@ import sqlite3
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -102,8 +102,12 @@ class Recorder:
         runs_dir: Path,
         on_closed: Callable[[str, str], None] | None = None,
         on_status: Callable[[str | None], None] | None = None,
+        argv_filter: Callable[[Sequence[str]], list[str]] | None = None,
     ) -> None:
         self.runs_dir = runs_dir
+        # What of a command line is recorded: the redacted form unless the user opted in
+        # (config record_full_argv), so a copied or shared recording carries no secrets.
+        self._argv_filter = argv_filter
         self._queue: queue.SimpleQueue[tuple[str, str, Any]] = queue.SimpleQueue()
         self._conns: dict[str, sqlite3.Connection] = {}
         self._pending: dict[str, dict[str, list[Any]]] = defaultdict(lambda: defaultdict(list))
@@ -136,7 +140,7 @@ class Recorder:
             session.local_rank,
             session.world_size,
             session.hostname,
-            json.dumps(list(session.argv)),
+            json.dumps(self._argv_filter(session.argv) if self._argv_filter else list(session.argv)),
             session.started_unix_s,
             session.probe_version,
         )

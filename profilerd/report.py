@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from profilerd.runs import Recording
 
 BAR_WIDTH = 40
+# `report` and `diff` exit with this when a recording is damaged (cut short, corrupt pages):
+# the output shows what could be read, and scripts can tell it from a clean report (0) and
+# from a file that is no recording at all, or a newer schema (2).
+EXIT_DAMAGED = 3
 _BAR_CHARS = {"data_wait": "D", "compute": "C", "communication": "N", "other": "o"}
 
 
@@ -38,7 +42,14 @@ def render_text(document: dict[str, Any], top: int = 3) -> str:
     header = f"profilerd · run {document['run_id']}"
     if document.get("exit_code") not in (None, 0):
         header += f" · exit code {document['exit_code']}"
+    if document.get("damaged"):
+        header += " · DAMAGED RECORDING"
     lines.append(header)
+    if document.get("damaged"):
+        lines.append("  The recording is damaged; what follows is only what could be read:")
+        lines.extend(
+            textwrap.wrap("; ".join(document["damaged"]), width=100, initial_indent="    ", subsequent_indent="    ")
+        )
     severity = document["severity"]
     lines.append(f"{document['summary']}" + (f"  [{severity}]" if document["primary"] != "none" else ""))
     if steps:
@@ -149,6 +160,8 @@ def render_quality(document: dict[str, Any]) -> str:
             f"{s.get('hostname') or s['run_id']} {s['offset_s']:+.3f} s" for s in clock.get("sources", [])
         )
         facts.append(f"clocks of {clock['nodes']} nodes aligned ({offsets})")
+    if document.get("damaged"):
+        facts.insert(0, f"recording DAMAGED ({quality.get('state')})")
     if facts or quality.get("notes"):
         lines += ["", "", "Data quality: " + ("; ".join(facts) if facts else f"recording {quality.get('state')}")]
         for note in quality.get("notes", []):
@@ -179,12 +192,21 @@ def verdict_document(recording: Recording, ruleset: RuleSet) -> dict[str, Any]:
         return json.loads(attached)
     verdict = runs.analyse(recording, ruleset)
     exit_code = recording.meta.get("exit_code")
+    damaged = (
+        {"damaged": list(recording.damage)} if recording.damage else {}
+    )  # only then: clean documents keep their shape
     return verdict.to_json(
         recording.run_id,
         recording.job,
         recording=str(recording.path),
         exit_code=int(exit_code) if exit_code not in (None, "None", "") and exit_code.lstrip("-").isdigit() else None,
+        **damaged,
     )
+
+
+def exit_status(*recordings: Recording) -> int:
+    """0, or EXIT_DAMAGED when any recording a report or diff read is damaged."""
+    return EXIT_DAMAGED if any(recording.damage for recording in recordings) else 0
 
 
 def load_merged(paths: Sequence[Path]) -> Recording:
@@ -197,9 +219,13 @@ def load_merged(paths: Sequence[Path]) -> Recording:
 
 def build_report(paths: Sequence[Path], ruleset: RuleSet, fmt: str) -> str:
     """`profilerd report` in any format; raises RecordingError for what is not a recording."""
+    return render_report(load_merged(paths), ruleset, fmt)
+
+
+def render_report(recording: Recording, ruleset: RuleSet, fmt: str) -> str:
+    """The report of a loaded recording in any format."""
     from profilerd import timeline
 
-    recording = load_merged(paths)
     document = verdict_document(recording, ruleset)
     if fmt == "json":
         return json.dumps(document, indent=2) + "\n"
@@ -225,9 +251,17 @@ def build_diff(
     path_a: Path, path_b: Path, ruleset: RuleSet, fmt: str, applied: Sequence[str] = (), force: bool = False
 ) -> str:
     """`profilerd diff` in any format; raises RecordingError for what is not a recording."""
-    from profilerd import diff, runs
+    from profilerd import runs
 
-    a, b = runs.load(path_a), runs.load(path_b)
+    return render_diff(runs.load(path_a), runs.load(path_b), ruleset, fmt, applied, force)
+
+
+def render_diff(
+    a: Recording, b: Recording, ruleset: RuleSet, fmt: str, applied: Sequence[str] = (), force: bool = False
+) -> str:
+    """The diff of two loaded recordings in any format."""
+    from profilerd import diff
+
     document = diff.compare(
         a,
         verdict_document(a, ruleset),

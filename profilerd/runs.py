@@ -27,7 +27,7 @@ from profilerd.analysis.context import HOST_COLUMNS, PROCESS_COLUMNS, build_cont
 from profilerd.analysis.features import STEP_COLUMNS
 from profilerd.analysis.rules import RuleSet
 from profilerd.analysis.verdict import Verdict, diagnose
-from profilerd.recording import read_gpu_samples
+from profilerd.recording import SCHEMA_VERSION, read_gpu_samples
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 CHUNK_ROWS = 65_536
@@ -89,6 +89,11 @@ class RecordingError(Exception):
     """A recording that cannot be found or read; the message is for the user."""
 
 
+class Damage(str):
+    """A note that says the file itself is damaged (cut short, corrupt pages), as opposed to
+    parts an older schema or a killed run never had: reports flag these and exit 3."""
+
+
 @dataclass(frozen=True)
 class Source:
     """One recording that went into a (possibly merged) Recording, and how its clock was moved."""
@@ -131,6 +136,11 @@ class Recording:
     sources: tuple[Source, ...] = ()  # the recordings merged into this one (one when not merged)
 
     @property
+    def damage(self) -> tuple[str, ...]:
+        """The notes that say the file is damaged; empty for an intact recording."""
+        return tuple(note for note in self.notes if isinstance(note, Damage))
+
+    @property
     def run_id(self) -> str:
         return self.meta.get("run_id", self.path.stem)
 
@@ -163,6 +173,42 @@ def _check_header(path: Path) -> None:
         raise RecordingError(f"{path} is empty: the run was stopped before anything was recorded")
     if head != SQLITE_MAGIC:
         raise RecordingError(f"{path} is not a profilerd recording (not an SQLite database)")
+
+
+def _truncation(path: Path) -> Damage | None:
+    """Whether the file is shorter than its own header says: a copy or a disk cut it short.
+
+    The header's page count is only trusted when its "valid-for" counter matches the change
+    counter (SQLite's rule); the write-ahead log never shrinks the main file.
+    """
+    try:
+        with path.open("rb") as fh:
+            header = fh.read(100)
+        size = path.stat().st_size
+    except OSError:
+        return None
+    if len(header) < 100:
+        return Damage(f"the file is cut short: {size} bytes, less than an SQLite header")
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    if header[24:28] != header[92:96] or not pages or not page_size:
+        return None
+    if size < pages * page_size:
+        return Damage(f"the file is cut short: {size:,} of the {pages * page_size:,} bytes its header promises")
+    return None
+
+
+def schema_problem(path: Path, meta: dict[str, str]) -> str | None:
+    """Why this profilerd must not read a recording's schema, or None when it can."""
+    version = meta.get("schema_version")
+    if version is None or not version.strip().isdigit() or int(version) <= SCHEMA_VERSION:
+        return None
+    return (
+        f"{path} was written by a newer profilerd (recording schema {version}, profilerd "
+        f"{meta.get('profilerd_version', '?')}); this one reads schema {SCHEMA_VERSION} and older: "
+        "upgrade profilerd (pip install -U profilerd) to read it"
+    )
 
 
 def _open(path: Path) -> tuple[sqlite3.Connection, str | None]:
@@ -248,7 +294,7 @@ def _chunks(conn: sqlite3.Connection, sql: str, table: str, notes: list[str]) ->
         if salvaged:
             read += len(salvaged)
             yield salvaged
-        notes.append(f"table {table} is damaged: read {read:,} rows, then '{exc}'; later rows are missing")
+        notes.append(Damage(f"table {table} is damaged: read {read:,} rows, then '{exc}'; later rows are missing"))
 
 
 def _select(
@@ -437,7 +483,16 @@ def load(path: Path) -> Recording:
             raise RecordingError(f"{path} is not a profilerd recording (no meta or steps table)")
         meta = _read_meta(conn, notes) if "meta" in tables else {}
         if "meta" not in tables:
-            notes.append("table meta is missing or unreadable")
+            notes.append(Damage("table meta is missing: the run's identity and state are unknown"))
+        newer = schema_problem(path, meta)
+        if newer:
+            raise RecordingError(newer)
+        version = meta.get("schema_version")
+        if version is not None and not version.strip().isdigit():
+            notes.append(Damage(f"the schema version {version!r} is not a number"))
+        cut = _truncation(path)
+        if cut:
+            notes.append(cut)
         steps = _numeric_table(conn, "steps", STEP_COLUMNS, "end_unix_s", notes)
         configs = _read_configs(conn, notes) if "configs" in tables else []
         hosts = _numeric_table(conn, "host_samples", HOST_COLUMNS, "ts_unix_s", notes)
@@ -527,7 +582,7 @@ def merge(recordings: Sequence[Recording]) -> Recording:
         else:
             residual = 0.0
         sources.append(replace(source, clock_offset_s=offset, clock_residual_s=residual))
-        notes.extend(f"{recording.run_id}: {note}" for note in recording.notes)
+        notes.extend(type(note)(f"{recording.run_id}: {note}") for note in recording.notes)
         node = source.hostname or f"node{index}"
         parts["steps"].append(_shift(recording.steps, "end_unix_s", offset))
         parts["hosts"].append(_shift(recording.hosts, "ts_unix_s", offset))
@@ -615,6 +670,7 @@ class RunSummary:
     size_bytes: int
     last_step_unix_s: float | None = None
     writer_gone: bool = False  # marked 'running' in the file, listed 'aborted': nobody writes it
+    problem: str | None = None  # why the file cannot be read (state "unreadable" or "newer")
 
     @property
     def duration_s(self) -> float | None:
@@ -636,6 +692,7 @@ class RunSummary:
             "steps": self.steps,
             "primary": self.primary,
             "size_bytes": self.size_bytes,
+            "problem": self.problem,
         }
 
 
@@ -657,6 +714,9 @@ def summarize(path: Path) -> RunSummary:
             row = None
     finally:
         conn.close()
+    newer = schema_problem(path, meta)
+    if _truncation(path):
+        notes.append("cut short")
     started = _float(meta.get("started_unix_s")) or first
     if started is None:
         started = path.stat().st_mtime
@@ -666,7 +726,7 @@ def summarize(path: Path) -> RunSummary:
         run_id=meta.get("run_id", path.stem),
         path=path,
         job=meta.get("job", meta.get("run_id", path.stem)),
-        state="aborted" if writer_gone else state,
+        state="newer" if newer else ("aborted" if writer_gone else state),
         writer_gone=writer_gone,
         started_unix_s=started,
         ended_unix_s=_float(meta.get("ended_unix_s")),
@@ -674,6 +734,7 @@ def summarize(path: Path) -> RunSummary:
         primary=row[0] if row else None,
         size_bytes=_size(path),
         last_step_unix_s=last,
+        problem=newer,
     )
 
 
@@ -688,14 +749,26 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")) if p.exists())
 
 
+def _unreadable(path: Path, problem: str) -> RunSummary:
+    try:
+        modified: float | None = path.stat().st_mtime
+    except OSError:
+        modified = None
+    size = _size(path) if path.exists() else 0
+    return RunSummary(path.stem, path, path.stem, "unreadable", modified, None, 0, None, size, problem=problem)
+
+
 def list_runs(runs_dir: Path) -> list[RunSummary]:
-    """Every recording, newest first; files that are not recordings at all are skipped."""
+    """Every recording, newest first; a file that cannot be read (empty, not a recording) is
+    listed as 'unreadable' with the reason, never hidden."""
     summaries = []
     for path in runs_dir.glob("*.sqlite") if runs_dir.is_dir() else []:
         try:
             summaries.append(summarize(path))
-        except (RecordingError, OSError):
-            continue
+        except RecordingError as exc:
+            summaries.append(_unreadable(path, str(exc)))
+        except OSError as exc:
+            summaries.append(_unreadable(path, f"cannot read {path}: {exc.strerror}"))
     return sorted(summaries, key=lambda s: -(s.started_unix_s or 0.0))
 
 
@@ -747,7 +820,10 @@ def select_for_pruning(
     left behind by a killed daemon and is pruned like any other.
     """
     now = time.time() if now is None else now
-    finished = [r for r in runs if (r.state != "running" and not r.writer_gone) or _abandoned(r, now)]
+    # A file this profilerd cannot read (empty, garbage, a newer schema) is never pruned: it may
+    # be a recording just being created, or one a newer profilerd still reads.
+    readable = [r for r in runs if r.problem is None]
+    finished = [r for r in readable if (r.state != "running" and not r.writer_gone) or _abandoned(r, now)]
     doomed = []
     for index, run in enumerate(finished):
         when = run.ended_unix_s or run.last_step_unix_s or run.started_unix_s or now

@@ -1,6 +1,7 @@
 """Who may talk to the daemon, and what it gives away: socket and directory permissions,
 kernel-checked sender credentials (uid and pid) on every datagram, a local-only HTTP server
-with secrets redacted, received data that is never executed, and the systemd unit."""
+with command-line secrets redacted by an allow-list (API and recordings), received data that is
+never executed, and the systemd unit."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import ast
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -19,11 +21,12 @@ import pytest
 from profilerd.analysis.rules import load_rules
 from profilerd.config import load
 from profilerd.daemon import Daemon, DaemonError
-from profilerd.exporters.http import redact_argv
+from profilerd.recording import recording_file
+from profilerd.redaction import MASK, redact_argv
 from profilerd.samplers.gpu import NoGpuBackend
 from profilerd_probes import wire
 from tests.conftest import REPO
-from tests.reliability_helpers import hello, http_get, send, send_as, step_batch, wait_for
+from tests.reliability_helpers import get_json, hello, http_get, send, send_as, step_batch, wait_for
 
 RULES, _ = load_rules()
 OTHER_UID = 12345
@@ -215,19 +218,124 @@ def test_api_redacts_secrets_in_command_lines(make_daemon: DaemonFactory) -> Non
     assert shown[:2] == ["train.py", "--hf-token"] and shown[-2:] == ["--lr", "0.1"]  # the rest stays readable
 
 
+# Each flag spelling from issue 18 that the old deny-list missed, and common token shapes.
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["--password", "x"], ["--password", "[redacted]"]),
-        (["--secret_key", "x"], ["--secret_key", "[redacted]"]),
-        (["--token=x"], ["--token=[redacted]"]),
-        (["WANDB_API_KEY=x"], ["WANDB_API_KEY=[redacted]"]),
-        (["https://u:pw@host/p"], ["https://u:[redacted]@host/p"]),
-        (["--max-tokens", "100", "--tokenizer", "gpt2"], ["--max-tokens", "100", "--tokenizer", "gpt2"]),
+        (["train.py", "--db-pass", "x"], ["train.py", "--db-pass", MASK]),
+        (["train.py", "--wandb-key=x"], ["train.py", f"--wandb-key={MASK}"]),
+        (["train.py", "--private-key="], ["train.py", f"--private-key={MASK}"]),
+        (["train.py", "--key", "x"], ["train.py", "--key", MASK]),
+        (["train.py", "--credentials=/x.json"], ["train.py", f"--credentials={MASK}"]),
+        (["train.py", "--pass=x"], ["train.py", f"--pass={MASK}"]),
+        (["train.py", "--pwd=x"], ["train.py", f"--pwd={MASK}"]),
+        (["train.py", "--passphrase=x y"], ["train.py", f"--passphrase={MASK}"]),
+        (["train.py", "--master_key=x"], ["train.py", f"--master_key={MASK}"]),
+        (["train.py", "-p", "x"], ["train.py", "-p", MASK]),
+        (["train.py", "-pSECRETVALUE"], ["train.py", f"-{MASK}"]),
+        (["train.py", "glpat-abcdefghij0123456789"], ["train.py", MASK]),
+        (["train.py", "AKIAIOSFODNN7EXAMPLE"], ["train.py", MASK]),
+        (["train.py", "--password", "x"], ["train.py", "--password", MASK]),
+        (["train.py", "--token=x"], ["train.py", f"--token={MASK}"]),
+        (["train.py", "WANDB_API_KEY=x"], ["train.py", f"WANDB_API_KEY={MASK}"]),
+        (["train.py", "https://u:pw@host/p"], ["train.py", MASK]),
+        (["train.py", "data/imagenet", "7"], ["train.py", MASK, MASK]),  # positional: never shown
+        # a token in the value of a harmless flag, or in what is shown, is still masked
+        (["train.py", "--model", "hf_abcdefghijklmnop"], ["train.py", "--model", MASK]),
+        (["train.py", "--model=https://u:pw@hub/m"], ["train.py", f"--model=https://u:{MASK}@hub/m"]),
+        # what is shown: the script, flag names, values of known-harmless flags
+        (
+            ["train.py", "--lr", "3e-4", "--batch-size=64", "-b", "256", "--epochs", "90", "--seed", "-1"],
+            ["train.py", "--lr", "3e-4", "--batch-size=64", "-b", "256", "--epochs", "90", "--seed", "-1"],
+        ),
+        (["train.py", "--num_workers", "8", "--amp"], ["train.py", "--num_workers", "8", "--amp"]),
+        (["train.py", "optimizer.lr=0.1", "db.password=x"], ["train.py", "optimizer.lr=0.1", f"db.password={MASK}"]),
+        (["train.py", "--", "--lr", "1"], ["train.py", "--", MASK, MASK]),
+        (
+            ["train.py", "--max-tokens", "100", "--tokenizer", "gpt2"],
+            ["train.py", "--max-tokens", MASK, "--tokenizer", MASK],
+        ),
     ],
 )
-def test_redaction_patterns(argv: list[str], expected: list[str]) -> None:
+def test_redaction_allow_list(argv: list[str], expected: list[str]) -> None:
     assert redact_argv(argv) == expected
+
+
+def test_flags_the_user_lists_show_their_values() -> None:
+    argv = ["train.py", "--max-tokens", "100", "--max_new_tokens=20", "--hf-token", "x"]
+    shown = redact_argv(argv, ["max-tokens", "--max-new-tokens"])
+    assert shown == ["train.py", "--max-tokens", "100", "--max_new_tokens=20", "--hf-token", MASK]
+
+
+# ---- secrets through a real daemon: the API and the recording (issue 18) ----------------------------
+# The issue's examples, each with a secret that must not leave the training process (the probes
+# send at most 16 arguments; every spelling is in test_redaction_allow_list above).
+SECRET_ARGV = [
+    "train.py",
+    "--db-pass",
+    "S1-hunter2",
+    "--wandb-key=S2-0123456789abcdef",
+    "--private-key=S3-/home/a/.ssh/id",
+    "--key",
+    "S4-k",
+    "--credentials=S5-creds.json",
+    "-p",
+    "S7",
+    "glpat-S8abcdefghij0123456",
+    "AKIAS9ABCDEFGHIJKLMN",
+    "--lr",
+    "0.1",
+    "--max-tokens",
+    "512",
+]
+SECRETS = ["S1-hunter2", "S2-0123", "S3-", "S4-k", "S5-", "S7", "S8", "S9"]
+
+
+def _recorded_argv(daemon: Daemon, run_id: str) -> list[str]:
+    path = recording_file(daemon.config.runs_dir, run_id)
+
+    def read() -> list[str] | None:
+        if not path.exists():
+            return None
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+            try:
+                row = conn.execute("SELECT argv FROM sessions").fetchone()
+            except sqlite3.OperationalError:
+                return None
+        return json.loads(row[0]) if row else None
+
+    return wait_for(read, what="the session recorded")
+
+
+def _shown_argv(daemon: Daemon, job: str) -> tuple[list[str], str]:
+    host, port = daemon.http_address
+    wait_for(lambda: get_json(f"http://{host}:{port}/api/v1/jobs/{job}"), what="the job in the API")
+    everything = "".join(
+        http_get(f"http://{host}:{port}{path}")[1].decode()
+        for path in (f"/api/v1/jobs/{job}?steps=5", "/api/v1/jobs", "/api/v1/runs", "/api/v1/status", "/metrics")
+    )
+    return get_json(f"http://{host}:{port}/api/v1/jobs/{job}")["rank_detail"][0]["argv"], everything
+
+
+def test_secrets_in_the_command_line_leave_neither_by_the_api_nor_in_the_recording(
+    make_daemon: DaemonFactory,
+) -> None:
+    daemon = make_daemon()
+    send(daemon.config.socket_path, hello(job="j", run_id="r", argv=SECRET_ARGV), step_batch(1, 3))
+    shown, everything = _shown_argv(daemon, "j")
+    assert not [s for s in SECRETS if s in everything]
+    assert shown[:3] == ["train.py", "--db-pass", MASK]  # flag names stay readable
+    assert shown[-4:] == ["--lr", "0.1", "--max-tokens", MASK]  # harmless values shown, others not
+    assert _recorded_argv(daemon, "r") == shown  # the recording follows the same rule
+
+
+def test_the_user_can_list_harmless_flags_and_opt_in_to_full_recordings(make_daemon: DaemonFactory) -> None:
+    daemon = make_daemon(argv_safe_flags=("max-tokens",), record_full_argv=True)
+    send(daemon.config.socket_path, hello(job="j", run_id="r", argv=SECRET_ARGV), step_batch(1, 3))
+    shown, everything = _shown_argv(daemon, "j")
+    assert shown[-4:] == ["--lr", "0.1", "--max-tokens", "512"]
+    assert not [s for s in SECRETS if s in everything]  # the API never shows more
+    assert _recorded_argv(daemon, "r") == SECRET_ARGV  # opted in: the user's own 0700 recording keeps it all
 
 
 # ---- received data is data ------------------------------------------------------------------------

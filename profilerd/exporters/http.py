@@ -5,14 +5,19 @@ Handlers only read the store's snapshots; nothing here calls NVML or waits on a 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
 import re
+import selectors
+import socket
 import threading
 import time
-from dataclasses import asdict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -20,43 +25,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from profilerd import __version__
 from profilerd.exporters.prometheus import ProfilerdCollector
+from profilerd.redaction import DEFAULT_REDACTOR, ArgvRedactor
 from profilerd.store import Store
 
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1/"
-# Command lines can carry secrets; these patterns are masked in everything the API returns.
-_SECRET = re.compile(r"(?i)((?:token|secret|password|passwd|api[_-]?key|access[_-]?key|auth)[A-Za-z_-]*[=:])\S+")
-_BEARER = re.compile(r"(?i)\b(?:hf|ghp|gho|sk|xox[bp])[_-][A-Za-z0-9_-]{8,}")
-_AUTH_HEADER = re.compile(r"(?i)\b(bearer|basic)\s+\S+")
-_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s:/@]+:)[^\s@/]+@")
-# A flag whose value is a secret: `--password VALUE`, `--hf-token VALUE`, `--secret_key VALUE`.
-_SECRET_FLAG = re.compile(
-    r"(?i)--?[a-z0-9_-]*(?:secret|password|passwd|credentials?)[a-z0-9_-]*"
-    r"|--?[a-z0-9_-]*(?:token|api[_-]?key|access[_-]?key|private[_-]?key|auth)"
-)
-
-
-def redact(text: str) -> str:
-    text = _SECRET.sub(r"\1[redacted]", text)
-    text = _URL_PASSWORD.sub(r"\1[redacted]@", text)
-    text = _AUTH_HEADER.sub(r"\1 [redacted]", text)
-    return _BEARER.sub("[redacted]", text)
-
-
-def redact_argv(argv: tuple[str, ...] | list[str]) -> list[str]:
-    """Mask values of secret-looking flags, including the `--token VALUE` two-word form."""
-    out: list[str] = []
-    hide_next = False
-    for arg in argv:
-        if hide_next:
-            out.append("[redacted]")
-            hide_next = False
-            continue
-        out.append(redact(arg))
-        if _SECRET_FLAG.fullmatch(arg):
-            hide_next = True
-    return out
 
 
 class ApiError(Exception):
@@ -65,23 +39,211 @@ class ApiError(Exception):
         self.status = status
 
 
-class DaemonHttpServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+# One client must not exhaust the daemon (issue 18). Connections are accepted and their request
+# heads read by one selector loop, so an idle or trickling connection costs a descriptor and a
+# few hundred bytes, never a thread; only a complete head goes to one of MAX_WORKERS threads.
+# At most MAX_CONNECTIONS are held: a full server closes the connection that has waited longest
+# for its head, so idle connections can never lock out a scrape, and the daemon's descriptors
+# stay far from its limit (the samplers need some). A connection has REQUEST_TIMEOUT_S to send a
+# complete head, however slowly it trickles, and is closed after its response.
+MAX_CONNECTIONS = 128
+MAX_WORKERS = 8
+REQUEST_TIMEOUT_S = 10.0
+# Each blocking write of a response: a client that stops reading is dropped after this long.
+SOCKET_TIMEOUT_S = 10.0
+# A head longer than this is handed to the handler, which answers 414 or 431 as for any other.
+MAX_HEAD_BYTES = 80 * 1024
+# New connections taken per turn of the loop, so a flood cannot stall reading the heads of
+# connections already accepted.
+ACCEPTS_PER_TURN = 64
+_REQUEST_LINE = re.compile(rb"\S+ \S+ HTTP/\d\.\d\r?")
 
-    def __init__(self, address: tuple[str, int], store: Store, info: dict[str, Any]) -> None:
+
+@dataclass
+class _Pending:
+    """A connection whose request head is still arriving."""
+
+    sock: socket.socket
+    address: Any
+    since: float
+    head: bytearray = field(default_factory=bytearray)
+
+    def ready(self) -> bool:
+        """The head is complete, too long, or its request line is one the handler will refuse
+        without reading headers (it answers 400 at once)."""
+        head = bytes(self.head)
+        if b"\r\n\r\n" in head or b"\n\n" in head or len(head) > MAX_HEAD_BYTES:
+            return True
+        line, newline, _ = head.partition(b"\n")
+        return bool(newline) and _REQUEST_LINE.fullmatch(line) is None
+
+
+class _HeadThenSocket(io.RawIOBase):
+    """The bytes the selector loop already read, then the socket: the handler's input."""
+
+    def __init__(self, head: bytes, sock: socket.socket) -> None:
+        self._head = memoryview(head)
+        self._sock = sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._head:
+            count = min(len(buffer), len(self._head))
+            buffer[:count] = self._head[:count]
+            self._head = self._head[count:]
+            return count
+        return self._sock.recv_into(buffer)
+
+
+class _SocketWriter(io.BufferedIOBase):
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self._sock.sendall(data)
+        return len(data)
+
+
+class DaemonHttpServer(HTTPServer):
+    allow_reuse_address = True
+    # Connections waiting in the kernel's accept queue cost the daemon no descriptor. The queue
+    # must outlast a flood: when it overflows, Linux drops the client's handshake ACK, and a
+    # scrape that believes it is connected waits for retransmissions (seconds). The kernel caps
+    # it at net.core.somaxconn (4096 by default since Linux 5.4).
+    request_queue_size = 4096
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        store: Store,
+        info: dict[str, Any],
+        redactor: ArgvRedactor = DEFAULT_REDACTOR,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         self.store = store
         self.info = info
+        self.redactor = redactor
+        self.max_connections = max_connections
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ProfilerdCollector(store))
+        self._pending: dict[socket.socket, _Pending] = {}  # oldest first (insertion order)
+        self._answering = 0  # connections handed to a worker and not yet closed
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._serving = False
+        self._workers = ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix="profilerd-http-worker")
         super().__init__(address, _Handler)
 
     def serve_in_thread(self) -> threading.Thread:
         thread = threading.Thread(
             target=self.serve_forever, kwargs={"poll_interval": 0.2}, name="profilerd-http", daemon=True
         )
+        self._serving = True
         thread.start()
         return thread
+
+    def serve_forever(self, poll_interval: float = 0.2) -> None:
+        self._serving = True
+        selector = selectors.DefaultSelector()
+        self.socket.setblocking(False)
+        selector.register(self.socket, selectors.EVENT_READ, None)
+        try:
+            while not self._stop.is_set():
+                for key, _ in selector.select(poll_interval):
+                    if key.data is None:
+                        self._accept(selector)
+                    else:
+                        self._read(selector, key.data)
+                deadline = time.monotonic() - REQUEST_TIMEOUT_S
+                while self._pending and (oldest := next(iter(self._pending.values()))).since < deadline:
+                    self._discard(selector, oldest)
+        finally:
+            for pending in list(self._pending.values()):
+                self._discard(selector, pending)
+            selector.close()
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self._serving:
+            self._stopped.wait()
+        self._workers.shutdown(wait=False, cancel_futures=True)
+
+    def _accept(self, selector: selectors.BaseSelector) -> None:
+        for _ in range(ACCEPTS_PER_TURN):
+            try:
+                conn, address = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors, or the peer left: try again next turn
+                log.debug("http: accept failed: %s", exc)
+                return
+            with self._lock:
+                held = len(self._pending) + self._answering
+            if held >= self.max_connections:
+                if not self._pending:  # every connection is being answered: this one must retry
+                    conn.close()
+                    continue
+                self._discard(selector, next(iter(self._pending.values())))
+            conn.setblocking(False)
+            pending = _Pending(conn, address, time.monotonic())
+            self._pending[conn] = pending
+            selector.register(conn, selectors.EVENT_READ, pending)
+
+    def _read(self, selector: selectors.BaseSelector, pending: _Pending) -> None:
+        try:
+            data = pending.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # the client left before finishing its head: nothing to answer
+            self._discard(selector, pending)
+            return
+        pending.head += data
+        if not pending.ready():
+            return
+        selector.unregister(pending.sock)
+        del self._pending[pending.sock]
+        with self._lock:
+            self._answering += 1
+        try:
+            self._workers.submit(self._answer, pending)
+        except RuntimeError:  # shutting down
+            self._finish(pending.sock)
+
+    def _discard(self, selector: selectors.BaseSelector, pending: _Pending) -> None:
+        self._pending.pop(pending.sock, None)
+        with contextlib.suppress(KeyError, ValueError):  # not registered yet, or already gone
+            selector.unregister(pending.sock)
+        pending.sock.close()
+
+    def _answer(self, pending: _Pending) -> None:
+        try:
+            pending.sock.setblocking(True)
+            pending.sock.settimeout(SOCKET_TIMEOUT_S)
+            self.RequestHandlerClass(pending, pending.address, self)
+        except Exception:  # a client that went away mid-answer is not the daemon's error
+            log.debug("http: answering %s failed", pending.address, exc_info=True)
+        finally:
+            self._finish(pending.sock)
+
+    def _finish(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._answering -= 1
+        with contextlib.suppress(OSError):  # the client already left
+            sock.shutdown(socket.SHUT_WR)
+        sock.close()
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._workers.shutdown(wait=False, cancel_futures=True)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -90,6 +252,17 @@ class _Handler(BaseHTTPRequestHandler):
     # Headers and body are two writes: with Nagle's algorithm the body can wait for the
     # client's delayed ACK (up to 40 ms on Linux), which showed up as the scrape latency tail.
     disable_nagle_algorithm = True
+
+    def setup(self) -> None:
+        """The server hands a connection with its head already read (see DaemonHttpServer)."""
+        pending: _Pending = self.request
+        self.connection = pending.sock
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        self.rfile = io.BufferedReader(_HeadThenSocket(bytes(pending.head), pending.sock))
+        self.wfile = _SocketWriter(pending.sock)
+
+    def handle(self) -> None:
+        self.handle_one_request()  # one request per connection: a kept-alive idle one would hold a worker
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("http %s - %s", self.address_string(), format % args)
@@ -112,6 +285,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(200, route(self.server, parts.path[len(API_PREFIX) :], query))
                 return
             raise ApiError(404, f"no such path: {parts.path}")
+        except (BrokenPipeError, ConnectionResetError, TimeoutError) as exc:  # the client left or stalled
+            log.debug("http %s: %s", parts.path, exc)
+            self.close_connection = True
         except ApiError as exc:
             self._json(exc.status, {"error": str(exc), "status": exc.status})
         except ValueError as exc:
@@ -146,6 +322,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
+        self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
 
@@ -170,7 +347,7 @@ def route(server: DaemonHttpServer, path: str, query: dict[str, list[str]]) -> A
         return {"jobs": [job_summary(store, name) for name in store.job_names()]}
     if len(segments) == 2 and segments[0] == "jobs":
         steps = _int_param(query, "steps", 120, 0, 5000)
-        return job_document(store, segments[1], steps)
+        return job_document(store, segments[1], steps, server.redactor)
     if segments == ["runs"]:
         with store.lock:
             return {"runs": [asdict(run) for run in store.runs.values()]}
@@ -229,7 +406,9 @@ def job_summary(store: Store, name: str) -> dict[str, Any]:
         }
 
 
-def job_document(store: Store, name: str, recent_steps: int) -> dict[str, Any]:
+def job_document(
+    store: Store, name: str, recent_steps: int, redactor: ArgvRedactor = DEFAULT_REDACTOR
+) -> dict[str, Any]:
     summary = job_summary(store, name)
     with store.lock:
         job = store.jobs[name]
@@ -242,7 +421,7 @@ def job_document(store: Store, name: str, recent_steps: int) -> dict[str, Any]:
                     "rank": rank_id,
                     "pid": rank.session.pid,
                     "hostname": rank.session.hostname,
-                    "argv": redact_argv(rank.session.argv),
+                    "argv": redactor(rank.session.argv),
                     "alive": rank.alive,
                     "steps_total": rank.steps_total,
                     "last_step_unix_s": rank.last_step_unix_s,
