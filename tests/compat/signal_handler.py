@@ -1,0 +1,30 @@
+"""A handler for SIGNAME (argv[1]) that asks the training loop to stop after its step, as
+schedulers' preemption notices are handled: it must run exactly once per signal sent."""
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from common import TinyNet, make_batches, record_steps, seed_everything, train_step
+
+received: list[int] = []
+signal.signal(getattr(signal, f"SIG{sys.argv[1]}"), lambda signum, frame: received.append(signum))
+seed_everything()
+model = TinyNet()
+optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+batches = make_batches(8)
+steps = 0
+deadline = time.monotonic() + 30
+while not received and time.monotonic() < deadline:
+    for x, y in batches:
+        time.sleep(0.01)
+        train_step(model, optimizer, x, y)
+        steps += 1
+        if steps == 30:
+            Path("ready").write_text("")
+record_steps(steps)
+torch.save(model.state_dict(), "preempted.pt")
+time.sleep(1.0)  # a duplicate would arrive by now
+print(f"handler ran {len(received)} time(s)", flush=True)
