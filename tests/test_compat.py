@@ -62,7 +62,8 @@ class Case:
     interpreter_flags: tuple[str, ...] = ()
     stdin: str | None = None
     pythonpath: tuple[Path, ...] = ()
-    send: signal.Signals | None = None  # sent once the program has written its `ready` file
+    send: signal.Signals | None = None  # sent each time the program writes its `ready-<n>` file
+    rounds: int = 1  # how many times the signal is sent
     to_process_group: bool = False  # as a terminal does (Ctrl-C), else to the started process alone
     count_steps: bool = True
     same_saved_contents: bool = True
@@ -122,10 +123,17 @@ CASES = [
         "ctrl_c_in_a_terminal",
         (_program("keyboard_interrupt.py"),),
         send=signal.SIGINT,
+        rounds=3,
         to_process_group=True,
         same_saved_contents=False,
     ),
-    Case("sigint_by_kill", (_program("keyboard_interrupt.py"),), send=signal.SIGINT, same_saved_contents=False),
+    Case(
+        "sigint_by_kill",
+        (_program("keyboard_interrupt.py"),),
+        send=signal.SIGINT,
+        rounds=3,
+        same_saved_contents=False,
+    ),
     Case("sigterm_handler", (_program("signal_handler.py"), "TERM"), send=signal.SIGTERM, same_saved_contents=False),
     Case("sighup_handler", (_program("signal_handler.py"), "HUP"), send=signal.SIGHUP, same_saved_contents=False),
     Case("sigusr1_handler", (_program("signal_handler.py"), "USR1"), send=signal.SIGUSR1, same_saved_contents=False),
@@ -308,15 +316,16 @@ def run_program(case: Case, mode: str, workdir: Path, env: dict[str, str]) -> Ou
 def _signal_when_ready(process: subprocess.Popen[str], case: Case, cwd: Path, notes: list[str]) -> None:
     assert case.send is not None
     deadline = time.monotonic() + PROGRAM_TIMEOUT_S
-    while not (cwd / "ready").exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            notes.append("the program never became ready for its signal")
-            return
-        time.sleep(0.05)
-    if case.to_process_group:
-        os.killpg(process.pid, case.send)
-    else:
-        process.send_signal(case.send)
+    for round_number in range(1, case.rounds + 1):
+        while not (cwd / f"ready-{round_number}").exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                notes.append(f"the program never became ready for signal {round_number}")
+                return
+            time.sleep(0.05)
+        if case.to_process_group:
+            os.killpg(process.pid, case.send)
+        else:
+            process.send_signal(case.send)
 
 
 class CompatRuns:

@@ -9,7 +9,10 @@ test knows the step count profilerd must report.
 
 from __future__ import annotations
 
+import collections
+import os
 import random
+import signal
 from pathlib import Path
 
 import torch
@@ -101,3 +104,24 @@ def finish(loss: float | torch.Tensor, steps: int, label: str = "main") -> None:
     """The usual end of a program: its final loss, bit for bit, and its step count."""
     report("final loss", loss)
     record_steps(steps, label)
+
+
+class SignalDeliveries:
+    """Counts each delivery of a signal to this process, even two that Python's handler would
+    see as one (it runs once for signals that arrive close together): CPython's C-level handler
+    writes one byte per delivery to the wakeup fd."""
+
+    def __init__(self) -> None:
+        self._read, write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(write, False)
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        self._counts: collections.Counter[int] = collections.Counter()
+
+    def count(self, signum: int) -> int:
+        try:
+            while data := os.read(self._read, 512):
+                self._counts.update(data)
+        except BlockingIOError:
+            pass
+        return self._counts[signum]

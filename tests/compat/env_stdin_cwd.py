@@ -9,10 +9,11 @@ import sys
 import torch
 from common import TinyNet, finish, seed_everything, train_step
 
-# What `profilerd run` documents that it adds: its PROFILERD_* variables and its bootstrap
-# directory at the front of PYTHONPATH (docs/configuration.md).
+# What profilerd documents that it adds (docs/configuration.md): its PROFILERD_* variables, its
+# bootstrap directory at the front of PYTHONPATH, and torch's NCCL timing switches where NCCL runs.
+DOCUMENTED = {"PYTHONPATH", "TORCH_NCCL_ENABLE_TIMING", "TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"}
 user_pythonpath = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and "profilerd" not in p]
-environment = {k: v for k, v in os.environ.items() if not k.startswith("PROFILERD_") and k != "PYTHONPATH"}
+environment = {k: v for k, v in os.environ.items() if not k.startswith("PROFILERD_") and k not in DOCUMENTED}
 print("sys.path[0]", sys.path[0] == os.path.dirname(os.path.abspath(__file__)), flush=True)
 print("cwd", os.path.basename(os.getcwd()) in ("plain", "profiled"), flush=True)
 print("argv", sys.argv[1:], "orig_argv tail", sys.orig_argv[-len(sys.argv) :][1:], flush=True)

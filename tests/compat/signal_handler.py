@@ -7,10 +7,12 @@ import time
 from pathlib import Path
 
 import torch
-from common import TinyNet, make_batches, record_steps, seed_everything, train_step
+from common import SignalDeliveries, TinyNet, make_batches, record_steps, seed_everything, train_step
 
+signum = getattr(signal, f"SIG{sys.argv[1]}")
 received: list[int] = []
-signal.signal(getattr(signal, f"SIG{sys.argv[1]}"), lambda signum, frame: received.append(signum))
+signal.signal(signum, lambda number, frame: received.append(number))
+deliveries = SignalDeliveries()
 seed_everything()
 model = TinyNet()
 optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -23,8 +25,8 @@ while not received and time.monotonic() < deadline:
         train_step(model, optimizer, x, y)
         steps += 1
         if steps == 30:
-            Path("ready").write_text("")
+            Path("ready-1").write_text("")
 record_steps(steps)
 torch.save(model.state_dict(), "preempted.pt")
 time.sleep(1.0)  # a duplicate would arrive by now
-print(f"handler ran {len(received)} time(s)", flush=True)
+print(f"handler ran {len(received)} time(s), signal delivered {deliveries.count(signum)} time(s)", flush=True)

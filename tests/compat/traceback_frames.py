@@ -1,6 +1,6 @@
 """Errors raised in a forward pass, a backward pass, an optimizer step and a dataset: the
 tracebacks the user reads have only their own and torch's frames, and the last error ends the
-program as it would without profilerd. A warning torch issues is attributed to the user's line."""
+program as it would without profilerd. Warnings torch issues point where they would without profilerd."""
 
 import os
 import traceback
@@ -54,6 +54,7 @@ for where, attempt in attempts.items():
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     float(mse(model, *batches[0]))  # a tensor that requires grad: torch warns here
+    iter(DataLoader(batches, pin_memory=True))  # no accelerator to pin memory for: torch warns
 print("warning at", [f"{os.path.basename(w.filename)}:{w.lineno}" for w in caught], flush=True)
 print("last loss", mse(model, *batches[0]).item().hex(), flush=True)
 next(iter(DataLoader(BrokenDataset())))  # uncaught: exit 1 with a traceback on stderr
