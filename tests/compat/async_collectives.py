@@ -1,20 +1,18 @@
 """Hand-rolled data parallelism: each gradient all-reduced with async_op=True, then wait()."""
 
 import gc
-import os
 import sys
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from common import TinyNet, finish, make_batches, mse, record_steps, seed_everything
+from common import TinyNet, finish_rank, init_gloo, make_batches, mse, seed_everything
 
 STEPS = 24
 
 
 def run(rank: int, port: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    init_gloo(rank, port)
     seed_everything()
     model = TinyNet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -28,12 +26,7 @@ def run(rank: int, port: str) -> None:
         for p in model.parameters():
             p.grad /= 2
         optimizer.step()
-    total = loss.detach().clone()
-    dist.all_reduce(total)
-    record_steps(STEPS, f"rank{rank}")
-    if rank == 0:
-        finish(total / 2, STEPS, "rank0")
-    dist.destroy_process_group()
+    finish_rank(loss, STEPS, rank)
     del model, optimizer
     gc.collect()
 

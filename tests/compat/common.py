@@ -89,6 +89,42 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     return loss.detach()
 
 
+def tiny_setup(
+    optimizer: str = "sgd", lr: float = 0.05, batches: int = 30
+) -> tuple[TinyNet, torch.optim.Optimizer, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The usual start of a program: seeds, a TinyNet, its optimizer and its batches."""
+    seed_everything()
+    model = TinyNet()
+    factory = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[optimizer]
+    return model, factory(model.parameters(), lr=lr), make_batches(batches)
+
+
+def train_tiny(
+    optimizer: str = "sgd", lr: float = 0.05, steps: int = 30
+) -> tuple[TinyNet, torch.optim.Optimizer, list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """A TinyNet trained for ``steps`` plain steps, for programs whose idiom comes after training."""
+    model, opt, batches = tiny_setup(optimizer, lr, steps)
+    for x, y in batches:
+        loss = train_step(model, opt, x, y)
+    return model, opt, batches, loss
+
+
+def init_gloo(rank: int, port: str, world_size: int = 2) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+
+
+def finish_rank(loss: torch.Tensor, steps: int, rank: int) -> None:
+    """Each rank records its steps; rank 0 prints the mean final loss; the group is destroyed
+    (the caller then frees its DDP model before exit, see examples/ddp_cpu.py)."""
+    total = loss.detach().clone()
+    torch.distributed.all_reduce(total)
+    record_steps(steps, f"rank{rank}")
+    if rank == 0:
+        report("final loss", total / torch.distributed.get_world_size())
+    torch.distributed.destroy_process_group()
+
+
 def record_steps(steps: int, label: str = "main") -> None:
     """How many optimizer steps this process took (read by the test, not printed: it may vary)."""
     Path(f"steps.{label}.txt").write_text(f"{steps}\n")

@@ -2,13 +2,11 @@
 with no_sync() and find_unused_parameters=True (a branch used on every other step only)."""
 
 import gc
-import os
 import sys
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
-from common import finish, make_batches, record_steps, seed_everything
+from common import finish_rank, init_gloo, make_batches, seed_everything
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -28,8 +26,7 @@ class Branchy(nn.Module):
 
 
 def run(rank: int, port: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    init_gloo(rank, port)
     seed_everything()
     model = DistributedDataParallel(Branchy(), find_unused_parameters=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -43,12 +40,7 @@ def run(rank: int, port: str) -> None:
         loss = nn.functional.mse_loss(model(x2, use_aux), y2)
         loss.backward()
         optimizer.step()
-    total = loss.detach().clone()
-    dist.all_reduce(total)
-    record_steps(STEPS, f"rank{rank}")
-    if rank == 0:
-        finish(total / 2, STEPS, "rank0")
-    dist.destroy_process_group()
+    finish_rank(loss, STEPS, rank)
     del model, optimizer  # free DDP before exit (see examples/ddp_cpu.py)
     gc.collect()
 

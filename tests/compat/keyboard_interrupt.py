@@ -8,14 +8,11 @@ import time
 from pathlib import Path
 
 import torch
-from common import SignalDeliveries, TinyNet, make_batches, record_steps, seed_everything, train_step
+from common import SignalDeliveries, record_steps, tiny_setup, train_step
 
 ROUNDS = 3
 deliveries = SignalDeliveries()
-seed_everything()
-model = TinyNet()
-optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-batches = make_batches(8)
+model, optimizer, batches = tiny_setup(lr=0.01, batches=8)
 steps = 0
 for round_number in range(1, ROUNDS + 1):
     try:

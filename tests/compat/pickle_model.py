@@ -3,14 +3,9 @@
 import pickle
 
 import torch
-from common import TinyNet, finish, make_batches, mse, seed_everything, train_step
+from common import finish, mse, train_tiny
 
-seed_everything()
-model = TinyNet()
-optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-batches = make_batches(30)
-for x, y in batches:
-    train_step(model, optimizer, x, y)
+model, optimizer, batches, _ = train_tiny("adam", lr=0.01)
 with open("model.pkl", "wb") as handle:
     pickle.dump(model, handle)
 clone = pickle.loads(pickle.dumps((model, optimizer)))[0]

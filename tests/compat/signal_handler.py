@@ -7,16 +7,13 @@ import time
 from pathlib import Path
 
 import torch
-from common import SignalDeliveries, TinyNet, make_batches, record_steps, seed_everything, train_step
+from common import SignalDeliveries, record_steps, tiny_setup, train_step
 
 signum = getattr(signal, f"SIG{sys.argv[1]}")
 received: list[int] = []
 signal.signal(signum, lambda number, frame: received.append(number))
 deliveries = SignalDeliveries()
-seed_everything()
-model = TinyNet()
-optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-batches = make_batches(8)
+model, optimizer, batches = tiny_setup(lr=0.01, batches=8)
 steps = 0
 deadline = time.monotonic() + 30
 while not received and time.monotonic() < deadline:

@@ -7,7 +7,7 @@ import traceback
 import warnings
 
 import torch
-from common import TinyNet, make_batches, mse, record_steps, seed_everything, train_step
+from common import mse, record_steps, train_tiny
 from torch.utils.data import DataLoader, Dataset
 
 
@@ -33,12 +33,7 @@ def frames(exc: BaseException) -> list[str]:
     return [f"{os.path.basename(f.filename)}:{f.name}" for f in traceback.extract_tb(exc.__traceback__)]
 
 
-seed_everything()
-model = TinyNet()
-optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-batches = make_batches(25)
-for x, y in batches:
-    train_step(model, optimizer, x, y)
+model, optimizer, batches, _ = train_tiny(steps=25)
 record_steps(len(batches))
 attempts = {
     "forward": lambda: model(torch.randn(2, 3)),

@@ -3,10 +3,8 @@
 import os
 import sys
 
-import torch
-
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import TinyNet, finish, make_batches, seed_everything, train_step
+from common import finish, train_tiny
 
 import probes
 import tui
@@ -14,10 +12,5 @@ import tui
 here = os.path.dirname(os.path.abspath(__file__))
 for package in (probes, tui):
     print(package.__name__, package.OWNER, os.path.dirname(os.path.dirname(package.__file__)) == here, flush=True)
-seed_everything()
-model = TinyNet()
-optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-batches = make_batches(25)
-for x, y in batches:
-    loss = train_step(model, optimizer, x, y)
+_, _, batches, loss = train_tiny(steps=25)
 finish(loss, len(batches))
