@@ -165,13 +165,25 @@ CASES = [
 ]
 CASES_BY_NAME = {case.name: case for case in CASES}
 
-# Run in an interpreter that cannot import profilerd: isolated (-I) and without site (-S), so no
-# .pth file installs the editable finder; torch's site-packages are added back by hand.
+# Run in an interpreter that cannot import profilerd, as on a machine without it: isolated (-I),
+# without site (-S: no .pth file installs the editable finder), torch's site-packages added back
+# by hand, and a finder that refuses profilerd's import names (for a non-editable install there).
 LOADER = r"""
-import hashlib, importlib, json, pickle, sys
+import hashlib, importlib, importlib.abc, json, pickle, sys
+BLOCKED = ("profilerd", "profilerd_probes", "profilerd_tui", "probes", "tui")
+
+
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r} (profilerd is not installed here)")
+        return None
+
+
+sys.meta_path.insert(0, Refuse())
 sys.path[:0] = json.loads(sys.argv[1])
 sys.path.append(sys.argv[2])  # the programs' own modules, as a user's code is on another machine
-for name in ("profilerd", "profilerd_probes", "profilerd_tui", "probes", "tui"):
+for name in BLOCKED:
     try:
         importlib.import_module(name)
     except ImportError:
