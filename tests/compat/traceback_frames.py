@@ -7,7 +7,7 @@ import traceback
 import warnings
 
 import torch
-from common import mse, record_steps, train_tiny
+from common import mse, train_tiny
 from torch.utils.data import DataLoader, Dataset
 
 
@@ -34,7 +34,6 @@ def frames(exc: BaseException) -> list[str]:
 
 
 model, optimizer, batches, _ = train_tiny(steps=25)
-record_steps(len(batches))
 attempts = {
     "forward": lambda: model(torch.randn(2, 3)),
     "backward": lambda: FailsInBackward.apply(model(batches[0][0])).sum().backward(),
