@@ -1,0 +1,3 @@
+"""Importable only through the path entry that site_dir/sitecustomize.py adds."""
+
+VALUE = "site extra module"

@@ -1,0 +1,3 @@
+"""The user's own package named `tui`."""
+
+OWNER = "user tui package"
