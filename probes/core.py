@@ -303,6 +303,16 @@ class StepProbe:
         self.ended = step
         self.current = _Step(now)
 
+    def _reopen(self) -> None:
+        """The step that seemed to have ended goes on (its activity since then is its own)."""
+        ended, self.ended = self.ended, None
+        if ended is not None:
+            self._absorb_counters(self.current)
+            ended.absorb(self.current)
+            ended.end = None
+            ended.fallback = False
+            self.current = ended
+
     def _new_iteration(self, now: float) -> None:
         """The next iteration's activity (a batch, or an optimizer stepping again) has begun."""
         if self.ended is not None:
@@ -613,8 +623,11 @@ class StepProbe:
         self.syncs.suspended += 1  # the optimizer's own .item() calls are not the user's
         now = time.perf_counter()
         ended = self.ended
-        if ended is not None and (id(optimizer) in ended.optimizers or ended.fallback):
+        if ended is not None and ended.fallback:
+            self._reopen()  # an optimizer created before install: the backward was not the end
+        elif ended is not None and id(optimizer) in ended.optimizers:
             self._new_iteration(now)  # the same optimizer again: a new iteration
+        self.optimizer_exists = True
         step = self.current
         if step.start is None:
             step.start = now
