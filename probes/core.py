@@ -902,7 +902,7 @@ def _make_backward(original: Any, reads_loss: bool) -> Any:
         if compiling():
             return original(*args, **kwargs)
         probe = _active
-        if probe is None or probe._backward_depth or probe._in_loader:
+        if probe is None or probe._backward_depth or probe._in_loader or not_training(args):
             return original(*args, **kwargs)
         ident = get_ident()
         if ident != probe.train_thread:
@@ -929,6 +929,16 @@ def _make_backward(original: Any, reads_loss: bool) -> Any:
                 disable(exc)
 
     return backward
+
+
+def not_training(args: tuple[Any, ...]) -> bool:
+    """A backward pass that is no training step: under a dispatch mode (FakeTensorMode, make_fx)
+    or on fake tensors outside one (shape checks, tracing tools)."""
+    torch = sys.modules["torch"]
+    if torch._C._len_torch_dispatch_stack():
+        return True
+    fake = sys.modules.get("torch._subclasses.fake_tensor")
+    return fake is not None and bool(args) and isinstance(args[0], fake.FakeTensor)
 
 
 def _make_autocast_enter(original: Any) -> Any:
