@@ -748,7 +748,7 @@ class StepProbe:
         self._patch(scaler_cls, "update", _make_scaler_update(scaler_cls.update))
         self._patch(scaler_cls, "step", _make_scaler_step(scaler_cls.step))
         optimizer_cls = torch.optim.Optimizer
-        self._patch(optimizer_cls, "__init__", _make_optimizer_init(optimizer_cls.__init__))
+        self._patch(optimizer_cls, "__init__", _make_noting_init(optimizer_cls.__init__, "note_optimizer"))
         self._patch(torch.nn.utils, "clip_grad_norm_", _make_clip_grad_norm(torch.nn.utils.clip_grad_norm_))
         scheduler_cls = torch.optim.lr_scheduler.LRScheduler
         self._patch(scheduler_cls, "step", _make_scheduler_step(scheduler_cls.step))
@@ -764,7 +764,7 @@ class StepProbe:
                     self._patch(dist, name, self.collectives.wrap(getattr(dist, name), lambda: self.train_thread))
             ddp_cls = _safe(lambda: torch.nn.parallel.DistributedDataParallel)
             if ddp_cls is not None:
-                self._patch(ddp_cls, "__init__", _make_ddp_init(ddp_cls.__init__))
+                self._patch(ddp_cls, "__init__", _make_noting_init(ddp_cls.__init__, "note_ddp"))
         self._handles.append(optim_mod.register_optimizer_step_pre_hook(_optimizer_pre))
         self._handles.append(optim_mod.register_optimizer_step_post_hook(_optimizer_post))
         package = sys.modules["profilerd_probes"]
@@ -970,24 +970,19 @@ def _make_scaler_update(original: Any) -> Any:
     return update
 
 
-def _make_optimizer_init(original: Any) -> Any:
+def _make_noting_init(original: Any, note: str) -> Any:
+    """An ``__init__`` that, once the object is built, tells the probe (``probe.<note>(self)``),
+    which keeps at most a weak reference to it."""
+
     @functools.wraps(original)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
         probe = _active
         if probe is not None:
-            probe.note_optimizer(self)
-
-    return __init__
-
-
-def _make_ddp_init(original: Any) -> Any:
-    @functools.wraps(original)
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        probe = _active
-        if probe is not None:
-            probe.note_ddp(self)
+            try:
+                getattr(probe, note)(self)
+            except Exception as exc:
+                disable(exc)
 
     return __init__
 

@@ -186,8 +186,8 @@ class DeferredScalar:
             return
         torch = self._torch
         buffer = self._free.pop() if self._free else torch.empty((), dtype=torch.float64, pin_memory=True)
-        with torch.no_grad():
-            buffer.copy_(tensor.detach().reshape(()), non_blocking=True)
+        with torch.no_grad():  # converted on the device, so the copy itself needs no host step
+            buffer.copy_(tensor.detach().reshape(()).to(torch.float64), non_blocking=True)
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(tensor.device))
         self._pending.append((buffer, event, deliver))

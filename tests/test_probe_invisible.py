@@ -431,6 +431,14 @@ def test_lbfgs_closure_is_forward_and_backward_not_optimizer(zygote, tmp_path):
         assert phase_sum(s) <= s.step_s + STEP_TOL_S
 
 
+def one_step_per_iteration(pair: Pair) -> list[wire.StepMessage]:
+    """Same results plainly and probed, and one step record per iteration of the program."""
+    same_except_pid(pair)
+    steps = pair.steps()
+    assert [s.step for s in steps] == list(range(1, pair.probed["iterations"] + 1))
+    return steps
+
+
 def boundary_flags(s: wire.StepMessage) -> int:
     return s.flags & (wire.FLAG_FALLBACK_BOUNDARY | wire.FLAG_GRAD_SCALER_SKIPPED)
 
@@ -467,10 +475,7 @@ result("final", [exact(d_loss.detach()), exact(g_loss.detach())])
 
 @pytest.mark.parametrize("mode", ["loader", "tensors"])
 def test_two_optimizers_stepped_in_one_iteration_are_one_step(zygote, tmp_path, mode):
-    pair = run_pair(zygote, tmp_path, GAN, env={"MODE": mode})
-    same_except_pid(pair)
-    steps = pair.steps()
-    assert [s.step for s in steps] == list(range(1, pair.probed["iterations"] + 1))
+    steps = one_step_per_iteration(run_pair(zygote, tmp_path, GAN, env={"MODE": mode}))
     for s in steps[1:]:
         assert boundary_flags(s) == 0
         assert s.backward_s > 0 and s.optimizer_s > 0
@@ -507,10 +512,7 @@ result("final", exact(loss_of(params, *data.tensors).detach()))
 
 @pytest.mark.parametrize("mode", ["autograd.grad", "torch.func"])
 def test_loops_without_optimizer_or_backward_are_steps(zygote, tmp_path, mode):
-    pair = run_pair(zygote, tmp_path, FUNCTIONAL, env={"MODE": mode})
-    same_except_pid(pair)
-    steps = pair.steps()
-    assert [s.step for s in steps] == list(range(1, pair.probed["iterations"] + 1))
+    steps = one_step_per_iteration(run_pair(zygote, tmp_path, FUNCTIONAL, env={"MODE": mode}))
     for s in steps:
         assert boundary_flags(s) == wire.FLAG_FALLBACK_BOUNDARY
         assert s.backward_s > 0 and s.data_wait_s > 0
