@@ -327,7 +327,9 @@ class StepProbe:
         self.step_index += 1
         config_step = self.step_index in CONFIG_STEPS or self.step_index % CONFIG_REFRESH_STEPS == 0
         self._config_due = self._config_due or config_step
-        observable = observable_now(self._torch)
+        ddp = self._ddp() if self._ddp is not None else None
+        ddp_read = ddp is not None and (self.step_index <= 12 or self.step_index % DdpSplit.READ_EVERY_STEPS == 0)
+        observable = (self._config_due or ddp_read) and observable_now(self._torch)  # only when needed
         if config_step:
             self._refresh_rank()
         self.sender.ensure_connected()  # a reconnect must be followed by hello before the step
@@ -344,9 +346,8 @@ class StepProbe:
         backward = step.backward_s
         comm = step.comm_s
         comm_total = comm
-        ddp = self._ddp() if self._ddp is not None else None
         if ddp is not None:
-            if observable and (self.step_index <= 12 or self.step_index % DdpSplit.READ_EVERY_STEPS == 0):
+            if ddp_read and observable:
                 self._ddp_split.refresh(ddp)
             # DDP's gradient all-reduce runs inside backward (issued from C++): its exposed part
             # is the share DDP's own sampled timings give, moved from backward to communication.
@@ -801,6 +802,7 @@ class StepProbe:
         self.step_index = 0
         self._hello_sent_at = -math.inf
         self._said_goodbye = False
+        self._loss_nonfinite = False
         self._backward_depth = 0
         self._optimizer_depth = 0
         self._mark = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 import socket
 import statistics
@@ -1380,3 +1381,36 @@ def test_grad_norm_is_sampled_at_most_every_interval(zygote, tmp_path, receiver)
     assert len(sampled) < len(steps)  # ~40 ms steps, one sample per 100 ms
     for i in sampled:
         assert steps[i].grad_norm == pytest.approx(res["norms"][i], rel=1e-6)
+
+
+LOSS_SCHEDULE = """
+import profilerd_probes as probes
+probes.install()
+model = make_model()
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+data = SleepyDataset(8)
+for i in range(320):
+    opt.zero_grad()
+    loss = ((model(data.x) - data.y) ** 2).mean()
+    diverged = 230 <= i < 300
+    if diverged:
+        loss = loss * float("nan")
+    loss.backward()
+    if diverged:
+        opt.zero_grad()  # this loop drops NaN gradients (as GradScaler would): the weights stay finite
+    opt.step()
+"""
+
+
+def test_loss_is_read_every_step_at_first_then_by_time_and_while_non_finite(zygote, tmp_path, receiver):
+    run_scenario(zygote, tmp_path, receiver, LOSS_SCHEDULE)
+    steps = receiver.steps()
+    assert_numbered(steps, 320)
+    read = [i for i, s in enumerate(steps) if s.flags & wire.FLAG_HAS_LOSS]
+    assert read[:200] == list(range(200)), "every step of the first 200"
+    # then by time (at most every 50 ms); once a NaN is seen, every step until it is finite again
+    [first] = [i for i, s in enumerate(steps) if s.flags & wire.FLAG_LOSS_FIRST_NONFINITE]
+    assert 230 <= first < 300
+    assert all(math.isnan(steps[i].loss) for i in range(first, 300))
+    assert set(range(first, 301)) <= set(read)
+    assert math.isfinite(steps[300].loss)
