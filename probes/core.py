@@ -582,6 +582,14 @@ class StepProbe:
 
     # ---- hook bodies (hot path) ----------------------------------------------------------
     def on_loader_next_start(self, now: float) -> None:
+        ended = self.ended
+        if ended is not None:
+            # The next batch is the clearest boundary: what ran since the step's tentative end
+            # (logging, loss.item(), a hand-written update) is still that step's.
+            self._absorb_counters(self.current)
+            ended.absorb(self.current)
+            ended.end = now
+            self.current = _Step(now)
         self._new_iteration(now)
 
     def on_loader_next_end(self, start: float, end: float) -> None:
