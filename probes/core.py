@@ -420,6 +420,19 @@ class StepProbe:
         """Emit the steps that have ended, and send what is batched (exit, uninstall)."""
         if self.ended is not None:
             ended, self.ended = self.ended, None
+            tail = self.current
+            if not tail.backward_seen:
+                # What ran after the last step's end (its loss.item(), a final all_reduce) is its
+                # own; the time is added only if a collective needs it, so that the program's
+                # teardown does not lengthen the last step.
+                self._absorb_counters(tail)
+                if tail.comm_s:
+                    ended.absorb(tail)
+                    ended.end = time.perf_counter()
+                else:
+                    ended.sync_count += tail.sync_count
+                    ended.sync_s += tail.sync_s
+                self.current = _Step(None)
             self._emit(ended)
         if self.current.backward_seen:  # activity after the last optimizer step: a step of its own
             step, self.current = self.current, _Step(None)
