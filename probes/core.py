@@ -212,6 +212,7 @@ class _Step:
 # Positions in a step record (wire.STEP) that a deferred read may fill in before it is sent.
 _FLAGS, _LOSS, _GRAD_NORM, _SCALE = 12, 13, 14, 16
 _SIGNAL_FLAGS = {_LOSS: wire.FLAG_HAS_LOSS, _GRAD_NORM: wire.FLAG_HAS_GRAD_NORM, _SCALE: wire.FLAG_HAS_SCALE}
+_SIGNAL_NAMES = {_LOSS: "loss", _GRAD_NORM: "grad_norm", _SCALE: "scale"}
 
 
 class StepProbe:
@@ -457,7 +458,7 @@ class StepProbe:
     def _deliver(self, step: _Step, index: int, value: float) -> None:
         """A value read (maybe a step late, on CUDA) for ``step``: into it, or into its record if
         that is still waiting in the batch, or else into the current step."""
-        name = {_LOSS: "loss", _GRAD_NORM: "grad_norm", _SCALE: "scale"}[index]
+        name = _SIGNAL_NAMES[index]
         if index == _LOSS:
             finite = math.isfinite(value)
             if not finite and not self._loss_nonfinite:

@@ -149,7 +149,7 @@ def plain_tensor(torch: Any, value: Any, *, scalar: bool = True, subclasses: boo
             return False
     elif type(value) is not Tensor:
         return False
-    if value.layout is not torch.strided or value.device.type not in ("cpu", "cuda"):
+    if value.layout is not torch.strided or not (value.is_cpu or value.is_cuda):  # not meta, not sparse
         return False
     if scalar and (value.numel() != 1 or not value.is_floating_point()):
         return False
@@ -179,10 +179,10 @@ class DeferredScalar:
 
     def capture(self, tensor: Any, deliver: Callable[[float], None]) -> None:
         """Read ``tensor`` (a one-element plain tensor) and call ``deliver`` with its value."""
-        if tensor.device.type == "cpu":
+        if tensor.is_cpu:
             deliver(float(self._item(tensor)))
             return
-        if tensor.device.type != "cuda" or self.pending:
+        if not tensor.is_cuda or self.pending:
             return
         torch = self._torch
         buffer = self._free.pop() if self._free else torch.empty((), dtype=torch.float64, pin_memory=True)
