@@ -254,6 +254,7 @@ class StepProbe:
         self._mark_comm = 0.0
         self._loader_config: dict[str, Any] = {}
         self._optimizers: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._last_optimizer_id = 0  # an id, not a reference: nothing outlives the user's objects
         self._autocast: dict[str, Any] = {}
         self._scaler_used = False
         self._last_config: dict[str, Any] | None = None
@@ -655,7 +656,9 @@ class StepProbe:
         if step.start is None:
             step.start = now
         step.optimizers.add(id(optimizer))
-        self._optimizers.add(optimizer)
+        if id(optimizer) != self._last_optimizer_id:  # one built before install (others are noted)
+            self._last_optimizer_id = id(optimizer)
+            self._optimizers.add(optimizer)
         if self._grad_norm_due(now, step) and observable_now(self._torch):
             self._grad_norm_read_at = now
             self._sample_grad_norm(optimizer, step)

@@ -331,21 +331,13 @@ class DdpSplit:
         self.comm_ratio = 0.0  # total comm time over backward time (may exceed 1 with overlap)
         self._iteration = -1
         self.samples = 0
-        self.last_ready: list[int] = []  # parameter indices in the order their gradients were ready
-        self.last_ready_changed = False
 
     def refresh(self, ddp: Any) -> None:
         data = ddp._get_ddp_logging_data()
         iteration = int(data.get("iteration", -1))
-        self.last_ready_changed = False
         if iteration == self._iteration:
             return
         self._iteration = iteration
-        order = str(data.get("prev_iteration_grad_ready_order_indices", ""))
-        ready = [int(i) for i in order.split(",") if i.strip().isdigit()]
-        if ready and ready[-2:] != self.last_ready[-2:]:
-            self.last_ready = ready
-            self.last_ready_changed = True
         start = data.get("backward_compute_time_start")
         compute_end = data.get("backward_compute_time_end")
         comm_end = data.get("backward_comm_time_end")
