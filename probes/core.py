@@ -905,16 +905,22 @@ def _make_loader_next(original: Any) -> Any:
     return __next__
 
 
+def _tell(method: str, *args: Any) -> None:
+    """``probe.<method>(*args)`` if a probe is active and nothing is being compiled; an error in
+    it disables the probe, never reaches the caller."""
+    probe = None if compiling() else _active
+    if probe is not None:
+        try:
+            getattr(probe, method)(*args)
+        except Exception as exc:
+            disable(exc)
+
+
 def _make_loader_init(original: Any) -> Any:
     @functools.wraps(original)
     def __init__(self: Any, loader: Any, *args: Any, **kwargs: Any) -> None:
         original(self, loader, *args, **kwargs)
-        probe = _active
-        if probe is not None:
-            try:
-                probe.note_loader(loader)
-            except Exception as exc:
-                disable(exc)
+        _tell("note_loader", loader)
 
     return __init__
 
@@ -971,12 +977,7 @@ def not_training(args: tuple[Any, ...]) -> bool:
 def _make_autocast_enter(original: Any) -> Any:
     @functools.wraps(original)
     def __enter__(self: Any) -> Any:
-        probe = None if compiling() else _active
-        if probe is not None:
-            try:
-                probe.note_autocast(self)
-            except Exception as exc:
-                disable(exc)
+        _tell("note_autocast", self)
         return original(self)
 
     return __enter__
@@ -986,12 +987,7 @@ def _make_scaler_update(original: Any) -> Any:
     @functools.wraps(original)
     def update(self: Any, *args: Any, **kwargs: Any) -> Any:
         result = original(self, *args, **kwargs)
-        probe = None if compiling() else _active
-        if probe is not None:
-            try:
-                probe.on_scaler_update(self)
-            except Exception as exc:
-                disable(exc)
+        _tell("on_scaler_update", self)
         return result
 
     return update
@@ -1004,12 +1000,7 @@ def _make_noting_init(original: Any, note: str) -> Any:
     @functools.wraps(original)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
-        probe = _active
-        if probe is not None:
-            try:
-                getattr(probe, note)(self)
-            except Exception as exc:
-                disable(exc)
+        _tell(note, self)
 
     return __init__
 
