@@ -650,3 +650,53 @@ def test_every_process_of_a_hogwild_job_is_recorded(tmp_path, start):
         steps = rx.steps(res[f"worker{rank}"])
         assert [s.step for s in steps] == [1, 2, 3, 4], f"worker {rank}"
         assert rx.bodies("hello", res[f"worker{rank}"])
+
+
+MORE_IDIOMS = """
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import IterableDataset
+
+
+class Stream(IterableDataset):
+    def __iter__(self):
+        data = make_data(24)
+        yield from zip(*data.tensors)
+
+
+class Checkpointed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = make_model()
+
+    def forward(self, x):
+        return checkpoint(self.body, x, use_reentrant=os.environ["REENTRANT"] == "1")
+
+
+model = nn.DataParallel(Checkpointed())  # on CPU: runs the module itself
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+scaler = torch.amp.GradScaler("cpu")
+iterations = 0
+for x, y in DataLoader(Stream(), batch_size=4):
+    iterations += 1
+    opt.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x.requires_grad_())
+    loss = ((out.float() - y) ** 2).mean()
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+result("iterations", iterations)
+result("final", exact(loss.detach()))
+result("hooks", module_hooks(model))
+"""
+
+
+@pytest.mark.parametrize("reentrant", ["0", "1"])
+def test_checkpoint_dataparallel_autocast_and_grad_scaler(zygote, tmp_path, reentrant):
+    pair = run_pair(zygote, tmp_path, MORE_IDIOMS, env={"REENTRANT": reentrant})
+    steps = one_step_per_iteration(pair)
+    assert pair.probed["hooks"] == {"global": 0, "modules": 0, "parameters": 0}
+    for s in steps:
+        assert s.backward_s > 0 and s.optimizer_s > 0 and s.flags & wire.FLAG_HAS_SCALE
+        assert phase_sum(s) <= s.step_s + STEP_TOL_S
+    assert pair.rx.bodies("config", pair.probed["pid"])[-1]["autocast"] == {"enabled": True, "dtype": "bfloat16"}
