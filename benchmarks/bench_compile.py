@@ -32,15 +32,16 @@ if str(REPO) not in sys.path:
 
 from benchmarks.machine import LoadWatch, machine_info  # noqa: E402
 
-SEGMENT = r"""
+SETUP = r"""
 import json, os, statistics, sys, time
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 torch.set_num_threads(1)
-if os.environ["PROBED"] == "1":
-    import profilerd_probes as probes
+import profilerd_probes as probes
+
+if os.environ.get("PROBED") == "1":
     assert probes.install(os.environ["SOCKET"])  # no daemon there: the probes run, sends drop
 import torch._dynamo.utils as dynamo_utils
 
@@ -58,6 +59,11 @@ def batches():
         yield from DataLoader(data, batch_size=64)
 
 
+"""
+
+SEGMENT = (
+    SETUP
+    + r"""
 warmup, steps = int(os.environ["WARMUP"]), int(os.environ["STEPS"])
 times, cpu = [], []
 source = batches()
@@ -80,32 +86,12 @@ print(json.dumps({
     "final_loss": float(loss.detach()).hex(),
 }))
 """
+)
 
 
-INTERLEAVED = r"""
-import json, os, statistics, sys, time
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-import profilerd_probes as probes
-
-torch.set_num_threads(1)
-import torch._dynamo.utils as dynamo_utils
-
-torch.manual_seed(0)
-model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
-compiled = torch.compile(model)
-opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-n = 64 * 64
-data = TensorDataset(torch.randn(n, 256), torch.randint(0, 10, (n,)))
-loss_fn = nn.CrossEntropyLoss()
-
-
-def batches():
-    while True:
-        yield from DataLoader(data, batch_size=64)
-
-
+INTERLEAVED = (
+    SETUP
+    + r"""
 source = batches()
 
 
@@ -136,6 +122,7 @@ for i in range(int(os.environ["ROUNDS"])):
 after = dynamo_utils.counters["stats"]["unique_graphs"]
 print(json.dumps({"rounds": rounds, "graphs_before": graphs, "graphs_after": after}))
 """
+)
 
 
 def interleaved(socket_path: Path, warmup: int, rounds: int, steps: int) -> dict[str, Any]:
