@@ -155,7 +155,7 @@ def run_segment(work: Workload, mode: str, paths: dict[str, Path], warmup: int, 
     if mode != "plain" and not probes.install(paths[mode]):
         raise RuntimeError("probes.install() failed")
     try:
-        work.run(warmup)  # includes root-module discovery and the first config snapshots
+        work.run(warmup)  # includes the first config snapshots and the eagerly sent first steps
         watch = LoadWatch()
         wall, cpu = work.run(steps)
         others = watch.others()
@@ -290,7 +290,9 @@ def _paced_us(fn: Callable[[Any, float], Any], obj: Any, n: int, gap_s: float) -
 
 
 def _close(probe: Any, now: float) -> None:
-    probe._close_step(now, False)
+    """A step's end: tentative at its optimizer step, emitted when the next iteration begins."""
+    probe._end_tentatively(now)
+    probe._new_iteration(now)
 
 
 def _send(pair: tuple[Any, bytes], now: float) -> None:
@@ -306,40 +308,55 @@ def _measure(costs: dict[str, Any], name: str, fn: Callable[[], float]) -> None:
         print(f"  could not time {name}: {exc!r}", file=sys.stderr)
 
 
-def grad_norm_cost(optimizer: Any, paths: dict[str, Path], repeats: int = 20) -> dict[str, Any]:
-    """The periodic gradient-norm sample, per sample and amortised over its period."""
+def grad_norm_cost(optimizer: Any, paths: dict[str, Path], step_s: float, repeats: int = 20) -> dict[str, Any]:
+    """The periodic gradient-norm sample (every PROFILERD_GRAD_NORM_EVERY_S), per sample and
+    amortised over the steps of ``step_s`` in its period."""
     from profilerd_probes.transport import DatagramSender
 
     sender = DatagramSender(paths["absent"])
     try:
         probe = core.StepProbe(sender)
-        every = getattr(probe, "_grad_norm_every", 0)
-        sample = getattr(probe, "_sample_grad_norm", None)
-        if not every or sample is None:  # a probe without the grad-norm sample costs nothing here
-            return {"every_steps": every, "per_sample_us": None, "per_step_us": 0.0}
+        every_s = probe._grad_norm_every_s
+        if not every_s:
+            return {"every_steps": None, "per_sample_us": None, "per_step_us": 0.0}
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            sample(optimizer)
+            probe._sample_grad_norm(optimizer, probe.current)
             times.append(time.perf_counter() - t0)
     finally:
         sender.close()
     per_sample = 1e6 * statistics.median(times)
-    return {"every_steps": every, "per_sample_us": per_sample, "per_step_us": per_sample / every}
+    every_steps = max(1.0, every_s / step_s)
+    return {"every_steps": round(every_steps), "per_sample_us": per_sample, "per_step_us": per_sample / every_steps}
+
+
+def _optimizer_cycle(probe: Any, optimizer: Any) -> None:
+    """pre + post hooks of one optimizer step; forgetting the ended step keeps the step close
+    (timed on its own) out of this figure."""
+    core._optimizer_pre(optimizer, (), {})
+    core._optimizer_post(optimizer, (), {})
+    probe.ended = None
+
+
+def _noop_cycle(probe: Any, optimizer: Any) -> None:
+    _noop3(optimizer, (), {})
+    _noop3(optimizer, (), {})
+    probe.ended = None
 
 
 def _hook_components(costs: dict[str, Any], probe: Any, module: Any, optimizer: Any, loss: Any, n: int) -> None:
     obj = object()
     loader_next = core._make_loader_next(_noop1)
-    backward = core._make_backward(_noop1)
-    fwd = (core._global_forward_pre, core._global_forward_post, (module, ()), (module, (), None))
-    opt = (core._optimizer_pre, core._optimizer_post, (optimizer, (), {}), (optimizer, (), {}))
+    backward = core._make_backward(_noop1, reads_loss=True)
+    probe.optimizer_exists = True  # steps end at optimizer steps, not at each backward
     _measure(costs, "loader __next__ wrapper", lambda: _cost_us(loader_next, _noop1, (obj,), n))
-    _measure(costs, "forward pre+post hooks", lambda: _cost_us(_pair, _pair, fwd, n, base_args=_noops(fwd)))
-    _measure(costs, "backward wrapper (with loss capture)", lambda: _cost_us(backward, _noop1, (loss,), n))
-    probe._backward_seen = False
-    _measure(costs, "optimizer pre+post hooks", lambda: _cost_us(_pair, _pair, opt, n, base_args=_noops(opt)))
-    probe._pending_close = None
+    _measure(costs, "backward wrapper (no loss read)", lambda: _cost_us(backward, _noop1, (loss,), n))
+    sink: list[float] = []
+    capture = probe._loss.capture
+    _measure(costs, "loss read (every step at first)", lambda: _cost_us(capture, _noop2, (loss, sink.append), n))
+    opt = (probe, optimizer)
+    _measure(costs, "optimizer pre+post hooks", lambda: _cost_us(_optimizer_cycle, _noop_cycle, opt, n))
 
 
 def _noops(pair_args: tuple) -> tuple:
@@ -349,7 +366,7 @@ def _noops(pair_args: tuple) -> tuple:
     return (by_arity[len(args1)], by_arity[len(args2)], args1, args2)
 
 
-def hook_costs(paths: dict[str, Path], n: int, close_n: int, training_optimizer: Any) -> dict[str, Any]:
+def hook_costs(paths: dict[str, Path], n: int, close_n: int, training_optimizer: Any, step_s: float) -> dict[str, Any]:
     import torch
 
     from profilerd_probes.transport import DatagramSender
@@ -390,8 +407,8 @@ def hook_costs(paths: dict[str, Path], n: int, close_n: int, training_optimizer:
             core.set_active(None)
             sender.close()
     results["grad_norm"] = {
-        "trivial model": grad_norm_cost(optimizer, paths),
-        "training model": grad_norm_cost(training_optimizer, paths),
+        "trivial model": grad_norm_cost(optimizer, paths, step_s),
+        "training model": grad_norm_cost(training_optimizer, paths, step_s),
     }
     for where in ("daemon", "absent"):
         costs = dict(results["daemon"]["costs_us"])
@@ -402,17 +419,18 @@ def hook_costs(paths: dict[str, Path], n: int, close_n: int, training_optimizer:
     return results
 
 
-# Entry points of the probe's per-step work, timed inside the real training loop. The step close
-# runs nested inside on_loader_next_start (or on_forward_pre): reported, not added to the sum.
+# Entry points of the probe's per-step work, timed inside the real training loop. The step's
+# emission runs nested inside on_loader_next_start, the loss read inside on_backward_start, the
+# grad-norm sample inside on_optimizer_pre: reported, not added to the sum.
 IN_SITU_ENTRY = (
     "on_loader_next_start",
-    "on_forward_pre",
-    "on_forward_post",
-    "on_backward",
+    "on_loader_next_end",
+    "on_backward_start",
+    "on_backward_end",
     "on_optimizer_pre",
     "on_optimizer_post",
 )
-IN_SITU_NESTED = ("_close_step", "_sample_grad_norm")
+IN_SITU_NESTED = ("_emit", "_sample_grad_norm")
 
 
 def _timed(original: Callable[..., Any], durations: list[float]) -> Callable[..., Any]:
@@ -441,7 +459,6 @@ def in_situ(work: Workload, path: Path, warmup: int, steps: int, repeats: int = 
     with contextlib.suppress(ImportError):
         from profilerd_probes import signals
 
-        # the loss capture runs in the backward wrapper before on_backward: an entry point too
         targets.append((signals.DeferredScalar, "capture", "DeferredScalar.capture (loss, scale)"))
     runs: dict[str, list[tuple[float, float]]] = {}
     for _ in range(repeats):
@@ -469,7 +486,8 @@ def in_situ(work: Workload, path: Path, warmup: int, steps: int, repeats: int = 
                 runs.setdefault(label, []).append((1e6 * robust, 1e6 * sum(durations) / steps))
     per_hook = {label: statistics.median(r[0] for r in values) for label, values in runs.items()}
     mean = {label: statistics.median(r[1] for r in values) for label, values in runs.items()}
-    summed = [label for label in per_hook if label != "_close_step"]  # the close is nested in an entry point
+    nested = (*IN_SITU_NESTED, "DeferredScalar.capture (loss, scale)")
+    summed = [label for label in per_hook if label not in nested]
     return {
         "us_per_step": per_hook,
         "mean_us_per_step": mean,
@@ -538,7 +556,11 @@ def print_report(res: dict[str, Any]) -> None:
     situ = res["in_situ"]
     print("\n[in situ] probe entry points timed inside the training loop, us per step (daemon present)")
     print(f"  {'':<52}{'median':>8}{'mean':>8}   (median: median call x calls per step)")
-    notes = {"_close_step": "  nested in on_loader_next_start, not summed", "_sample_grad_norm": "  every Nth step"}
+    notes = {
+        "_emit": "  nested in on_loader_next_start, not summed",
+        "_sample_grad_norm": "  nested, every Nth step",
+        "DeferredScalar.capture (loss, scale)": "  nested, not summed",
+    }
     for name, us in situ["us_per_step"].items():
         print(f"  {name:<52}{us:8.2f}{situ['mean_us_per_step'][name]:8.2f}{notes.get(name, '')}")
     print(f"  {'sum':<52}{situ['sum_us']:8.2f}")
@@ -633,7 +655,9 @@ def main(argv: list[str] | None = None) -> int:
                 "rounds": rounds,
             }
             results["in_situ"] = in_situ(work, paths["daemon"], args.warmup, 2 * args.steps)
-            results["hooks"] = hook_costs(paths, args.hook_calls, max(1000, args.hook_calls // 10), work.optimizer)
+            step_s = results["training"]["summary"]["plain_ms_per_step"] / 1e3
+            calls = args.hook_calls
+            results["hooks"] = hook_costs(paths, calls, max(1000, calls // 10), work.optimizer, step_s)
         finally:
             results["receiver"] = receiver.close()
     results["load"] = load.result()

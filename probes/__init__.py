@@ -31,7 +31,8 @@ def installed() -> bool:
 
 
 def install(socket_path: str | os.PathLike[str] | None = None) -> bool:
-    """Install the probes in this process; returns False (with a warning) if it cannot.
+    """Install the probes in this process; returns False (with one ``profilerd:`` line on
+    stderr) if it cannot.
 
     Safe to call twice. The daemon's socket defaults to $PROFILERD_SOCKET or the per-user
     runtime directory.

@@ -1,23 +1,34 @@
-"""Step timing inside the training process.
+"""Step timing inside the training process, without touching the user's objects.
 
-A step runs from one step boundary to the next. Boundaries come from the global
-optimizer-step hooks; loops without an optimizer (hand-written updates, GradScaler skipping a
-step) fall back to "a new batch or a new forward pass after a backward pass". Inside a step the
-probe sums, on the training thread only:
+The probe never registers a hook on, or sets an attribute of, a user's module, tensor or
+optimizer instance, and no global module hook is ever active. It patches a few functions at
+class or module level (DataLoader iterators, ``torch.autograd.backward``/``grad``, autocast's
+``__enter__``, GradScaler, ``clip_grad_norm_``, LR schedulers, DDP's ``__init__``, Tensor sync
+methods, ``torch.distributed`` collectives) and uses the global optimizer-step hooks. Every
+patch does nothing but call through while torch.compile, torch.export or torch.jit trace.
+
+On the training thread it sums, per step:
 
 - data wait: time blocked in ``DataLoader.__next__``;
-- forward: time inside root modules (found once with short-lived global module hooks, then
-  timed with per-instance hooks so that PyTorch's fast path stays on for every other module);
-- backward: time inside ``torch.autograd.backward``;
-- optimizer: time between the optimizer's pre- and post-step hooks.
+- forward: from the end of the last phase the probe saw (the batch's arrival, the previous
+  backward or optimizer step) to the start of ``torch.autograd.backward`` or ``grad``;
+- backward: time inside ``torch.autograd.backward`` / ``torch.autograd.grad``;
+- optimizer: the optimizer-step hook span minus the forward/backward run inside it (a closure);
+- communication: ``torch.distributed`` collectives called from Python, and DDP's exposed
+  all-reduce estimated from DDP's own logging data.
+
+A step ends where the next iteration's activity begins: the next batch, or an optimizer stepping
+a second time. Several optimizers stepped in one iteration (a GAN) are one step. Loops without an
+optimizer end a step at each backward pass (flagged as a fallback boundary).
 
 Everything is host wall time from ``time.perf_counter``: the probe never synchronises the GPU.
-Every hook body is guarded; the first internal error disables the probe with one warning and
-the user's code carries on untouched.
+Every hook body is guarded; the first internal error disables the probe with one ``profilerd:``
+line on stderr (logging, never ``warnings``) and the user's code carries on untouched.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import logging
 import math
@@ -26,7 +37,7 @@ import socket
 import sys
 import threading
 import time
-import warnings
+import types
 import weakref
 from typing import Any
 
@@ -40,20 +51,54 @@ from profilerd_probes.signals import (
     NcclDeviceTime,
     SyncCounter,
     arm_nccl_device_timing,
+    bind_torch,
+    compiling,
+    hide_from_dynamo,
+    observable_now,
+    plain_tensor,
 )
 from profilerd_probes.transport import DatagramSender
 
-log = logging.getLogger("profilerd_probes")
-
-PROBE_VERSION = "0.1.0"
+PROBE_VERSION = "0.2.0"
 # Steps at which the configuration snapshot is rebuilt and resent if it changed; later, every
 # CONFIG_REFRESH_STEPS. The first steps are where loaders, optimizers and autocast appear.
 CONFIG_STEPS = (1, 2, 3, 5, 10, 20, 50)
 CONFIG_REFRESH_STEPS = 500
 HELLO_REFRESH_S = 10.0
-REDISCOVERY_STEPS = 100
-BATCH_MAX_AGE_S = 0.05  # steps wait at most this long to share a datagram
+# The first steps go out one datagram each (a short or crashing run loses nothing it reached);
+# later ones share a datagram for at most BATCH_MAX_AGE_S (what os._exit can lose).
+EAGER_STEPS = 20
+BATCH_MAX_AGE_S = 0.02
 COMPILES_REFRESH_S = 0.5
+# The loss is read at every step at first, so a non-finite loss is caught at the exact step
+# where it appears, then at most every loss_every_s (and every step again while non-finite).
+LOSS_EVERY_STEP_STEPS = 200
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever sys.stderr is at the time; a broken stderr is not the user's problem."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except (OSError, ValueError, AttributeError):
+            return
+
+
+def _make_logger() -> logging.Logger:
+    """Our own handler, no propagation: `-W error` and the user's logging setup never see us."""
+    logger = logging.getLogger("profilerd_probes")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("profilerd: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+    return logger
+
+
+log = _make_logger()
 
 
 def _env_int(name: str, default: int) -> int:
@@ -94,8 +139,84 @@ def identity() -> dict[str, Any]:
     }
 
 
+class _Step:
+    """What one step accumulates, from its start to its (possibly still tentative) end."""
+
+    __slots__ = (
+        "backward_s",
+        "backward_seen",
+        "comm_bytes",
+        "comm_ops",
+        "comm_s",
+        "data_wait_s",
+        "emitted",
+        "end",
+        "fallback",
+        "forward_s",
+        "grad_norm",
+        "loss",
+        "loss_first_nonfinite",
+        "optimizer_s",
+        "optimizers",
+        "record",
+        "scale",
+        "skipped",
+        "start",
+        "sync_count",
+        "sync_s",
+    )
+
+    def __init__(self, start: float | None) -> None:
+        self.start = start
+        self.end: float | None = None
+        self.data_wait_s = 0.0
+        self.forward_s = 0.0
+        self.backward_s = 0.0
+        self.optimizer_s = 0.0
+        self.comm_s = 0.0
+        self.comm_ops = 0
+        self.comm_bytes = 0
+        self.sync_count = 0
+        self.sync_s = 0.0
+        self.backward_seen = False
+        self.fallback = False
+        self.skipped = False
+        self.optimizers: set[int] = set()  # ids, not references: nothing outlives the user's objects
+        self.loss: float | None = None
+        self.loss_first_nonfinite = False
+        self.grad_norm: float | None = None
+        self.scale: float | None = None
+        self.record: list[Any] | None = None  # the record's fields, once emitted and until sent
+        self.emitted = False
+
+    def absorb(self, later: _Step) -> None:
+        """The activity after this step's tentative end belongs to the same iteration after all."""
+        self.data_wait_s += later.data_wait_s
+        self.forward_s += later.forward_s
+        self.backward_s += later.backward_s
+        self.optimizer_s += later.optimizer_s
+        self.comm_s += later.comm_s
+        self.comm_ops += later.comm_ops
+        self.comm_bytes += later.comm_bytes
+        self.sync_count += later.sync_count
+        self.sync_s += later.sync_s
+        self.backward_seen = self.backward_seen or later.backward_seen
+        self.skipped = self.skipped or later.skipped
+        self.optimizers |= later.optimizers
+        for name in ("loss", "grad_norm", "scale"):
+            if getattr(later, name) is not None:
+                setattr(self, name, getattr(later, name))
+        self.loss_first_nonfinite = self.loss_first_nonfinite or later.loss_first_nonfinite
+
+
+# Positions in a step record (wire.STEP) that a deferred read may fill in before it is sent.
+_FLAGS, _LOSS, _GRAD_NORM, _SCALE = 12, 13, 14, 16
+_SIGNAL_FLAGS = {_LOSS: wire.FLAG_HAS_LOSS, _GRAD_NORM: wire.FLAG_HAS_GRAD_NORM, _SCALE: wire.FLAG_HAS_SCALE}
+_SIGNAL_NAMES = {_LOSS: "loss", _GRAD_NORM: "grad_norm", _SCALE: "scale"}
+
+
 class StepProbe:
-    """Owns the hooks of one process and the accumulators of the step in progress."""
+    """Owns the patches of one process and the accumulators of the step in progress."""
 
     def __init__(self, sender: DatagramSender) -> None:
         import torch  # the probe is only installed once torch is importable
@@ -106,38 +227,38 @@ class StepProbe:
         self._pid, self._rank = self.ident["pid"], self.ident["rank"]
         self._started_unix_s = time.time()
         self._wall_offset = time.time() - time.perf_counter()  # perf_counter -> unix seconds
-        self._batch: list[bytes] = []
+        self._batch: list[_Step] = []
         self._batch_started = time.perf_counter()
         self._compiles = 0
         self._compiles_read_at = -math.inf
         self._loss_read_at = -math.inf
+        self._loss_nonfinite = False  # the last loss read was NaN or inf
         self._grad_norm_read_at = -math.inf
-        self._last_optimizer: Any = None
         self._said_goodbye = False
         self.train_thread = threading.main_thread().ident
         self.enabled = True
         self._handles: list[Any] = []
         self._patches: list[tuple[Any, str, Any]] = []
-        self._root_modules: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._discovering = False
-        self._depth = 0
-        self._forward_start = 0.0
-        self._optimizer_start = 0.0
         self._hello_sent_at = -math.inf
         self._seq = 0
-        self._next_discovery_step = 0
-        self._discovery_handles: list[Any] = []
         self.step_index = 0
         self.optimizer_seen = False
         self.optimizer_exists = False  # set when any torch.optim.Optimizer is constructed
         self.optimizer_steps = 0
         self._in_loader = 0
-        self._skipped_this_step = False
+        self._backward_depth = 0
+        self._optimizer_depth = 0
+        self._optimizer_start = 0.0
+        self._optimizer_inner = 0.0  # forward + backward + comm inside the optimizer span so far
+        self._mark: float | None = None  # where the next forward window starts
+        self._mark_comm = 0.0
         self._loader_config: dict[str, Any] = {}
         self._optimizers: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._last_optimizer_id = 0  # an id, not a reference: nothing outlives the user's objects
         self._autocast: dict[str, Any] = {}
         self._scaler_used = False
         self._last_config: dict[str, Any] | None = None
+        self._config_due = False
         self._loss = DeferredScalar(torch)
         self._grad_norm = DeferredScalar(torch)
         self._scale = DeferredScalar(torch)
@@ -146,94 +267,93 @@ class StepProbe:
         self._ddp_split = DdpSplit()
         self._nccl = NcclDeviceTime(torch)
         self._ddp: weakref.ref[Any] | None = None
-        self._last_grad_ready = 0.0  # perf_counter when the last gradient of a DDP backward was ready
-        self._exposed_comm_s = 0.0
         self._lr: float | None = None
         # The gradient norm costs a pass over every gradient: sample it once a second at most
         # (0 disables); a clip_grad_norm_ call in the loop gives it for free every step.
         self._grad_norm_every_s = max(0.0, _env_float("PROFILERD_GRAD_NORM_EVERY_S", 1.0))
-        # The loss is read at most this often: NaN/inf persist and trends are slow.
         self.loss_every_s = max(0.0, _env_float("PROFILERD_LOSS_EVERY_S", 0.05))
         self._scheduler: str | None = None
         self._clip_used = False
-        self._reset_step(time.perf_counter())
-        self._step_start = None  # the first step starts at the first observed activity
+        self.current = _Step(None)  # the first step starts at the first observed activity
+        self.ended: _Step | None = None  # a step whose end is known, until the next iteration begins
 
-    # ---- step accumulators -------------------------------------------------------------
-    def _reset_step(self, start: float | None) -> None:
-        self._step_start = start
-        self.data_wait_s = 0.0
-        self.forward_s = 0.0
-        self.backward_s = 0.0
-        self.optimizer_s = 0.0
-        self.comm_s = 0.0
-        self._exposed_comm_s = 0.0
-        self._backward_seen = False
-        self._pending_close: float | None = None
-        self._clip_this_step = False
-        self._skipped_this_step = False
+    # ---- step boundaries ---------------------------------------------------------------
+    def _absorb_counters(self, step: _Step) -> None:
+        """Move what the sync and collective counters gathered into ``step``."""
+        step.sync_count += self.syncs.count
+        step.sync_s += self.syncs.seconds
+        step.comm_s += self.collectives.seconds
+        step.comm_ops += self.collectives.ops
+        step.comm_bytes += self.collectives.bytes
         self.syncs.reset_step()
-        self.syncs.suspended = 0  # an exception inside optimizer.step() must not leave it on
         self.collectives.reset_step()
+        self._mark_comm = 0.0
 
-    def _activity(self, now: float) -> None:
-        """A new batch or forward pass: close the previous step if it has ended.
+    def _end_tentatively(self, now: float, *, fallback: bool = False, skipped: bool = False) -> None:
+        """The current step may end here; whether it did is known when the next iteration begins.
 
-        With an optimizer, steps end only at optimizer.step() (so micro-batches of gradient
-        accumulation stay in one step); without one, a new batch after a backward pass ends it.
+        An optimizer step after another one of the same iteration (GAN) extends the ended step.
         """
-        if self._pending_close is not None:
-            self._close_step(self._pending_close, fallback=False)
-        elif self._backward_seen and not self.optimizer_exists:
-            self._close_step(now, fallback=True)
-        if self._step_start is None:
-            self._step_start = now
+        step = self.current
+        self._absorb_counters(step)
+        step.fallback = fallback
+        step.skipped = step.skipped or skipped
+        if self.ended is not None:
+            self.ended.absorb(step)
+            step = self.ended
+        step.end = now
+        self.ended = step
+        self.current = _Step(now)
 
-    def _close_step(self, end: float, fallback: bool) -> None:
-        start = self._step_start if self._step_start is not None else end
+    def _reopen(self) -> None:
+        """The step that seemed to have ended goes on (its activity since then is its own)."""
+        ended, self.ended = self.ended, None
+        if ended is not None:
+            self._absorb_counters(self.current)
+            ended.absorb(self.current)
+            ended.end = None
+            ended.fallback = False
+            self.current = ended
+
+    def _new_iteration(self, now: float) -> None:
+        """The next iteration's activity (a batch, or an optimizer stepping again) has begun."""
+        if self.ended is not None:
+            ended, self.ended = self.ended, None
+            self._emit(ended)
+        if self.current.start is None:
+            self.current.start = now
+
+    def _emit(self, step: _Step) -> None:
+        end = step.end if step.end is not None else time.perf_counter()
+        start = step.start if step.start is not None else end
         self.step_index += 1
-        if self._discovering and self.step_index >= 1:
-            self._finish_discovery()
-        if (
-            self._backward_seen
-            and self.forward_s == 0.0
-            and not self._discovering
-            and self.step_index >= self._next_discovery_step
-        ):
-            # A model we do not time yet (created or swapped later): find its root again,
-            # at most every REDISCOVERY_STEPS so a module-less loop pays nothing.
-            self._next_discovery_step = self.step_index + REDISCOVERY_STEPS
-            self._start_discovery()
         config_step = self.step_index in CONFIG_STEPS or self.step_index % CONFIG_REFRESH_STEPS == 0
+        self._config_due = self._config_due or config_step
+        ddp = self._ddp() if self._ddp is not None else None
+        ddp_read = ddp is not None and (self.step_index <= 12 or self.step_index % DdpSplit.READ_EVERY_STEPS == 0)
+        observable = (self._config_due or ddp_read) and observable_now(self._torch)  # only when needed
         if config_step:
             self._refresh_rank()
         self.sender.ensure_connected()  # a reconnect must be followed by hello before the step
         self._maybe_hello()
-        if config_step:
+        if self._config_due and observable:  # never inside a trace: the snapshot reads tensors
+            self._config_due = False
             self._send_config()
         self._seq += 1
-        flags = wire.FLAG_FALLBACK_BOUNDARY if fallback else 0
-        if self._skipped_this_step:
-            flags |= wire.FLAG_GRAD_SCALER_SKIPPED
-        loss = self._loss.take()
-        grad_norm = self._grad_norm.take()
-        scale = self._scale.take()
-        flags |= wire.FLAG_HAS_LOSS if loss is not None else 0
-        flags |= wire.FLAG_HAS_GRAD_NORM if grad_norm is not None else 0
-        flags |= wire.FLAG_HAS_SCALE if scale is not None else 0
+        self._poll_deferred()
+        flags = wire.FLAG_FALLBACK_BOUNDARY if step.fallback else 0
+        flags |= wire.FLAG_GRAD_SCALER_SKIPPED if step.skipped else 0
+        flags |= wire.FLAG_LOSS_FIRST_NONFINITE if step.loss_first_nonfinite else 0
         flags |= wire.FLAG_HAS_LR if self._lr is not None else 0
-        backward = self.backward_s
-        comm = self.comm_s + self.collectives.seconds
+        backward = step.backward_s
+        comm = step.comm_s
         comm_total = comm
-        ddp = self._ddp() if self._ddp is not None else None
         if ddp is not None:
-            if self.step_index <= 12 or self.step_index % DdpSplit.READ_EVERY_STEPS == 0:
+            if ddp_read and observable:
                 self._ddp_split.refresh(ddp)
-                if self._ddp_split.last_ready_changed:
-                    self._watch_last_gradients(ddp)
-            # Exposed all-reduce: the backward call waited from the last gradient being ready
-            # until DDP's communication finished (on gloo this includes waiting for other ranks).
-            exposed = min(self._exposed_comm_s, backward)
+            # DDP's gradient all-reduce runs inside backward (issued from C++): its exposed part
+            # is the share DDP's own sampled timings give, moved from backward to communication.
+            exposed = backward * self._ddp_split.exposed_ratio
             comm_total += max(exposed, backward * self._ddp_split.comm_ratio)
             backward -= exposed
             comm += exposed
@@ -243,50 +363,85 @@ class StepProbe:
         if end - self._compiles_read_at > COMPILES_REFRESH_S:
             self._compiles_read_at = end
             self._compiles = _graph_compiles()
-        self._batch.append(
-            wire.pack_step_record(
-                self._pid,
-                self._rank,
-                self._seq,
-                self.step_index,
-                end + self._wall_offset,
-                end - start,
-                self.data_wait_s,
-                self.forward_s,
-                backward,
-                self.optimizer_s,
-                comm,
-                self.sender.dropped_total,
-                flags,
-                loss if loss is not None else 0.0,
-                grad_norm if grad_norm is not None else 0.0,
-                self._lr if self._lr is not None else 0.0,
-                scale if scale is not None else 0.0,
-                self.syncs.count,
-                self.syncs.seconds,
-                comm_total,
-                self._compiles,
-                self.collectives.ops,
-                self.collectives.bytes,
-            )
-        )
-        if len(self._batch) >= wire.MAX_BATCH_RECORDS or end - self._batch_started >= BATCH_MAX_AGE_S:
+        step.record = [
+            self._pid,
+            self._rank,
+            self._seq,
+            self.step_index,
+            end + self._wall_offset,
+            end - start,
+            step.data_wait_s,
+            step.forward_s,
+            backward,
+            step.optimizer_s,
+            comm,
+            self.sender.dropped_total,
+            flags,
+            0.0,
+            0.0,
+            self._lr if self._lr is not None else 0.0,
+            0.0,
+            step.sync_count,
+            step.sync_s,
+            comm_total,
+            self._compiles,
+            step.comm_ops,
+            step.comm_bytes,
+        ]
+        step.emitted = True
+        for index, value in ((_LOSS, step.loss), (_GRAD_NORM, step.grad_norm), (_SCALE, step.scale)):
+            if value is not None:
+                self._fill(step, index, value)
+        self._batch.append(step)
+        if (
+            self.step_index <= EAGER_STEPS
+            or len(self._batch) >= wire.MAX_BATCH_RECORDS
+            or end - self._batch_started >= BATCH_MAX_AGE_S
+        ):
             self._send_batch(end)
-        self._reset_step(end)
+
+    def _fill(self, step: _Step, index: int, value: float) -> None:
+        record = step.record
+        if record is not None:
+            record[index] = value
+            record[_FLAGS] |= _SIGNAL_FLAGS[index]
 
     def _send_batch(self, now: float) -> None:
         """One datagram for the steps gathered so far: a syscall per batch, not per step."""
         if self._batch:
-            self.sender.send(wire.encode_step_batch(self._batch), records=len(self._batch))
+            records = []
+            for step in self._batch:
+                if step.record is not None:
+                    records.append(wire.pack_step_record(*step.record))
+                    step.record = None  # sent: a late deferred value goes elsewhere
+            self.sender.send(wire.encode_step_batch(records), records=len(records))
             self._batch = []
         self._batch_started = now
 
     def flush(self) -> None:
-        """Close the step in progress if it has ended, and send what is batched (exit, uninstall)."""
-        if self._pending_close is not None:
-            self._close_step(self._pending_close, fallback=False)
-        elif self._backward_seen:
-            self._close_step(time.perf_counter(), fallback=True)
+        """Emit the steps that have ended, and send what is batched (exit, uninstall)."""
+        if self.ended is not None:
+            ended, self.ended = self.ended, None
+            tail = self.current
+            if not tail.backward_seen:
+                # What ran after the last step's end (its loss.item(), a final all_reduce) is its
+                # own; the time is added only if a collective needs it, so that the program's
+                # teardown does not lengthen the last step.
+                self._absorb_counters(tail)
+                if tail.comm_s:
+                    ended.absorb(tail)
+                    ended.end = time.perf_counter()
+                else:
+                    ended.sync_count += tail.sync_count
+                    ended.sync_s += tail.sync_s
+                self.current = _Step(None)
+            self._emit(ended)
+        if self.current.backward_seen:  # activity after the last optimizer step: a step of its own
+            step, self.current = self.current, _Step(None)
+            self._absorb_counters(step)
+            step.fallback = True
+            step.end = time.perf_counter()
+            self._emit(step)
         self._send_batch(time.perf_counter())
 
     def say_goodbye(self) -> None:
@@ -295,6 +450,47 @@ class StepProbe:
             self._said_goodbye = True
             body = {"pid": self.ident["pid"], "kind": "exit", "steps": self.step_index}
             self.sender.send(wire.encode_json(wire.KIND_EVENT, body))
+
+    # ---- deferred training signals ------------------------------------------------------
+    def _signal_step(self) -> _Step:
+        """The step a value read now belongs to: the one that just ended, if any."""
+        return self.ended if self.ended is not None else self.current
+
+    def _deliver(self, step: _Step, index: int, value: float) -> None:
+        """A value read (maybe a step late, on CUDA) for ``step``: into it, or into its record if
+        that is still waiting in the batch, or else into the current step."""
+        name = _SIGNAL_NAMES[index]
+        if index == _LOSS:
+            finite = math.isfinite(value)
+            if not finite and not self._loss_nonfinite:
+                step.loss_first_nonfinite = True
+                if step.record is not None:
+                    step.record[_FLAGS] |= wire.FLAG_LOSS_FIRST_NONFINITE
+            self._loss_nonfinite = not finite
+        if step.record is not None:
+            self._fill(step, index, value)
+        elif not step.emitted:
+            setattr(step, name, value)
+        elif getattr(self._signal_step(), name) is None:  # its record is sent: the next one
+            setattr(self._signal_step(), name, value)
+
+    def _capture(self, scalar: DeferredScalar, tensor: Any, index: int, step: _Step) -> None:
+        scalar.capture(tensor, lambda value: self._deliver(step, index, value))
+
+    def _poll_deferred(self) -> None:
+        self._loss.poll()
+        self._grad_norm.poll()
+        self._scale.poll()
+
+    def _loss_read_due(self, now: float) -> bool:
+        step = self.current
+        if step.loss is not None or self._loss.pending:
+            return False
+        return (
+            self.step_index < LOSS_EVERY_STEP_STEPS
+            or self._loss_nonfinite
+            or now - self._loss_read_at >= self.loss_every_s
+        )
 
     # ---- messages ----------------------------------------------------------------------
     def _maybe_hello(self) -> None:
@@ -351,9 +547,9 @@ class StepProbe:
             "compiled_graphs": _graph_compiles(),
             "nccl_device_timing": "off: " + self._nccl.error if self._nccl.error else "on",
         }
-        config["optimizers"] = [_describe_optimizer(opt) for opt in list(self._optimizers)[:4]]
-        models = [_describe_model(torch, module) for module in list(self._root_modules)[:4]]
-        config["models"] = [m for m in models if m["parameters"] > 0]
+        optimizers = list(self._optimizers)[:4]
+        config["optimizers"] = [_describe_optimizer(opt) for opt in optimizers]
+        config["models"] = self._describe_models(optimizers)
         devices = {m["device"] for m in config["models"]}
         config["device_type"] = "cuda" if "cuda" in devices else (devices.pop() if devices else None)
         dist = torch.distributed
@@ -365,86 +561,160 @@ class StepProbe:
             }
         return config
 
+    def _describe_models(self, optimizers: list[Any]) -> list[dict[str, Any]]:
+        """The trained parameters, from the DDP wrapper if there is one, else from the optimizers'
+        parameter groups: no module is hooked, so the model's own class is not known otherwise."""
+        torch = self._torch
+        compiled = _graph_compiles() > 0
+        ddp = self._ddp() if self._ddp is not None else None
+        if ddp is not None:
+            description = _describe_parameters(torch, list(ddp.module.parameters()))
+            description.update(
+                {
+                    "class": type(ddp).__name__,
+                    "module_class": type(ddp.module).__name__,
+                    "compiled": compiled,
+                    "ddp": {
+                        "bucket_cap_mb": round(ddp.bucket_bytes_cap / 2**20, 3),
+                        "find_unused_parameters": bool(ddp.find_unused_parameters),
+                        "static_graph": bool(ddp.static_graph),
+                        "gradient_as_bucket_view": bool(ddp.gradient_as_bucket_view),
+                    },
+                }
+            )
+            return [description] if description["parameters"] > 0 else []
+        seen: set[int] = set()
+        params = []
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    if id(param) not in seen:
+                        seen.add(id(param))
+                        params.append(param)
+        if not params:
+            return []
+        return [dict(_describe_parameters(torch, params), **{"class": None, "compiled": compiled})]
+
     # ---- hook bodies (hot path) ----------------------------------------------------------
     def on_loader_next_start(self, now: float) -> None:
-        self._activity(now)
+        ended = self.ended
+        if ended is not None:
+            # The next batch is the clearest boundary: what ran since the step's tentative end
+            # (logging, loss.item(), a hand-written update) is still that step's.
+            self._absorb_counters(self.current)
+            ended.absorb(self.current)
+            ended.end = now
+            self.current = _Step(now)
+        self._new_iteration(now)
 
-    def on_forward_pre(self, module: Any) -> None:
-        if self._in_loader or threading.get_ident() != self.train_thread:
-            return  # modules run by the loader (transforms) are data loading, not forward
-        if self._depth == 0:
-            now = time.perf_counter()
-            self._activity(now)
-            self._forward_start = now
-            if self._discovering:
-                self._root_modules.add(module)
-        if self.step_index < 3 or self.step_index % CONFIG_REFRESH_STEPS == 0:
-            self._sample_autocast(module)
-        self._depth += 1
+    def on_loader_next_end(self, start: float, end: float) -> None:
+        self.current.data_wait_s += end - start
+        self._mark = end  # the batch has arrived: the forward pass can start
+        self._mark_comm = self.collectives.seconds
 
-    def on_forward_post(self) -> None:
-        if self._in_loader or threading.get_ident() != self.train_thread or self._depth == 0:
-            return
-        self._depth -= 1
-        if self._depth == 0:
-            self.forward_s += time.perf_counter() - self._forward_start
+    def on_backward_start(self, now: float, loss: Any) -> float:
+        """Closes the forward window; returns when the backward pass itself starts."""
+        ended = self.ended
+        if ended is not None and ended.fallback:
+            self._new_iteration(now)  # without an optimizer, each backward pass is a step
+        step = self.current
+        if step.start is None:
+            step.start = self._mark if self._mark is not None else now
+        if self._mark is not None:
+            window = now - self._mark - (self.collectives.seconds - self._mark_comm)
+            step.forward_s += max(0.0, window)
+            self._mark = None
+        torch = self._torch
+        if loss is not None and self._loss_read_due(now) and plain_tensor(torch, loss) and observable_now(torch):
+            self._loss_read_at = now
+            self._capture(self._loss, loss, _LOSS, step)
+            return time.perf_counter()
+        return now
 
-    def on_backward(self, start: float, end: float) -> None:
-        self.backward_s += end - start
-        self._backward_seen = True
-        if self._ddp is not None and start <= self._last_grad_ready <= end:
-            self._exposed_comm_s += end - self._last_grad_ready
-
-    def _watch_last_gradients(self, ddp: Any) -> None:
-        """Hook the parameters whose gradients are ready last (DDP's recorded order, plus the
-        first parameter, usually last in backward): one cheap hook each per backward."""
-        for handle in getattr(self, "_grad_handles", []):
-            handle.remove()
-        params = [p for p in ddp.module.parameters() if p.requires_grad]
-        if not params:
-            return
-        chosen = {0, *self._ddp_split.last_ready[-2:]}
-        self._grad_handles = [
-            params[i].register_post_accumulate_grad_hook(_gradient_ready) for i in sorted(chosen) if i < len(params)
-        ]
+    def on_backward_end(self, start: float, end: float) -> None:
+        step = self.current
+        step.backward_s += end - start
+        step.backward_seen = True
+        self._mark = end  # a second forward (accumulation, a closure evaluated again) starts here
+        self._mark_comm = self.collectives.seconds
+        if not self.optimizer_exists and not self._optimizer_depth:
+            self._end_tentatively(end, fallback=True)
 
     def on_optimizer_pre(self, optimizer: Any) -> None:
+        self._optimizer_depth += 1
+        if self._optimizer_depth > 1:
+            return  # an optimizer stepping another one inside its step: one span
         self.syncs.suspended += 1  # the optimizer's own .item() calls are not the user's
-        if optimizer is not self._last_optimizer:
-            self._last_optimizer = optimizer
-            self._optimizers.add(optimizer)
         now = time.perf_counter()
-        every = self._grad_norm_every_s
-        if every and not self._clip_this_step and now - self._grad_norm_read_at >= every:
+        ended = self.ended
+        if ended is not None and ended.fallback:
+            self._reopen()  # an optimizer created before install: the backward was not the end
+        elif ended is not None and id(optimizer) in ended.optimizers:
+            self._new_iteration(now)  # the same optimizer again: a new iteration
+        self.optimizer_exists = True
+        step = self.current
+        if step.start is None:
+            step.start = now
+        step.optimizers.add(id(optimizer))
+        if id(optimizer) != self._last_optimizer_id:  # one built before install (others are noted)
+            self._last_optimizer_id = id(optimizer)
+            self._optimizers.add(optimizer)
+        if self._grad_norm_due(now, step) and observable_now(self._torch):
             self._grad_norm_read_at = now
-            self._sample_grad_norm(optimizer)
+            self._sample_grad_norm(optimizer, step)
             now = time.perf_counter()
         self._optimizer_start = now
+        self._optimizer_inner = step.forward_s + step.backward_s + self.collectives.seconds
+        self._mark = now  # a closure's forward starts with the step
+        self._mark_comm = self.collectives.seconds
 
     def on_optimizer_post(self, optimizer: Any) -> None:
+        self._optimizer_depth = max(0, self._optimizer_depth - 1)
+        if self._optimizer_depth:
+            return
         now = time.perf_counter()
-        self.optimizer_s += now - self._optimizer_start
+        step = self.current
+        inner = step.forward_s + step.backward_s + self.collectives.seconds - self._optimizer_inner
+        step.optimizer_s += max(0.0, now - self._optimizer_start - inner)
         self.optimizer_seen = True
         self.optimizer_steps += 1
-        self._pending_close = now
         self.syncs.suspended = max(0, self.syncs.suspended - 1)
         lr = optimizer.param_groups[0].get("lr") if optimizer.param_groups else None
         self._lr = float(lr) if isinstance(lr, int | float) else self._lr
+        self._mark = now  # without a DataLoader, the next forward starts when this step ends
+        self._mark_comm = 0.0
+        self._end_tentatively(now)
 
-    def _sample_grad_norm(self, optimizer: Any) -> None:
-        """The global gradient norm, computed asynchronously on the gradients' device."""
+    def _grad_norm_due(self, now: float, step: _Step) -> bool:
+        every = self._grad_norm_every_s
+        if not every or step.grad_norm is not None or self._grad_norm.pending:
+            return False
+        return now - self._grad_norm_read_at >= every
+
+    def _sample_grad_norm(self, optimizer: Any, step: _Step) -> None:
+        """The global gradient norm, computed asynchronously on the gradients' device. Only for
+        plain dense tensors on one device: a DTensor/FSDP shard could issue a collective."""
         torch = self._torch
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not grads or any(g.is_sparse for g in grads) or len({g.device for g in grads}) != 1:
+        if not grads or not all(plain_tensor(torch, g, scalar=False) for g in grads):
+            return
+        if len({g.device for g in grads}) != 1:
             return
         with torch.no_grad():
             norms = torch._foreach_norm(grads)
-            self._grad_norm.capture(torch.linalg.vector_norm(torch.stack(norms)))
+            self._capture(self._grad_norm, torch.linalg.vector_norm(torch.stack(norms)), _GRAD_NORM, step)
 
     def on_clip_grad_norm(self, total_norm: Any) -> None:
         self._clip_used = True
-        self._clip_this_step = True
-        self._grad_norm.capture(total_norm)
+        if plain_tensor(self._torch, total_norm) and observable_now(self._torch):
+            self._capture(self._grad_norm, total_norm, _GRAD_NORM, self.current)
+            self._grad_norm_read_at = time.perf_counter()
+
+    def on_scaler_update(self, scaler: Any) -> None:
+        self._scaler_used = True
+        scale = getattr(scaler, "_scale", None)
+        if scaler.is_enabled() and plain_tensor(self._torch, scale) and observable_now(self._torch):
+            self._capture(self._scale, scale, _SCALE, self._signal_step())
 
     # ---- configuration captured on the way ---------------------------------------------
     def note_loader(self, loader: Any) -> None:
@@ -460,47 +730,26 @@ class StepProbe:
             "dataset": type(loader.dataset).__name__,
         }
 
-    def _sample_autocast(self, module: Any) -> None:
-        """Whether autocast is on where parameters are used; once seen on, it stays on (a loss
-        module after the autocast block, or a decorated forward, must not hide it)."""
+    def note_autocast(self, autocast: Any) -> None:
+        """Whether autocast is used; once seen on, it stays on (a loss module after the autocast
+        block, or an eval pass without it, must not hide it)."""
         if self._autocast.get("enabled"):
             return
-        param = next(module.parameters(recurse=False), None)
-        if param is None:
-            return
-        torch = self._torch
-        device_type = str(param.device.type)
-        try:
-            enabled = bool(torch.is_autocast_enabled(device_type))
-            dtype = str(torch.get_autocast_dtype(device_type)).replace("torch.", "")
-        except (RuntimeError, TypeError):
-            return
-        self._autocast = {"enabled": enabled, "dtype": dtype if enabled else None}
+        enabled = bool(getattr(autocast, "_enabled", False))
+        dtype = getattr(autocast, "fast_dtype", None)
+        self._autocast = {
+            "enabled": enabled,
+            "dtype": str(dtype).replace("torch.", "") if enabled and dtype is not None else None,
+        }
 
-    # ---- discovery of root modules -------------------------------------------------------
-    def _start_discovery(self) -> None:
-        mod = self._torch.nn.modules.module
-        self._discovery_handles = [
-            mod.register_module_forward_pre_hook(_global_forward_pre),
-            mod.register_module_forward_hook(_global_forward_post, always_call=True),
-        ]
-        self._discovering = True
+    def note_optimizer(self, optimizer: Any) -> None:
+        self.optimizer_exists = True
+        self._optimizers.add(optimizer)
+        if self.current.start is None and self._mark is None:
+            self._mark = time.perf_counter()  # the first forward pass comes after the optimizer
 
-    def _finish_discovery(self) -> None:
-        for handle in self._discovery_handles:
-            handle.remove()
-        self._discovery_handles = []
-        self._discovering = False
-        ddp_cls = _safe(lambda: self._torch.nn.parallel.DistributedDataParallel)
-        for module in list(self._root_modules):
-            if ddp_cls is not None and isinstance(module, ddp_cls) and self._ddp is None:
-                self._ddp = weakref.ref(module)
-                self._watch_last_gradients(module)
-            if getattr(module, "_profilerd_hooked", False):
-                continue
-            self._handles.append(module.register_forward_pre_hook(_instance_forward_pre))
-            self._handles.append(module.register_forward_hook(_instance_forward_post, always_call=True))
-            module._profilerd_hooked = True
+    def note_ddp(self, ddp: Any) -> None:
+        self._ddp = weakref.ref(ddp)
 
     # ---- install / uninstall -----------------------------------------------------------
     def install(self) -> None:
@@ -508,19 +757,24 @@ class StepProbe:
         import torch.optim.optimizer as optim_mod
         from torch.utils.data import dataloader as dl
 
+        bind_torch(torch)
         try:
             arm_nccl_device_timing(torch, os.environ, bool(glob.glob("/dev/nvidia[0-9]*")))
         except Exception as exc:  # optional: NCCL device times stay unknown, the rest runs
             log.debug("cannot arm NCCL device timing: %r", exc)
 
-        self._patch(dl._BaseDataLoaderIter, "__next__", _make_loader_next(dl._BaseDataLoaderIter.__next__))
-        self._patch(dl._BaseDataLoaderIter, "__init__", _make_loader_init(dl._BaseDataLoaderIter.__init__))
-        self._patch(torch.autograd, "backward", _make_backward(torch.autograd.backward))
+        iterator = dl._BaseDataLoaderIter
+        self._patch(iterator, "__next__", _make_loader_next(iterator.__next__))
+        self._patch(iterator, "__init__", _make_loader_init(iterator.__init__))
+        self._patch(torch.autograd, "backward", _make_backward(torch.autograd.backward, reads_loss=True))
+        self._patch(torch.autograd, "grad", _make_backward(torch.autograd.grad, reads_loss=False))
+        autocast_cls = torch.amp.autocast_mode.autocast
+        self._patch(autocast_cls, "__enter__", _make_autocast_enter(autocast_cls.__enter__))
         scaler_cls = torch.amp.grad_scaler.GradScaler
         self._patch(scaler_cls, "update", _make_scaler_update(scaler_cls.update))
         self._patch(scaler_cls, "step", _make_scaler_step(scaler_cls.step))
         optimizer_cls = torch.optim.Optimizer
-        self._patch(optimizer_cls, "__init__", _make_optimizer_init(optimizer_cls.__init__))
+        self._patch(optimizer_cls, "__init__", _make_noting_init(optimizer_cls.__init__, "note_optimizer"))
         self._patch(torch.nn.utils, "clip_grad_norm_", _make_clip_grad_norm(torch.nn.utils.clip_grad_norm_))
         scheduler_cls = torch.optim.lr_scheduler.LRScheduler
         self._patch(scheduler_cls, "step", _make_scheduler_step(scheduler_cls.step))
@@ -534,9 +788,13 @@ class StepProbe:
             for name in COLLECTIVES:
                 if hasattr(dist, name):
                     self._patch(dist, name, self.collectives.wrap(getattr(dist, name), lambda: self.train_thread))
+            ddp_cls = _safe(lambda: torch.nn.parallel.DistributedDataParallel)
+            if ddp_cls is not None:
+                self._patch(ddp_cls, "__init__", _make_noting_init(ddp_cls.__init__, "note_ddp"))
         self._handles.append(optim_mod.register_optimizer_step_pre_hook(_optimizer_pre))
         self._handles.append(optim_mod.register_optimizer_step_post_hook(_optimizer_post))
-        self._start_discovery()
+        package = sys.modules["profilerd_probes"]
+        hide_from_dynamo(torch, [m for m in vars(package).values() if isinstance(m, types.ModuleType)] + [package])
 
     def _patch(self, owner: Any, name: str, replacement: Any) -> None:
         """Replace an attribute; uninstall puts back exactly what was there (or nothing)."""
@@ -547,13 +805,9 @@ class StepProbe:
 
     def uninstall(self) -> None:
         self.enabled = False
-        for handle in self._handles + self._discovery_handles + getattr(self, "_grad_handles", []):
+        for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._discovery_handles = []
-        for module in list(self._root_modules):
-            if getattr(module, "_profilerd_hooked", False):
-                del module._profilerd_hooked
         for owner, name, original in reversed(self._patches):
             if original is _INHERITED:
                 delattr(owner, name)
@@ -572,14 +826,25 @@ class StepProbe:
         self._seq = 0
         self.step_index = 0
         self._hello_sent_at = -math.inf
-        self._depth = 0
-        self._reset_step(None)
+        self._said_goodbye = False
+        self._loss_nonfinite = False
+        self._backward_depth = 0
+        self._optimizer_depth = 0
+        self._mark = None
+        self._loss = DeferredScalar(self._torch)
+        self._grad_norm = DeferredScalar(self._torch)
+        self._scale = DeferredScalar(self._torch)
+        self.syncs.reset_step()
+        self.syncs.suspended = 0
+        self.collectives.reset_step()
+        self.current = _Step(None)
+        self.ended = None
 
 
 # ---- module-level hook functions: they look up the active probe, so uninstall is total ----
 _INHERITED = object()  # marks an attribute that was inherited, not set on the patched class
 _active: StepProbe | None = None
-_warned = False
+_reported = False
 
 
 def active() -> StepProbe | None:
@@ -592,16 +857,13 @@ def set_active(probe: StepProbe | None) -> None:
 
 
 def disable(exc: BaseException) -> None:
-    """Turn the probe off after an internal error: one warning, hooks removed, training goes on."""
-    global _active, _warned
+    """Turn the probe off after an internal error: one stderr line, patches removed, training
+    goes on. Logging, not warnings: under `-W error` a warning would raise in the user's code."""
+    global _active, _reported
     probe, _active = _active, None
-    if not _warned:
-        _warned = True
-        warnings.warn(
-            f"profilerd probes disabled after an internal error: {exc!r}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    if not _reported:
+        _reported = True
+        log.warning("probes disabled after an internal error, training continues unprofiled: %r", exc)
     if probe is not None:
         try:
             probe.uninstall()
@@ -613,7 +875,10 @@ def _make_loader_next(original: Any) -> Any:
     perf_counter = time.perf_counter
     get_ident = threading.get_ident
 
+    @functools.wraps(original)
     def __next__(self: Any) -> Any:
+        if compiling():
+            return original(self)
         probe = _active
         if probe is None or get_ident() != probe.train_thread:
             return original(self)
@@ -632,82 +897,119 @@ def _make_loader_next(original: Any) -> Any:
         finally:
             probe._in_loader -= 1
             probe.syncs.suspended -= 1
-            probe.data_wait_s += perf_counter() - start
+            try:
+                probe.on_loader_next_end(start, perf_counter())
+            except Exception as exc:
+                disable(exc)
 
     return __next__
 
 
+def _tell(method: str, *args: Any) -> None:
+    """``probe.<method>(*args)`` if a probe is active and nothing is being compiled; an error in
+    it disables the probe, never reaches the caller."""
+    probe = None if compiling() else _active
+    if probe is not None:
+        try:
+            getattr(probe, method)(*args)
+        except Exception as exc:
+            disable(exc)
+
+
 def _make_loader_init(original: Any) -> Any:
+    @functools.wraps(original)
     def __init__(self: Any, loader: Any, *args: Any, **kwargs: Any) -> None:
         original(self, loader, *args, **kwargs)
-        probe = _active
-        if probe is not None:
-            try:
-                probe.note_loader(loader)
-            except Exception as exc:
-                disable(exc)
+        _tell("note_loader", loader)
 
     return __init__
 
 
-def _make_backward(original: Any) -> Any:
+def _make_backward(original: Any, reads_loss: bool) -> Any:
+    """``torch.autograd.backward`` (the loss is its first argument) or ``torch.autograd.grad``."""
     perf_counter = time.perf_counter
     get_ident = threading.get_ident
 
+    @functools.wraps(original)
     def backward(*args: Any, **kwargs: Any) -> Any:
+        if compiling():
+            return original(*args, **kwargs)
         probe = _active
+        if probe is None or probe._backward_depth or probe._in_loader or not_training(args):
+            return original(*args, **kwargs)
+        ident = get_ident()
+        if ident != probe.train_thread:
+            if probe.optimizer_seen or probe.step_index:
+                return original(*args, **kwargs)
+            probe.train_thread = ident  # the training loop runs on another thread
+        start = perf_counter()
+        try:
+            loss = args[0] if reads_loss and args else None
+            start = probe.on_backward_start(start, loss)
+        except Exception as exc:
+            disable(exc)
+            probe = None
         if probe is None:
             return original(*args, **kwargs)
-        if get_ident() != probe.train_thread and not probe.optimizer_seen and probe.step_index == 0:
-            probe.train_thread = get_ident()  # the training loop runs on another thread
-        start = perf_counter()
-        if args and start - probe._loss_read_at >= probe.loss_every_s and get_ident() == probe.train_thread:
-            probe._loss_read_at = start
-            try:
-                probe._loss.capture(args[0] if hasattr(args[0], "numel") else None)
-            except Exception as exc:
-                disable(exc)
-            start = perf_counter()
+        probe._backward_depth += 1
         try:
             return original(*args, **kwargs)
         finally:
+            probe._backward_depth -= 1
             try:
-                if get_ident() == probe.train_thread:
-                    probe.on_backward(start, perf_counter())
+                probe.on_backward_end(start, perf_counter())
             except Exception as exc:
                 disable(exc)
 
     return backward
 
 
+def not_training(args: tuple[Any, ...]) -> bool:
+    """A backward pass that is no training step: under a dispatch mode (FakeTensorMode, make_fx)
+    or on fake tensors outside one (shape checks, tracing tools)."""
+    torch = sys.modules["torch"]
+    if torch._C._len_torch_dispatch_stack():
+        return True
+    fake = sys.modules.get("torch._subclasses.fake_tensor")
+    return fake is not None and bool(args) and isinstance(args[0], fake.FakeTensor)
+
+
+def _make_autocast_enter(original: Any) -> Any:
+    @functools.wraps(original)
+    def __enter__(self: Any) -> Any:
+        _tell("note_autocast", self)
+        return original(self)
+
+    return __enter__
+
+
 def _make_scaler_update(original: Any) -> Any:
+    @functools.wraps(original)
     def update(self: Any, *args: Any, **kwargs: Any) -> Any:
         result = original(self, *args, **kwargs)
-        probe = _active
-        if probe is not None:
-            probe._scaler_used = True
-            try:
-                if self.is_enabled():
-                    probe._scale.capture(getattr(self, "_scale", None))
-            except Exception as exc:
-                disable(exc)
+        _tell("on_scaler_update", self)
         return result
 
     return update
 
 
-def _make_optimizer_init(original: Any) -> Any:
+def _make_noting_init(original: Any, note: str) -> Any:
+    """An ``__init__`` that, once the object is built, tells the probe (``probe.<note>(self)``),
+    which keeps at most a weak reference to it."""
+
+    @functools.wraps(original)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
-        probe = _active
-        if probe is not None:
-            probe.optimizer_exists = True
+        _tell(note, self)
 
     return __init__
 
 
 def _make_scaler_step(original: Any) -> Any:
+    @functools.wraps(original)
     def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if compiling():
+            return original(self, *args, **kwargs)
         probe = _active
         if probe is None:
             return original(self, *args, **kwargs)
@@ -719,16 +1021,19 @@ def _make_scaler_step(original: Any) -> Any:
             probe.syncs.suspended = max(0, probe.syncs.suspended - 1)
             if probe.optimizer_steps == stepped_before and self.is_enabled():
                 # inf/NaN gradients: GradScaler skipped optimizer.step(); the step still ends here
-                probe._skipped_this_step = True
-                probe._pending_close = time.perf_counter()
+                try:
+                    probe._end_tentatively(time.perf_counter(), skipped=True)
+                except Exception as exc:
+                    disable(exc)
 
     return step
 
 
 def _make_clip_grad_norm(original: Any) -> Any:
+    @functools.wraps(original)
     def clip_grad_norm_(*args: Any, **kwargs: Any) -> Any:
         total_norm = original(*args, **kwargs)
-        probe = _active
+        probe = None if compiling() else _active
         if probe is not None and threading.get_ident() == probe.train_thread:
             try:
                 probe.on_clip_grad_norm(total_norm)
@@ -736,13 +1041,13 @@ def _make_clip_grad_norm(original: Any) -> Any:
                 disable(exc)
         return total_norm
 
-    clip_grad_norm_.__wrapped__ = original  # type: ignore[attr-defined]
     return clip_grad_norm_
 
 
 def _make_scheduler_step(original: Any) -> Any:
+    @functools.wraps(original)
     def step(self: Any, *args: Any, **kwargs: Any) -> Any:
-        probe = _active
+        probe = None if compiling() else _active
         if probe is not None and probe._scheduler is None:
             probe._scheduler = type(self).__name__
         return original(self, *args, **kwargs)
@@ -762,7 +1067,7 @@ def _graph_compiles() -> int:
 
 
 def _optimizer_pre(optimizer: Any, args: Any, kwargs: Any) -> None:
-    probe = _active
+    probe = None if compiling() else _active
     if probe is not None and threading.get_ident() == probe.train_thread:
         try:
             probe.on_optimizer_pre(optimizer)
@@ -771,40 +1076,12 @@ def _optimizer_pre(optimizer: Any, args: Any, kwargs: Any) -> None:
 
 
 def _optimizer_post(optimizer: Any, args: Any, kwargs: Any) -> None:
-    probe = _active
+    probe = None if compiling() else _active
     if probe is not None and threading.get_ident() == probe.train_thread:
         try:
             probe.on_optimizer_post(optimizer)
         except Exception as exc:
             disable(exc)
-
-
-def _gradient_ready(param: Any) -> None:
-    probe = _active
-    if probe is not None:
-        probe._last_grad_ready = time.perf_counter()
-
-
-def _global_forward_pre(module: Any, args: Any) -> None:
-    probe = _active
-    if probe is not None:
-        try:
-            probe.on_forward_pre(module)
-        except Exception as exc:
-            disable(exc)
-
-
-def _global_forward_post(module: Any, args: Any, output: Any) -> None:
-    probe = _active
-    if probe is not None:
-        try:
-            probe.on_forward_post()
-        except Exception as exc:
-            disable(exc)
-
-
-_instance_forward_pre = _global_forward_pre
-_instance_forward_post = _global_forward_post
 
 
 # ---- descriptions for the configuration snapshot ------------------------------------------
@@ -815,19 +1092,14 @@ def _safe(getter: Any) -> Any:
         return None
 
 
-def _module_device_type(module: Any) -> str | None:
-    for param in module.parameters():
-        return str(param.device.type)
-    return None
-
-
-def _describe_model(torch: Any, module: Any) -> dict[str, Any]:
+def _describe_parameters(torch: Any, params: list[Any]) -> dict[str, Any]:
+    """Counts, dtypes, device and conv layout from tensor metadata only (no tensor op)."""
     dtypes: dict[str, int] = {}
     count = 0
     trainable = 0
     device = None
-    has_conv2d = False
-    for param in module.parameters():
+    conv_weights = []
+    for param in params:
         n = param.numel()
         count += n
         if param.requires_grad:
@@ -835,38 +1107,29 @@ def _describe_model(torch: Any, module: Any) -> dict[str, Any]:
         key = str(param.dtype).replace("torch.", "")
         dtypes[key] = dtypes.get(key, 0) + n
         device = device or str(param.device.type)
+        if param.dim() == 4 and plain_tensor(torch, param, scalar=False, subclasses=True):
+            conv_weights.append(param)
     channels_last = None
-    for sub in module.modules():
-        if isinstance(sub, torch.nn.Conv2d):
-            has_conv2d = True
-            channels_last = bool(sub.weight.is_contiguous(memory_format=torch.channels_last))
-            break
-    description: dict[str, Any] = {
-        "class": type(module).__name__,
+    if conv_weights:  # 4-d parameters are convolution weights
+        channels_last = all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights)
+    return {
         "parameters": count,
         "trainable_parameters": trainable,
         "parameter_dtypes": dtypes,
         "device": device,
-        "compiled": type(module).__name__ == "OptimizedModule",
-        "has_conv2d": has_conv2d,
+        "has_conv2d": bool(conv_weights),
         "channels_last": channels_last,
     }
-    ddp_cls = _safe(lambda: torch.nn.parallel.DistributedDataParallel)
-    if ddp_cls is not None and isinstance(module, ddp_cls):
-        description["ddp"] = {
-            "bucket_cap_mb": round(module.bucket_bytes_cap / 2**20, 3),
-            "find_unused_parameters": bool(module.find_unused_parameters),
-            "static_graph": bool(module.static_graph),
-            "gradient_as_bucket_view": bool(module.gradient_as_bucket_view),
-        }
-    return description
 
 
 def _describe_optimizer(optimizer: Any) -> dict[str, Any]:
     defaults = getattr(optimizer, "defaults", {})
     wanted = ("lr", "momentum", "weight_decay", "betas", "eps", "foreach", "fused", "nesterov")
     hyper = {k: defaults[k] for k in wanted if k in defaults}
-    if "lr" in hyper and not isinstance(hyper["lr"], int | float):
-        hyper["lr"] = _safe(lambda: float(hyper["lr"]))  # a tensor learning rate
+    lr = hyper.get("lr")
+    if lr is not None and not isinstance(lr, int | float):  # a tensor learning rate: CPU only, no sync
+        cpu = getattr(getattr(lr, "device", None), "type", None) == "cpu"
+        item = sys.modules["torch"]._C.TensorBase.item  # unpatched: not counted as the user's sync
+        hyper["lr"] = _safe(lambda: float(item(lr))) if cpu else None
     params = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
     return {"class": type(optimizer).__name__, "hyperparameters": hyper, "parameters": params}

@@ -1,8 +1,11 @@
 """Training signals read without adding GPU synchronisation.
 
-- ``DeferredScalar`` reads a 0-d tensor (the loss, a gradient norm, GradScaler's scale) a step
-  later: CPU values directly, CUDA values through a non-blocking copy into pinned memory that is
-  read once its CUDA event has completed. The hot path never waits on the GPU.
+- ``observable_now`` / ``plain_tensor`` decide when the probe may run a tensor op of its own:
+  never while compiling, tracing, profiling, under a dispatch mode or a CUDA graph capture,
+  and only on plain dense CPU/CUDA tensors.
+- ``DeferredScalar`` reads a 0-d tensor (the loss, a gradient norm, GradScaler's scale): CPU
+  values directly, CUDA values through a non-blocking copy into pinned memory that is read
+  once its CUDA event has completed. The hot path never waits on the GPU.
 - ``SyncCounter`` counts the calls in user code that force the host to wait for the device
   (``.item()``, ``.cpu()``, ``.tolist()``, ``.numpy()``, ``float(t)``, ``print(t)``) and
   remembers where they are called from.
@@ -14,10 +17,13 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 import time
+import types
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 SYNC_METHODS = ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__repr__", "__format__")
@@ -42,47 +48,160 @@ COLLECTIVES = (
 MAX_SYNC_SITES = 64
 
 
+def bind_torch(torch: Any) -> None:
+    """Look up torch's compile/trace predicates once, not on every call."""
+    global _is_compiling, _is_tracing
+    _is_compiling = torch.compiler.is_compiling
+    _is_tracing = torch._C._is_tracing
+
+
+def _never() -> bool:
+    return False
+
+
+_is_compiling: Any = _never  # torch's own predicates once bind_torch() has run
+_is_tracing: Any = _never
+
+
+def compiling() -> bool:
+    """torch.compile, torch.export or torch.jit.trace is running the user's code.
+
+    Every wrapper checks this first and then only calls through, so the graph dynamo or the
+    tracer records is the one it records without profilerd (dynamo folds it to True)."""
+    return _is_compiling() or _is_tracing()
+
+
+def hide_from_dynamo(torch: Any, modules: list[Any]) -> None:
+    """Dynamo never compiles a frame of ours as a frame of its own.
+
+    Code that runs eagerly inside a compiled region (after a graph break: ``loss.backward()``,
+    ``.item()``) still goes through dynamo's frame hook, which would compile our wrappers, see
+    ``compiling()`` true and record graph breaks the plain program does not have. Marking our
+    code objects SKIP (not their callees: the user's code they call is treated as without us)
+    keeps those frames eager; when dynamo *inlines* a wrapper it traces it as usual, and the
+    wrapper only calls through.
+    """
+    eval_frame = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
+    if eval_frame is None or not hasattr(eval_frame, "set_code_exec_strategy"):
+        return
+    action = eval_frame._FrameAction
+    strategy = eval_frame._FrameExecStrategy(action.SKIP, action.DEFAULT)
+    seen: set[types.CodeType] = set()
+
+    def mark(code: types.CodeType) -> None:
+        if code in seen:
+            return
+        seen.add(code)
+        eval_frame.set_code_exec_strategy(code, strategy)
+        for const in code.co_consts:  # nested functions, closures and lambdas
+            if isinstance(const, types.CodeType):
+                mark(const)
+
+    def visit(value: Any, module: str) -> None:
+        value = value.__func__ if isinstance(value, staticmethod | classmethod) else value
+        if isinstance(value, property):
+            for accessor in (value.fget, value.fset, value.fdel):
+                if accessor is not None:
+                    visit(accessor, module)
+        elif isinstance(value, types.FunctionType) and value.__module__ == module:
+            mark(value.__code__)
+        elif isinstance(value, type) and value.__module__ == module:
+            for member in vars(value).values():
+                visit(member, module)
+
+    for module in modules:
+        for value in list(vars(module).values()):
+            visit(value, module.__name__)
+
+
+def observable_now(torch: Any) -> bool:
+    """Whether the probe may run a tensor op of its own now without anyone noticing it.
+
+    Not while compiling, exporting or tracing; not under a torch.profiler (the user's trace
+    would gain our ops); not under a dispatch or torch-function mode (FakeTensorMode,
+    FlopCounterMode, make_fx, a user's own mode: they would see our ops), except torch's
+    default-device mode; not inside a torch.func transform; not while a CUDA graph is captured.
+    """
+    C = torch._C
+    if compiling() or C._autograd._profiler_enabled() or C._len_torch_dispatch_stack():
+        return False
+    modes = C._len_torch_function_stack()
+    if modes:
+        from torch.utils._device import DeviceContext
+
+        if any(not isinstance(C._get_function_stack_at(i), DeviceContext) for i in range(modes)):
+            return False
+    if C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
+
+
+def plain_tensor(torch: Any, value: Any, *, scalar: bool = True, subclasses: bool = False) -> bool:
+    """A dense CPU/CUDA tensor of torch's own type (a one-element float one if ``scalar``).
+
+    FakeTensor, DTensor and FSDP shards, functional and functorch wrappers, meta and sparse
+    tensors are not: reading them can fail, trace, or issue a collective on some ranks only.
+    ``subclasses`` admits nn.Parameter and other subclasses for metadata-only reads.
+    """
+    Tensor = torch.Tensor
+    if subclasses:
+        if not isinstance(value, Tensor) or type(value).__torch_dispatch__ is not Tensor.__torch_dispatch__:
+            return False
+    elif type(value) is not Tensor:
+        return False
+    if value.layout is not torch.strided or not (value.is_cpu or value.is_cuda):  # not meta, not sparse
+        return False
+    if scalar and (value.numel() != 1 or not value.is_floating_point()):
+        return False
+    return not (torch._C._functorch.is_functorch_wrapped_tensor(value) or torch._is_functional_tensor(value))
+
+
 class DeferredScalar:
-    """The latest value of a scalar tensor, fetched without synchronising the device."""
+    """Reads 0-d tensors (the loss, a gradient norm, GradScaler's scale) without a device sync.
+
+    CPU values are read at once. A CUDA value is copied without blocking into pinned memory, and
+    delivered by a later ``poll()`` once its CUDA event has completed; at most ``DEPTH`` copies are
+    in flight (a further capture is skipped rather than queued). The hot path never waits.
+    """
+
+    DEPTH = 4
 
     def __init__(self, torch: Any) -> None:
         self._torch = torch
         self._item = torch._C.TensorBase.item  # the unpatched method: our own reads are not user syncs
-        self._value: float | None = None
-        self._pending: tuple[Any, Any] | None = None
-        self._buffer: Any = None
+        self._pending: list[tuple[Any, Any, Callable[[float], None]]] = []
+        self._free: list[Any] = []
 
-    def capture(self, tensor: Any) -> None:
-        if tensor is None or tensor.numel() != 1:
+    @property
+    def pending(self) -> bool:
+        """No room for another copy in flight."""
+        return len(self._pending) >= self.DEPTH
+
+    def capture(self, tensor: Any, deliver: Callable[[float], None]) -> None:
+        """Read ``tensor`` (a one-element plain tensor) and call ``deliver`` with its value."""
+        if tensor.is_cpu:
+            deliver(float(self._item(tensor)))
             return
-        value = tensor.detach()
-        if value.device.type == "cpu":
-            self._value = float(self._item(value))
+        if not tensor.is_cuda or self.pending:
             return
-        if value.device.type != "cuda" or self._pending is not None:
-            return  # still waiting for the previous copy: skip this one rather than queue
         torch = self._torch
-        if self._buffer is None:
-            self._buffer = torch.empty((), dtype=torch.float64, pin_memory=True)
-        self._buffer.copy_(value.reshape(()).to(torch.float64), non_blocking=True)
+        buffer = self._free.pop() if self._free else torch.empty((), dtype=torch.float64, pin_memory=True)
+        with torch.no_grad():  # converted on the device, so the copy itself needs no host step
+            buffer.copy_(tensor.detach().reshape(()).to(torch.float64), non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
-        self._pending = (self._buffer, event)
+        event.record(torch.cuda.current_stream(tensor.device))
+        self._pending.append((buffer, event, deliver))
 
-    def poll(self) -> float | None:
-        """The newest value whose copy has completed (None if none yet)."""
-        if self._pending is not None:
-            buffer, event = self._pending
-            if event.query():
-                self._value = float(self._item(buffer))
-                self._pending = None
-        return self._value
-
-    def take(self) -> float | None:
-        """Like poll(), but each value is returned once."""
-        value = self.poll()
-        self._value = None
-        return value
+    def poll(self) -> None:
+        """Deliver the copies that have completed, oldest first."""
+        while self._pending:
+            buffer, event, deliver = self._pending[0]
+            if not event.query():
+                return
+            self._pending.pop(0)
+            value = float(self._item(buffer))
+            self._free.append(buffer)
+            deliver(value)
 
 
 class SyncCounter:
@@ -111,8 +230,9 @@ class SyncCounter:
         getframe = sys._getframe
         local = self._local
 
+        @functools.wraps(original)
         def wrapper(tensor: Any, *args: Any, **kwargs: Any) -> Any:
-            if counter.suspended or get_ident() != train_thread() or getattr(local, "depth", 0):
+            if compiling() or counter.suspended or get_ident() != train_thread() or getattr(local, "depth", 0):
                 return original(tensor, *args, **kwargs)
             if name == "cpu" and tensor.device.type == "cpu":
                 return original(tensor, *args, **kwargs)  # a no-op, not a sync
@@ -132,8 +252,6 @@ class SyncCounter:
                 if key in counter.sites or len(counter.sites) < MAX_SYNC_SITES:
                     counter.sites[key] += 1
 
-        wrapper.__name__ = name
-        wrapper.__qualname__ = f"Tensor.{name}"
         return wrapper
 
     def top_sites(self, n: int = 3) -> list[dict[str, Any]]:
@@ -168,8 +286,9 @@ class CollectiveTimer:
         get_ident = threading.get_ident
         local = self._local
 
+        @functools.wraps(original)
         def collective(*args: Any, **kwargs: Any) -> Any:
-            if getattr(local, "depth", 0) or get_ident() != train_thread():
+            if compiling() or getattr(local, "depth", 0) or get_ident() != train_thread():
                 return original(*args, **kwargs)
             local.depth = 1
             start = perf_counter()
@@ -182,9 +301,6 @@ class CollectiveTimer:
                 if args:
                     timer.bytes += _payload_bytes(args[0])
 
-        collective.__name__ = getattr(original, "__name__", "collective")
-        collective.__doc__ = getattr(original, "__doc__", None)
-        collective.__wrapped__ = original  # type: ignore[attr-defined]
         return collective
 
 
@@ -215,21 +331,13 @@ class DdpSplit:
         self.comm_ratio = 0.0  # total comm time over backward time (may exceed 1 with overlap)
         self._iteration = -1
         self.samples = 0
-        self.last_ready: list[int] = []  # parameter indices in the order their gradients were ready
-        self.last_ready_changed = False
 
     def refresh(self, ddp: Any) -> None:
         data = ddp._get_ddp_logging_data()
         iteration = int(data.get("iteration", -1))
-        self.last_ready_changed = False
         if iteration == self._iteration:
             return
         self._iteration = iteration
-        order = str(data.get("prev_iteration_grad_ready_order_indices", ""))
-        ready = [int(i) for i in order.split(",") if i.strip().isdigit()]
-        if ready and ready[-2:] != self.last_ready[-2:]:
-            self.last_ready = ready
-            self.last_ready_changed = True
         start = data.get("backward_compute_time_start")
         compute_end = data.get("backward_compute_time_end")
         comm_end = data.get("backward_comm_time_end")

@@ -49,6 +49,9 @@ FLAG_HAS_LOSS = 4
 FLAG_HAS_GRAD_NORM = 8
 FLAG_HAS_LR = 16
 FLAG_HAS_SCALE = 32
+# The first step whose loss is NaN or inf (after finite losses, or none): where divergence began.
+# The loss is read at every step for the first 200 steps and while it stays non-finite.
+FLAG_LOSS_FIRST_NONFINITE = 64
 
 
 class WireError(ValueError):
