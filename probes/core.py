@@ -253,6 +253,7 @@ class StepProbe:
         self._mark: float | None = None  # where the next forward window starts
         self._mark_comm = 0.0
         self._loader_config: dict[str, Any] = {}
+        self._noted_iterator: weakref.ref[Any] | None = None
         self._optimizers: weakref.WeakSet[Any] = weakref.WeakSet()
         self._last_optimizer_id = 0  # an id, not a reference: nothing outlives the user's objects
         self._autocast: dict[str, Any] = {}
@@ -717,17 +718,22 @@ class StepProbe:
             self._capture(self._scale, scale, _SCALE, self._signal_step())
 
     # ---- configuration captured on the way ---------------------------------------------
-    def note_loader(self, loader: Any) -> None:
-        batch_sampler = getattr(loader, "batch_sampler", None)
+    def note_loader(self, iterator: Any) -> None:
+        """The loader's settings, read from its iterator the first time it yields (no wrapper on
+        the iterator's ``__init__``: torch's warnings there must keep pointing at their caller)."""
+        noted = self._noted_iterator
+        if noted is not None and noted() is iterator:
+            return
+        self._noted_iterator = weakref.ref(iterator)
+        sampler = getattr(iterator, "_index_sampler", None)
+        auto_collation = bool(getattr(iterator, "_auto_collation", False))
         self._loader_config = {
-            "num_workers": int(loader.num_workers),
-            "pin_memory": bool(loader.pin_memory),
-            "prefetch_factor": loader.prefetch_factor,
-            "persistent_workers": bool(loader.persistent_workers),
-            "batch_size": loader.batch_size
-            if loader.batch_size is not None
-            else getattr(batch_sampler, "batch_size", None),
-            "dataset": type(loader.dataset).__name__,
+            "num_workers": int(iterator._num_workers),
+            "pin_memory": bool(iterator._pin_memory),
+            "prefetch_factor": getattr(iterator, "_prefetch_factor", None),
+            "persistent_workers": bool(iterator._persistent_workers),
+            "batch_size": getattr(sampler, "batch_size", None) if auto_collation else None,
+            "dataset": type(iterator._dataset).__name__,
         }
 
     def note_autocast(self, autocast: Any) -> None:
@@ -765,7 +771,6 @@ class StepProbe:
 
         iterator = dl._BaseDataLoaderIter
         self._patch(iterator, "__next__", _make_loader_next(iterator.__next__))
-        self._patch(iterator, "__init__", _make_loader_init(iterator.__init__))
         self._patch(torch.autograd, "backward", _make_backward(torch.autograd.backward, reads_loss=True))
         self._patch(torch.autograd, "grad", _make_backward(torch.autograd.grad, reads_loss=False))
         autocast_cls = torch.amp.autocast_mode.autocast
@@ -885,6 +890,7 @@ def _make_loader_next(original: Any) -> Any:
         start = perf_counter()
         try:
             probe.on_loader_next_start(start)
+            probe.note_loader(self)
         except Exception as exc:
             disable(exc)
             probe = None
@@ -914,15 +920,6 @@ def _tell(method: str, *args: Any) -> None:
             getattr(probe, method)(*args)
         except Exception as exc:
             disable(exc)
-
-
-def _make_loader_init(original: Any) -> Any:
-    @functools.wraps(original)
-    def __init__(self: Any, loader: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, loader, *args, **kwargs)
-        _tell("note_loader", loader)
-
-    return __init__
 
 
 def _make_backward(original: Any, reads_loss: bool) -> Any:

@@ -50,6 +50,8 @@ PROGRAM_TIMEOUT_S = 240.0
 SAVED_SUFFIXES = (".pt", ".pth", ".pkl", ".ts", ".pt2")
 # c10 log lines carry a level letter, the date and time (and a thread id): they differ run to run.
 C10_LOG_STAMP = re.compile(r"\[([WIEF])\d{4} [\d:.]+ (\d+ )?")
+# Kineto's trace-point lines carry the date, time, pid and thread id.
+KINETO_STAMP = re.compile(r"^USDT:\d{4}-\d\d-\d\d [\d:]+ \d+:\d+ ")
 REPORT_HEADER = "profilerd · run "
 
 
@@ -418,7 +420,7 @@ def program_stderr(stderr: str) -> list[str]:
 
 def _normalised(lines: list[str]) -> collections.Counter[str]:
     # Processes of one program (ranks, workers) interleave their lines: compare them as a multiset.
-    return collections.Counter(C10_LOG_STAMP.sub(r"[\1 ", line) for line in lines)
+    return collections.Counter(KINETO_STAMP.sub("USDT: ", C10_LOG_STAMP.sub(r"[\1 ", line)) for line in lines)
 
 
 def load_saved_files(cwd: Path) -> dict[str, object]:
