@@ -24,6 +24,7 @@ import collections
 import contextlib
 import json
 import os
+import pty
 import re
 import shutil
 import signal
@@ -66,7 +67,7 @@ class Case:
     pythonpath: tuple[Path, ...] = ()
     send: signal.Signals | None = None  # sent each time the program writes its `ready-<n>` file
     rounds: int = 1  # how many times the signal is sent
-    to_process_group: bool = False  # as a terminal does (Ctrl-C), else to the started process alone
+    from_terminal: bool = False  # typed on its controlling terminal (Ctrl-C), else sent to the started process
     count_steps: bool = True
     same_saved_contents: bool = True
     setup: Callable[[Path], None] | None = None
@@ -120,7 +121,7 @@ CASES = [
         (_program("keyboard_interrupt.py"),),
         send=signal.SIGINT,
         rounds=3,
-        to_process_group=True,
+        from_terminal=True,
         same_saved_contents=False,
     ),
     Case(
@@ -253,6 +254,13 @@ def _site_dirs() -> list[str]:
     return [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and Path(p).is_dir()]
 
 
+# Run as `python -c TAKE_TERMINAL CMD...` in a new session with the terminal on stdin: the
+# terminal becomes the session's controlling terminal, then CMD replaces the interpreter.
+TAKE_TERMINAL = (
+    "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); os.execvp(sys.argv[1], sys.argv[1:])"
+)
+
+
 def _free_port() -> str:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -285,11 +293,18 @@ def run_program(case: Case, mode: str, workdir: Path, env: dict[str, str]) -> Ou
         run_env["PYTHONPATH"] = os.pathsep.join(str(p) for p in case.pythonpath)
     notes: list[str] = []
     output: dict[str, str] = {}
+    stdin: int = subprocess.PIPE if case.stdin is not None else subprocess.DEVNULL
+    terminal: int | None = None
+    if case.from_terminal:
+        # A pseudo-terminal that the started process takes as its controlling terminal: a
+        # Ctrl-C typed there is the kernel's SIGINT to the foreground process group, as in a shell.
+        terminal, stdin = pty.openpty()
+        command = [sys.executable, "-c", TAKE_TERMINAL, *command]
     process = subprocess.Popen(
         command,
         cwd=cwd,
         env=run_env,
-        stdin=subprocess.PIPE if case.stdin is not None else subprocess.DEVNULL,
+        stdin=stdin,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -306,8 +321,11 @@ def run_program(case: Case, mode: str, workdir: Path, env: dict[str, str]) -> Ou
             assert process.stdin is not None
             process.stdin.write(case.stdin)
             process.stdin.close()
+        if terminal is not None:
+            os.close(stdin)
         if case.send is not None:
-            threading.Thread(target=_signal_when_ready, args=(process, case, cwd, notes), daemon=True).start()
+            args = (process, case, cwd, notes, terminal)
+            threading.Thread(target=_signal_when_ready, args=args, daemon=True).start()
         try:
             process.wait(timeout=PROGRAM_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -319,11 +337,15 @@ def run_program(case: Case, mode: str, workdir: Path, env: dict[str, str]) -> Ou
         process.wait()
         for reader in readers:
             reader.join(timeout=30)
+        if terminal is not None:
+            os.close(terminal)
     document = json.loads(verdict_path.read_text()) if verdict_path.exists() else None
     return Outcome(process.returncode, output.get("stdout", ""), output.get("stderr", ""), cwd, document, notes)
 
 
-def _signal_when_ready(process: subprocess.Popen[str], case: Case, cwd: Path, notes: list[str]) -> None:
+def _signal_when_ready(
+    process: subprocess.Popen[str], case: Case, cwd: Path, notes: list[str], terminal: int | None
+) -> None:
     assert case.send is not None
     deadline = time.monotonic() + PROGRAM_TIMEOUT_S
     for round_number in range(1, case.rounds + 1):
@@ -332,8 +354,8 @@ def _signal_when_ready(process: subprocess.Popen[str], case: Case, cwd: Path, no
                 notes.append(f"the program never became ready for signal {round_number}")
                 return
             time.sleep(0.05)
-        if case.to_process_group:
-            os.killpg(process.pid, case.send)
+        if terminal is not None:
+            os.write(terminal, b"\x03")  # Ctrl-C
         else:
             process.send_signal(case.send)
 
