@@ -2,9 +2,10 @@
 
 `profilerd run` starts the training at once and the daemon beside it, so the first records
 of a run are made before anything listens. Until the socket has answered once, the sender
-holds them (bounded) and replays them in order, hello first, as soon as it does; at exit, what
-it still holds goes to the spool directory that `profilerd run` gave it, and the run replays
-it once its daemon serves. A daemon lost later is not waited for: records are dropped, counted.
+holds them (bounded) and replays them in order, hello first, as soon as it does. A process
+that ends before then waits for the daemon at exit, under `profilerd run` only (whose daemon
+is on its way, and whose verdict waits for it anyway), at most EXIT_WAIT_S. A daemon lost
+later is not waited for: records are dropped and counted.
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import socket
-import struct
 import time
 from collections import Counter, deque
 from pathlib import Path
@@ -32,10 +31,12 @@ STARTING_WINDOW_S = 10.0
 # to 32 records, ~5 KiB). Beyond it the oldest go (the run's first hello stays), counted.
 MAX_HELD_DATAGRAMS = 256
 MAX_HELD_BYTES = 2 << 20
-# Where a process that ends before its run's daemon answers leaves what it holds.
-SPOOL_ENV = "PROFILERD_SPOOL_DIR"
-SPOOL_SUFFIX = ".spool"
-_LENGTH = struct.Struct("<I")
+# Set by `profilerd run`: a folder where each process leaves a mark before its first message,
+# which is how the run knows, with no daemon yet, that the training has steps to record (and
+# starts the daemon then: a job that never steps costs no daemon start).
+RUN_DIR_ENV = "PROFILERD_RUN_DIR"
+SENDER_MARK_SUFFIX = ".sender"
+EXIT_WAIT_S = 5.0
 
 
 def _is_hello(datagram: bytes) -> bool:
@@ -65,6 +66,7 @@ class DatagramSender:
         self._ever_connected = False
         self._held: deque[tuple[bytes, int]] = deque()
         self._held_bytes = 0
+        self._marked = False
 
     @property
     def held(self) -> int:
@@ -146,6 +148,8 @@ class DatagramSender:
 
     def send(self, datagram: bytes, records: int = 1) -> bool:
         """Send one datagram carrying ``records`` messages; drops are counted per message."""
+        if not self._marked:
+            self._mark()
         if self._sock is None:
             self._connect()
         if self._held:
@@ -161,24 +165,24 @@ class DatagramSender:
             return self._drop("daemon_absent", records)
         return self._hold(datagram, records)
 
+    def _mark(self) -> None:
+        self._marked = True
+        run_dir = os.environ.get(RUN_DIR_ENV)
+        if run_dir:
+            mark = os.path.join(run_dir, f"{os.getpid()}{SENDER_MARK_SUFFIX}")
+            with contextlib.suppress(OSError):
+                os.close(os.open(mark, os.O_CREAT | os.O_WRONLY, 0o600))
+
     def finish(self) -> None:
-        """At exit: send what is held if the daemon answers now, else leave it in the spool
-        directory (when `profilerd run` gave one) for the run to replay; nothing waits."""
-        if not self._held:
-            return
-        self._next_attempt = 0.0
-        self.ensure_connected()
-        spool = os.environ.get(SPOOL_ENV)
-        if not self._held or not spool:
-            return
-        name = f"{os.getpid()}-{secrets.token_hex(4)}"
-        with contextlib.suppress(OSError):
-            partial = Path(spool) / (name + ".partial")
-            with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as file:
-                file.write(b"".join(_LENGTH.pack(len(d)) + d for d, _ in self._held))
-            partial.rename(partial.with_suffix(SPOOL_SUFFIX))  # whole files only, for the reader
-            self._held.clear()
-            self._held_bytes = 0
+        """At exit: send what is held if the daemon answers; under `profilerd run`, wait for its
+        daemon up to EXIT_WAIT_S first (only a run shorter than the daemon's start waits)."""
+        deadline = time.monotonic() + (EXIT_WAIT_S if os.environ.get(RUN_DIR_ENV) else 0.0)
+        while self._held:
+            self._next_attempt = 0.0
+            self.ensure_connected()
+            if not self._held or time.monotonic() >= deadline:
+                break
+            time.sleep(0.01)
 
     def close(self) -> None:
         if self._sock is not None:
@@ -199,17 +203,4 @@ class DatagramSender:
         self._ever_connected = False
         self._held = deque()
         self._held_bytes = 0
-
-
-def read_spool(path: Path) -> list[bytes]:
-    """The datagrams a process left in ``path``, in the order it made them."""
-    data = path.read_bytes()
-    datagrams, offset = [], 0
-    while offset + _LENGTH.size <= len(data):
-        (length,) = _LENGTH.unpack_from(data, offset)
-        offset += _LENGTH.size
-        if offset + length > len(data):
-            break  # a torn tail (cannot happen after the rename, but never trust a file)
-        datagrams.append(data[offset : offset + length])
-        offset += length
-    return datagrams
+        self._marked = False

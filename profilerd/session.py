@@ -1,10 +1,9 @@
 """`profilerd run` and `profilerd demo`: one training command, probed, as if profilerd were not there.
 
-The session: check the flags -> take a lease on the shared daemon (start one if none runs,
-without waiting for it) -> start the training with our bootstrap on PYTHONPATH at once, while
-the daemon comes up beside it and the analysis is imported in a thread -> the live view (or a
-status line) until it exits -> replay what the training's probes left in the spool (records
-made before the daemon answered) -> the verdict -> exit as the training did (its code, or its
+The session: check the flags -> take a lease on the shared daemon -> start the training with
+our bootstrap on PYTHONPATH at once; when its first message is made (the probes hold it until
+a daemon answers), start the daemon if none runs and import the analysis in a thread -> the
+live view (or a status line) until it exits -> the verdict -> exit as the training did (its code, or its
 death by the same signal). Nothing here waits on a fixed sleep: see benchmarks/bench_launch.py.
 
 Signals (docs/concepts.md, "Signals under `profilerd run`"): the training runs in our process
@@ -62,6 +61,9 @@ RELAYED_SIGNALS = frozenset(
 )
 DAEMON_START_TIMEOUT_S = 30.0
 DAEMON_LOG_NAME = "daemon-for-runs.log"
+# The daemon reads the run's messages (the last ones, the run_end) in a thread: it may
+# answer "no such run" just before it has; a run with senders is not given up on before this.
+UNKNOWN_RUN_GRACE_S = 3.0
 # A test and debugging aid: make the live view fail "start" (before it opens) or "running"
 # (from inside the app, after it has drawn), to see `run` fall back to the status line.
 LIVE_VIEW_FAULT_ENV = "PROFILERD_LIVE_VIEW_FAULT"
@@ -203,9 +205,10 @@ class DaemonHandle:
     """The daemon a run talks to: this user's running daemon, or a shared one started for runs.
 
     The run holds a lease on it until close() (see :mod:`profilerd.runtime`): a daemon started
-    for runs lives until the last run that uses it has ended, however it ended. A daemon this
-    run starts is not waited for here (``wait=False``): the probes hold their first records
-    until it answers, and ``serving()`` waits for it where its HTTP address is needed.
+    for runs lives until the last run that uses it has ended, however it ended. With
+    ``wait=False`` none is started here when none runs: start() starts one (the run calls it
+    when the training's first message is made: the probes hold it until the daemon answers),
+    and serving() waits for it where its address is needed.
     """
 
     def __init__(
@@ -222,45 +225,56 @@ class DaemonHandle:
             prepare_runtime_dir(runtime_dir, any(uid != os.getuid() for uid in config.allowed_uids))
         except (OSError, IngestError) as exc:
             raise UsageError(f"cannot use runtime directory {runtime_dir}: {exc}") from exc
+        self._config, self._flags, self._cancelled = config, flags or [], cancelled
         self.socket_path = config.socket_path
         self.data_dir = config.data_dir
         self.base_url = ""
         self._error: UsageError | None = None
         self._started = threading.Event()
-        # Held until the daemon serves, so that no other run starts a second one meanwhile.
-        locked = leases_locked(runtime_dir, wait_s=DAEMON_START_TIMEOUT_S)
-        locked.__enter__()
-        try:
+        self._starting = False
+        self._start_lock = threading.Lock()
+        with leases_locked(runtime_dir, wait_s=DAEMON_START_TIMEOUT_S):
             self.lease = Lease(runtime_dir)
             running = read_running_daemon(runtime_dir)
             if running is not None:
                 self._use(running, config)
+                self._starting = True
                 self._started.set()
-            else:
-                process = _spawn_daemon(config, flags or [])
-        except BaseException:
-            if hasattr(self, "lease"):
-                self.lease.release()
-            locked.__exit__(None, None, None)
-            raise
-        if self._started.is_set():
-            locked.__exit__(None, None, None)
-            return
-
-        def wait_until_serving() -> None:
-            try:
-                self._use(_wait_until_serving(config, process, cancelled), config)
-            except UsageError as exc:
-                self._error = exc
-            except Interrupted:
-                self._error = UsageError("interrupted while the daemon started")
-            finally:
-                locked.__exit__(None, None, None)
-                self._started.set()
-
-        threading.Thread(target=wait_until_serving, name="profilerd-daemon-start", daemon=True).start()
         if wait:
             self.serving()
+
+    @property
+    def was_started(self) -> bool:
+        """Whether a daemon is (being) used: one ran already, or start() was called."""
+        return self._starting
+
+    def start(self) -> None:
+        """Start a daemon if none runs, without waiting for it; once only."""
+        with self._start_lock:
+            if self._starting:
+                return
+            self._starting = True
+        threading.Thread(target=self._start, name="profilerd-daemon-start", daemon=True).start()
+
+    def _start(self) -> None:
+        config = self._config
+        try:
+            # Held until the daemon serves, so that no other run starts a second one meanwhile.
+            with leases_locked(config.runtime_dir, wait_s=DAEMON_START_TIMEOUT_S):
+                running = read_running_daemon(config.runtime_dir)
+                if running is None:
+                    running = _wait_until_serving(config, _spawn_daemon(config, self._flags), self._cancelled)
+                elif Path(running.get("socket") or config.socket_path) != self.socket_path:
+                    log.warning("another daemon started meanwhile, on another socket: this run is not recorded")
+                self._use(running, config)
+        except UsageError as exc:
+            self._error = exc
+        except Interrupted:
+            self._error = UsageError("interrupted while the daemon started")
+        except OSError as exc:
+            self._error = UsageError(f"the daemon could not start: {exc}")
+        finally:
+            self._started.set()
 
     def _use(self, running: dict[str, Any], config: DaemonConfig) -> None:
         self.base_url = f"http://{running['http_host']}:{running['http_port']}"
@@ -268,7 +282,8 @@ class DaemonHandle:
         self.data_dir = Path(running.get("data_dir") or config.data_dir)
 
     def serving(self, timeout: float | None = None) -> bool:
-        """Wait until the daemon serves; raises UsageError if it could not start."""
+        """Wait until the daemon serves (starting one if needed); UsageError if it could not start."""
+        self.start()
         if not self._started.wait(timeout):
             return False
         if self._error is not None:
@@ -377,9 +392,9 @@ def training_env(boot: Path, socket_path: Path, run_id: str, job: str) -> dict[s
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(boot), env.get("PYTHONPATH", "")) if p)
     env.update({"PROFILERD_SOCKET": str(socket_path), "PROFILERD_RUN_ID": run_id, "PROFILERD_JOB_ID": job})
-    spool = boot / "spool"
-    spool.mkdir(mode=0o700, exist_ok=True)
-    env[transport.SPOOL_ENV] = str(spool)
+    marks = boot / "senders"
+    marks.mkdir(mode=0o700, exist_ok=True)
+    env[transport.RUN_DIR_ENV] = str(marks)
     # Device-side NCCL durations: the probes turn on torch's collective timing and flight
     # recorder in each rank where NCCL can run, under the name that rank's torch reads.
     env.setdefault(NCCL_TIMING_ENV, "1")
@@ -418,16 +433,19 @@ def wait_for_recording(
     config: DaemonConfig,
     timeout: float = 15.0,
     cancelled: Callable[[], int | None] = lambda: None,
+    unknown_after_s: float = 0.0,
 ) -> Path | None:
-    """Wait until the daemon has flushed and closed the run's recording."""
+    """Wait until the daemon has flushed and closed the run's recording; None once the daemon
+    still does not know the run ``unknown_after_s`` from now (its messages may be in flight)."""
     from profilerd.recording import recording_file
 
     deadline = time.monotonic() + timeout
+    unknown_deadline = time.monotonic() + unknown_after_s
     pause = 0.002  # a short run's recording closes within milliseconds of its run_end
     while time.monotonic() < deadline and cancelled() is None:
         run = handle.get(f"/api/v1/runs/{run_id}")
         if run is None:
-            if handle.get("/healthz") is not None:
+            if time.monotonic() >= unknown_deadline and handle.get("/healthz") is not None:
                 return None  # the daemon never heard of this run: no probe ever said hello
         elif run.get("state") in ("closed", "aborted"):
             path = run.get("recording_path")
@@ -504,17 +522,35 @@ def _wait_for_child(
         _clear_status_line()
 
 
-class Analysis:
-    """The verdict's imports (pandas) and rules, loaded in a thread while the training runs, at
-    low priority so that they do not compete with it: the run's end does not wait for them."""
+def training_has_senders(marks: Path) -> bool:
+    """Whether a process of the training has made a message (its probes leave a mark first)."""
+    try:
+        return any(name.endswith(transport.SENDER_MARK_SUFFIX) for name in os.listdir(marks))
+    except OSError:
+        return False
 
-    def __init__(self, load_rules: Callable[[], Any]) -> None:
+
+class Analysis:
+    """What waits for the training's first message: then the daemon is started (if none runs)
+    and the verdict's imports (pandas) and rules are loaded, in this thread at low priority, so
+    that the run's end does not wait for them. A job that never steps pays for neither."""
+
+    POLL_S = 0.02  # a listdir of a near-empty folder: microseconds
+
+    def __init__(self, marks: Path, on_first_message: Callable[[], None], load_rules: Callable[[], Any]) -> None:
+        self._marks = marks
+        self._on_first_message = on_first_message
         self._load_rules = load_rules
+        self._go = threading.Event()
         self._result: tuple[Any, BaseException | None] = (None, None)
-        self._thread = threading.Thread(target=self._load, name="profilerd-analysis", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="profilerd-analysis", daemon=True)
         self._thread.start()
 
-    def _load(self) -> None:
+    def _run(self) -> None:
+        while not training_has_senders(self._marks):
+            if self._go.wait(self.POLL_S):
+                break
+        self._on_first_message()
         with contextlib.suppress(OSError, AttributeError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # this thread only
         try:
@@ -526,6 +562,7 @@ class Analysis:
             self._result = (None, exc)
 
     def ruleset(self) -> Any:
+        self._go.set()
         self._thread.join()
         ruleset, error = self._result
         if error is not None:
@@ -579,7 +616,8 @@ def _run(
             return 127 if isinstance(exc, FileNotFoundError) else 126
         relay.child = child
         handle.lease.cover(child.pid, run_id)
-        analysis = Analysis(load_rules)
+        marks = boot / "senders"
+        analysis = Analysis(marks, handle.start, load_rules)
         if live is not None:
             live = _live_view_once_serving(live, handle)
         code = _wait_for_child(child, handle, job, status, live)
@@ -587,23 +625,29 @@ def _run(
         if live is not None:
             live.close()
             live = None
+        if not training_has_senders(marks):  # no process of the training made a message
+            return _no_steps(run_id, job, code, cmd, args.json_path)
         try:
             handle.serving()
         except UsageError as exc:  # the training ran unprobed; its exit code is still the run's
             print(f"profilerd: {exc}; no verdict", file=sys.stderr)
             return code
-        replay_spool(handle, boot / "spool")
         handle.send(wire.encode_json(wire.KIND_RUN_END, {"pid": os.getpid(), "run_id": run_id, "exit_code": code}))
-        recording = wait_for_recording(handle, run_id, config, cancelled=lambda: relay.interrupted)
+        recording = wait_for_recording(
+            handle, run_id, config, cancelled=lambda: relay.interrupted, unknown_after_s=UNKNOWN_RUN_GRACE_S
+        )
         if relay.interrupted is not None:  # the user wants out: no verdict
             return -relay.interrupted
-        document = _verdict(recording, analysis, run_id, job, code, cmd)
-        if document is not None:
-            from profilerd.report import render_text
+        if recording is None:
+            return _no_steps(run_id, job, code, cmd, args.json_path)
+        from profilerd import runs
+        from profilerd.report import render_text
 
-            print(render_text(document), file=sys.stderr)
+        verdict = runs.analyse(runs.load(recording), analysis.ruleset())
+        document = verdict.to_json(run_id, job, recording=str(recording), exit_code=code)
+        print(render_text(document), file=sys.stderr)
         if args.json_path is not None:
-            write_json(args.json_path, document or _no_steps_document(run_id, job, code))
+            write_json(args.json_path, document)
         return code
     finally:
         if live is not None:
@@ -624,33 +668,15 @@ def _live_view_once_serving(live: Any, handle: DaemonHandle) -> Any:
     return live
 
 
-def replay_spool(handle: DaemonHandle, spool: Path) -> int:
-    """Send the daemon what the training's processes held when they ended before it answered
-    (see profilerd_probes.transport); returns how many datagrams."""
-    sent = 0
-    with contextlib.suppress(OSError):
-        for path in sorted(spool.glob("*" + transport.SPOOL_SUFFIX), key=lambda p: p.stat().st_mtime_ns):
-            for datagram in transport.read_spool(path):
-                handle.send(datagram)
-                sent += 1
-    return sent
-
-
-def _verdict(
-    recording: Path | None, analysis: Analysis, run_id: str, job: str, code: int, cmd: list[str]
-) -> dict[str, Any] | None:
-    if recording is None:
-        print(
-            f"profilerd: no training steps were recorded for `{' '.join(cmd)}`: "
-            "did it import torch and run a training loop?",
-            file=sys.stderr,
-        )
-        return None
-    ruleset = analysis.ruleset()
-    from profilerd import runs
-
-    verdict = runs.analyse(runs.load(recording), ruleset)
-    return verdict.to_json(run_id, job, recording=str(recording), exit_code=code)
+def _no_steps(run_id: str, job: str, code: int, cmd: list[str], json_path: Path | None) -> int:
+    print(
+        f"profilerd: no training steps were recorded for `{' '.join(cmd)}`: "
+        "did it import torch and run a training loop?",
+        file=sys.stderr,
+    )
+    if json_path is not None:
+        write_json(json_path, _no_steps_document(run_id, job, code))
+    return code
 
 
 def _no_steps_document(run_id: str, job: str, code: int) -> dict[str, Any]:

@@ -37,8 +37,9 @@ def _recorded_steps(recording: Path) -> list[int]:
 
 @pytest.mark.parametrize("steps", [3, 200])
 def test_a_run_with_no_daemon_records_every_step_from_the_first(profilerd_env, short_tmp, steps):
-    """No daemon runs: `run` starts one beside the training, which steps before it answers.
-    3 steps end before the daemon can serve (they go through the spool); 200 outlast it."""
+    """No daemon runs: `run` starts one at the training's first step, and the probes hold what
+    they make until it answers. 3 steps end before it can (the process waits for it at exit);
+    200 outlast its start."""
     script = short_tmp / "train.py"
     script.write_text(STEPS)
     out = short_tmp / "verdict.json"
@@ -98,18 +99,13 @@ def test_held_records_go_out_in_order_hello_first_once_the_daemon_answers(short_
     assert sender.held == 0 and sender.dropped_total == 0
 
 
-def test_a_process_ending_before_the_daemon_answers_leaves_its_records_in_the_spool(short_tmp, monkeypatch):
-    spool = short_tmp / "spool"
-    spool.mkdir()
-    monkeypatch.setenv(transport.SPOOL_ENV, str(spool))
-    sender = DatagramSender(short_tmp / "nobody.sock")
-    datagrams = [_hello(), _step(1), _step(2)]
-    for datagram in datagrams:
-        sender.send(datagram)
-    sender.finish()
-    (left,) = spool.glob("*" + transport.SPOOL_SUFFIX)
-    assert transport.read_spool(left) == datagrams
-    assert sender.held == 0
+def test_a_job_that_never_steps_starts_no_daemon(profilerd_env, short_tmp):
+    """`python -c "import torch"` under run: nothing to record, so no daemon is started for it."""
+    result = run_cli("run", "--no-status", "--", sys.executable, "-c", "import torch", env=profilerd_env)
+    assert result.returncode == 0, result.stderr
+    assert "no training steps were recorded" in result.stderr
+    runtime = Path(profilerd_env["XDG_RUNTIME_DIR"]) / "profilerd"
+    assert not (runtime / "daemon-for-runs.log").exists()
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["runs"], ["doctor"]])
