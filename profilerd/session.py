@@ -1,10 +1,11 @@
 """`profilerd run` and `profilerd demo`: one training command, probed, as if profilerd were not there.
 
 The session: check the flags -> take a lease on the shared daemon -> start the training with
-our bootstrap on PYTHONPATH at once; when its first message is made (the probes hold it until
-a daemon answers), start the daemon if none runs and import the analysis in a thread -> the
-live view (or a status line) until it exits -> the verdict -> exit as the training did (its code, or its
-death by the same signal). Nothing here waits on a fixed sleep: see benchmarks/bench_launch.py.
+our bootstrap on PYTHONPATH at once, and the daemon beside it if none runs (the probes hold
+their first messages until it answers); when the first message is made, import the analysis
+in a thread -> the live view (or a status line) until it exits -> the verdict -> exit as the
+training did (its code, or its death by the same signal).
+Nothing here waits on a fixed sleep: see benchmarks/bench_launch.py.
 
 Signals (docs/concepts.md, "Signals under `profilerd run`"): the training runs in our process
 group, so what the terminal sends (Ctrl-C, Ctrl-\\, Ctrl-Z, a hangup) reaches it directly.
@@ -531,9 +532,9 @@ def training_has_senders(marks: Path) -> bool:
 
 
 class Analysis:
-    """What waits for the training's first message: then the daemon is started (if none runs)
-    and the verdict's imports (pandas) and rules are loaded, in this thread at low priority, so
-    that the run's end does not wait for them. A job that never steps pays for neither."""
+    """What waits for the training's first message: then the verdict's imports (pandas) and
+    rules are loaded, in this thread at low priority, so that the run's end does not wait for
+    them. A job that never steps does not pay for them."""
 
     POLL_S = 0.02  # a listdir of a near-empty folder: microseconds
 
@@ -616,6 +617,9 @@ def _run(
             return 127 if isinstance(exc, FileNotFoundError) else 126
         relay.child = child
         handle.lease.cover(child.pid, run_id)
+        # Beside the training, not before it; now, not at its first step: should this process
+        # be killed, the daemon is there to record the training to its end.
+        handle.start()
         marks = boot / "senders"
         analysis = Analysis(marks, handle.start, load_rules)
         if live is not None:
