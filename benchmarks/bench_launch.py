@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.machine import LoadWatch, machine_info  # noqa: E402
+from benchmarks.machine import LoadWatch, isolated_env, machine_info  # noqa: E402
 
 TARGET_ADDED_EMPTY_S = 0.1
 TARGET_RATIO_EXAMPLES = 1.03
@@ -130,26 +130,20 @@ def main() -> int:
     parser.add_argument("--peers-venv", type=Path, help="a venv with gpuprof and traceml-ai installed")
     parser.add_argument("--scaling", default="1,10,100000", help="tiny-step counts for the scaling rows")
     parser.add_argument("--ranks", action="store_true", help="also torchrun with 1 and 2 ranks")
-    parser.add_argument("--only", help="run only the jobs whose name contains this")
+    parser.add_argument("--only", help="only the jobs whose name contains one of these (comma-separated)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="pd-bl-", dir="/tmp"))
     runtime = work / "run"
     runtime.mkdir(mode=0o700)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROFILERD_")}
-    env.update(
-        XDG_RUNTIME_DIR=str(runtime),
-        PROFILERD_DATA_DIR=str(work / "data"),
-        PROFILERD_HTTP_PORT="0",
-        PYTHONPATH=str(REPO),
-    )
+    env = isolated_env(work)
     scaling = [int(n) for n in args.scaling.split(",") if n]
     rows: list[dict[str, Any]] = []
     watch = LoadWatch()
     try:
         for job, cmd in jobs(work, scaling, args.ranks).items():
-            if args.only and args.only not in job:
+            if args.only and not any(part in job for part in args.only.split(",")):
                 continue
             for tool, wrap in wrappers(work, args.peers_venv).items():
                 wrapped = wrap(cmd)
