@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.machine import isolated_env  # noqa: E402
 from profilerd_probes import wire  # noqa: E402 - after the path set-up, for `python benchmarks/bench_soak.py`
 
 RANKS_PER_JOB = 8
@@ -144,14 +145,7 @@ class Daemon:
         runtime.mkdir(mode=0o700)
         config = workdir / "profilerd.toml"
         config.write_text("\n".join(["[daemon]", f"window_steps = {window_steps}", *extra_config]) + "\n")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PROFILERD_")}
-        env.update(
-            XDG_RUNTIME_DIR=str(runtime),
-            PROFILERD_DATA_DIR=str(workdir / "data"),
-            PROFILERD_HTTP_PORT="0",
-            PROFILERD_CONFIG=str(config),
-            PYTHONPATH=str(REPO),
-        )
+        env = isolated_env(workdir, PROFILERD_CONFIG=str(config))
         self.socket_path = str(runtime / "profilerd" / "ingest.sock")
         self.runs_dir = workdir / "data" / "runs"
         self.process = subprocess.Popen(

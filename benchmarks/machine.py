@@ -87,3 +87,17 @@ def pin(cpu: int | None) -> None:
             os.sched_setaffinity(0, {cpu})
         except OSError as exc:
             print(f"could not pin to CPU {cpu}: {exc}", file=sys.stderr)
+
+
+def isolated_env(workdir: Path, **extra: str) -> dict[str, str]:
+    """This environment for a profilerd of its own: runtime and data dirs under ``workdir``
+    (``workdir/run`` must exist), any free HTTP port, no PROFILERD_* setting of the caller's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROFILERD_")}
+    env.update(
+        XDG_RUNTIME_DIR=str(workdir / "run"),
+        PROFILERD_DATA_DIR=str(workdir / "data"),
+        PROFILERD_HTTP_PORT="0",
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+        **extra,
+    )
+    return env

@@ -72,6 +72,7 @@ def uninstall() -> None:
     try:
         probe.uninstall()
     finally:
+        probe.sender.finish()
         probe.sender.close()
 
 
@@ -104,6 +105,7 @@ def _flush_at_exit() -> None:
         try:
             probe.flush()
             probe.say_goodbye()
+            probe.sender.finish()  # what a daemon that is still starting has not taken yet
         except Exception as exc:
             log.debug("flush at exit failed: %r", exc)
 

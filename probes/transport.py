@@ -1,17 +1,46 @@
-"""Non-blocking datagram sender: drop and count, never block, never raise."""
+"""Non-blocking datagram sender: hold, then drop and count; never block, never raise.
+
+`profilerd run` starts the training at once and the daemon beside it, so the first records
+of a run are made before anything listens. Until the socket has answered once, the sender
+holds them (bounded) and replays them in order, hello first, as soon as it does. A process
+that ends before then waits for the daemon at exit, under `profilerd run` only (whose daemon
+is on its way, and whose verdict waits for it anyway), at most EXIT_WAIT_S. A daemon lost
+later is not waited for: records are dropped and counted.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import socket
 import time
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
+
+from profilerd_probes import wire
 
 # How often to try again after the daemon was found absent; bounds how quickly probes
 # resume after a daemon restart and how much a missing daemon costs per step.
 RECONNECT_INTERVAL_S = 0.5
+# In the first seconds, before any daemon answered, one that is starting is looked for more
+# often: the sooner it answers, the fewer records wait (a refused connect costs microseconds).
+STARTING_RECONNECT_INTERVAL_S = 0.05
+STARTING_WINDOW_S = 10.0
+# What is held while no daemon answers: a few seconds of steps at any rate (a step batch is up
+# to 32 records, ~5 KiB). Beyond it the oldest go (the run's first hello stays), counted.
+MAX_HELD_DATAGRAMS = 256
+MAX_HELD_BYTES = 2 << 20
+# Set by `profilerd run`: a folder where each process leaves a mark before its first message,
+# which is how the run knows, with no daemon yet, that the training has steps to record (and
+# starts the daemon then: a job that never steps costs no daemon start).
+RUN_DIR_ENV = "PROFILERD_RUN_DIR"
+SENDER_MARK_SUFFIX = ".sender"
+EXIT_WAIT_S = 5.0
+
+
+def _is_hello(datagram: bytes) -> bool:
+    return len(datagram) >= wire.HEADER.size and datagram[wire.HEADER.size - 1] == wire.KIND_HELLO
 
 
 class DatagramSender:
@@ -19,6 +48,8 @@ class DatagramSender:
 
     The socket is connected so that a restarted daemon (a new socket file) shows up as
     ECONNREFUSED, after which the sender reconnects at most every RECONNECT_INTERVAL_S.
+    Until a daemon first answers, datagrams are held (see MAX_HELD_*) and sent in order once
+    one does, hello first (a daemon drops steps from a process it has not heard say hello).
     Every message that cannot be sent is counted by reason in ``dropped``.
     """
 
@@ -31,12 +62,23 @@ class DatagramSender:
         self._sock: socket.socket | None = None
         self._next_attempt = 0.0
         self.reconnected = False  # set when a (re)connection succeeds; the caller resends hello
+        self._started = time.monotonic()
+        self._ever_connected = False
+        self._held: deque[tuple[bytes, int]] = deque()
+        self._held_bytes = 0
+        self._marked = False
+
+    @property
+    def held(self) -> int:
+        """How many datagrams wait for the daemon."""
+        return len(self._held)
 
     def _connect(self) -> bool:
         now = time.monotonic()
         if now < self._next_attempt:
             return False
-        self._next_attempt = now + RECONNECT_INTERVAL_S
+        starting = not self._ever_connected and now - self._started < STARTING_WINDOW_S
+        self._next_attempt = now + (STARTING_RECONNECT_INTERVAL_S if starting else RECONNECT_INTERVAL_S)
         self.connect_attempts += 1
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.setblocking(False)
@@ -46,6 +88,7 @@ class DatagramSender:
             sock.close()
             return False
         self._sock = sock
+        self._ever_connected = True
         self.reconnected = True
         return True
 
@@ -53,31 +96,93 @@ class DatagramSender:
         """Connect now if needed (rate-limited), so a hello can go out before the next message."""
         if self._sock is None:
             self._connect()
+        if self._held and self._sock is not None:
+            self._replay()
 
     def _drop(self, reason: str, records: int) -> bool:
         self.dropped[reason] += records
         self.dropped_total += records
         return False
 
-    def send(self, datagram: bytes, records: int = 1) -> bool:
-        """Send one datagram carrying ``records`` messages; drops are counted per message."""
-        if self._sock is None and not self._connect():
-            return self._drop("daemon_absent", records)
+    def _hold(self, datagram: bytes, records: int) -> bool:
+        self._held.append((datagram, records))
+        self._held_bytes += len(datagram)
+        while len(self._held) > MAX_HELD_DATAGRAMS or self._held_bytes > MAX_HELD_BYTES:
+            victim = self._held.popleft()
+            if _is_hello(victim[0]) and self._held:  # the hello goes first, whatever is dropped
+                victim, first = self._held.popleft(), victim
+                self._held.appendleft(first)
+            self._held_bytes -= len(victim[0])
+            self._drop("daemon_absent", victim[1])
+        return False
+
+    def _replay(self) -> None:
+        """Send what is held, oldest first, until done or the daemon stops taking them."""
+        while self._held and self._sock is not None:
+            datagram, records = self._held[0]
+            outcome = self._send_now(datagram, records)
+            if outcome is None:  # absent again, or busy: keep the rest, in order, for later
+                return
+            self._held.popleft()
+            self._held_bytes -= len(datagram)
+
+    def _send_now(self, datagram: bytes, records: int) -> bool | None:
+        """True sent, False dropped (counted), None not sent now (the caller may hold it)."""
         sock = self._sock
         if sock is None:
-            return False
+            return None
         try:
             sock.send(datagram)
         except BlockingIOError:
-            return self._drop("daemon_busy", records)
+            return None
         except OSError as exc:
             if exc.errno == errno.EMSGSIZE:
                 return self._drop("oversized", records)
-            absent = exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTCONN)
+            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTCONN):
+                self.close()
+                return None
             self.close()
-            return self._drop("daemon_absent" if absent else "send_error", records)
+            return self._drop("send_error", records)
         self.sent += records
         return True
+
+    def send(self, datagram: bytes, records: int = 1) -> bool:
+        """Send one datagram carrying ``records`` messages; drops are counted per message."""
+        if not self._marked:
+            self._mark()
+        if self._sock is None:
+            self._connect()
+        if self._held:
+            self._replay()
+            if self._held or self._sock is None:
+                return self._hold(datagram, records)  # behind the held ones, in order
+        outcome = self._send_now(datagram, records)
+        if outcome is not None:
+            return outcome
+        if self._sock is not None:  # connected, but its queue is full: the daemon is busy
+            return self._drop("daemon_busy", records)
+        if self._ever_connected:
+            return self._drop("daemon_absent", records)
+        return self._hold(datagram, records)
+
+    def _mark(self) -> None:
+        self._marked = True
+        run_dir = os.environ.get(RUN_DIR_ENV)
+        if run_dir:
+            mark = os.path.join(run_dir, f"{os.getpid()}{SENDER_MARK_SUFFIX}")
+            with contextlib.suppress(OSError):
+                os.close(os.open(mark, os.O_CREAT | os.O_WRONLY, 0o600))
+
+    def finish(self) -> None:
+        """At exit: send what is held if the daemon answers; under `profilerd run`, wait for its
+        daemon up to EXIT_WAIT_S first (only a run shorter than the daemon's start waits)."""
+        deadline = time.monotonic() + (EXIT_WAIT_S if os.environ.get(RUN_DIR_ENV) else 0.0)
+        while self._held:
+            self._next_attempt = 0.0
+            self.ensure_connected()
+            if not self._held or time.monotonic() >= deadline:
+                break
+            time.sleep(0.01)
 
     def close(self) -> None:
         if self._sock is not None:
@@ -86,7 +191,7 @@ class DatagramSender:
             self._sock = None
 
     def reset_after_fork(self) -> None:
-        """A forked child must not share the parent's socket or counters."""
+        """A forked child must not share the parent's socket, counters or held records."""
         self._sock = None
         self.dropped = Counter()
         self.dropped_total = 0
@@ -94,3 +199,8 @@ class DatagramSender:
         self.connect_attempts = 0
         self._next_attempt = 0.0
         self.reconnected = False
+        self._started = time.monotonic()
+        self._ever_connected = False
+        self._held = deque()
+        self._held_bytes = 0
+        self._marked = False

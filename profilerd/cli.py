@@ -18,16 +18,21 @@ import shutil
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+# Only what every command needs: `--help`, `runs`, `doctor` and the `run` wrapper must start fast,
+# so the analysis (pandas), the TUI (textual) and the exporters are imported by the commands
+# that use them (issue 17; tests/test_launch.py checks `--help`).
 from profilerd import __version__, session
-from profilerd.analysis.rules import RuleSet, load_rules
 from profilerd.config import ATTACH_RATE_HZ, DaemonConfig, load
-from profilerd.report import render_text
 from profilerd.session import DaemonHandle, UsageError, bootstrap_dir, check_output_path, wait_for_recording, write_json
 from profilerd_probes import wire
+
+if TYPE_CHECKING:
+    from profilerd.analysis.rules import RuleSet
 
 log = logging.getLogger("profilerd")
 
@@ -171,10 +176,21 @@ def _config(args: argparse.Namespace) -> DaemonConfig:
 
 
 def _rules(config: DaemonConfig) -> RuleSet:
+    from profilerd.analysis.rules import load_rules
+
     ruleset, problems = load_rules(config.rules_file)
     if problems:
         raise UsageError("invalid rules:\n  " + "\n  ".join(problems))
     return ruleset
+
+
+def _rules_loader(config: DaemonConfig) -> Callable[[], RuleSet]:
+    """For `run`: a rules file is read (and refused) before the training starts; the default
+    rules, which need the analysis (pandas), are loaded while it runs."""
+    if config.rules_file is not None:
+        ruleset = _rules(config)
+        return lambda: ruleset
+    return lambda: _rules(config)
 
 
 def _setup_logging(level: str) -> None:
@@ -233,7 +249,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not cmd:
         raise UsageError("no command to run: use `profilerd run -- python train.py`")
     config = _config(args)
-    return session.run_command(cmd, args, config, _rules(config))
+    return session.run_command(cmd, args, config, _rules_loader(config))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -243,7 +259,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     cmd = [sys.executable, "-m", "profilerd.demo.starved", "--seconds", str(args.seconds)]
-    return session.run_command(cmd, args, config, _rules(config))
+    return session.run_command(cmd, args, config, _rules_loader(config))
 
 
 # ---- report / runs / doctor ----------------------------------------------------------------
@@ -299,7 +315,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from profilerd import runs
+    from profilerd import catalog as runs  # the listing only: no pandas
 
     config = _config(args)
     if args.older_than is not None or args.keep is not None:
@@ -429,6 +445,8 @@ def cmd_attach(args: argparse.Namespace) -> int:
     if injected is not None:
         document = injected.finish(document, result)
     document = _record_attach(document, config, target, started_unix_s)
+    from profilerd.report import render_text
+
     print(render_text(document), file=sys.stderr)
     for note in document.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
@@ -477,6 +495,8 @@ def _attach_live_view(
     finally:
         live.stop()
     if live.document is not None:
+        from profilerd.report import render_text
+
         document = _record_attach(live.document, config, target, started_unix_s)
         print(render_text(document), file=sys.stderr)
         if args.json_path is not None:

@@ -136,7 +136,7 @@ class Daemon:
         cfg = self.config
         store = self.store
         if cfg.retention_days is not None:
-            from profilerd.runs import prune
+            from profilerd.catalog import prune
 
             prune(cfg.runs_dir, older_than_s=cfg.retention_days * 86400)
         if cfg.record:

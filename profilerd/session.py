@@ -1,8 +1,11 @@
 """`profilerd run` and `profilerd demo`: one training command, probed, as if profilerd were not there.
 
-The session: check the flags -> take a lease on the shared daemon (start one if none runs) ->
-start the training with our bootstrap on PYTHONPATH -> the live view (or a status line) until
-it exits -> the verdict -> exit as the training did (its code, or its death by the same signal).
+The session: check the flags -> take a lease on the shared daemon -> start the training with
+our bootstrap on PYTHONPATH at once, and the daemon beside it if none runs (the probes hold
+their first messages until it answers); when the first message is made, import the analysis
+in a thread -> the live view (or a status line) until it exits -> the verdict -> exit as the
+training did (its code, or its death by the same signal).
+Nothing here waits on a fixed sleep: see benchmarks/bench_launch.py.
 
 Signals (docs/concepts.md, "Signals under `profilerd run`"): the training runs in our process
 group, so what the terminal sends (Ctrl-C, Ctrl-\\, Ctrl-Z, a hangup) reaches it directly.
@@ -39,7 +42,7 @@ from typing import Any
 
 from profilerd.config import DaemonConfig
 from profilerd.runtime import Lease, leases_locked, read_running_daemon
-from profilerd_probes import wire
+from profilerd_probes import transport, wire
 from profilerd_probes.signals import NCCL_TIMING_ENV
 
 log = logging.getLogger("profilerd")
@@ -59,6 +62,9 @@ RELAYED_SIGNALS = frozenset(
 )
 DAEMON_START_TIMEOUT_S = 30.0
 DAEMON_LOG_NAME = "daemon-for-runs.log"
+# The daemon reads the run's messages (the last ones, the run_end) in a thread: it may
+# answer "no such run" just before it has; a run with senders is not given up on before this.
+UNKNOWN_RUN_GRACE_S = 3.0
 # A test and debugging aid: make the live view fail "start" (before it opens) or "running"
 # (from inside the app, after it has drawn), to see `run` fall back to the status line.
 LIVE_VIEW_FAULT_ENV = "PROFILERD_LIVE_VIEW_FAULT"
@@ -107,7 +113,8 @@ class SignalRelay:
 
     def _loop(self) -> None:
         while not self._done.is_set():
-            info = signal.sigtimedwait(RELAYED_SIGNALS, 0.2)
+            # The timeout bounds how long close() waits at the run's end: 20 wakeups a second.
+            info = signal.sigtimedwait(RELAYED_SIGNALS, 0.05)
             if info is not None:
                 self._handle(info.si_signo, info.si_code, info.si_pid)
 
@@ -200,7 +207,10 @@ class DaemonHandle:
     """The daemon a run talks to: this user's running daemon, or a shared one started for runs.
 
     The run holds a lease on it until close() (see :mod:`profilerd.runtime`): a daemon started
-    for runs lives until the last run that uses it has ended, however it ended.
+    for runs lives until the last run that uses it has ended, however it ended. With
+    ``wait=False`` none is started here when none runs: start() starts one (the run calls it
+    when the training's first message is made: the probes hold it until the daemon answers),
+    and serving() waits for it where its address is needed.
     """
 
     def __init__(
@@ -208,6 +218,7 @@ class DaemonHandle:
         config: DaemonConfig,
         flags: list[str] | None = None,
         cancelled: Callable[[], int | None] = lambda: None,
+        wait: bool = True,
     ) -> None:
         from profilerd.samplers.ingest import IngestError, prepare_runtime_dir
 
@@ -216,18 +227,74 @@ class DaemonHandle:
             prepare_runtime_dir(runtime_dir, any(uid != os.getuid() for uid in config.allowed_uids))
         except (OSError, IngestError) as exc:
             raise UsageError(f"cannot use runtime directory {runtime_dir}: {exc}") from exc
+        self._config, self._flags, self._cancelled = config, flags or [], cancelled
+        self.socket_path = config.socket_path
+        self.data_dir = config.data_dir
+        self.base_url = ""
+        self._error: UsageError | None = None
+        self._started = threading.Event()
+        self._starting = False
+        self._start_lock = threading.Lock()
         with leases_locked(runtime_dir, wait_s=DAEMON_START_TIMEOUT_S):
             self.lease = Lease(runtime_dir)
-            try:
-                running = read_running_daemon(runtime_dir) or _start_daemon(config, flags or [], cancelled)
-            except BaseException:
-                self.lease.release()
-                raise
+            running = read_running_daemon(runtime_dir)
+            if running is not None:
+                self._use(running, config)
+                self._starting = True
+                self._started.set()
+        if wait:
+            self.serving()
+
+    @property
+    def was_started(self) -> bool:
+        """Whether a daemon is (being) used: one ran already, or start() was called."""
+        return self._starting
+
+    def start(self) -> None:
+        """Start a daemon if none runs, without waiting for it; once only."""
+        with self._start_lock:
+            if self._starting:
+                return
+            self._starting = True
+        threading.Thread(target=self._start, name="profilerd-daemon-start", daemon=True).start()
+
+    def _start(self) -> None:
+        config = self._config
+        try:
+            # Held until the daemon serves, so that no other run starts a second one meanwhile.
+            with leases_locked(config.runtime_dir, wait_s=DAEMON_START_TIMEOUT_S):
+                running = read_running_daemon(config.runtime_dir)
+                if running is None:
+                    running = _wait_until_serving(config, _spawn_daemon(config, self._flags), self._cancelled)
+                elif Path(running.get("socket") or config.socket_path) != self.socket_path:
+                    log.warning("another daemon started meanwhile, on another socket: this run is not recorded")
+                self._use(running, config)
+        except UsageError as exc:
+            self._error = exc
+        except Interrupted:
+            self._error = UsageError("interrupted while the daemon started")
+        except OSError as exc:
+            self._error = UsageError(f"the daemon could not start: {exc}")
+        finally:
+            self._started.set()
+
+    def _use(self, running: dict[str, Any], config: DaemonConfig) -> None:
         self.base_url = f"http://{running['http_host']}:{running['http_port']}"
         self.socket_path = Path(running.get("socket") or config.socket_path)
         self.data_dir = Path(running.get("data_dir") or config.data_dir)
 
+    def serving(self, timeout: float | None = None) -> bool:
+        """Wait until the daemon serves (starting one if needed); UsageError if it could not start."""
+        self.start()
+        if not self._started.wait(timeout):
+            return False
+        if self._error is not None:
+            raise self._error
+        return True
+
     def get(self, path: str, timeout: float = 1.0) -> dict[str, Any] | None:
+        if not self._started.is_set() or self._error is not None:
+            return None
         try:
             with urllib.request.urlopen(self.base_url + path, timeout=timeout) as response:
                 return json.loads(response.read())
@@ -245,18 +312,24 @@ class DaemonHandle:
         self.lease.release()
 
 
-def _start_daemon(config: DaemonConfig, flags: list[str], cancelled: Callable[[], int | None]) -> dict[str, Any]:
-    """Start `profilerd serve --for-runs` in its own session (no terminal signals reach it) and
-    wait until it serves; the caller holds the leases lock, so no other run starts one meanwhile."""
+def _spawn_daemon(config: DaemonConfig, flags: list[str]) -> subprocess.Popen[bytes]:
+    """Start `profilerd serve --for-runs` in its own session (no terminal signals reach it)."""
     log_path = config.runtime_dir / DAEMON_LOG_NAME
     with open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as log_file:
-        process = subprocess.Popen(
+        return subprocess.Popen(
             [sys.executable, "-m", "profilerd", "serve", "--for-runs", *flags],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=log_file,
             start_new_session=True,
         )
+
+
+def _wait_until_serving(
+    config: DaemonConfig, process: subprocess.Popen[bytes], cancelled: Callable[[], int | None]
+) -> dict[str, Any]:
+    """The address of the daemon ``process`` once it serves; the caller holds the leases lock."""
+    log_path = config.runtime_dir / DAEMON_LOG_NAME
     deadline = time.monotonic() + DAEMON_START_TIMEOUT_S
     while True:
         running = read_running_daemon(config.runtime_dir)
@@ -272,7 +345,7 @@ def _start_daemon(config: DaemonConfig, flags: list[str], cancelled: Callable[[]
                 why = f"not serving after {DAEMON_START_TIMEOUT_S:.0f} s (see {log_path})"
                 process.terminate()
             raise UsageError(f"the daemon could not start: {why}")
-        time.sleep(0.02)
+        time.sleep(0.01)
 
 
 # ---- the training's environment ------------------------------------------------------------
@@ -321,6 +394,9 @@ def training_env(boot: Path, socket_path: Path, run_id: str, job: str) -> dict[s
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(boot), env.get("PYTHONPATH", "")) if p)
     env.update({"PROFILERD_SOCKET": str(socket_path), "PROFILERD_RUN_ID": run_id, "PROFILERD_JOB_ID": job})
+    marks = boot / "senders"
+    marks.mkdir(mode=0o700, exist_ok=True)
+    env[transport.RUN_DIR_ENV] = str(marks)
     # Device-side NCCL durations: the probes turn on torch's collective timing and flight
     # recorder in each rank where NCCL can run, under the name that rank's torch reads.
     env.setdefault(NCCL_TIMING_ENV, "1")
@@ -359,20 +435,25 @@ def wait_for_recording(
     config: DaemonConfig,
     timeout: float = 15.0,
     cancelled: Callable[[], int | None] = lambda: None,
+    unknown_after_s: float = 0.0,
 ) -> Path | None:
-    """Wait until the daemon has flushed and closed the run's recording."""
+    """Wait until the daemon has flushed and closed the run's recording; None once the daemon
+    still does not know the run ``unknown_after_s`` from now (its messages may be in flight)."""
     from profilerd.recording import recording_file
 
     deadline = time.monotonic() + timeout
+    unknown_deadline = time.monotonic() + unknown_after_s
+    pause = 0.002  # a short run's recording closes within milliseconds of its run_end
     while time.monotonic() < deadline and cancelled() is None:
         run = handle.get(f"/api/v1/runs/{run_id}")
         if run is None:
-            if handle.get("/healthz") is not None:
+            if time.monotonic() >= unknown_deadline and handle.get("/healthz") is not None:
                 return None  # the daemon never heard of this run: no probe ever said hello
         elif run.get("state") in ("closed", "aborted"):
             path = run.get("recording_path")
             return Path(path) if path else None
-        time.sleep(0.1)
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
     fallback = recording_file(handle.data_dir / "runs", run_id)
     return fallback if fallback.exists() else None
 
@@ -428,29 +509,80 @@ def _wait_for_child(
 ) -> int:
     if live is not None:
         _show_live_view(live, child)
+    if not show_status:
+        return child.wait()  # woken by the child's exit itself, not by a poll
     width = shutil.get_terminal_size((100, 20)).columns - 1
     try:
         while True:
             try:
                 return child.wait(timeout=0.5)
             except subprocess.TimeoutExpired:
-                if show_status:
-                    with contextlib.suppress(OSError, ValueError):
-                        sys.stderr.write("\r\x1b[2K" + _status_line(handle, job)[:width])
-                        sys.stderr.flush()
+                with contextlib.suppress(OSError, ValueError):
+                    sys.stderr.write("\r\x1b[2K" + _status_line(handle, job)[:width])
+                    sys.stderr.flush()
     finally:
-        if show_status:
-            _clear_status_line()
+        _clear_status_line()
+
+
+def training_has_senders(marks: Path) -> bool:
+    """Whether a process of the training has made a message (its probes leave a mark first)."""
+    try:
+        return any(name.endswith(transport.SENDER_MARK_SUFFIX) for name in os.listdir(marks))
+    except OSError:
+        return False
+
+
+class Analysis:
+    """What waits for the training's first message: then the verdict's imports (pandas) and
+    rules are loaded, in this thread at low priority, so that the run's end does not wait for
+    them. A job that never steps does not pay for them."""
+
+    POLL_S = 0.02  # a listdir of a near-empty folder: microseconds
+
+    def __init__(self, marks: Path, on_first_message: Callable[[], None], load_rules: Callable[[], Any]) -> None:
+        self._marks = marks
+        self._on_first_message = on_first_message
+        self._load_rules = load_rules
+        self._go = threading.Event()
+        self._result: tuple[Any, BaseException | None] = (None, None)
+        self._thread = threading.Thread(target=self._run, name="profilerd-analysis", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not training_has_senders(self._marks):
+            if self._go.wait(self.POLL_S):
+                break
+        self._on_first_message()
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # this thread only
+        try:
+            import profilerd.report
+            import profilerd.runs  # noqa: F401
+
+            self._result = (self._load_rules(), None)
+        except BaseException as exc:  # re-raised in the main thread, by ruleset()
+            self._result = (None, exc)
+
+    def ruleset(self) -> Any:
+        self._go.set()
+        self._thread.join()
+        ruleset, error = self._result
+        if error is not None:
+            raise error
+        return ruleset
 
 
 # ---- the session -----------------------------------------------------------------------------
-def run_command(cmd: list[str], args: argparse.Namespace, config: DaemonConfig, ruleset: Any) -> int:
-    """Run ``cmd`` under the probes; returns its exit code, or -N when it died by signal N."""
+def run_command(cmd: list[str], args: argparse.Namespace, config: DaemonConfig, load_rules: Callable[[], Any]) -> int:
+    """Run ``cmd`` under the probes; returns its exit code, or -N when it died by signal N.
+
+    ``load_rules`` gives the verdict's rules; it is called in a thread while the training runs.
+    """
     check_output_path(args.json_path)
     show_status = not args.no_status and sys.stderr.isatty()
     relay = SignalRelay(on_stop=_clear_status_line if show_status else lambda: None)
     try:
-        return _run(cmd, args, config, ruleset, relay, show_status)
+        return _run(cmd, args, config, load_rules, relay, show_status)
     except Interrupted as exc:
         return -exc.signum
     finally:
@@ -458,13 +590,16 @@ def run_command(cmd: list[str], args: argparse.Namespace, config: DaemonConfig, 
 
 
 def _run(
-    cmd: list[str], args: argparse.Namespace, config: DaemonConfig, ruleset: Any, relay: SignalRelay, status: bool
+    cmd: list[str],
+    args: argparse.Namespace,
+    config: DaemonConfig,
+    load_rules: Callable[[], Any],
+    relay: SignalRelay,
+    status: bool,
 ) -> int:
-    from profilerd.report import render_text
-
     run_id = run_id_for(cmd)
     job = os.environ.get("PROFILERD_JOB_ID") or scheduler_job_id(cmd) or run_id
-    handle = DaemonHandle(config, daemon_flags(args), cancelled=lambda: relay.interrupted)
+    handle = DaemonHandle(config, daemon_flags(args), cancelled=lambda: relay.interrupted, wait=False)
     boot = bootstrap_dir()
     live = None
     try:
@@ -483,20 +618,41 @@ def _run(
             return 127 if isinstance(exc, FileNotFoundError) else 126
         relay.child = child
         handle.lease.cover(child.pid, run_id)
+        # Beside the training, not before it; now, not at its first step: should this process
+        # be killed, the daemon is there to record the training to its end.
+        handle.start()
+        marks = boot / "senders"
+        analysis = Analysis(marks, handle.start, load_rules)
+        if live is not None:
+            live = _live_view_once_serving(live, handle)
         code = _wait_for_child(child, handle, job, status, live)
         relay.training_ended = True
         if live is not None:
             live.close()
             live = None
+        if not training_has_senders(marks):  # no process of the training made a message
+            return _no_steps(run_id, job, code, cmd, args.json_path)
+        try:
+            handle.serving()
+        except UsageError as exc:  # the training ran unprobed; its exit code is still the run's
+            print(f"profilerd: {exc}; no verdict", file=sys.stderr)
+            return code
         handle.send(wire.encode_json(wire.KIND_RUN_END, {"pid": os.getpid(), "run_id": run_id, "exit_code": code}))
-        recording = wait_for_recording(handle, run_id, config, cancelled=lambda: relay.interrupted)
+        recording = wait_for_recording(
+            handle, run_id, config, cancelled=lambda: relay.interrupted, unknown_after_s=UNKNOWN_RUN_GRACE_S
+        )
         if relay.interrupted is not None:  # the user wants out: no verdict
             return -relay.interrupted
-        document = _verdict(recording, ruleset, run_id, job, code, cmd)
-        if document is not None:
-            print(render_text(document), file=sys.stderr)
+        if recording is None:
+            return _no_steps(run_id, job, code, cmd, args.json_path)
+        from profilerd import runs
+        from profilerd.report import render_text
+
+        verdict = runs.analyse(runs.load(recording), analysis.ruleset())
+        document = verdict.to_json(run_id, job, recording=str(recording), exit_code=code)
+        print(render_text(document), file=sys.stderr)
         if args.json_path is not None:
-            write_json(args.json_path, document or _no_steps_document(run_id, job, code))
+            write_json(args.json_path, document)
         return code
     finally:
         if live is not None:
@@ -505,20 +661,27 @@ def _run(
         shutil.rmtree(boot, ignore_errors=True)
 
 
-def _verdict(
-    recording: Path | None, ruleset: Any, run_id: str, job: str, code: int, cmd: list[str]
-) -> dict[str, Any] | None:
-    from profilerd import runs
+def _live_view_once_serving(live: Any, handle: DaemonHandle) -> Any:
+    """The live view reads the daemon's HTTP API: it shows once the daemon serves (the training
+    is already running meanwhile); None if the daemon could not start."""
+    try:
+        handle.serving()
+    except UsageError:
+        live.close()
+        return None  # the error is told once the training has ended
+    live.base_url = handle.base_url
+    return live
 
-    if recording is None:
-        print(
-            f"profilerd: no training steps were recorded for `{' '.join(cmd)}`: "
-            "did it import torch and run a training loop?",
-            file=sys.stderr,
-        )
-        return None
-    verdict = runs.analyse(runs.load(recording), ruleset)
-    return verdict.to_json(run_id, job, recording=str(recording), exit_code=code)
+
+def _no_steps(run_id: str, job: str, code: int, cmd: list[str], json_path: Path | None) -> int:
+    print(
+        f"profilerd: no training steps were recorded for `{' '.join(cmd)}`: "
+        "did it import torch and run a training loop?",
+        file=sys.stderr,
+    )
+    if json_path is not None:
+        write_json(json_path, _no_steps_document(run_id, job, code))
+    return code
 
 
 def _no_steps_document(run_id: str, job: str, code: int) -> dict[str, Any]:

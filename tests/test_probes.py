@@ -1307,11 +1307,18 @@ def _step_datagram(seq: int) -> bytes:
     return wire.encode_step(1, 0, seq, seq, time.time(), 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0)
 
 
-def test_sender_drops_and_counts_while_the_daemon_is_absent(sock_dir):
-    sender = DatagramSender(sock_dir / "nobody.sock")
-    assert [sender.send(_step_datagram(i)) for i in range(200)] == [False] * 200
+def test_sender_drops_and_counts_once_the_daemon_it_had_is_gone(sock_dir):
+    """Records made before any daemon answered are held (tests/test_launch.py); once a daemon
+    has answered and gone, nothing waits for the next one: each record is dropped, counted."""
+    path = sock_dir / "gone.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as daemon:
+        daemon.bind(str(path))
+        sender = DatagramSender(path)
+        assert sender.send(_step_datagram(0)) is True
+    path.unlink()
+    assert [sender.send(_step_datagram(i)) for i in range(1, 201)] == [False] * 200
     assert dict(sender.dropped) == {"daemon_absent": 200}
-    assert sender.sent == 0
+    assert sender.sent == 1 and sender.held == 0
 
 
 def test_sender_never_blocks_on_a_daemon_that_does_not_read(sock_dir):
@@ -1344,7 +1351,7 @@ def test_sender_reconnects_when_the_daemon_comes_back(sock_dir):
             seq += 1
         assert sender.reconnected is True
         rx.close()
-        assert [m.seq for m in rx.steps()] == [seq]
+        assert [m.seq for m in rx.steps()] == list(range(seq + 1))  # the held ones first, in order
 
 
 def test_sender_drops_an_oversized_datagram_and_keeps_going(receiver):

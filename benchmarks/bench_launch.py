@@ -1,0 +1,205 @@
+"""What a launch costs: whole-process wall and CPU of `profilerd run -- CMD` over `CMD` (issue 17).
+
+Targets: <= 0.1 s added to an empty torch job; <= 1.03x on the 5 s examples; below every peer.
+
+Each job runs plain and wrapped in alternating pairs (the order swaps every repeat, so drift
+in the machine's load hits both sides alike); a pair's ratio is wrapped/plain of that pair and
+the figure is the median over pairs. CPU is the user+system time of the process tree that was
+waited for (os.wait4): the wrapper and the training, not the detached daemon, whose CPU is
+reported apart (it is shared by every run while it lives). Each `profilerd run` finds no
+daemon (the previous one has left, or is told to): every launch here pays a daemon start.
+
+Peers, where ``--peers-venv`` has them (pip install gpuprof==0.7.1 traceml-ai==0.5.0 into a
+venv made with --system-site-packages), each through its documented least-change integration:
+gpuprof's ``with gpuprof.profile(name):`` around the script (run by a two-line wrapper) and
+``traceml run script.py``.
+
+    python benchmarks/bench_launch.py --repeats 5 [--peers-venv /tmp/peers-venv] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.machine import LoadWatch, isolated_env, machine_info  # noqa: E402
+
+TARGET_ADDED_EMPTY_S = 0.1
+TARGET_RATIO_EXAMPLES = 1.03
+
+# N steps of a tiny model (~0.3 ms a step: the per-step cost shows) or of a ~4.5 ms one.
+STEPS_JOB = textwrap.dedent("""
+    import sys, torch
+    torch.set_num_threads(1)
+    steps, width = int(sys.argv[1]), int(sys.argv[2])
+    model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(64, width)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).sum().backward()
+        opt.step()
+""")
+GPUPROF_WRAPPER = textwrap.dedent("""
+    import runpy, sys, gpuprof
+    sys.argv = sys.argv[1:]
+    with gpuprof.profile("bench"):
+        runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+
+
+def _timed(argv: list[str], env: dict[str, str], cwd: Path) -> dict[str, float]:
+    started = time.monotonic()
+    process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert process.stderr is not None
+    errors = process.stderr.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.monotonic() - started
+    if process.returncode != 0:
+        raise RuntimeError(f"{argv} exited {process.returncode}: {errors.decode(errors='replace')[-2000:]}")
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime}
+
+
+def _wait_daemon_gone(runtime: Path, limit_s: float = 15.0) -> None:
+    """The for-runs daemon leaves ~2 s after its last run: wait, so the next launch starts one."""
+    from profilerd.runtime import read_running_daemon
+
+    deadline = time.monotonic() + limit_s
+    while read_running_daemon(runtime / "profilerd") is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def jobs(work: Path, steps_scaling: list[int], with_ranks: bool) -> dict[str, list[str]]:
+    py = sys.executable
+    empty = work / "empty.py"
+    empty.write_text("import torch\n")
+    steps = work / "steps.py"
+    steps.write_text(STEPS_JOB)
+    found = {
+        "empty torch job": [py, str(empty)],
+        "data-starved example, 5 s": [py, str(REPO / "examples/data_starved.py"), "--seconds", "5"],
+        "compute-bound example, 5 s": [py, str(REPO / "examples/compute_bound.py"), "--seconds", "5"],
+        "fast steps (1000 x ~4.5 ms)": [py, str(steps), "1000", "256"],
+    }
+    for n in steps_scaling:
+        found[f"{n:,} tiny steps"] = [py, str(steps), str(n), "8"]
+    if with_ranks:
+        for ranks in (1, 2):
+            found[f"torchrun, {ranks} rank(s), 3 s"] = [
+                py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+                str(REPO / "examples/ddp_cpu.py"), "--seconds", "3",
+            ]  # fmt: skip
+    return found
+
+
+def wrappers(work: Path, peers_venv: Path | None) -> dict[str, Any]:
+    profilerd = [sys.executable, "-m", "profilerd", "run", "--no-status", "--"]
+    found: dict[str, Any] = {"profilerd": lambda cmd: [*profilerd, *cmd]}
+    if peers_venv is None:
+        return found
+    python = str(peers_venv / "bin" / "python")
+    probe = subprocess.run([python, "-c", "import gpuprof"], capture_output=True)
+    if probe.returncode == 0:
+        wrapper = work / "gpuprof_wrap.py"
+        wrapper.write_text(GPUPROF_WRAPPER)
+        found["gpuprof 0.7.1"] = lambda cmd: [python, str(wrapper), *cmd[1:]] if cmd[1] != "-m" else None
+    traceml = peers_venv / "bin" / "traceml"
+    if traceml.exists():
+        found["traceml-ai 0.5.0"] = lambda cmd: [str(traceml), "run", *cmd[1:]] if cmd[1] != "-m" else None
+    return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="pairs per job and wrapper (median of these)")
+    parser.add_argument("--peers-venv", type=Path, help="a venv with gpuprof and traceml-ai installed")
+    parser.add_argument("--scaling", default="1,10,100000", help="tiny-step counts for the scaling rows")
+    parser.add_argument("--ranks", action="store_true", help="also torchrun with 1 and 2 ranks")
+    parser.add_argument("--only", help="only the jobs whose name contains one of these (comma-separated)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="pd-bl-", dir="/tmp"))
+    runtime = work / "run"
+    runtime.mkdir(mode=0o700)
+    env = isolated_env(work)
+    scaling = [int(n) for n in args.scaling.split(",") if n]
+    rows: list[dict[str, Any]] = []
+    watch = LoadWatch()
+    try:
+        for job, cmd in jobs(work, scaling, args.ranks).items():
+            if args.only and not any(part in job for part in args.only.split(",")):
+                continue
+            for tool, wrap in wrappers(work, args.peers_venv).items():
+                wrapped = wrap(cmd)
+                if wrapped is None:
+                    continue
+                pairs = []
+                for repeat in range(args.repeats):
+                    _wait_daemon_gone(runtime)
+                    pair_watch = LoadWatch()
+                    order = ("plain", "wrapped") if repeat % 2 == 0 else ("wrapped", "plain")
+                    pair = {side: _timed(cmd if side == "plain" else wrapped, env, work) for side in order}
+                    pair["others_cpu"] = pair_watch.others()
+                    pairs.append(pair)
+                row = summarize(job, tool, pairs)
+                rows.append(row)
+                print(format_row(row), flush=True)
+    finally:
+        _wait_daemon_gone(runtime)
+        shutil.rmtree(work, ignore_errors=True)
+    document = {"machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "repeats": args.repeats, "load": watch.result(), "rows": rows}  # fmt: skip
+    print(f"other processes used {document['load']['other_processes_cpu_ratio']:.2f} CPUs on average")
+    if args.json:
+        args.json.write_text(json.dumps(document, indent=2))
+    return 0
+
+
+def summarize(job: str, tool: str, pairs: list[dict[str, Any]]) -> dict[str, Any]:
+    def median(values: list[float]) -> float:
+        return statistics.median(values)
+
+    ratios = [p["wrapped"]["wall_s"] / p["plain"]["wall_s"] for p in pairs]
+
+    return {
+        "job": job,
+        "tool": tool,
+        "plain_wall_s": median([p["plain"]["wall_s"] for p in pairs]),
+        "wrapped_wall_s": median([p["wrapped"]["wall_s"] for p in pairs]),
+        "wall_ratio": median(ratios),
+        "wall_added_s": median([p["wrapped"]["wall_s"] - p["plain"]["wall_s"] for p in pairs]),
+        "cpu_ratio": median([p["wrapped"]["cpu_s"] / p["plain"]["cpu_s"] for p in pairs]),
+        "cpu_added_s": median([p["wrapped"]["cpu_s"] - p["plain"]["cpu_s"] for p in pairs]),
+        "ratio_range": [min(ratios), max(ratios)],
+        "others_cpu": median([p["others_cpu"] for p in pairs]),
+        "pairs": pairs,
+    }
+
+
+def format_row(row: dict[str, Any]) -> str:
+    low, high = row["ratio_range"]
+    return (
+        f"{row['job']:34} {row['tool']:17} plain {row['plain_wall_s']:6.2f} s  wrapped {row['wrapped_wall_s']:6.2f} s  "
+        f"wall {row['wall_ratio']:.3f}x ({row['wall_added_s']:+.2f} s, {low:.2f}-{high:.2f})  "
+        f"cpu {row['cpu_ratio']:.3f}x ({row['cpu_added_s']:+.2f} s)  others {row['others_cpu']:.2f} CPU"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""`profilerd run` starts the training at once (issue 17): no step is lost to a daemon that is
+still starting, what the probes hold for it is bounded and never blocks, and the CLI starts
+without the analysis, the TUI or the exporters. Timings are in benchmarks/bench_launch.py."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from profilerd_probes import transport, wire
+from profilerd_probes.transport import MAX_HELD_DATAGRAMS, DatagramSender
+from tests.conftest import REPO, run_cli
+
+# N optimizer steps of a tiny model, the first at once: nothing waits for a daemon.
+STEPS = textwrap.dedent("""
+    import sys, torch
+    model = torch.nn.Linear(8, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(int(sys.argv[1])):
+        opt.zero_grad()
+        model(torch.randn(4, 8)).sum().backward()
+        opt.step()
+""")
+
+
+def _recorded_steps(recording: Path) -> list[int]:
+    with sqlite3.connect(recording) as db:
+        return [row[0] for row in db.execute("SELECT step FROM steps ORDER BY step")]
+
+
+@pytest.mark.parametrize("steps", [3, 200])
+def test_a_run_with_no_daemon_records_every_step_from_the_first(profilerd_env, short_tmp, steps):
+    """No daemon runs: `run` starts one beside the training, and the probes hold what they
+    make until it answers. 3 steps end before it can (the process waits for it at exit);
+    200 outlast its start."""
+    script = short_tmp / "train.py"
+    script.write_text(STEPS)
+    out = short_tmp / "verdict.json"
+    result = run_cli("run", "--no-status", "--json", str(out), "--", sys.executable, str(script), str(steps),
+                     env=profilerd_env)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    document = json.loads(out.read_text())  # the verdict leaves warm-up steps out; the recording has all
+    assert _recorded_steps(Path(document["recording"])) == list(range(1, steps + 1))
+
+
+def _step(seq: int) -> bytes:
+    return wire.encode_step(1, 0, seq, seq, time.time(), 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0)
+
+
+def _hello() -> bytes:
+    return wire.encode_json(wire.KIND_HELLO, {"pid": 1, "job": "j"})
+
+
+def test_a_probe_with_no_daemon_holds_a_bound_drops_the_oldest_and_never_blocks(short_tmp):
+    sender = DatagramSender(short_tmp / "nobody.sock")
+    sender.send(_hello())
+    extra = 300
+    started = time.monotonic()
+    results = [sender.send(_step(i)) for i in range(MAX_HELD_DATAGRAMS + extra)]
+    assert not any(results)
+    assert sender.held == MAX_HELD_DATAGRAMS
+    # The hello and the newest steps are kept; each dropped step is counted.
+    assert dict(sender.dropped) == {"daemon_absent": extra + 1}
+    assert sender.connect_attempts <= (time.monotonic() - started) / transport.STARTING_RECONNECT_INTERVAL_S + 2
+
+
+def test_held_records_go_out_in_order_hello_first_once_the_daemon_answers(short_tmp):
+    import socket
+
+    path = short_tmp / "late.sock"
+    sender = DatagramSender(path)
+    sender.send(_hello())
+    for seq in range(1, 6):
+        sender.send(_step(seq))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as daemon:
+        daemon.bind(str(path))
+        deadline = time.monotonic() + 10
+        while sender.held:  # the next message (or this) retries on the sender's clock, never blocks
+            assert time.monotonic() < deadline, "never connected"
+            time.sleep(0.01)
+            sender.ensure_connected()
+        assert sender.send(_step(6)) is True
+        daemon.setblocking(False)
+        received = []
+        while True:
+            try:
+                received.append(wire.decode(daemon.recv(wire.MAX_DATAGRAM_BYTES)))
+            except BlockingIOError:
+                break
+    assert isinstance(received[0], wire.JsonMessage) and received[0].kind == "hello"
+    assert [m.seq for m in received[1:]] == [1, 2, 3, 4, 5, 6]
+    assert sender.held == 0 and sender.dropped_total == 0
+
+
+def test_a_job_that_never_steps_ends_without_waiting_for_the_daemon(profilerd_env):
+    """`python -c "import torch"` under run: nothing to record, no verdict to wait for."""
+    result = run_cli("run", "--no-status", "--", sys.executable, "-c", "import torch", env=profilerd_env)
+    assert result.returncode == 0, result.stderr
+    assert "no training steps were recorded" in result.stderr
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["runs"], ["doctor"]])
+def test_the_cli_starts_without_pandas_textual_or_prometheus_client(profilerd_env, argv):
+    probe = textwrap.dedent(f"""
+        import sys
+        from profilerd.cli import main
+        try:
+            main({argv!r})
+        except SystemExit:
+            pass
+        heavy = sorted({{"pandas", "textual", "prometheus_client", "numpy"}} & set(sys.modules))
+        print("HEAVY", heavy, file=sys.stderr)
+    """)
+    result = subprocess.run(
+        [sys.executable, "-c", probe], env=profilerd_env, cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert "HEAVY []" in result.stderr, result.stderr
