@@ -5,7 +5,9 @@ of a run are made before anything listens. Until the socket has answered once, t
 holds them (bounded) and replays them in order, hello first, as soon as it does. A process
 that ends before then waits for the daemon at exit, under `profilerd run` only (whose daemon
 is on its way, and whose verdict waits for it anyway), at most EXIT_WAIT_S. A daemon lost
-later is not waited for: records are dropped and counted.
+later is not waited for: records are dropped and counted. A daemon that is only busy (its
+socket's queue full) gets the same bounded holding: the held datagrams go first with the next
+send, and at exit.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ STARTING_WINDOW_S = 10.0
 # What is held while no daemon answers: a few seconds of steps at any rate (a step batch is up
 # to 32 records, ~5 KiB). Beyond it the oldest go (the run's first hello stays), counted.
 MAX_HELD_DATAGRAMS = 256
+# At exit outside `profilerd run`, how long held datagrams may wait for a busy daemon's queue.
+BUSY_EXIT_WAIT_S = 0.2
 MAX_HELD_BYTES = 2 << 20
 # Set by `profilerd run`: a folder where each process leaves a mark before its first message,
 # which is how the run knows, with no daemon yet, that the training has steps to record (and
@@ -104,7 +108,8 @@ class DatagramSender:
         self.dropped_total += records
         return False
 
-    def _hold(self, datagram: bytes, records: int) -> bool:
+    def _hold(self, datagram: bytes, records: int, reason: str = "daemon_absent") -> bool:
+        """Keep a datagram to send later, in order; beyond the bound the oldest go, counted."""
         self._held.append((datagram, records))
         self._held_bytes += len(datagram)
         while len(self._held) > MAX_HELD_DATAGRAMS or self._held_bytes > MAX_HELD_BYTES:
@@ -113,7 +118,7 @@ class DatagramSender:
                 victim, first = self._held.popleft(), victim
                 self._held.appendleft(first)
             self._held_bytes -= len(victim[0])
-            self._drop("daemon_absent", victim[1])
+            self._drop(reason, victim[1])
         return False
 
     def _replay(self) -> None:
@@ -154,13 +159,15 @@ class DatagramSender:
             self._connect()
         if self._held:
             self._replay()
-            if self._held or self._sock is None:
-                return self._hold(datagram, records)  # behind the held ones, in order
+            if self._held or self._sock is None:  # behind the held ones, in order
+                return self._hold(datagram, records, "daemon_busy" if self._sock is not None else "daemon_absent")
         outcome = self._send_now(datagram, records)
         if outcome is not None:
             return outcome
-        if self._sock is not None:  # connected, but its queue is full: the daemon is busy
-            return self._drop("daemon_busy", records)
+        if self._sock is not None:
+            # Connected, but the socket's queue is full (a busy daemon, a burst from many
+            # processes: AF_UNIX queues hold only ~10 datagrams): held, sent with the next one.
+            return self._hold(datagram, records, "daemon_busy")
         if self._ever_connected:
             return self._drop("daemon_absent", records)
         return self._hold(datagram, records)
@@ -176,7 +183,9 @@ class DatagramSender:
     def finish(self) -> None:
         """At exit: send what is held if the daemon answers; under `profilerd run`, wait for its
         daemon up to EXIT_WAIT_S first (only a run shorter than the daemon's start waits)."""
-        deadline = time.monotonic() + (EXIT_WAIT_S if os.environ.get(RUN_DIR_ENV) else 0.0)
+        # A connected daemon that is only busy drains its queue in milliseconds.
+        wait_s = EXIT_WAIT_S if os.environ.get(RUN_DIR_ENV) else BUSY_EXIT_WAIT_S if self._sock is not None else 0.0
+        deadline = time.monotonic() + wait_s
         while self._held:
             self._next_attempt = 0.0
             self.ensure_connected()
