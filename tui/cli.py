@@ -96,14 +96,14 @@ def run_tui(args: argparse.Namespace, config: DaemonConfig) -> int:
     except TuiUsageError as exc:
         print(f"profilerd: error: {exc}", file=sys.stderr)
         return 2
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):
+        print("profilerd: error: `profilerd tui` needs a terminal (use the /api/v1 JSON or `report`)", file=sys.stderr)
+        return 2
     if isinstance(source, DaemonSource):
         problem = daemon_problem(source, config, args.url)
         if problem:
             print(f"profilerd: error: {problem}", file=sys.stderr)
             return 1
-    if not (sys.stdin.isatty() and sys.stderr.isatty()):
-        print("profilerd: error: `profilerd tui` needs a terminal (use the /api/v1 JSON or `report`)", file=sys.stderr)
-        return 2
     app = make_app(source, refresh_s=args.refresh, theme=THEMES[args.theme])
     app.run()
     return app.return_code or 0
