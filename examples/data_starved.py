@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 class DecodeOnTheFly(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """Every item is 'read' (latency) then 'decoded' and augmented (a little CPU work)."""
 
-    def __init__(self, size: int, sleep_s: float, cpu_s: float) -> None:
+    def __init__(self, size: int, sleep_s: float = 0.003, cpu_s: float = 0.0) -> None:
         self.size = size
         self.sleep_s = sleep_s
         self.cpu_s = cpu_s

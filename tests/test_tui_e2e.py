@@ -140,7 +140,7 @@ def test_attach_shows_the_live_view_in_tmux(profilerd_env: dict[str, str], short
         time.sleep(1.5)
         command = f"{sys.executable} -m profilerd attach {target.pid}; echo EXIT=$?; sleep 60"
         tmux("new-session", "-d", "-s", "pd", "-x", "100", "-y", "30", "-c", str(REPO), command)
-        screen = tmux.wait_for(f"attach pid {target.pid}", "DATA-BOUND", "data wait")
+        screen = tmux.wait_for(f"attach pid {target.pid}", "DATA-BOUND", "waiting for batches")
         assert "layer L" in screen
         tmux("send-keys", "-t", "pd", "q")
         final = tmux.wait_for("EXIT=0", timeout=30)
