@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import itertools
 import logging
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from profilerd_probes import core, paths
 from profilerd_probes.transport import DatagramSender
@@ -46,6 +48,9 @@ def install(socket_path: str | os.PathLike[str] | None = None) -> bool:
         probe = core.StepProbe(sender)
         core.set_active(probe)
         probe.install()
+        # os._exit() skips atexit: what is batched is sent first (multiprocessing children,
+        # and programs that leave that way, keep their last steps). Undone by uninstall.
+        probe._patch(os, "_exit", _flushing_exit(os._exit))
     except Exception as exc:  # never let profiling break the training script
         core.disable(exc)
         return False
@@ -108,6 +113,15 @@ def _flush_at_exit() -> None:
             probe.sender.finish()  # what a daemon that is still starting has not taken yet
         except Exception as exc:
             log.debug("flush at exit failed: %r", exc)
+
+
+def _flushing_exit(original: Any) -> Any:
+    @functools.wraps(original)
+    def _exit(*args: Any, **kwargs: Any) -> Any:
+        _flush_at_exit()
+        return original(*args, **kwargs)
+
+    return _exit
 
 
 def _after_fork_in_child() -> None:

@@ -254,6 +254,7 @@ class StepProbe:
         self._mark_comm = 0.0
         self._loader_config: dict[str, Any] = {}
         self._noted_iterator: weakref.ref[Any] | None = None
+        self._stepped_ids: set[int] = set()  # optimizers (by id: no reference) that stepped
         self._optimizers: weakref.WeakSet[Any] = weakref.WeakSet()
         self._last_optimizer_id = 0  # an id, not a reference: nothing outlives the user's objects
         self._autocast: dict[str, Any] = {}
@@ -652,6 +653,15 @@ class StepProbe:
             self._reopen()  # an optimizer created before install: the backward was not the end
         elif ended is not None and id(optimizer) in ended.optimizers:
             self._new_iteration(now)  # the same optimizer again: a new iteration
+        elif (
+            ended is not None
+            and id(optimizer) not in self._stepped_ids
+            and self.optimizer_steps > len(ended.optimizers)
+        ):
+            # A new optimizer after steps of others (the next trial of a sweep), not a second
+            # optimizer of the loop's first iteration (a GAN's): a new iteration.
+            self._new_iteration(now)
+        self._stepped_ids.add(id(optimizer))
         self.optimizer_exists = True
         step = self.current
         if step.start is None:

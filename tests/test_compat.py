@@ -437,7 +437,23 @@ def program_stderr(stderr: str) -> list[str]:
         if line.startswith(REPORT_HEADER):
             lines = lines[:index]
             break
-    return [line for line in lines if not line.startswith("profilerd:")]
+    return _without_probe_frames([line for line in lines if not line.startswith("profilerd:")])
+
+
+def _without_probe_frames(lines: list[str]) -> list[str]:
+    """A traceback's frames of the probes' wrappers (the documented limit of docs/concepts.md:
+    one Python frame per wrapped call), with their source and marker lines, left out."""
+    kept: list[str] = []
+    skipping = False
+    for line in lines:
+        if line.startswith("  File ") and f"{os.sep}profilerd_probes{os.sep}" in line:
+            skipping = True
+            continue
+        if skipping and line.startswith("    "):
+            continue  # the frame's source line and its ^^^ marker
+        skipping = False
+        kept.append(line)
+    return kept
 
 
 def _normalised(lines: list[str]) -> collections.Counter[str]:
