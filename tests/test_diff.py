@@ -242,7 +242,7 @@ def test_more_workers_for_the_data_starved_example(
         assert result.returncode == 0, result.stderr
         return json.loads(path.read_text())
 
-    before = run("5")  # a little longer: under load the slower steps still give enough evidence
+    before = run("7")  # long enough for a confidence interval of several blocks, even under load
     assert before["primary"] == "data", before["summary"]
     [rec] = [r for r in before["recommendations"] if r["id"] == "dataloader.num_workers"]
     workers = max(2, int(rec["title"].rsplit(" ", 1)[-1]))  # "Raise DataLoader num_workers from 0 to N"

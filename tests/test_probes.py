@@ -1407,12 +1407,15 @@ def test_grad_norm_is_sampled_at_most_every_interval(zygote, tmp_path, receiver)
 
 
 LOSS_SCHEDULE = """
+import time
 import profilerd_probes as probes
 probes.install()
 model = make_model()
 opt = torch.optim.SGD(model.parameters(), lr=0.01)
 data = SleepyDataset(8)
 for i in range(320):
+    if i >= 200:
+        time.sleep(0.002)  # 70 NaN steps span well over one 50 ms read interval, however fast the host
     opt.zero_grad()
     loss = ((model(data.x) - data.y) ** 2).mean()
     diverged = 230 <= i < 300
