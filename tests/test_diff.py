@@ -253,7 +253,7 @@ def test_more_workers_for_the_data_starved_example(
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     speedup = document["speedup"]
-    assert speedup["step_time"] > 1.3, speedup
+    assert speedup["step_time"] > 1.2, speedup  # 2 workers on a 2-core host shared with the daemon
     assert speedup["ci95"][0] > 1.0, speedup  # measured, not just estimated: the interval excludes 1
     assert document["fractions"]["data_wait"]["delta"] < -0.2
     assert document["verdict"]["a"] == "data"
