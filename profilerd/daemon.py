@@ -23,10 +23,10 @@ from profilerd.analysis.live import LiveAnalyzer
 from profilerd.analysis.rules import RuleSet
 from profilerd.config import DaemonConfig
 from profilerd.exporters.http import DaemonHttpServer
+from profilerd.gpu import GpuBackend, open_backend
 from profilerd.recording import Recorder
 from profilerd.redaction import ArgvRedactor
 from profilerd.runtime import INFO_NAME, LOCK_NAME, leased_run_ids, leases_locked, live_leases, read_running_daemon
-from profilerd.samplers.gpu import GpuBackend, open_backend
 from profilerd.samplers.host import HostSampler, ProcessSampler
 from profilerd.samplers.ingest import Ingest, IngestError, bind_socket, prepare_runtime_dir
 from profilerd.samplers.loop import SamplerLoop

@@ -20,7 +20,7 @@ import pytest
 from profilerd.analysis.rules import load_rules
 from profilerd.config import load
 from profilerd.daemon import Daemon, DaemonError
-from profilerd.samplers.gpu import NoGpuBackend
+from profilerd.gpu import NoGpuBackend
 from profilerd_probes import wire
 
 RULES, _ = load_rules()

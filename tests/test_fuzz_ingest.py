@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from profilerd.analysis.rules import load_rules
 from profilerd.config import load
 from profilerd.daemon import Daemon
-from profilerd.samplers.gpu import NoGpuBackend
+from profilerd.gpu import NoGpuBackend
 from profilerd_probes import wire
 from tests.reliability_helpers import hello, http_get, step_batch, step_records, wait_for
 

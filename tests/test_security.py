@@ -21,9 +21,9 @@ import pytest
 from profilerd.analysis.rules import load_rules
 from profilerd.config import load
 from profilerd.daemon import Daemon, DaemonError
+from profilerd.gpu import NoGpuBackend
 from profilerd.recording import recording_file
 from profilerd.redaction import MASK, redact_argv
-from profilerd.samplers.gpu import NoGpuBackend
 from profilerd_probes import wire
 from tests.conftest import REPO
 from tests.reliability_helpers import get_json, hello, http_get, send, send_as, step_batch, wait_for

@@ -1,21 +1,19 @@
-"""GPU sampling behind one backend interface.
+"""What the daemon needs from a GPU library, and the choice of one.
 
 The daemon talks only to a ``GpuBackend``. ``NoGpuBackend`` is used when no NVIDIA driver is
-present; the NVML backend lives in ``profilerd.nvml`` (the only importer of pynvml).
+present; the NVML backend lives in ``profilerd.gpu.nvml`` (the only importer of pynvml), which
+is imported only here, late, so that a host without the bindings still runs in no-GPU mode.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Protocol
 
 from profilerd.model import GpuEvent, GpuSample
 
-log = logging.getLogger(__name__)
-
 
 class GpuBackend(Protocol):
-    """What the daemon needs from a GPU library. Implementations never raise from sample()."""
+    """A GPU library behind one interface. Implementations never raise from sample()."""
 
     name: str
 
@@ -27,6 +25,11 @@ class GpuBackend(Protocol):
     @property
     def unavailable_reason(self) -> str | None:
         """One line saying why there are no GPUs, or None."""
+        ...
+
+    @property
+    def error_count(self) -> int:
+        """Failed reads since open; answers meaning "not on this device" are not errors."""
         ...
 
     def sample(self, now_unix_s: float) -> list[GpuSample]:
@@ -44,6 +47,7 @@ class NoGpuBackend:
     """No NVIDIA GPU: every sample is empty, and the reason is said once."""
 
     name = "none"
+    error_count = 0
 
     def __init__(self, reason: str) -> None:
         self._reason = reason
@@ -74,7 +78,7 @@ def open_backend(kind: str = "auto") -> GpuBackend:
     if kind == "none":
         return NoGpuBackend("GPU sampling disabled by configuration")
     try:
-        from profilerd import nvml
+        from profilerd.gpu import nvml
     except ImportError as exc:
         return NoGpuBackend(f"NVML backend unavailable: {exc}")
     return nvml.open_backend()
