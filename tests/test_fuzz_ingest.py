@@ -50,9 +50,8 @@ def daemon(profilerd_env: dict[str, str]) -> Iterator[Daemon]:
 
 def accounted(daemon: Daemon) -> tuple[int, dict[str, int]]:
     """Messages the daemon has dealt with (accepted + dropped, inferred drops aside), and drops."""
-    with daemon.store.lock:
-        dropped = dict(daemon.store.dropped)
-        total = sum(daemon.store.received.values()) + sum(v for k, v in dropped.items() if k not in INFERRED)
+    received, dropped = daemon.store.message_counts()
+    total = sum(received.values()) + sum(v for k, v in dropped.items() if k not in INFERRED)
     return total, dropped
 
 

@@ -54,8 +54,7 @@ def make_daemon(profilerd_env: dict[str, str]) -> Iterator[DaemonFactory]:
 
 
 def counts(daemon: Daemon) -> tuple[dict[str, int], dict[str, int]]:
-    with daemon.store.lock:
-        return dict(daemon.store.received), dict(daemon.store.dropped)
+    return daemon.store.message_counts()
 
 
 def open_parents(path: Path) -> None:
