@@ -374,6 +374,41 @@ def test_the_live_verdict_keeps_the_first_nan_after_it_left_the_ring() -> None:
     assert finding.metrics["nonfinite_readings"] == 592  # every step counted once
 
 
+def test_a_live_verdict_is_recorded_when_it_changes_and_at_least_every_10_s(tmp_path: Path) -> None:
+    import sqlite3
+
+    from profilerd.analysis.live import LiveAnalyzer
+    from profilerd.recording import Recorder, recording_file
+    from profilerd.samplers.sinks import RECORD_VERDICT_EVERY_S, RecordingSink, VerdictRecord
+
+    store = live_store(500, 120.0, ranks=1)
+    records = make_steps(n=40, step_s=10.0, data=0.6, fwd=0.1, bwd=0.2, opt=0.05)
+    feed(store, records)
+    verdict = LiveAnalyzer(store, RULES).tick(max(s.end_unix_s for s in records))["job"]
+    assert verdict.primary == "data"
+    changed = replace(verdict, severity="critical" if verdict.severity != "critical" else "warning")
+    recorder = Recorder(tmp_path)
+    recorder.start()
+    now = [1000.0]
+    sink = RecordingSink(recorder, store, clock=lambda: now[0])
+    sink.verdicts([VerdictRecord("job", "run-1", verdict)])
+    now[0] += RECORD_VERDICT_EVERY_S / 2
+    sink.verdicts([VerdictRecord("job", "run-1", verdict)])  # unchanged, too soon: not again
+    sink.verdicts([VerdictRecord("job", "run-1", changed)])  # changed: at once
+    now[0] += RECORD_VERDICT_EVERY_S
+    sink.verdicts([VerdictRecord("job", "run-1", changed)])  # unchanged, but 10 s on: again
+    sink.verdicts([VerdictRecord("job", None, verdict)])  # a job without a run has no recording
+    recorder.stop()
+    conn = sqlite3.connect(recording_file(tmp_path, "run-1"))
+    rows = conn.execute("SELECT job, primary_category, severity FROM verdicts ORDER BY rowid").fetchall()
+    conn.close()
+    assert rows == [
+        ("job", "data", verdict.severity),
+        ("job", "data", changed.severity),
+        ("job", "data", changed.severity),
+    ]
+
+
 def test_a_loader_in_the_loop_waiting_on_io_may_move_to_one_worker_even_on_a_full_host() -> None:
     steps = make_steps(data=0.8, fwd=0.05, bwd=0.1, opt=0.02)
     io_bound = verdict_for(steps, cpu_count=2, host_busy_cores=2.0, trainer_cpu_cores=0.2)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -183,9 +183,10 @@ class RecordingSink:
     runs are running and whose a process is.
     """
 
-    def __init__(self, recorder: Recorder, store: Store) -> None:
+    def __init__(self, recorder: Recorder, store: Store, clock: Callable[[], float] = time.monotonic) -> None:
         self._recorder = recorder
         self._store = store
+        self._clock = clock
         self._last_verdict: dict[str, tuple[str, str, float]] = {}  # job -> primary, severity, when
 
     def session(self, session: ProbeSession, previous: ProbeSession | None) -> None:
@@ -238,7 +239,7 @@ class RecordingSink:
         if verdict.primary == "none" or record.run_id is None:
             return
         last = self._last_verdict.get(record.job)
-        now = time.monotonic()
+        now = self._clock()
         if (
             last
             and last[0] == verdict.primary
