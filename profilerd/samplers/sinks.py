@@ -224,7 +224,7 @@ class RecordingSink:
             self._recorder.gpu(run_ids, sample)
         # XID errors and lost/recovered GPUs go into every run on this node, so that the report
         # shows them on the run's timeline.
-        uuids = {sample.index: sample.uuid for sample in records.samples}
+        uuids: dict[int | None, str] = {sample.index: sample.uuid for sample in records.samples}
         for event in records.events:
             detail = {"gpu_index": event.index, "uuid": uuids.get(event.index), "detail": event.detail}
             for run_id in run_ids:
