@@ -307,23 +307,11 @@ def _init_failure_reason(exc: BaseException) -> str:
     return f"NVML initialisation failed: {exc}"
 
 
-def open_backend(
-    library_path: str | os.PathLike[str] | None = None,
-    *,
-    proc_root: str | os.PathLike[str] = "/proc",
-    watch_events: bool = True,
-    event_timeout_ms: int = 500,
-    lost_backoff_initial_s: float = 1.0,
-    lost_backoff_max_s: float = 60.0,
-    clock: Callable[[], float] = time.monotonic,
-    wall_clock: Callable[[], float] = time.time,
-) -> GpuBackend:
+def open_backend(library_path: str | os.PathLike[str] | None = None, **options: Any) -> GpuBackend:
     """Open NVML and every GPU it lists, or explain in one line why there are none.
 
     ``library_path`` (default: ``$PROFILERD_NVML_LIBRARY``, else the system library) names the
-    NVML library to load. ``proc_root`` is where host PIDs are looked up (NSpid). ``clock`` is
-    a monotonic clock used to space GPM samples; rates and lost-GPU backoff follow the
-    ``now_unix_s`` given to ``sample()``. XID events are stamped with ``wall_clock``.
+    NVML library to load; ``options`` are those of ``NvmlBackend``.
     """
     path = library_path if library_path is not None else os.environ.get(LIBRARY_ENV) or None
     path_str = os.fspath(path) if path is not None else None
@@ -334,15 +322,7 @@ def open_backend(
     except pynvml.NVMLError as exc:
         return NoGpuBackend(_init_failure_reason(exc))
     try:
-        backend = NvmlBackend(
-            proc_root=proc_root,
-            watch_events=watch_events,
-            event_timeout_ms=event_timeout_ms,
-            lost_backoff_initial_s=lost_backoff_initial_s,
-            lost_backoff_max_s=lost_backoff_max_s,
-            clock=clock,
-            wall_clock=wall_clock,
-        )
+        backend = NvmlBackend(**options)
     except pynvml.NVMLError as exc:
         _SESSION.release()
         return NoGpuBackend(f"NVML started but could not list the GPUs: {exc}")
@@ -435,27 +415,24 @@ _CLOCK_REASON_VARIANTS = _variants(
 _PROCESS_VARIANTS = _variants("nvmlDeviceGetComputeRunningProcesses_v3", "nvmlDeviceGetComputeRunningProcesses_v2")
 
 
+# nvmlValueType_t -> the member of nvmlValue_t that holds the number.
+_FIELD_VALUE_MEMBERS: dict[int, str] = {
+    pynvml.NVML_VALUE_TYPE_DOUBLE: "dVal",
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_INT: "uiVal",
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG: "ulVal",
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: "ullVal",
+    pynvml.NVML_VALUE_TYPE_SIGNED_LONG_LONG: "sllVal",
+    pynvml.NVML_VALUE_TYPE_SIGNED_INT: "siVal",
+    _const("NVML_VALUE_TYPE_UNSIGNED_SHORT", 6): "usVal",
+}
+
+
 def _field_number(value: Any) -> float | None:
     """The number inside one nvmlFieldValue_t, or None when NVML returned an error for it."""
     if value.nvmlReturn != pynvml.NVML_SUCCESS:
         return None
-    kind = value.valueType
-    union = value.value
-    if kind == pynvml.NVML_VALUE_TYPE_DOUBLE:
-        return float(union.dVal)
-    if kind == pynvml.NVML_VALUE_TYPE_UNSIGNED_INT:
-        return float(union.uiVal)
-    if kind == pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG:
-        return float(union.ulVal)
-    if kind == pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG:
-        return float(union.ullVal)
-    if kind == pynvml.NVML_VALUE_TYPE_SIGNED_LONG_LONG:
-        return float(union.sllVal)
-    if kind == pynvml.NVML_VALUE_TYPE_SIGNED_INT:
-        return float(union.siVal)
-    if kind == _const("NVML_VALUE_TYPE_UNSIGNED_SHORT", 6):
-        return float(union.usVal)
-    return None
+    member = _FIELD_VALUE_MEMBERS.get(value.valueType)
+    return None if member is None else float(getattr(value.value, member))
 
 
 def _decode_clock_reasons(mask: int) -> tuple[str, ...]:
@@ -473,6 +450,10 @@ class NvmlBackend:
     ``sample()`` never raises: a failed read leaves that field None and is counted in
     ``error_count`` (per metric in ``error_counts()``); a lost GPU is reported with
     ``lost=True``, not polled, and retried with exponential backoff.
+
+    ``proc_root`` is where host PIDs are looked up (NSpid). ``clock`` is a monotonic clock used
+    to space GPM samples; rates and lost-GPU backoff follow the ``now_unix_s`` given to
+    ``sample()``. XID events are stamped with ``wall_clock``.
     """
 
     name = "nvml"
