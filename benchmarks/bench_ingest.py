@@ -113,10 +113,11 @@ def step_datagram(pid: int, seq: int, end_unix_s: float, sender_dropped: int = 0
 # ---- (a) in-process decode + store ---------------------------------------------------------
 def _new_ingest(store: Any, recorder: Any) -> Any:
     from profilerd.samplers.ingest import Ingest
+    from profilerd.samplers.sinks import fan_out
 
     dummy = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # handle() never touches it
     dummy.close()
-    return Ingest(dummy, store, recorder, threading.Event())
+    return Ingest(dummy, store, fan_out(store, recorder), threading.Event())
 
 
 def _count_rows(path: Path) -> int:
@@ -298,6 +299,7 @@ def _bare_receiver(sock: socket.socket, stop: threading.Event, counter: list[int
 def end_to_end(duration_s: float, rate: float, receiver: str, tmp: Path, cpus: tuple, tag: str) -> dict[str, Any]:
     from profilerd.recording import Recorder
     from profilerd.samplers.ingest import Ingest, bind_socket
+    from profilerd.samplers.sinks import fan_out
     from profilerd.store import Store
 
     path = tmp / f"rt-{tag}" / "ingest.sock"
@@ -311,14 +313,14 @@ def end_to_end(duration_s: float, rate: float, receiver: str, tmp: Path, cpus: t
     if receiver == "bare recv loop":
         thread = threading.Thread(target=_bare_receiver, args=(sock, stop, bare_count, BATCH[0]), daemon=True)
     else:
-        thread = Ingest(sock, store, recorder, stop).thread
+        thread = Ingest(sock, store, fan_out(store, recorder), stop).thread
     thread.start()
 
     def accounted() -> int:
         if receiver == "bare recv loop":
             return bare_count[0] - BATCH[0]  # less the hello
-        with store.lock:
-            return store.received["step"] + sum(v for k, v in store.dropped.items() if k not in INFERRED)
+        received, dropped = store.message_counts()
+        return received.get("step", 0) + sum(v for k, v in dropped.items() if k not in INFERRED)
 
     cpu0 = time.process_time()
     watch = LoadWatch()

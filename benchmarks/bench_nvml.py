@@ -22,9 +22,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
-from profilerd import nvml  # noqa: E402
+from profilerd.gpu import nvml  # noqa: E402
 
 RATES = {"1 Hz": 1.0, "10 Hz": 0.1, "burst": 0.01}
 
@@ -46,7 +45,7 @@ def _summary(per_device_us: list[float]) -> str:
 
 
 def bench_simulated(gpu_counts: list[int], calls: int) -> None:
-    from simnvml import Scenario, build_library
+    from profilerd.gpu.simnvml import Scenario, build_library
 
     with tempfile.TemporaryDirectory(prefix="bench-nvml-") as tmp:
         library = build_library(Path(tmp) / "lib")

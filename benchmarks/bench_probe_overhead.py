@@ -56,13 +56,14 @@ CLOCKS = ("wall", "median", "cpu", "cpu_mean")
 def receiver_main(path: str, cpu: int | None) -> None:
     """Child process: bind the socket, run Ingest until stdin closes, print the store's counters."""
     from profilerd.samplers.ingest import Ingest, bind_socket
+    from profilerd.samplers.sinks import fan_out
     from profilerd.store import Store
 
     pin(cpu)
     store = Store()
     stop = threading.Event()
     sock = bind_socket(Path(path))
-    ingest = Ingest(sock, store, None, stop)
+    ingest = Ingest(sock, store, fan_out(store, None), stop)
     ingest.start()
     print("ready", flush=True)
     sys.stdin.read()

@@ -348,7 +348,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from profilerd.samplers.gpu import open_backend
+    from profilerd.gpu import open_backend
 
     backend = open_backend("auto")
     try:

@@ -2,6 +2,10 @@
 
 Config -> single-instance lock -> socket, recorder, samplers, analysis, HTTP -> wait for
 SIGTERM/SIGINT -> stop HTTP, join threads, flush the recording, close NVML -> exit code.
+
+This module only builds and runs things: every sampler (``profilerd.samplers``: ingest, host,
+GPU, live analysis, housekeeping) returns records, and one fan-out
+(``profilerd.samplers.sinks``) writes them to the store and the recording.
 """
 
 from __future__ import annotations
@@ -23,23 +27,21 @@ from profilerd.analysis.live import LiveAnalyzer
 from profilerd.analysis.rules import RuleSet
 from profilerd.config import DaemonConfig
 from profilerd.exporters.http import DaemonHttpServer
+from profilerd.gpu import GpuBackend, open_backend
 from profilerd.recording import Recorder
 from profilerd.redaction import ArgvRedactor
-from profilerd.runtime import INFO_NAME, LOCK_NAME, leased_run_ids, leases_locked, live_leases, read_running_daemon
-from profilerd.samplers.gpu import GpuBackend, open_backend
-from profilerd.samplers.host import HostSampler, ProcessSampler
+from profilerd.runtime import INFO_NAME, LOCK_NAME, leases_locked, live_leases, read_running_daemon
+from profilerd.samplers.analysis import AnalysisRounds
+from profilerd.samplers.gpu import GpuSampler
+from profilerd.samplers.host import NodeSampler
+from profilerd.samplers.housekeeping import Housekeeping
 from profilerd.samplers.ingest import Ingest, IngestError, bind_socket, prepare_runtime_dir
 from profilerd.samplers.loop import SamplerLoop
+from profilerd.samplers.sinks import fan_out
 from profilerd.store import Store
 
 log = logging.getLogger(__name__)
 
-# A run whose processes are all gone is closed after this long without a run_end message.
-ORPHAN_GRACE_S = 3.0
-# Live analysis (pandas, holding the GIL) may take at most this share of the time: with many
-# busy jobs its interval stretches, so that ingest and /metrics keep up (benchmarks/bench_soak.py:
-# with 64 ranks at 100 steps/s, 0.1 gave a scrape p99 of 44-49 ms, 0.2 of 48-56 ms).
-ANALYSIS_MAX_SHARE = 0.1
 # How long a thread may hold the GIL while another waits (CPython's default is 5 ms): short, so
 # the ingest thread drains its socket (10 datagrams deep by default) while analysis computes. In
 # the soak, 1 ms halved the drops of 5 ms (0.8% vs 1.5%) with the scrape p99 still under 50 ms.
@@ -47,9 +49,8 @@ GIL_SWITCH_INTERVAL_S = 0.001
 # The live windows are tens of thousands of long-lived objects that come and go (steps): with
 # CPython's default thresholds a full collection (~25-45 ms with 64 busy ranks, holding the GIL
 # and finding next to no garbage) ran every 2 s, in whichever thread allocated: often a scrape.
-# Full collections are left to the host sampler instead, once a minute.
+# Full collections are left to the housekeeping loop instead, once a minute.
 GC_THRESHOLDS = (700, 10, 1_000_000)
-FULL_GC_INTERVAL_S = 60.0
 # A daemon started for runs exits once no run holds a lease and no run is recording, after this
 # long: short, so that it does not outlive a script of runs by much, long enough that the next
 # run of a loop of short runs finds it still there.
@@ -77,7 +78,7 @@ class Daemon:
         self.redactor = ArgvRedactor(config.argv_safe_flags)
         self.ingest: Ingest | None = None
         self._previous_handlers: dict[int, Any] = {}
-        self._tuned = False
+        self._housekeeping = Housekeeping(self.store, config.runtime_dir)
         self._stopped = False
 
     @property
@@ -143,7 +144,7 @@ class Daemon:
             self.recorder = Recorder(
                 cfg.runs_dir,
                 on_closed=store.finish_run,
-                on_status=self._recording_status,
+                on_status=store.set_recording_paused,
                 argv_filter=None if cfg.record_full_argv else self.redactor,
             )
             try:
@@ -155,73 +156,25 @@ class Daemon:
         except (OSError, IngestError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise DaemonError(f"cannot bind the probe socket {cfg.socket_path}: {reason}") from exc
-        self.ingest = Ingest(sock, store, self.recorder, self.stop_event, cfg.allowed_uids)
+        sinks = fan_out(store, self.recorder)
+        self.ingest = Ingest(sock, store, sinks, self.stop_event, cfg.allowed_uids)
         self.ingest.start()
         if self._gpu is None:
             self._gpu = open_backend(cfg.gpu_backend)
-        store.gpu_available = self._gpu.available
-        store.gpu_unavailable_reason = self._gpu.unavailable_reason
+        store.set_gpu_backend(self._gpu.available, self._gpu.unavailable_reason)
         if not self._gpu.available:
             log.info("no-GPU mode: %s", self._gpu.unavailable_reason)
-        host = HostSampler()
-        processes = ProcessSampler(on_exit=store.mark_process_exited)
-        analyzer = LiveAnalyzer(store, self.ruleset, self.recorder)
-
-        def host_tick(now: float) -> None:
-            sample = host.sample(now)
-            store.set_host(sample)
-            samples = processes.sample(now, store.training_pids())
-            store.set_processes(samples)
-            if self.recorder is not None:
-                store.recording_rows_dropped = self.recorder.rows_dropped
-                self.recorder.host(store.running_run_ids(), sample)
-                for proc in samples:
-                    session = store.session_for(proc.pid)
-                    if session is not None:
-                        self.recorder.process(session.run_id, proc)
-            self._close_orphaned_runs()
-            if self._tuned and time.monotonic() >= next_full_gc[0]:
-                next_full_gc[0] = time.monotonic() + FULL_GC_INTERVAL_S
-                gc.collect()
-
-        next_full_gc = [time.monotonic() + FULL_GC_INTERVAL_S]
-        gpu = self._gpu
-
-        def gpu_tick(now: float) -> None:
-            samples = gpu.sample(now)
-            events = gpu.drain_events()
-            store.set_gpus(samples, events)
-            store.gpu_field_errors = int(getattr(gpu, "error_count", 0))
-            if self.recorder is not None and (samples or events):
-                run_ids = store.running_run_ids()
-                for sample in samples:
-                    self.recorder.gpu(run_ids, sample)
-                # XID errors and lost/recovered GPUs go into every run on this node, so that the
-                # report shows them on the run's timeline.
-                uuids = {sample.index: sample.uuid for sample in samples}
-                for event in events:
-                    detail = {"gpu_index": event.index, "uuid": uuids.get(event.index), "detail": event.detail}
-                    for run_id in run_ids:
-                        self.recorder.event(run_id, event.kind, detail, ts_unix_s=event.ts_unix_s)
-
-        queue: list[str] = []  # the jobs still to analyse in this round
-        round_size = [1]
-
-        def analysis_tick(now: float) -> None:
-            """One job per tick, so that no long burst of analysis holds up ingest or a scrape;
-            every job is analysed once per analysis_interval_s, or less often under load."""
-            if not queue:
-                queue.extend(sorted(store.job_names(), reverse=True))
-                round_size[0] = max(1, len(queue))
-            started = time.monotonic()
-            analyzer.tick(now, [queue.pop()] if queue else [])
-            spent = time.monotonic() - started
-            analysis.interval_s = max(cfg.analysis_interval_s / round_size[0], spent / ANALYSIS_MAX_SHARE)
-
-        analysis = SamplerLoop("analysis", cfg.analysis_interval_s, analysis_tick, store, self.stop_event)
-        loops = [SamplerLoop("host", cfg.host_interval_s, host_tick, store, self.stop_event), analysis]
-        if gpu.available:
-            loops.append(SamplerLoop("gpu", cfg.gpu_interval_s, gpu_tick, store, self.stop_event))
+        analysis = AnalysisRounds(LiveAnalyzer(store, self.ruleset), store, cfg.analysis_interval_s)
+        stop = self.stop_event
+        loops: list[SamplerLoop[Any]] = [
+            SamplerLoop("host", cfg.host_interval_s, NodeSampler(store.training_pids).sample, sinks.host, store, stop),
+            SamplerLoop("housekeeping", cfg.host_interval_s, self._housekeeping.sample, sinks.runs_ended, store, stop),
+            SamplerLoop(
+                "analysis", cfg.analysis_interval_s, analysis.sample, sinks.verdicts, store, stop, pace=analysis.pace
+            ),
+        ]
+        if self._gpu.available:
+            loops.append(SamplerLoop("gpu", cfg.gpu_interval_s, GpuSampler(self._gpu).sample, sinks.gpus, store, stop))
         for loop in loops:
             loop.start()
         self._threads.extend(loops)
@@ -254,34 +207,6 @@ class Daemon:
         with os.fdopen(fd, "w") as out:
             out.write(json.dumps(info))
         os.replace(tmp, path)
-
-    def _recording_status(self, reason: str | None) -> None:
-        with self.store.lock:
-            self.store.recording_paused_reason = reason
-
-    def _close_orphaned_runs(self) -> None:
-        """Close runs whose processes are all gone without a run_end (killed, or not under `run`)."""
-        now = time.time()
-        store = self.store
-        announced = leased_run_ids(self.config.runtime_dir)  # their `profilerd run` sends run_end
-        with store.lock:
-            candidates = []
-            for job in store.jobs.values():
-                run = store.runs.get(job.run_id)
-                if run is None or run.state != "running" or not job.ranks or job.run_id in announced:
-                    continue
-                if any(r.alive for r in job.ranks.values()):
-                    continue
-                last = max((r.last_step_unix_s for r in job.ranks.values()), default=0.0)
-                if now - max(last, job.first_seen_unix_s) > ORPHAN_GRACE_S:
-                    clean = all(r.clean_exit for r in job.ranks.values())
-                    candidates.append((job.run_id, clean))
-        for run_id, clean in candidates:
-            run = store.end_run(run_id, None if clean else -1, aborted=not clean)
-            if self.recorder is not None and run is not None:
-                self.recorder.close_run(run_id, run.final_state, run.exit_code)
-            else:
-                store.finish_run(run_id, None)
 
     # ---- stop ----------------------------------------------------------------------------
     def stop(self) -> None:
@@ -339,7 +264,7 @@ class Daemon:
         gc.collect()
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
-        self._tuned = True
+        self._housekeeping.full_collections = True
 
     def serve_until_signal(self, for_runs: bool = False) -> int:
         """Run until SIGTERM or SIGINT, then shut down cleanly; returns the exit code.

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from profilerd.samplers.gpu import GpuBackend
+from profilerd.gpu import GpuBackend
 
 
 def _describe_capabilities() -> dict[str, str]:
-    # Imported late: profilerd.nvml imports pynvml, which a no-GPU install may lack.
+    # Imported late: profilerd.gpu.nvml imports pynvml, which a no-GPU install may lack.
     try:
-        from profilerd.nvml import CAPABILITIES
+        from profilerd.gpu.nvml import CAPABILITIES
     except ImportError:
         return {}
     return CAPABILITIES
@@ -51,10 +51,9 @@ def render_doctor(backend: GpuBackend) -> str:
         lines.append("")
         lines.extend(_matrix(matrix, _describe_capabilities()))
 
-    errors = getattr(backend, "error_count", None)
-    if errors:
+    if backend.error_count:
         lines.append("")
-        lines.append(f"NVML read errors so far: {errors}")
+        lines.append(f"NVML read errors so far: {backend.error_count}")
     return "\n".join(lines)
 
 

@@ -1,7 +1,8 @@
 """The daemon's in-memory state: bounded rings of steps per rank and the latest snapshots.
 
-Samplers write, analysis reads windows and writes verdicts, exporters and the API only read.
-All access goes through one lock held for short, allocation-light sections.
+Samplers write (through ``profilerd.samplers.sinks``), analysis reads windows, exporters and
+the API only read. All access goes through one lock, private to this module, held for short,
+allocation-light sections; a reader that needs several parts at once copies them in ``read()``.
 """
 
 from __future__ import annotations
@@ -9,10 +10,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from profilerd.model import GpuEvent, GpuSample, HostSample, ProbeSession, ProcessSample, StepRecord
+
+T = TypeVar("T")
 
 # Step-time histogram buckets (seconds): from fast CPU loops to multi-second LLM steps.
 STEP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -69,7 +73,7 @@ class SamplerHealth:
 
 class Store:
     def __init__(self, window_steps: int = 500, window_s: float = 120.0, max_jobs: int = 256) -> None:
-        self.lock = threading.Lock()
+        self._lock = threading.Lock()
         self.window_steps = window_steps
         self.window_s = window_s
         self.max_jobs = max_jobs
@@ -97,7 +101,7 @@ class Store:
     # ---- ingest side -----------------------------------------------------------------
     def add_session(self, session: ProbeSession) -> bool:
         """Register a hello; False if the job table is full (the sender is then dropped)."""
-        with self.lock:
+        with self._lock:
             job = self.jobs.get(session.job)
             if job is None:
                 if len(self.jobs) >= self.max_jobs and not self._evict_finished_job():
@@ -138,7 +142,7 @@ class Store:
             del self.runs[run.run_id]
 
     def add_step(self, step: StepRecord, seq: int, sender_dropped: int) -> None:
-        with self.lock:
+        with self._lock:
             job = self.jobs.get(step.job)
             rank = job.ranks.get(step.rank) if job else None
             if rank is None:
@@ -174,7 +178,7 @@ class Store:
             self.received["step"] += 1
 
     def set_config(self, pid: int, config: dict[str, Any]) -> bool:
-        with self.lock:
+        with self._lock:
             session = self.sessions.get(pid)
             if session is None:
                 return False
@@ -187,40 +191,65 @@ class Store:
         return self.sessions.get(pid)
 
     def count_received(self, kind: str) -> None:
-        with self.lock:
+        with self._lock:
             self.received[kind] += 1
 
     def count_dropped(self, reason: str, n: int = 1) -> None:
-        with self.lock:
+        with self._lock:
             self.dropped[reason] += n
 
     def set_host(self, sample: HostSample) -> None:
-        with self.lock:
+        with self._lock:
             self.host = sample
             self.host_history.append(sample)
 
     def set_processes(self, samples: list[ProcessSample]) -> None:
-        with self.lock:
+        with self._lock:
             self.processes = {s.pid: s for s in samples}
             self.process_history.extend(samples)
 
-    def set_gpus(self, samples: list[GpuSample], events: list[GpuEvent]) -> None:
-        with self.lock:
+    def set_gpus(self, samples: list[GpuSample], events: list[GpuEvent], field_errors: int) -> None:
+        with self._lock:
+            self.gpu_field_errors = field_errors
             self.gpus = samples
             self.gpu_history.extend(samples)
             for event in events:
                 self.gpu_events.append(event)
                 self.gpu_event_counts[(event.index if event.index is not None else -1, event.kind)] += 1
 
+    def set_gpu_backend(self, available: bool, unavailable_reason: str | None) -> None:
+        with self._lock:
+            self.gpu_available = available
+            self.gpu_unavailable_reason = unavailable_reason
+
+    def set_recording_paused(self, reason: str | None) -> None:
+        with self._lock:
+            self.recording_paused_reason = reason
+
+    def set_recording_rows_dropped(self, rows: int) -> None:
+        with self._lock:
+            self.recording_rows_dropped = rows
+
+    def note_cycle(self, sampler: str, lag_s: float, duration_s: float, error: str | None) -> None:
+        """One cycle of a sampler loop: its lateness, its duration and what it failed with."""
+        with self._lock:
+            health = self.health.setdefault(sampler, SamplerHealth())
+            health.cycles_total += 1
+            health.lag_s = lag_s
+            health.last_duration_s = duration_s
+            if error is not None:
+                health.errors_total += 1
+                health.last_error = error
+
     def set_verdict(self, job: str, verdict: Any) -> None:
-        with self.lock:
+        with self._lock:
             state = self.jobs.get(job)
             if state is not None:
                 state.verdict = verdict
 
     def job_config(self, job: str) -> dict[str, Any] | None:
         """The configuration snapshot of the job's lowest rank that sent one."""
-        with self.lock:
+        with self._lock:
             state = self.jobs.get(job)
             if state is None:
                 return None
@@ -230,25 +259,25 @@ class Store:
             return None
 
     def history(self, job: str) -> tuple[list[HostSample], list[ProcessSample]]:
-        with self.lock:
+        with self._lock:
             return list(self.host_history), [p for p in self.process_history if p.job == job]
 
     def gpu_window(self) -> list[GpuSample]:
-        with self.lock:
+        with self._lock:
             return list(self.gpu_history)
 
     def job_pids(self, job: str) -> set[int]:
-        with self.lock:
+        with self._lock:
             state = self.jobs.get(job)
             return {r.session.pid for r in state.ranks.values()} if state else set()
 
     def running_run_ids(self) -> list[str]:
-        with self.lock:
+        with self._lock:
             return [run.run_id for run in self.runs.values() if run.state == "running"]
 
     # ---- run lifecycle -----------------------------------------------------------------
-    def end_run(self, run_id: str, exit_code: int | None, aborted: bool) -> RunState | None:
-        with self.lock:
+    def end_run(self, run_id: str, exit_code: int | None, aborted: bool) -> RunState:
+        with self._lock:
             run = self.runs.get(run_id)
             if run is None:
                 run = self.runs[run_id] = RunState(run_id, run_id)
@@ -265,7 +294,7 @@ class Store:
 
     def finish_run(self, run_id: str, recording_path: str | None) -> None:
         """The recording of the run is complete (or there is none)."""
-        with self.lock:
+        with self._lock:
             run = self.runs.get(run_id)
             if run is not None:
                 run.state = run.final_state
@@ -273,7 +302,7 @@ class Store:
 
     def mark_process_exited(self, pid: int, clean: bool = False) -> None:
         """A training process is gone; ``clean`` when it said goodbye at interpreter exit."""
-        with self.lock:
+        with self._lock:
             session = self.sessions.get(pid)
             if session is None:
                 return
@@ -287,25 +316,49 @@ class Store:
     def ring(self, job: str) -> dict[int, list[StepRecord]]:
         """Every step each rank's ring holds: a copy analysis can use unlocked. Analysis picks
         its window from it (``analysis.live.select_window``), as the replay does from a recording."""
-        with self.lock:
+        with self._lock:
             state = self.jobs.get(job)
             if state is None:
                 return {}
             return {rank: list(r.steps) for rank, r in state.ranks.items()}
 
     def run_of(self, job: str) -> str | None:
-        with self.lock:
+        with self._lock:
             state = self.jobs.get(job)
             return state.run_id if state else None
 
     def job_names(self) -> list[str]:
-        with self.lock:
+        with self._lock:
             return list(self.jobs)
 
     def training_pids(self) -> dict[int, ProbeSession]:
-        with self.lock:
+        with self._lock:
             return {r.session.pid: r.session for job in self.jobs.values() for r in job.ranks.values() if r.alive}
 
-    def health_for(self, name: str) -> SamplerHealth:
-        with self.lock:
-            return self.health.setdefault(name, SamplerHealth())
+    def message_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Copies of the messages received by kind and dropped by reason."""
+        with self._lock:
+            return dict(self.received), dict(self.dropped)
+
+    def orphaned_runs(self, announced: Collection[str], now_unix_s: float, grace_s: float) -> list[tuple[str, bool]]:
+        """Running runs whose processes are all gone for ``grace_s`` without a run_end, and
+        whether all of them exited cleanly; ``announced`` runs are left to their `profilerd run`."""
+        with self._lock:
+            orphans = []
+            for job in self.jobs.values():
+                run = self.runs.get(job.run_id)
+                if run is None or run.state != "running" or not job.ranks or job.run_id in announced:
+                    continue
+                if any(r.alive for r in job.ranks.values()):
+                    continue
+                last = max((r.last_step_unix_s for r in job.ranks.values()), default=0.0)
+                if now_unix_s - max(last, job.first_seen_unix_s) > grace_s:
+                    orphans.append((job.run_id, all(r.clean_exit for r in job.ranks.values())))
+            return orphans
+
+    def read(self, copy: Callable[[Store], T]) -> T:
+        """``copy(self)`` with the lock held, for a reader that needs several parts consistent
+        with each other: ``copy`` must only copy (no I/O, no other lock), and the caller
+        builds its answer from the copies after the lock is released."""
+        with self._lock:
+            return copy(self)

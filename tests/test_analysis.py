@@ -318,6 +318,12 @@ def feed(store, records: list[StepRecord]) -> None:
         store.add_step(record, seq, 0)
 
 
+def analyse_live(store, analyzer, now: float) -> None:
+    """One live-analysis tick, its verdicts written to the store as the daemon's fan-out does."""
+    for job, verdict in analyzer.tick(now).items():
+        store.set_verdict(job, verdict)
+
+
 def test_a_job_at_200_steps_per_second_gets_a_live_verdict_within_10_s() -> None:
     from profilerd.analysis.live import LiveAnalyzer
     from profilerd.config import DaemonConfig
@@ -329,7 +335,7 @@ def test_a_job_at_200_steps_per_second_gets_a_live_verdict_within_10_s() -> None
     ]
     feed(store, records)
     now = max(s.end_unix_s for s in records)
-    LiveAnalyzer(store, RULES, None).tick(now)
+    analyse_live(store, LiveAnalyzer(store, RULES), now)
     verdict = store.jobs["job"].verdict
     assert verdict.primary == "communication"
     assert verdict.features.duration_s >= RULES.min_seconds - 0.1  # the window spans 10 s, not 500 steps
@@ -343,7 +349,7 @@ def test_a_slow_job_keeps_enough_steps_in_its_live_window() -> None:
     store = live_store(500, 120.0, ranks=1)
     records = make_steps(n=40, step_s=10.0, data=0.6, fwd=0.1, bwd=0.2, opt=0.05)
     feed(store, records)
-    LiveAnalyzer(store, RULES, None).tick(max(s.end_unix_s for s in records))
+    analyse_live(store, LiveAnalyzer(store, RULES), max(s.end_unix_s for s in records))
     verdict = store.jobs["job"].verdict
     assert verdict.primary == "data"
     assert RULES.min_steps <= verdict.features.steps < 40
@@ -353,7 +359,7 @@ def test_the_live_verdict_keeps_the_first_nan_after_it_left_the_ring() -> None:
     from profilerd.analysis.live import LiveAnalyzer
 
     store = live_store(100, 120.0, ranks=1)
-    analyzer = LiveAnalyzer(store, RULES, None)
+    analyzer = LiveAnalyzer(store, RULES)
     records = [
         replace(s, loss=float("nan") if s.step >= 9 else 2.0, flags=FLAG_HAS_LOSS)
         for s in make_steps(n=600, step_s=0.01, fwd=0.3, bwd=0.4, opt=0.1)
@@ -361,11 +367,46 @@ def test_the_live_verdict_keeps_the_first_nan_after_it_left_the_ring() -> None:
     for start in range(0, 600, 50):  # a tick every 50 steps; the ring holds 100
         chunk = records[start : start + 50]
         feed(store, chunk)
-        analyzer.tick(chunk[-1].end_unix_s)
+        analyse_live(store, analyzer, chunk[-1].end_unix_s)
     verdict = store.jobs["job"].verdict
     finding = next(f for f in verdict.findings if f.rule == "algorithm.loss_nonfinite")
     assert finding.metrics["first_nonfinite_step"] == 9
     assert finding.metrics["nonfinite_readings"] == 592  # every step counted once
+
+
+def test_a_live_verdict_is_recorded_when_it_changes_and_at_least_every_10_s(tmp_path: Path) -> None:
+    import sqlite3
+
+    from profilerd.analysis.live import LiveAnalyzer
+    from profilerd.recording import Recorder, recording_file
+    from profilerd.samplers.sinks import RECORD_VERDICT_EVERY_S, RecordingSink, VerdictRecord
+
+    store = live_store(500, 120.0, ranks=1)
+    records = make_steps(n=40, step_s=10.0, data=0.6, fwd=0.1, bwd=0.2, opt=0.05)
+    feed(store, records)
+    verdict = LiveAnalyzer(store, RULES).tick(max(s.end_unix_s for s in records))["job"]
+    assert verdict.primary == "data"
+    changed = replace(verdict, severity="critical" if verdict.severity != "critical" else "warning")
+    recorder = Recorder(tmp_path)
+    recorder.start()
+    now = [1000.0]
+    sink = RecordingSink(recorder, store, clock=lambda: now[0])
+    sink.verdicts([VerdictRecord("job", "run-1", verdict)])
+    now[0] += RECORD_VERDICT_EVERY_S / 2
+    sink.verdicts([VerdictRecord("job", "run-1", verdict)])  # unchanged, too soon: not again
+    sink.verdicts([VerdictRecord("job", "run-1", changed)])  # changed: at once
+    now[0] += RECORD_VERDICT_EVERY_S
+    sink.verdicts([VerdictRecord("job", "run-1", changed)])  # unchanged, but 10 s on: again
+    sink.verdicts([VerdictRecord("job", None, verdict)])  # a job without a run has no recording
+    recorder.stop()
+    conn = sqlite3.connect(recording_file(tmp_path, "run-1"))
+    rows = conn.execute("SELECT job, primary_category, severity FROM verdicts ORDER BY rowid").fetchall()
+    conn.close()
+    assert rows == [
+        ("job", "data", verdict.severity),
+        ("job", "data", changed.severity),
+        ("job", "data", changed.severity),
+    ]
 
 
 def test_a_loader_in_the_loop_waiting_on_io_may_move_to_one_worker_even_on_a_full_host() -> None:

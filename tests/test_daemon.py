@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,8 @@ import pytest
 from profilerd.analysis.rules import load_rules
 from profilerd.config import load
 from profilerd.daemon import Daemon, DaemonError
-from profilerd.samplers.gpu import NoGpuBackend
+from profilerd.gpu import NoGpuBackend
+from profilerd.recording import recording_file
 from profilerd_probes import wire
 
 RULES, _ = load_rules()
@@ -160,6 +162,23 @@ def test_run_end_closes_the_recording(daemon: Daemon) -> None:
     conn = sqlite3.connect(path)
     assert conn.execute("SELECT COUNT(*) FROM steps").fetchone()[0] == 40
     assert dict(conn.execute("SELECT key, value FROM meta").fetchall())["state"] == "closed"
+
+
+def test_a_hello_refused_for_a_full_job_table_leaves_no_recording(profilerd_env: dict[str, str]) -> None:
+    """The store comes first in the fan-out: what it refuses never reaches the recording."""
+    config, _ = load()
+    instance = Daemon(replace(config, max_jobs=1), RULES, gpu_backend=NoGpuBackend("no GPU in tests"))
+    instance.start()
+    try:
+        send(instance, hello(run_id="run-kept", job="job-kept"), *steps(5))
+        wait_for(lambda: instance.store.message_counts()[0].get("step") == 5)
+        send(instance, hello(run_id="run-refused", job="job-refused"))
+        wait_for(lambda: instance.store.message_counts()[1].get("bad_field") == 1)
+    finally:
+        instance.stop()
+    assert "job-refused" not in instance.store.jobs
+    assert recording_file(config.runs_dir, "run-kept").exists()
+    assert not recording_file(config.runs_dir, "run-refused").exists()
 
 
 def test_a_second_daemon_refuses_clearly(daemon: Daemon) -> None:

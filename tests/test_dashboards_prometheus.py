@@ -34,8 +34,8 @@ from typing import Any
 import pytest
 import yaml
 
+from profilerd.gpu.simnvml import build_library
 from tests.conftest import EXAMPLES, REPO
-from tests.simnvml import build_library
 from tests.test_dashboards import (
     FAST_RULES,
     RULE_FILES,

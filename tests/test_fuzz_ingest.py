@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from profilerd.analysis.rules import load_rules
 from profilerd.config import load
 from profilerd.daemon import Daemon
-from profilerd.samplers.gpu import NoGpuBackend
+from profilerd.gpu import NoGpuBackend
 from profilerd_probes import wire
 from tests.reliability_helpers import hello, http_get, step_batch, step_records, wait_for
 
@@ -50,9 +50,8 @@ def daemon(profilerd_env: dict[str, str]) -> Iterator[Daemon]:
 
 def accounted(daemon: Daemon) -> tuple[int, dict[str, int]]:
     """Messages the daemon has dealt with (accepted + dropped, inferred drops aside), and drops."""
-    with daemon.store.lock:
-        dropped = dict(daemon.store.dropped)
-        total = sum(daemon.store.received.values()) + sum(v for k, v in dropped.items() if k not in INFERRED)
+    received, dropped = daemon.store.message_counts()
+    total = sum(received.values()) + sum(v for k, v in dropped.items() if k not in INFERRED)
     return total, dropped
 
 

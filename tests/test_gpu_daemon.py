@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from profilerd.gpu.simnvml import GIB, Scenario, build_library
 from profilerd_probes import wire
 from tests.conftest import run_cli
-from tests.simnvml import GIB, Scenario, build_library
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The NVML backend, its Prometheus families and `profilerd doctor`, against a simulated driver.
 
-The simulated libnvidia-ml.so.1 (tests/simnvml) is C compiled here and loaded by the real
+The simulated libnvidia-ml.so.1 (profilerd/gpu/simnvml) is C compiled here and loaded by the real
 nvidia-ml-py bindings, so struct layouts, symbol lookup (FunctionNotFound) and error codes go
 through the same code paths as on a GPU machine.
 """
@@ -21,17 +21,16 @@ import pytest
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
-from simnvml import GIB, MIB, OLDER_GPU, Scenario, SimControl, build_library, uuid_for
 
-from profilerd import nvml
 from profilerd.doctor import render_doctor
 from profilerd.exporters.gpu_metrics import (
     CLOCK_EVENT_REASONS,
     describe_gpu_metric_families,
     gpu_metric_families,
 )
+from profilerd.gpu import NoGpuBackend, nvml
+from profilerd.gpu.simnvml import GIB, MIB, OLDER_GPU, Scenario, SimControl, build_library, uuid_for
 from profilerd.model import GpuEvent, GpuProcess, GpuSample
-from profilerd.samplers.gpu import NoGpuBackend
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = 1_700_000_000.0
@@ -448,7 +447,7 @@ def test_configured_library_missing_gives_a_clear_reason(tmp_path: Path) -> None
 def test_env_knob_reaches_nvml_through_the_sampler_factory(
     sim_libs: SimLibs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from profilerd.samplers.gpu import open_backend
+    from profilerd.gpu import open_backend
 
     monkeypatch.setenv("SIMNVML_SCENARIO", str(Scenario.of(2).write(tmp_path / "s.txt")))
     monkeypatch.setenv(nvml.LIBRARY_ENV, str(sim_libs.full))
@@ -731,7 +730,7 @@ def test_only_profilerd_nvml_imports_pynvml() -> None:
             continue
         if pattern.search(path.read_text(errors="replace")):
             offenders.append(str(path.relative_to(REPO)))
-    assert offenders == ["profilerd/nvml.py"]
+    assert offenders == ["profilerd/gpu/nvml.py"]
 
 
 # ------------------------------------------------------------------------------------ real GPU

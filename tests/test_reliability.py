@@ -270,7 +270,7 @@ def test_kill_9_loses_at_most_about_the_last_second(profilerd_env: dict[str, str
 def sim_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not (shutil.which("cc") or shutil.which("gcc")):
         pytest.skip("no C compiler (cc) to build the simulated NVML library")
-    from tests.simnvml import build_library
+    from profilerd.gpu.simnvml import build_library
 
     return build_library(tmp_path_factory.mktemp("simnvml"))
 
@@ -278,7 +278,7 @@ def sim_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_a_lost_gpu_leaves_the_other_gpus_and_the_probes_working(
     profilerd_env: dict[str, str], sim_library: Path, short_tmp: Path
 ) -> None:
-    from tests.simnvml import Scenario
+    from profilerd.gpu.simnvml import Scenario
 
     # GPU 0 stops answering (NVML_ERROR_GPU_IS_LOST) after its first samples, for good.
     scenario = Scenario(gpus=[{"lost_after_calls": 150}, {}]).write(short_tmp / "scenario.txt")

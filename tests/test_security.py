@@ -21,9 +21,9 @@ import pytest
 from profilerd.analysis.rules import load_rules
 from profilerd.config import load
 from profilerd.daemon import Daemon, DaemonError
+from profilerd.gpu import NoGpuBackend
 from profilerd.recording import recording_file
 from profilerd.redaction import MASK, redact_argv
-from profilerd.samplers.gpu import NoGpuBackend
 from profilerd_probes import wire
 from tests.conftest import REPO
 from tests.reliability_helpers import get_json, hello, http_get, send, send_as, step_batch, wait_for
@@ -54,8 +54,7 @@ def make_daemon(profilerd_env: dict[str, str]) -> Iterator[DaemonFactory]:
 
 
 def counts(daemon: Daemon) -> tuple[dict[str, int], dict[str, int]]:
-    with daemon.store.lock:
-        return dict(daemon.store.received), dict(daemon.store.dropped)
+    return daemon.store.message_counts()
 
 
 def open_parents(path: Path) -> None:

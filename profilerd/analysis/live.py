@@ -1,9 +1,11 @@
-"""The live analysis loop: every tick, a verdict per job from its recent window and its history."""
+"""Live analysis: on every tick, a verdict per job from its recent window and its history.
+
+It reads the store and returns the verdicts; ``profilerd.samplers.analysis`` runs it and hands
+them to the fan-out, which writes the store and the recording.
+"""
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Iterable
 from dataclasses import asdict
 
@@ -15,10 +17,8 @@ from profilerd.analysis.history import LossHistory
 from profilerd.analysis.rules import RuleSet
 from profilerd.analysis.verdict import Verdict, VerdictTracker, diagnose
 from profilerd.model import StepRecord
-from profilerd.recording import Recorder
 from profilerd.store import Store
 
-RECORD_EVERY_S = 10.0  # a verdict is recorded when it changes, and at least this often
 # A window aims at this many steps per rank (it reacts within that many steps when the cause
 # of a bottleneck goes away); faster jobs get more, so that it still spans min_seconds.
 WINDOW_TARGET_STEPS = 500
@@ -46,12 +46,10 @@ def select_window(
 
 
 class LiveAnalyzer:
-    def __init__(self, store: Store, ruleset: RuleSet, recorder: Recorder | None) -> None:
+    def __init__(self, store: Store, ruleset: RuleSet) -> None:
         self.store = store
         self.ruleset = ruleset
-        self.recorder = recorder
         self._trackers: dict[str, VerdictTracker] = {}
-        self._recorded: dict[str, tuple[str, str, float]] = {}
         self._histories: dict[str, _JobHistory] = {}
 
     def analyse(self, job: str, now_unix_s: float) -> Verdict:
@@ -74,8 +72,8 @@ class LiveAnalyzer:
             history = self._histories[job] = _JobHistory(run_id)
         return history
 
-    def tick(self, now_unix_s: float, jobs: Iterable[str] | None = None) -> None:
-        """Update the verdict of ``jobs`` (default: every job), and forget jobs that are gone."""
+    def tick(self, now_unix_s: float, jobs: Iterable[str] | None = None) -> dict[str, Verdict]:
+        """The verdict of each of ``jobs`` (default: every job), and forget jobs that are gone."""
         live_jobs = set(self.store.job_names())
         for job in list(self._trackers):
             if job not in live_jobs:
@@ -83,29 +81,11 @@ class LiveAnalyzer:
         for job in list(self._histories):
             if job not in live_jobs:
                 del self._histories[job]
+        verdicts = {}
         for job in live_jobs if jobs is None else live_jobs.intersection(jobs):
             tracker = self._trackers.setdefault(job, VerdictTracker(self.ruleset.hysteresis_evaluations))
-            verdict = tracker.update(self.analyse(job, now_unix_s))
-            self.store.set_verdict(job, verdict)
-            self._maybe_record(job, verdict)
-
-    def _maybe_record(self, job: str, verdict: Verdict) -> None:
-        if self.recorder is None or verdict.primary == "none":
-            return
-        run_id = self.store.run_of(job)
-        if run_id is None:
-            return
-        last = self._recorded.get(job)
-        now = time.monotonic()
-        if last and last[0] == verdict.primary and last[1] == verdict.severity and now - last[2] < RECORD_EVERY_S:
-            return
-        self._recorded[job] = (verdict.primary, verdict.severity, now)
-        document = verdict.to_json(run_id, job)
-        self.recorder.add(
-            run_id,
-            "verdicts",
-            (verdict.evaluated_unix_s, job, verdict.primary, verdict.severity, json.dumps(document)),
-        )
+            verdicts[job] = tracker.update(self.analyse(job, now_unix_s))
+        return verdicts
 
 
 class _JobHistory:

@@ -20,7 +20,7 @@ from profilerd.model import GpuSample
 PREFIX = "profilerd_gpu_"
 GPU_LABELS = ("gpu", "uuid")
 
-# The clock event (throttle) reasons profilerd.nvml decodes; each is exported as a 0/1 series so
+# The clock event (throttle) reasons profilerd.gpu.nvml decodes; each is exported as a 0/1 series so
 # that a reason that clears goes to 0 instead of vanishing. A test keeps this in step with nvml.
 CLOCK_EVENT_REASONS: tuple[str, ...] = (
     "idle",

@@ -349,32 +349,29 @@ def route(server: DaemonHttpServer, path: str, query: dict[str, list[str]]) -> A
         steps = _int_param(query, "steps", 120, 0, 5000)
         return job_document(store, segments[1], steps, server.redactor)
     if segments == ["runs"]:
-        with store.lock:
-            return {"runs": [asdict(run) for run in store.runs.values()]}
+        return {"runs": store.read(lambda s: [asdict(run) for run in s.runs.values()])}
     if len(segments) == 2 and segments[0] == "runs":
-        with store.lock:
-            run = store.runs.get(segments[1])
-            if run is None:
-                raise ApiError(404, f"no run {segments[1]!r} in this daemon")
-            return asdict(run)
+        run = store.read(lambda s: asdict(s.runs[segments[1]]) if segments[1] in s.runs else None)
+        if run is None:
+            raise ApiError(404, f"no run {segments[1]!r} in this daemon")
+        return run
     if segments == ["host"]:
-        with store.lock:
-            return {"host": asdict(store.host) if store.host else None}
+        return {"host": store.read(lambda s: asdict(s.host) if s.host else None)}
     if segments == ["gpus"]:
-        with store.lock:
-            return {
-                "available": store.gpu_available,
-                "reason": store.gpu_unavailable_reason,
-                "gpus": [asdict(g) for g in store.gpus],
-                "events": [asdict(e) for e in list(store.gpu_events)[-50:]],
+        return store.read(
+            lambda s: {
+                "available": s.gpu_available,
+                "reason": s.gpu_unavailable_reason,
+                "gpus": [asdict(g) for g in s.gpus],
+                "events": [asdict(e) for e in list(s.gpu_events)[-50:]],
             }
+        )
     raise ApiError(404, f"no such API path: {API_PREFIX}{path}")
 
 
 def status_document(server: DaemonHttpServer) -> dict[str, Any]:
-    store = server.store
-    with store.lock:
-        return {
+    return server.store.read(
+        lambda store: {
             "version": __version__,
             "pid": os.getpid(),
             **server.info,
@@ -386,10 +383,11 @@ def status_document(server: DaemonHttpServer) -> dict[str, Any]:
             "messages_dropped": dict(store.dropped),
             "jobs": len(store.jobs),
         }
+    )
 
 
 def job_summary(store: Store, name: str) -> dict[str, Any]:
-    with store.lock:
+    def copy(store: Store) -> dict[str, Any]:
         job = store.jobs.get(name)
         if job is None:
             raise ApiError(404, f"no job {name!r}")
@@ -405,14 +403,16 @@ def job_summary(store: Store, name: str) -> dict[str, Any]:
             "summary": verdict.summary if verdict else "waiting for steps",
         }
 
+    return store.read(copy)
+
 
 def job_document(
     store: Store, name: str, recent_steps: int, redactor: ArgvRedactor = DEFAULT_REDACTOR
 ) -> dict[str, Any]:
     summary = job_summary(store, name)
-    with store.lock:
+
+    def copy(store: Store) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]], Any]:
         job = store.jobs[name]
-        verdict = job.verdict
         ranks = []
         for rank_id, rank in sorted(job.ranks.items()):
             recent = list(rank.steps)[-recent_steps:] if recent_steps else []
@@ -442,8 +442,11 @@ def job_document(
         pids = {r.session.pid for r in job.ranks.values()}
         processes = [asdict(p) for p in store.processes.values() if p.pid in pids]
         config = next((r.config for _, r in sorted(job.ranks.items()) if r.config), None)
+        return job.verdict, ranks, processes, config
+
+    verdict, ranks, processes, config = store.read(copy)
     document = dict(summary)
-    document["verdict"] = verdict.to_json(job.run_id, name) if verdict else None
+    document["verdict"] = verdict.to_json(summary["run_id"], name) if verdict else None
     document["rank_detail"] = ranks
     document["processes"] = processes
     document["config"] = config

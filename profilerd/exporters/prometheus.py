@@ -7,7 +7,7 @@ by hand. Labels stay low-cardinality: job and rank for training series, never pi
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -19,7 +19,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from profilerd import __version__
-from profilerd.model import CATEGORIES, SEVERITIES, HostSample, ProcessSample
+from profilerd.model import CATEGORIES, SEVERITIES, GpuSample, HostSample, ProcessSample
 from profilerd.store import STEP_BUCKETS_S, Store
 
 PHASE_LABELS = {
@@ -32,10 +32,37 @@ PHASE_LABELS = {
 }
 
 
+class _Scrape(NamedTuple):
+    """What one scrape needs of the store, copied under its lock."""
+
+    daemon: list[Metric]
+    training: list[tuple[str, list[tuple[Any, ...]], Any]]
+    host: HostSample | None
+    processes: list[ProcessSample]
+    gpus: list[GpuSample]
+    gpu_available: bool
+    events: dict[tuple[int, str], int]
+    field_errors: int
+    owners: dict[int, tuple[str, int]]
+
+    @staticmethod
+    def copy(store: Store) -> _Scrape:
+        return _Scrape(
+            list(ProfilerdCollector.daemon_metrics(store)),
+            [(job.job, _rank_copies(job.ranks), job.verdict) for job in store.jobs.values()],
+            store.host,
+            list(store.processes.values()),
+            list(store.gpus),
+            store.gpu_available,
+            dict(store.gpu_event_counts),
+            store.gpu_field_errors,
+            {pid: (s.job, s.rank) for pid, s in store.sessions.items()},
+        )
+
+
 class ProfilerdCollector(Collector):
-    def __init__(self, store: Store, recorder: Any = None) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
-        self.recorder = recorder
 
     def describe(self) -> Iterator[Metric]:
         """Every family this collector can produce, empty (for registry checks and tooling)."""
@@ -48,34 +75,27 @@ class ProfilerdCollector(Collector):
         yield from describe_gpu_metric_families()
 
     def collect(self) -> Iterator[Metric]:
-        store = self.store
-        # Copy what is needed under the lock and build the families after releasing it: ingest
-        # takes the same lock for every step, and a scrape of many ranks takes milliseconds.
-        with store.lock:
-            daemon = list(self._daemon_metrics())
-            training = [(job.job, _rank_copies(job.ranks), job.verdict) for job in store.jobs.values()]
-            host, processes = store.host, list(store.processes.values())
-            gpus = list(store.gpus)
-            gpu_available = store.gpu_available
-            events = dict(store.gpu_event_counts)
-            field_errors = store.gpu_field_errors
-            owners = {pid: (s.job, s.rank) for pid, s in store.sessions.items()}
-        yield from daemon
-        yield from _training_metrics(training)
-        yield from _host_metrics(host, processes)
+        # Copy what is needed under the store's lock and build the families after: ingest takes
+        # the same lock for every step, and a scrape of many ranks takes milliseconds.
+        scrape = self.store.read(_Scrape.copy)
+        yield from scrape.daemon
+        yield from _training_metrics(scrape.training)
+        yield from _host_metrics(scrape.host, scrape.processes)
         available = GaugeMetricFamily("profilerd_gpu_sampling_available", "1 when a GPU backend is active")
-        available.add_metric([], 1.0 if gpu_available else 0.0)
+        available.add_metric([], 1.0 if scrape.gpu_available else 0.0)
         yield available
-        if gpu_available:
+        if scrape.gpu_available:
+            field_errors = scrape.field_errors
             yield _counter("profilerd_gpu_field_errors", "NVML reads that failed (per field, per tick)", field_errors)
-        if gpus or events:
+        if scrape.gpus or scrape.events:
             from profilerd.exporters.gpu_metrics import gpu_metric_families
 
-            yield from gpu_metric_families(gpus, events)
-            yield from _rank_gpu_families(gpus, owners)
+            yield from gpu_metric_families(scrape.gpus, scrape.events)
+            yield from _rank_gpu_families(scrape.gpus, scrape.owners)
 
-    def _daemon_metrics(self) -> Iterator[Metric]:
-        store = self.store
+    @staticmethod
+    def daemon_metrics(store: Store) -> Iterator[Metric]:
+        """The daemon's own families (call with the store's lock held: see ``Store.read``)."""
         info = InfoMetricFamily("profilerd_build", "profilerd build information")
         info.add_metric([], {"version": __version__})
         yield info

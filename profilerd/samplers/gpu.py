@@ -1,80 +1,15 @@
-"""GPU sampling behind one backend interface.
-
-The daemon talks only to a ``GpuBackend``. ``NoGpuBackend`` is used when no NVIDIA driver is
-present; the NVML backend lives in ``profilerd.nvml`` (the only importer of pynvml).
-"""
+"""The GPU sampler: one read of every device through the backend, as records for the fan-out."""
 
 from __future__ import annotations
 
-import logging
-from typing import Protocol
-
-from profilerd.model import GpuEvent, GpuSample
-
-log = logging.getLogger(__name__)
+from profilerd.gpu import GpuBackend
+from profilerd.samplers.sinks import GpuRecords
 
 
-class GpuBackend(Protocol):
-    """What the daemon needs from a GPU library. Implementations never raise from sample()."""
+class GpuSampler:
+    def __init__(self, backend: GpuBackend) -> None:
+        self._backend = backend
 
-    name: str
-
-    @property
-    def available(self) -> bool:
-        """False in no-GPU mode."""
-        ...
-
-    @property
-    def unavailable_reason(self) -> str | None:
-        """One line saying why there are no GPUs, or None."""
-        ...
-
-    def sample(self, now_unix_s: float) -> list[GpuSample]:
-        """Read every device once; lost devices come back with ``lost=True``."""
-        ...
-
-    def drain_events(self) -> list[GpuEvent]:
-        """Events (XID, lost, recovered) since the last call."""
-        ...
-
-    def close(self) -> None: ...
-
-
-class NoGpuBackend:
-    """No NVIDIA GPU: every sample is empty, and the reason is said once."""
-
-    name = "none"
-
-    def __init__(self, reason: str) -> None:
-        self._reason = reason
-
-    @property
-    def available(self) -> bool:
-        return False
-
-    @property
-    def unavailable_reason(self) -> str | None:
-        return self._reason
-
-    def sample(self, now_unix_s: float) -> list[GpuSample]:
-        return []
-
-    def drain_events(self) -> list[GpuEvent]:
-        return []
-
-    def close(self) -> None:
-        return None
-
-
-def open_backend(kind: str = "auto") -> GpuBackend:
-    """The best backend available: NVML when a driver answers, otherwise no-GPU mode.
-
-    ``kind`` is "auto", "nvml" or "none" (from the config).
-    """
-    if kind == "none":
-        return NoGpuBackend("GPU sampling disabled by configuration")
-    try:
-        from profilerd import nvml
-    except ImportError as exc:
-        return NoGpuBackend(f"NVML backend unavailable: {exc}")
-    return nvml.open_backend()
+    def sample(self, now_unix_s: float) -> GpuRecords:
+        backend = self._backend
+        return GpuRecords(backend.sample(now_unix_s), backend.drain_events(), backend.error_count)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import psutil
 
 from profilerd.model import HostSample, ProbeSession, ProcessSample
+from profilerd.samplers.sinks import HostRecords
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +46,12 @@ class ProcessSampler:
     """CPU and memory of each training process and of its DataLoader worker children.
 
     psutil's cpu_percent needs the same Process object across calls, so they are cached per
-    pid; a pid that disappears is reported once as not alive and forgotten.
+    pid; a pid that disappears is reported once as not alive (which the store takes as its
+    exit) and forgotten.
     """
 
-    def __init__(self, on_exit: Callable[[int], None] | None = None) -> None:
+    def __init__(self) -> None:
         self._procs: dict[int, psutil.Process] = {}
-        self._on_exit = on_exit
 
     def _proc(self, pid: int) -> psutil.Process:
         proc = self._procs.get(pid)
@@ -110,8 +111,6 @@ class ProcessSampler:
                 )
             except (psutil.NoSuchProcess, psutil.ZombieProcess):
                 samples.append(ProcessSample(now_unix_s, pid, session.job, session.rank, False, None, None, None))
-                if self._on_exit is not None:
-                    self._on_exit(pid)
             except psutil.AccessDenied:
                 samples.append(ProcessSample(now_unix_s, pid, session.job, session.rank, True, None, None, None))
                 live.add(pid)
@@ -119,3 +118,16 @@ class ProcessSampler:
             if pid not in live:
                 del self._procs[pid]
         return samples
+
+
+class NodeSampler:
+    """The host sampler's cycle: the host, then each training process ``training_pids()`` names."""
+
+    def __init__(self, training_pids: Callable[[], dict[int, ProbeSession]]) -> None:
+        self._host = HostSampler()
+        self._processes = ProcessSampler()
+        self._training_pids = training_pids
+
+    def sample(self, now_unix_s: float) -> HostRecords:
+        host = self._host.sample(now_unix_s)
+        return HostRecords(host, self._processes.sample(now_unix_s, self._training_pids()))

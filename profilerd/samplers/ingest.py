@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from profilerd.model import ProbeSession, StepRecord
-from profilerd.recording import Recorder
+from profilerd.samplers.sinks import EndedRun, Sinks
 from profilerd.store import Store
 from profilerd_probes import wire
 
@@ -117,7 +117,7 @@ def _innermost_pid(pid: int) -> int | None:
 
 class Ingest:
     """Receives datagrams, checks who sent them, decodes them with the shared wire module, and
-    updates store and recording.
+    hands the records to the fan-out (store, then recording). The store is read to know senders.
 
     Messages are accepted from the daemon's own uid and from ``allowed_uids``.
     """
@@ -126,13 +126,13 @@ class Ingest:
         self,
         sock: socket.socket,
         store: Store,
-        recorder: Recorder | None,
+        sinks: Sinks,
         stop: threading.Event,
         allowed_uids: Iterable[int] = (),
     ) -> None:
         self.sock = sock
         self.store = store
-        self.recorder = recorder
+        self.sinks = sinks
         self._stop = stop
         self.allowed_uids = frozenset((os.getuid(), *allowed_uids))
         # kernel pid -> the pid that process claims for itself (only when they differ)
@@ -265,9 +265,7 @@ class Ingest:
             comm_ops=message.comm_ops,
             comm_bytes=message.comm_bytes,
         )
-        self.store.add_step(step, message.seq, message.sender_dropped)
-        if self.recorder is not None:
-            self.recorder.step(session.run_id, step)
+        self.sinks.step(session, step, message.seq, message.sender_dropped)
 
     def _on_hello(self, body: dict[str, Any]) -> None:
         session = ProbeSession(
@@ -282,39 +280,21 @@ class Ingest:
             started_unix_s=float(body.get("started_unix_s", 0.0)),
             probe_version=_text(body.get("probe_version", "")),
         )
-        known = self.store.session_for(session.pid)
-        if not self.store.add_session(session):
-            raise ValueError("job table full")
-        if self.recorder is not None and known != session:
-            if known is None or known.run_id != session.run_id:
-                self.recorder.start_run(
-                    session.run_id,
-                    {
-                        "job": session.job,
-                        "hostname": session.hostname,
-                        "started_unix_s": session.started_unix_s,
-                    },
-                )
-            self.recorder.session(session)
+        self.sinks.session(session, self.store.session_for(session.pid))
 
     def _on_config(self, body: dict[str, Any]) -> None:
         pid = int(body["pid"])
         session = self.store.session_for(pid)
-        if session is None or not self.store.set_config(pid, body):
+        if session is None:
             raise ValueError("config from an unknown sender")
-        if self.recorder is not None:
-            self.recorder.config(session.run_id, pid, session.rank, body)
+        self.sinks.config(session, body)
 
     def _on_event(self, body: dict[str, Any]) -> None:
         pid = int(body["pid"])
         session = self.store.session_for(pid)
         if session is None:
             raise ValueError("event from an unknown sender")
-        kind = _text(body.get("kind", "event"), 64)
-        if kind == "exit":
-            self.store.mark_process_exited(pid, clean=True)
-        if self.recorder is not None:
-            self.recorder.event(session.run_id, kind, body)
+        self.sinks.event(session, _text(body.get("kind", "event"), 64), body)
 
     def _on_run_end(self, body: dict[str, Any]) -> None:
         run_id = _text(body["run_id"])
@@ -323,10 +303,7 @@ class Ingest:
         aborted = exit_code is not None and exit_code < 0
         known = run_id in self.store.runs
         run = self.store.end_run(run_id, exit_code, aborted)
-        if self.recorder is not None and run is not None and known:
-            self.recorder.close_run(run_id, run.final_state, exit_code)
-        elif run is not None:
-            self.store.finish_run(run_id, None)
+        self.sinks.runs_ended([EndedRun(run, exit_code, recorded=known)])
 
 
 def _text(value: Any, limit: int = 512) -> str:

@@ -15,6 +15,7 @@ library, so the real bindings run unmodified.
 from __future__ import annotations
 
 import ctypes
+import enum
 import logging
 import os
 import threading
@@ -27,8 +28,8 @@ from typing import Any
 
 import pynvml
 
+from profilerd.gpu.backend import GpuBackend, NoGpuBackend
 from profilerd.model import GpuEvent, GpuProcess, GpuSample
-from profilerd.samplers.gpu import GpuBackend, NoGpuBackend
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,22 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = tuple(
 
 class _GpuLost(Exception):
     """Raised inside a device read when NVML says the GPU is lost; never leaves this module."""
+
+
+class _Miss(enum.Enum):
+    """Why an NVML call gave no value (see ``NvmlBackend._call``)."""
+
+    UNSUPPORTED = "never on this device"  # the caller caches the capability as unavailable
+    FAILED = "failed"  # counted as an error; asked again next time
+    NOTHING = "nothing to report"  # an expected answer such as NotFound (an empty MIG slot)
+
+
+def _ask(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, with NVML's GPU-lost answer turned into ``_GpuLost``."""
+    try:
+        return fn(*args)
+    except pynvml.NVMLError_GpuIsLost as exc:
+        raise _GpuLost(str(exc)) from exc
 
 
 def _text(value: object) -> str:
@@ -290,23 +307,11 @@ def _init_failure_reason(exc: BaseException) -> str:
     return f"NVML initialisation failed: {exc}"
 
 
-def open_backend(
-    library_path: str | os.PathLike[str] | None = None,
-    *,
-    proc_root: str | os.PathLike[str] = "/proc",
-    watch_events: bool = True,
-    event_timeout_ms: int = 500,
-    lost_backoff_initial_s: float = 1.0,
-    lost_backoff_max_s: float = 60.0,
-    clock: Callable[[], float] = time.monotonic,
-    wall_clock: Callable[[], float] = time.time,
-) -> GpuBackend:
+def open_backend(library_path: str | os.PathLike[str] | None = None, **options: Any) -> GpuBackend:
     """Open NVML and every GPU it lists, or explain in one line why there are none.
 
     ``library_path`` (default: ``$PROFILERD_NVML_LIBRARY``, else the system library) names the
-    NVML library to load. ``proc_root`` is where host PIDs are looked up (NSpid). ``clock`` is
-    a monotonic clock used to space GPM samples; rates and lost-GPU backoff follow the
-    ``now_unix_s`` given to ``sample()``. XID events are stamped with ``wall_clock``.
+    NVML library to load; ``options`` are those of ``NvmlBackend``.
     """
     path = library_path if library_path is not None else os.environ.get(LIBRARY_ENV) or None
     path_str = os.fspath(path) if path is not None else None
@@ -317,15 +322,7 @@ def open_backend(
     except pynvml.NVMLError as exc:
         return NoGpuBackend(_init_failure_reason(exc))
     try:
-        backend = NvmlBackend(
-            proc_root=proc_root,
-            watch_events=watch_events,
-            event_timeout_ms=event_timeout_ms,
-            lost_backoff_initial_s=lost_backoff_initial_s,
-            lost_backoff_max_s=lost_backoff_max_s,
-            clock=clock,
-            wall_clock=wall_clock,
-        )
+        backend = NvmlBackend(**options)
     except pynvml.NVMLError as exc:
         _SESSION.release()
         return NoGpuBackend(f"NVML started but could not list the GPUs: {exc}")
@@ -418,27 +415,24 @@ _CLOCK_REASON_VARIANTS = _variants(
 _PROCESS_VARIANTS = _variants("nvmlDeviceGetComputeRunningProcesses_v3", "nvmlDeviceGetComputeRunningProcesses_v2")
 
 
+# nvmlValueType_t -> the member of nvmlValue_t that holds the number.
+_FIELD_VALUE_MEMBERS: dict[int, str] = {
+    pynvml.NVML_VALUE_TYPE_DOUBLE: "dVal",
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_INT: "uiVal",
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG: "ulVal",
+    pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: "ullVal",
+    pynvml.NVML_VALUE_TYPE_SIGNED_LONG_LONG: "sllVal",
+    pynvml.NVML_VALUE_TYPE_SIGNED_INT: "siVal",
+    _const("NVML_VALUE_TYPE_UNSIGNED_SHORT", 6): "usVal",
+}
+
+
 def _field_number(value: Any) -> float | None:
     """The number inside one nvmlFieldValue_t, or None when NVML returned an error for it."""
     if value.nvmlReturn != pynvml.NVML_SUCCESS:
         return None
-    kind = value.valueType
-    union = value.value
-    if kind == pynvml.NVML_VALUE_TYPE_DOUBLE:
-        return float(union.dVal)
-    if kind == pynvml.NVML_VALUE_TYPE_UNSIGNED_INT:
-        return float(union.uiVal)
-    if kind == pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG:
-        return float(union.ulVal)
-    if kind == pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG:
-        return float(union.ullVal)
-    if kind == pynvml.NVML_VALUE_TYPE_SIGNED_LONG_LONG:
-        return float(union.sllVal)
-    if kind == pynvml.NVML_VALUE_TYPE_SIGNED_INT:
-        return float(union.siVal)
-    if kind == _const("NVML_VALUE_TYPE_UNSIGNED_SHORT", 6):
-        return float(union.usVal)
-    return None
+    member = _FIELD_VALUE_MEMBERS.get(value.valueType)
+    return None if member is None else float(getattr(value.value, member))
 
 
 def _decode_clock_reasons(mask: int) -> tuple[str, ...]:
@@ -456,6 +450,10 @@ class NvmlBackend:
     ``sample()`` never raises: a failed read leaves that field None and is counted in
     ``error_count`` (per metric in ``error_counts()``); a lost GPU is reported with
     ``lost=True``, not polled, and retried with exponential backoff.
+
+    ``proc_root`` is where host PIDs are looked up (NSpid). ``clock`` is a monotonic clock used
+    to space GPM samples; rates and lost-GPU backoff follow the ``now_unix_s`` given to
+    ``sample()``. XID events are stamped with ``wall_clock``.
     """
 
     name = "nvml"
@@ -596,12 +594,10 @@ class NvmlBackend:
         return dev
 
     def _identify(self, dev: _Device) -> None:
-        try:
-            dev.handle = pynvml.nvmlDeviceGetHandleByIndex(dev.index)
-            dev.uuid = _text(pynvml.nvmlDeviceGetUUID(dev.handle))
-            dev.name = _text(pynvml.nvmlDeviceGetName(dev.handle))
-        except pynvml.NVMLError_GpuIsLost as exc:
-            raise _GpuLost(str(exc)) from exc
+        """Handle, uuid and name; any failure but a lost GPU propagates (the device is not opened)."""
+        dev.handle = _ask(pynvml.nvmlDeviceGetHandleByIndex, dev.index)
+        dev.uuid = _text(_ask(pynvml.nvmlDeviceGetUUID, dev.handle))
+        dev.name = _text(_ask(pynvml.nvmlDeviceGetName, dev.handle))
 
     def _probe(self, dev: _Device) -> None:
         """Decide once which metrics this device supports (and read the static ones)."""
@@ -646,15 +642,7 @@ class NvmlBackend:
         """
         if fn is None:
             return False
-        try:
-            fn(*args)
-        except pynvml.NVMLError_GpuIsLost as exc:
-            raise _GpuLost(str(exc)) from exc
-        except _UNAVAILABLE:
-            return False
-        except pynvml.NVMLError as exc:
-            self._count_error(dev.index, getattr(fn, "__name__", "probe"), exc)
-        return True
+        return self._call(dev.index, getattr(fn, "__name__", "probe"), fn, *args) is not _Miss.UNSUPPORTED
 
     def _probe_variants(self, dev: _Device, cap: str, variants: Sequence[tuple[str, Callable[..., Any]]]) -> None:
         """Use the newest NVML entry point this driver has (e.g. _v2 before the original)."""
@@ -666,29 +654,14 @@ class NvmlBackend:
         dev.caps[cap] = False
 
     def _static_clock(self, dev: _Device, cap: str, clock_type: int) -> float | None:
-        try:
-            mhz = pynvml.nvmlDeviceGetMaxClockInfo(dev.handle, clock_type)
-        except pynvml.NVMLError_GpuIsLost as exc:
-            raise _GpuLost(str(exc)) from exc
-        except _UNAVAILABLE:
-            dev.caps[cap] = False
-            return None
-        except pynvml.NVMLError as exc:
-            self._count_error(dev.index, cap, exc)
-            dev.caps[cap] = False
-            return None
-        dev.caps[cap] = True
-        return float(mhz) * 1e6
+        mhz = self._call(dev.index, cap, pynvml.nvmlDeviceGetMaxClockInfo, dev.handle, clock_type)
+        dev.caps[cap] = not isinstance(mhz, _Miss)
+        return None if isinstance(mhz, _Miss) else float(mhz) * 1e6
 
     def _probe_fields(self, dev: _Device) -> None:
         ids = [fid for fields in _FIELDS_BY_CAPABILITY.values() for fid in fields]
-        try:
-            values = pynvml.nvmlDeviceGetFieldValues(dev.handle, ids)
-        except pynvml.NVMLError_GpuIsLost as exc:
-            raise _GpuLost(str(exc)) from exc
-        except pynvml.NVMLError as exc:
-            if not isinstance(exc, _UNAVAILABLE):
-                self._count_error(dev.index, "field_values", exc)
+        values = self._call(dev.index, "field_values", pynvml.nvmlDeviceGetFieldValues, dev.handle, ids)
+        if isinstance(values, _Miss):
             for cap in _FIELDS_BY_CAPABILITY:
                 dev.caps[cap] = False
             return
@@ -706,50 +679,49 @@ class NvmlBackend:
         query = getattr(pynvml, "nvmlGpmQueryDeviceSupport", None)
         if query is None:
             return False
-        try:
-            if not query(dev.handle).isSupportedDevice:
-                return False
-            older = pynvml.nvmlGpmSampleAlloc()
-            newer = pynvml.nvmlGpmSampleAlloc()
-        except pynvml.NVMLError_GpuIsLost as exc:
-            raise _GpuLost(str(exc)) from exc
-        except _UNAVAILABLE:
+        support = self._call(dev.index, "gpm", query, dev.handle)
+        if isinstance(support, _Miss) or not support.isSupportedDevice:
             return False
-        except pynvml.NVMLError as exc:
-            self._count_error(dev.index, "gpm", exc)
+        older = self._call(dev.index, "gpm", pynvml.nvmlGpmSampleAlloc)
+        if isinstance(older, _Miss):
             return False
+        newer = self._call(dev.index, "gpm", pynvml.nvmlGpmSampleAlloc)
         dev.gpm = _Gpm(older=older, newer=newer, older_taken_at=0.0)
-        try:
-            pynvml.nvmlGpmSampleGet(dev.handle, older)  # also tells us GPM works (not in MIG)
-        except pynvml.NVMLError_GpuIsLost as exc:
+        if isinstance(newer, _Miss):
+            dev.gpm.newer = None
             self._free_gpm(dev)
-            raise _GpuLost(str(exc)) from exc
-        except pynvml.NVMLError as exc:
-            if not isinstance(exc, _UNAVAILABLE):
-                self._count_error(dev.index, "gpm", exc)
+            return False
+        try:
+            # The first sample also tells us whether GPM works (it does not under MIG).
+            first = self._call(dev.index, "gpm", pynvml.nvmlGpmSampleGet, dev.handle, older)
+        except _GpuLost:
+            self._free_gpm(dev)
+            raise
+        if isinstance(first, _Miss):
             self._free_gpm(dev)
             return False
         dev.gpm.older_taken_at = self._clock()
         return True
 
     def _probe_process_utilization(self, dev: _Device) -> bool:
-        try:
-            pynvml.nvmlDeviceGetProcessUtilization(dev.handle, 0)
-        except pynvml.NVMLError_GpuIsLost as exc:
-            raise _GpuLost(str(exc)) from exc
-        except pynvml.NVMLError_NotFound:
-            return True  # supported, just no sample yet
-        except _UNAVAILABLE:
-            return False
-        except pynvml.NVMLError as exc:
-            self._count_error(dev.index, "process_utilization", exc)
-        return True
+        # NotFound: supported, just no sample yet.
+        answer = self._call(
+            dev.index,
+            "process_utilization",
+            pynvml.nvmlDeviceGetProcessUtilization,
+            dev.handle,
+            0,
+            expected=(pynvml.NVMLError_NotFound,),
+        )
+        return answer is not _Miss.UNSUPPORTED
 
     def _free_gpm(self, dev: _Device) -> None:
         gpm, dev.gpm = dev.gpm, None
         if gpm is None:
             return
         for sample in (gpm.older, gpm.newer):
+            if sample is None:
+                continue
             try:
                 pynvml.nvmlGpmSampleFree(sample)
             except pynvml.NVMLError as exc:
@@ -758,11 +730,8 @@ class NvmlBackend:
     # ------------------------------------------------------------------ XID events
 
     def _start_watcher(self, timeout_ms: int) -> _XidWatcher | None:
-        try:
-            event_set = pynvml.nvmlEventSetCreate()
-        except pynvml.NVMLError as exc:
-            if not isinstance(exc, _UNAVAILABLE):
-                self._count_error(None, "xid_events", exc)
+        event_set = self._call(None, "xid_events", pynvml.nvmlEventSetCreate, lost_raises=False)
+        if isinstance(event_set, _Miss):
             return None
         watcher = _XidWatcher(self, event_set, timeout_ms)
         for dev in self._devices:
@@ -775,18 +744,29 @@ class NvmlBackend:
         return watcher
 
     def _register_xid(self, dev: _Device, watcher: _XidWatcher) -> None:
-        try:
-            supported = pynvml.nvmlDeviceGetSupportedEventTypes(dev.handle)
-            if supported & _EVENT_XID:
-                pynvml.nvmlDeviceRegisterEvents(dev.handle, _EVENT_XID, watcher.event_set)
-                dev.caps["xid_events"] = True
-                watcher.handles[_address(dev.handle)] = dev.index
-                return
-        except _UNAVAILABLE:
-            pass  # no XID events on this device: the capability stays False
-        except pynvml.NVMLError as exc:
-            self._count_error(dev.index, "xid_events", exc)
-        dev.caps["xid_events"] = False
+        # A GPU lost here is counted only: the next sample() finds it lost and says so.
+        supported = self._call(
+            dev.index, "xid_events", pynvml.nvmlDeviceGetSupportedEventTypes, dev.handle, lost_raises=False
+        )
+        registered = (
+            not isinstance(supported, _Miss)
+            and supported & _EVENT_XID
+            and not isinstance(
+                self._call(
+                    dev.index,
+                    "xid_events",
+                    pynvml.nvmlDeviceRegisterEvents,
+                    dev.handle,
+                    _EVENT_XID,
+                    watcher.event_set,
+                    lost_raises=False,
+                ),
+                _Miss,
+            )
+        )
+        dev.caps["xid_events"] = bool(registered)
+        if registered:
+            watcher.handles[_address(dev.handle)] = dev.index
 
     def _add_event(self, event: GpuEvent) -> None:
         with self._stats_lock:
@@ -845,16 +825,10 @@ class NvmlBackend:
         """One NVML read for a supported capability; None if unsupported or failed."""
         if not dev.caps.get(cap):
             return None
-        try:
-            return fn(*args)
-        except pynvml.NVMLError_GpuIsLost as exc:
-            raise _GpuLost(str(exc)) from exc
-        except _UNAVAILABLE:
+        answer = self._call(dev.index, cap, fn, *args)
+        if answer is _Miss.UNSUPPORTED:
             dev.caps[cap] = False  # decided now, for good
-            return None
-        except pynvml.NVMLError as exc:
-            self._count_error(dev.index, cap, exc)
-            return None
+        return None if isinstance(answer, _Miss) else answer
 
     def _rate(self, dev: _Device, key: str, now: float, value: float | None) -> float | None:
         """Per-second change of a cumulative counter since the previous tick."""
@@ -940,16 +914,11 @@ class NvmlBackend:
         if not wanted:
             return
         ids = [fid for cap in wanted for fid in _FIELDS_BY_CAPABILITY[cap]]
-        try:
-            raw = pynvml.nvmlDeviceGetFieldValues(dev.handle, ids)
-        except pynvml.NVMLError_GpuIsLost as exc:
-            raise _GpuLost(str(exc)) from exc
-        except _UNAVAILABLE:
+        raw = self._call(dev.index, "field_values", pynvml.nvmlDeviceGetFieldValues, dev.handle, ids)
+        if raw is _Miss.UNSUPPORTED:
             for cap in wanted:
                 dev.caps[cap] = False
-            return
-        except pynvml.NVMLError as exc:
-            self._count_error(dev.index, "field_values", exc)
+        if isinstance(raw, _Miss):
             return
         got: dict[tuple[int, int], float | None] = {}
         for item in raw:
@@ -994,24 +963,15 @@ class NvmlBackend:
     def _mig_instances(self, dev: _Device) -> list[dict[str, Any]]:
         """Per MIG device: GPU instance id, uuid and memory (parent-level GPM/utilisation is N/A)."""
         instances: list[dict[str, Any]] = []
-        try:
-            count = pynvml.nvmlDeviceGetMaxMigDeviceCount(dev.handle)
-        except pynvml.NVMLError_GpuIsLost as exc:
-            raise _GpuLost(str(exc)) from exc
-        except pynvml.NVMLError as exc:
-            if not isinstance(exc, _UNAVAILABLE):
-                self._count_error(dev.index, "mig", exc)
+        count = self._call(dev.index, "mig", pynvml.nvmlDeviceGetMaxMigDeviceCount, dev.handle)
+        if isinstance(count, _Miss):
             return instances
+        empty_slot = (pynvml.NVMLError_NotFound, pynvml.NVMLError_InvalidArgument)
         for slot in range(count):
-            try:
-                mig = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(dev.handle, slot)
-            except pynvml.NVMLError_NotFound:
-                continue  # empty slot
-            except pynvml.NVMLError_GpuIsLost as exc:
-                raise _GpuLost(str(exc)) from exc
-            except pynvml.NVMLError as exc:
-                if not isinstance(exc, (*_UNAVAILABLE, pynvml.NVMLError_InvalidArgument)):
-                    self._count_error(dev.index, "mig", exc)
+            mig = self._call(
+                dev.index, "mig", pynvml.nvmlDeviceGetMigDeviceHandleByIndex, dev.handle, slot, expected=empty_slot
+            )
+            if isinstance(mig, _Miss):
                 continue
             info: dict[str, Any] = {"slot": slot}
             for key, fn in (
@@ -1019,13 +979,9 @@ class NvmlBackend:
                 ("uuid", pynvml.nvmlDeviceGetUUID),
                 ("memory", pynvml.nvmlDeviceGetMemoryInfo),
             ):
-                try:
-                    info[key] = fn(mig)
-                except pynvml.NVMLError_GpuIsLost as exc:
-                    raise _GpuLost(str(exc)) from exc
-                except pynvml.NVMLError as exc:
-                    if not isinstance(exc, _UNAVAILABLE):
-                        self._count_error(dev.index, "mig", exc)
+                value = self._call(dev.index, "mig", fn, mig)
+                if not isinstance(value, _Miss):
+                    info[key] = value
             memory = info.pop("memory", None)
             if "uuid" in info:
                 info["uuid"] = _text(info["uuid"])
@@ -1045,16 +1001,12 @@ class NvmlBackend:
             return {}
         if self._clock() - gpm.older_taken_at < GPM_MIN_INTERVAL_S:
             return gpm.values
-        try:
-            pynvml.nvmlGpmSampleGet(dev.handle, gpm.newer)
-        except pynvml.NVMLError_GpuIsLost as exc:
-            raise _GpuLost(str(exc)) from exc
-        except _UNAVAILABLE:
+        got = self._call(dev.index, "gpm", pynvml.nvmlGpmSampleGet, dev.handle, gpm.newer)
+        if got is _Miss.UNSUPPORTED:
             dev.caps["gpm"] = False
             self._free_gpm(dev)
             return {}
-        except pynvml.NVMLError as exc:
-            self._count_error(dev.index, "gpm", exc)
+        if isinstance(got, _Miss):
             return gpm.values
         # Read the clock after the call so the next sample is >= 100 ms after this one.
         taken_at = self._clock()
@@ -1071,10 +1023,7 @@ class NvmlBackend:
         # The sample just taken becomes the baseline for the next tick whatever happens next.
         gpm.older, gpm.newer = gpm.newer, gpm.older
         gpm.older_taken_at = taken_at
-        try:
-            pynvml.nvmlGpmMetricsGet(request)
-        except pynvml.NVMLError as exc:
-            self._count_error(dev.index, "gpm", exc)
+        if isinstance(self._call(dev.index, "gpm", pynvml.nvmlGpmMetricsGet, request), _Miss):
             gpm.values = {}
             return gpm.values
         result: dict[str, float | None] = {}
@@ -1118,17 +1067,17 @@ class NvmlBackend:
         """Latest per-process SM utilisation newer than the last one seen (NotFound: none new)."""
         if not dev.caps.get("process_utilization"):
             return {}
-        try:
-            samples = pynvml.nvmlDeviceGetProcessUtilization(dev.handle, dev.proc_util_last_ts)
-        except pynvml.NVMLError_NotFound:
-            return {}
-        except pynvml.NVMLError_GpuIsLost as exc:
-            raise _GpuLost(str(exc)) from exc
-        except _UNAVAILABLE:
+        samples = self._call(
+            dev.index,
+            "process_utilization",
+            pynvml.nvmlDeviceGetProcessUtilization,
+            dev.handle,
+            dev.proc_util_last_ts,
+            expected=(pynvml.NVMLError_NotFound,),  # no sample newer than the last one
+        )
+        if samples is _Miss.UNSUPPORTED:
             dev.caps["process_utilization"] = False
-            return {}
-        except pynvml.NVMLError as exc:
-            self._count_error(dev.index, "process_utilization", exc)
+        if isinstance(samples, _Miss):
             return {}
         latest: dict[int, tuple[int, float]] = {}
         for s in samples:
@@ -1140,6 +1089,32 @@ class NvmlBackend:
         return {pid: ratio for pid, (_, ratio) in latest.items()}
 
     # ------------------------------------------------------------------ errors
+
+    def _call(
+        self,
+        index: int | None,
+        metric: str,
+        fn: Callable[..., Any],
+        *args: Any,
+        expected: tuple[type[BaseException], ...] = (),
+        lost_raises: bool = True,
+    ) -> Any:
+        """``fn(*args)`` through the one error ladder every NVML read in this module uses.
+
+        A lost GPU raises ``_GpuLost`` (with ``lost_raises``; otherwise it is counted like any
+        failure); an ``expected`` error returns ``_Miss.NOTHING``; an answer meaning "never on
+        this device" returns ``_Miss.UNSUPPORTED``, for the caller to cache; any other NVML
+        error is counted under ``metric`` and returns ``_Miss.FAILED``.
+        """
+        try:
+            return _ask(fn, *args) if lost_raises else fn(*args)
+        except expected:
+            return _Miss.NOTHING
+        except _UNAVAILABLE:
+            return _Miss.UNSUPPORTED
+        except pynvml.NVMLError as exc:
+            self._count_error(index, metric, exc)
+            return _Miss.FAILED
 
     def _count_error(self, index: int | None, metric: str, exc: BaseException, *, exc_info: bool = False) -> None:
         with self._stats_lock:
