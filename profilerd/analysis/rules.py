@@ -182,7 +182,8 @@ HIDDEN_WAIT_WORTH_NAMING = 0.05
     ),
 )
 def check_input_wait(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
-    """Share of step time the training thread spends blocked in DataLoader.__next__."""
+    """Share of step time the training thread spends blocked in DataLoader.__next__; with device
+    timing, the share the GPU is idle during that wait (a wait it spends on queued work is free)."""
     wait = features.fractions["data_wait"]
     severity = _severity(wait, t)
     if severity is None:
@@ -239,7 +240,8 @@ def check_input_wait(features: Features, t: dict[str, float], a: dict[str, float
 )
 def check_exposed_comm(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
     """Share of step time in collectives that did not overlap with compute (DDP's gradient
-    all-reduce after the last gradient was ready, and blocking collectives called from Python)."""
+    all-reduce after the last gradient was ready, and blocking collectives called from Python);
+    with device timing, beside the GPU's busy share on the device clock."""
     comm = features.fractions["communication"]
     severity = _severity(comm, t)
     if severity is None:
@@ -294,7 +296,9 @@ def _ddp_settings(features: Features) -> dict[str, Any] | None:
     ("loop.host_work", "torch.compile"),
 )
 def check_host_overhead(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
-    """Share of step time outside data wait, forward, backward, optimizer and communication."""
+    """Share of step time outside data wait, forward, backward, optimizer and communication; with
+    device timing, the share the GPU is idle waiting for the host to launch work (idle outside the
+    data wait and collectives: launch-bound), and how far the host runs ahead of the device."""
     other = features.fractions["other"]
     severity = _severity(other, t)
     if severity is None:
@@ -367,7 +371,9 @@ def _device_metrics(features: Features) -> dict[str, float]:
     ("amp.autocast", "torch.compile"),
 )
 def check_compute_bound(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
-    """Share of step time in forward, backward and optimizer; recommends cheaper math."""
+    """Share of step time in forward, backward and optimizer; with device timing, the GPU's busy
+    share (CUDA events) with NVML's utilization and SM activity and, where the FLOPs per step are
+    given, an MFU estimate; recommends cheaper math."""
     compute = features.fractions["compute"]
     if compute < t["info"]:
         return None
@@ -621,7 +627,8 @@ def check_find_unused(features: Features, t: dict[str, float], a: dict[str, floa
 @rule("algorithm.sync_in_loop", "algorithm", "Host-device syncs in the training loop", ("loop.defer_syncs",))
 def check_syncs(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
     """Calls per step that make the host wait for the device (.item(), .cpu(), float(t), print(t)),
-    and the share of step time blocked in them; the call sites come from the probes."""
+    and the share of step time blocked in them; the call sites come from the probes. With device
+    timing a sync costs what the GPU idles after it, at most its idle waiting for launches."""
     signals = features.signals
     if signals.syncs_per_step < t["syncs_per_step"]:
         return None
