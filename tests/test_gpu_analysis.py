@@ -259,9 +259,22 @@ def test_live_analyser_judges_the_item_loop_on_the_device_clock() -> None:
     for seq, record in enumerate(records):
         store.add_step(record, seq, 0)
     store.set_gpus(samples, [])
-    verdict = LiveAnalyzer(store, RULES, None).analyse("simjob", records[-1].end_unix_s)
+    analyzer = LiveAnalyzer(store, RULES, None)
+    verdict = analyzer.analyse("simjob", records[-1].end_unix_s)
     assert verdict.primary == "compute"
     assert verdict.features.device is not None and verdict.features.device.nvml_utilization_ratio > 0.9
+    # /metrics: the device's busy share and the MFU estimate beside the verdict.
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from profilerd.exporters.prometheus import ProfilerdCollector
+
+    store.set_verdict("simjob", verdict)
+    registry = CollectorRegistry()
+    registry.register(ProfilerdCollector(store))
+    text = generate_latest(registry).decode()
+    busy = next(line for line in text.splitlines() if line.startswith('profilerd_gpu_busy_ratio{job="simjob"}'))
+    assert float(busy.split()[-1]) == pytest.approx(verdict.features.device.busy_fraction)
+    assert 'profilerd_mfu_ratio{job="simjob"}' not in text  # no FLOPs figure given: no estimate
 
 
 def test_offline_report_of_a_recording_uses_the_recorded_device_timing(
@@ -291,3 +304,9 @@ def test_offline_report_of_a_recording_uses_the_recorded_device_timing(
     assert document["device"]["steps_timed"] == document["steps"]
     assert document["device"]["busy_fraction"] < 0.15
     assert "launch-bound" in document["summary"]
+    for fmt in ("text", "md"):
+        shown = run_cli("report", str(path), "--format", fmt, env=profilerd_env, timeout=120)
+        assert shown.returncode == 0, shown.stderr
+        busy = document["device"]["busy_fraction"]
+        timed = document["device"]["steps_timed"]
+        assert f"On the GPU's clock ({timed} of {timed} steps): busy {busy:.0%}" in shown.stdout.replace("\n", " ")
