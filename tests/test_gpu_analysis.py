@@ -23,15 +23,14 @@ from profilerd.analysis.verdict import Verdict, diagnose
 from profilerd.model import GpuSample, ProbeSession, StepRecord
 from tests.conftest import run_cli
 from tests.gpu_sim import Loop, nvml_samples, simulate
+from tests.test_diagnosis import BASE_CONFIG
 
 RULES, _ = load_rules()
+# The healthy configuration of the rule tests, on CUDA and not compiled (so compute has advice).
 CONFIG: dict[str, Any] = {
+    **BASE_CONFIG,
     "device_type": "cuda",
-    "dataloader": {"num_workers": 4, "pin_memory": True, "persistent_workers": True, "batch_size": 64},
-    "models": [{"class": "Net", "parameters": 10, "parameter_dtypes": {"float32": 10}, "compiled": False}],
-    "optimizers": [{"class": "AdamW", "hyperparameters": {"lr": 1e-3, "fused": True}}],
-    "autocast": {"enabled": True, "dtype": "bfloat16"},
-    "tf32": {"matmul": True, "float32_matmul_precision": "high"},
+    "models": [{**BASE_CONFIG["models"][0], "compiled": False}],
 }
 SCENARIOS = {
     # 60 ms per batch from the loader, 30 ms of kernels: the GPU idles half the step in the wait.
@@ -272,7 +271,7 @@ def test_live_analyser_judges_the_item_loop_on_the_device_clock() -> None:
     registry = CollectorRegistry()
     registry.register(ProfilerdCollector(store))
     text = generate_latest(registry).decode()
-    busy = next(line for line in text.splitlines() if line.startswith('profilerd_gpu_busy_ratio{job="simjob"}'))
+    busy = next(line for line in text.splitlines() if line.startswith('profilerd_step_gpu_busy_ratio{job="simjob"}'))
     assert float(busy.split()[-1]) == pytest.approx(verdict.features.device.busy_fraction)
     assert 'profilerd_mfu_ratio{job="simjob"}' not in text  # no FLOPs figure given: no estimate
 

@@ -150,7 +150,7 @@ def _training_metrics(jobs: list[tuple[str, list[tuple[Any, ...]], Any]]) -> Ite
         labels=["job", "recommendation"],
     )
     gpu_busy = GaugeMetricFamily(
-        "profilerd_gpu_busy_ratio",
+        "profilerd_step_gpu_busy_ratio",
         "Share of step time the job's GPUs were busy on the device clock (CUDA events), analysis window",
         labels=["job"],
     )
