@@ -7,6 +7,7 @@ real analysis: ``diagnose``, the daemon's live analyser, and the offline report 
 
 from __future__ import annotations
 
+import html
 import json
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -303,9 +304,10 @@ def test_offline_report_of_a_recording_uses_the_recorded_device_timing(
     assert document["device"]["steps_timed"] == document["steps"]
     assert document["device"]["busy_fraction"] < 0.15
     assert "launch-bound" in document["summary"]
-    for fmt in ("text", "md"):
+    for fmt in ("text", "md", "html"):
         shown = run_cli("report", str(path), "--format", fmt, env=profilerd_env, timeout=120)
         assert shown.returncode == 0, shown.stderr
         busy = document["device"]["busy_fraction"]
         timed = document["device"]["steps_timed"]
-        assert f"On the GPU's clock ({timed} of {timed} steps): busy {busy:.0%}" in shown.stdout.replace("\n", " ")
+        text = html.unescape(shown.stdout).replace("\n", " ")
+        assert f"On the GPU's clock ({timed} of {timed} steps): busy {busy:.0%}" in text
