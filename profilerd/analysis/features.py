@@ -79,7 +79,7 @@ def on_device(frame: pd.DataFrame) -> pd.DataFrame:
     time, and other is the rest of the idle: the GPU waiting for the host to launch work.
     """
     out = frame.copy()
-    idle = frame["gpu_idle_s"].clip(lower=0.0)
+    idle = out["gpu_idle_s"] = frame["gpu_idle_s"].clip(lower=0.0)
     data = frame["gpu_idle_data_wait_s"].fillna(0.0).clip(lower=0.0)
     data = data.where(data <= idle, idle)
     out["data_wait_s"] = data
@@ -205,27 +205,25 @@ class DeviceTiming:
         return document
 
 
+def _share(frame: pd.DataFrame, column: str) -> float:
+    total = float(frame["step_s"].sum())
+    return float(frame[column].sum()) / total if total > 0 else 0.0
+
+
 def device_timing(host: pd.DataFrame, device: pd.DataFrame, steps: int, context: Context) -> DeviceTiming:
     """``host`` and ``device`` are the same timed steps, cut by the host's timers and by the
     device's clock (``on_device``); the NVML means are joined per rank through the PIDs."""
-    total = float(device["step_s"].sum())
-
-    def share(values: pd.Series) -> float:
-        return float(values.sum()) / total if total > 0 else 0.0
-
     ahead = host["host_ahead_s"].dropna()
     rows = []
     for rank, group in device.groupby("rank"):
-        rank_total = float(group["step_s"].sum())
-        pid = int(group.sort_values("end_unix_s")["pid"].iloc[-1])
-        nvml = context.gpu_by_pid.get(pid, {})
+        nvml = context.gpu_by_pid.get(int(group.sort_values("end_unix_s")["pid"].iloc[-1]), {})
         rank_ahead = group["host_ahead_s"].dropna()
         rows.append(
             {
                 "rank": int(rank),
-                "gpu_busy_fraction": float(group["compute_s"].sum()) / rank_total if rank_total > 0 else 0.0,
-                "gpu_idle_fraction": float(group["gpu_idle_s"].sum()) / rank_total if rank_total > 0 else 0.0,
-                "gpu_idle_data_wait_fraction": float(group["data_wait_s"].sum()) / rank_total if rank_total else 0.0,
+                "gpu_busy_fraction": _share(group, "compute_s"),
+                "gpu_idle_fraction": _share(group, "gpu_idle_s"),
+                "gpu_idle_data_wait_fraction": _share(group, "data_wait_s"),
                 "host_ahead_s_p50": float(rank_ahead.median()) if not rank_ahead.empty else np.nan,
                 "gpu_index": nvml.get("gpu_index", -1),
                 "nvml_utilization_ratio": nvml.get("utilization_ratio", np.nan),
@@ -235,11 +233,11 @@ def device_timing(host: pd.DataFrame, device: pd.DataFrame, steps: int, context:
     return DeviceTiming(
         steps_timed=len(device),
         steps=steps,
-        busy_fraction=share(device["compute_s"]),
-        phase_busy_fractions={p: share(device[f"{p}_s"]) for p in ("forward", "backward", "optimizer")},
-        idle_fraction=share(device["gpu_idle_s"].clip(lower=0.0)),
-        idle_data_wait_fraction=share(device["data_wait_s"]),
-        host_data_wait_fraction=share(host["data_wait_s"]),
+        busy_fraction=_share(device, "compute_s"),
+        phase_busy_fractions={p: _share(device, f"{p}_s") for p in ("forward", "backward", "optimizer")},
+        idle_fraction=_share(device, "gpu_idle_s"),
+        idle_data_wait_fraction=_share(device, "data_wait_s"),
+        host_data_wait_fraction=_share(host, "data_wait_s"),
         host_ahead_s_p50=float(ahead.median()) if not ahead.empty else None,
         nvml_utilization_ratio=context.gpu.get("gpu_utilization_ratio"),
         nvml_sm_active_ratio=context.gpu.get("gpu_sm_active_ratio"),
