@@ -548,6 +548,8 @@ class StepProbe:
             "sync_sites": self.syncs.top_sites(),
             "compiled_graphs": _graph_compiles(),
             "nccl_device_timing": "off: " + self._nccl.error if self._nccl.error else "on",
+            # The user's FLOPs per step of this rank, for the MFU estimate (None: not given).
+            "flops_per_step": _env_float("PROFILERD_FLOPS_PER_STEP", 0.0) or None,
         }
         optimizers = list(self._optimizers)[:4]
         config["optimizers"] = [_describe_optimizer(opt) for opt in optimizers]

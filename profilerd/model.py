@@ -42,6 +42,15 @@ class StepRecord:
     graph_compiles: int = 0
     comm_ops: int = 0
     comm_bytes: int = 0
+    # Device timing from CUDA events on the step's stream; None when the step has none (CPU,
+    # events not complete yet).
+    gpu_busy_s: float | None = None
+    gpu_forward_s: float | None = None
+    gpu_backward_s: float | None = None
+    gpu_optimizer_s: float | None = None
+    gpu_idle_s: float | None = None  # device idle within the step's wall span
+    gpu_idle_data_wait_s: float | None = None  # device idle while the training thread waited for the batch
+    host_ahead_s: float | None = None  # how far the host ran ahead of the device at the step's end
 
     def as_row(self) -> tuple[Any, ...]:
         """The fields in declaration order: one row of the recording's steps table."""

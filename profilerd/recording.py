@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from profilerd import __version__
+from profilerd.analysis.features import DEVICE_COLUMNS
 from profilerd.model import GpuSample, HostSample, ProbeSession, ProcessSample, StepRecord
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,9 @@ CREATE TABLE IF NOT EXISTS steps (
     end_unix_s REAL, rank INTEGER, pid INTEGER, step INTEGER, step_s REAL, data_wait_s REAL,
     forward_s REAL, backward_s REAL, optimizer_s REAL, comm_s REAL, flags INTEGER,
     loss REAL, grad_norm REAL, lr REAL, scaler_scale REAL, sync_count INTEGER, sync_s REAL,
-    comm_total_s REAL, graph_compiles INTEGER, comm_ops INTEGER, comm_bytes INTEGER);
+    comm_total_s REAL, graph_compiles INTEGER, comm_ops INTEGER, comm_bytes INTEGER,
+    gpu_busy_s REAL, gpu_forward_s REAL, gpu_backward_s REAL, gpu_optimizer_s REAL, gpu_idle_s REAL,
+    gpu_idle_data_wait_s REAL, host_ahead_s REAL);
 CREATE TABLE IF NOT EXISTS configs (ts_unix_s REAL, pid INTEGER, rank INTEGER, config TEXT);
 CREATE TABLE IF NOT EXISTS host_samples (
     ts_unix_s REAL, cpu_count INTEGER, cpu_ratio REAL, iowait_ratio REAL,
@@ -64,7 +67,7 @@ CREATE INDEX IF NOT EXISTS steps_by_time ON steps (end_unix_s);
 
 INSERTS = {
     "sessions": "INSERT INTO sessions VALUES (?,?,?,?,?,?,?,?)",
-    "steps": "INSERT INTO steps VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+    "steps": f"INSERT INTO steps VALUES ({','.join('?' * 28)})",
     "configs": "INSERT INTO configs VALUES (?,?,?,?)",
     "host_samples": "INSERT INTO host_samples VALUES (?,?,?,?,?,?,?,?)",
     "process_samples": "INSERT INTO process_samples VALUES (?,?,?,?,?,?,?,?,?)",
@@ -87,11 +90,16 @@ def open_recording(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.executescript(SCHEMA)
+    # A run recorded before steps carried device timing gets its columns (NULL in older rows).
+    present = {row[1] for row in conn.execute("PRAGMA table_info(steps)")}
+    for name in DEVICE_COLUMNS:
+        if name not in present:
+            conn.execute(f"ALTER TABLE steps ADD COLUMN {name} REAL")
     return conn
 
 
 def step_row(step: StepRecord) -> tuple[Any, ...]:
-    return step.as_row()
+    return (*step.as_row(), *(getattr(step, name) for name in DEVICE_COLUMNS))
 
 
 class Recorder:

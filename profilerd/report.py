@@ -114,6 +114,32 @@ def render_findings(document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def device_summary(document: dict[str, Any]) -> str | None:
+    """What the GPU did, on its own clock, and the MFU estimate: one line, None without either."""
+    device = document.get("device") or {}
+    mfu = document.get("mfu") or {}
+    parts = []
+    if device.get("busy_fraction") is not None:
+        ahead = device.get("host_ahead_s_p50")
+        parts.append(
+            f"on the GPU's clock ({device['steps_timed']:,} of {device['steps']:,} steps): busy "
+            f"{device['busy_fraction']:.0%}, idle {device['idle_fraction']:.0%} "
+            f"({device['idle_data_wait_fraction']:.0%} while the loop waited for batches)"
+            + (f", host {ahead * 1e3:.1f} ms ahead" if ahead is not None else "")
+        )
+    if mfu:
+        parts.append(
+            f"MFU ≈ {mfu['mfu']:.0%} (estimate: {mfu['achieved_tflops']:.1f} of {mfu['peak_tflops']:g} "
+            f"TFLOP/s {mfu['dtype']} on {mfu['device']})"
+        )
+    return "; ".join(parts) if parts else None
+
+
+def render_device(document: dict[str, Any]) -> str:
+    line = device_summary(document)
+    return f"\n\n{textwrap.fill(line[0].upper() + line[1:], 100)}" if line else ""
+
+
 def render_timeline(document: dict[str, Any]) -> str:
     """Step time and data-wait share over the run as sparklines (from the ``timeseries`` summary)."""
     from profilerd.charts import fmt_duration, sparkline
@@ -232,6 +258,7 @@ def render_report(recording: Recording, ruleset: RuleSet, fmt: str) -> str:
     if fmt == "text":
         return (
             render_text(document)
+            + render_device(document)
             + render_findings(document)
             + render_timeline(document)
             + render_quality(document)

@@ -17,6 +17,7 @@ import pandas as pd
 
 from profilerd import __version__, charts
 from profilerd.charts import Band, Layer, Line, Mark, fmt_duration, fmt_ratio, fmt_seconds
+from profilerd.report import device_summary
 from profilerd.timeline import ReportData
 
 PHASES = (
@@ -189,6 +190,9 @@ def _verdict(data: ReportData) -> str:
     sev = f'<span class="severity">{_e(severity)}</span>' if doc["primary"] != "none" else ""
     evidence = doc.get("evidence") or {}
     basis = f'<p class="caption">Based on {_e(evidence["basis"])}.</p>' if evidence.get("basis") else ""
+    device = device_summary(doc)
+    if device:
+        basis += f'<p class="caption">{_e(device[0].upper() + device[1:])}.</p>'
     return (
         f'<section id="verdict"><h2>Verdict</h2><div class="verdict" style="--sev:{color}">'
         f'<div><span class="headline">{_e(headline)}</span>{sev}</div>'

@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from profilerd.charts import fmt_duration, fmt_seconds, sparkline
+from profilerd.report import device_summary
 from profilerd.timeline import ReportData
 
 
@@ -66,6 +67,9 @@ def render_markdown(data: ReportData, top: int = 3) -> str:
             ]
         ],
     )
+    device = device_summary(doc)
+    if device:
+        lines += ["", device[0].upper() + device[1:]]
     series = (doc.get("timeseries") or {}).get("series") or {}
     spark = [
         f"{label} `{sparkline(series[key]['values'])}`"

@@ -171,6 +171,7 @@ def basic_run(zygote, tmp_path_factory):
         "WORLD_SIZE": "8",
         "PROFILERD_GRAD_NORM_EVERY_S": "0",  # 0 turns sampling off; see the dedicated test below
         "PROFILERD_LOSS_EVERY_S": "0",  # every step's loss, to compare exactly
+        "PROFILERD_FLOPS_PER_STEP": "2.5e9",  # the user's figure for the MFU estimate
     }
     started = time.time()
     try:
@@ -241,6 +242,7 @@ def test_config_describes_loader_optimizer_and_model(basic_run):
     assert model["parameter_dtypes"] == {"float64": res["params"]}
     assert config["autocast"]["enabled"] is False
     assert (config["rank"], config["world_size"]) == (3, 8)
+    assert config["flops_per_step"] == 2.5e9
 
 
 def test_exit_event_counts_the_steps(basic_run):

@@ -82,6 +82,7 @@ def build_context(
         worker_cpu_max_ratio=worker_max,
         workers_seen=workers_seen,
         gpu=gpu_context(gpus, since_unix_s) if gpus is not None else {},
+        gpu_by_pid=gpu_by_pid(gpus, since_unix_s) if gpus is not None else {},
     )
 
 
@@ -109,7 +110,9 @@ def gpu_frame(samples: Iterable[dict[str, Any]], job_pids: set[int]) -> pd.DataF
             (
                 s["ts_unix_s"],
                 s["index"],
+                s.get("name"),
                 bool(pids & job_pids),
+                tuple(sorted(pids & job_pids)),
                 s.get("utilization_gpu_ratio"),
                 used / total if used is not None and total else None,
                 s.get("tensor_active_ratio"),
@@ -131,7 +134,9 @@ def gpu_frame(samples: Iterable[dict[str, Any]], job_pids: set[int]) -> pd.DataF
 GPU_COLUMNS = [
     "ts_unix_s",
     "gpu_index",
+    "name",
     "job_present",
+    "job_pids",  # the job's processes on this GPU: the rank-GPU attribution
     "utilization_ratio",
     "memory_ratio",
     "tensor_active_ratio",
@@ -174,6 +179,9 @@ def gpu_context(frame: pd.DataFrame, since_unix_s: float | None = None) -> dict[
     for key, value in means.items():
         if pd.notna(value):
             result[f"gpu_{key}"] = float(value)
+    names = frame["name"].dropna()
+    if not names.empty:
+        result["gpu_name"] = str(names.mode().iloc[0])
     memory = frame["memory_ratio"].astype(float).max()
     if pd.notna(memory):
         result["gpu_memory_max_ratio"] = float(memory)
@@ -181,4 +189,30 @@ def gpu_context(frame: pd.DataFrame, since_unix_s: float | None = None) -> dict[
         idle = frame[frame["job_present"] & (frame["utilization_ratio"].astype(float) < 0.05)]
         present = int(frame["job_present"].sum())
         result["gpu_idle_while_held_fraction"] = len(idle) / present if present else 0.0
+    return result
+
+
+def gpu_by_pid(frame: pd.DataFrame, since_unix_s: float | None = None) -> dict[int, dict[str, float]]:
+    """NVML means of the GPU each of the job's processes runs on, over the window, by PID: the
+    device side of the rank-GPU attribution (a process on several GPUs gets the busiest)."""
+    if since_unix_s is not None and not frame.empty:
+        frame = frame[frame["ts_unix_s"] >= since_unix_s]
+    held = frame[frame["job_present"]] if not frame.empty else frame
+    if held.empty:
+        return {}
+    per_pid = held.explode("job_pids").dropna(subset=["job_pids"])
+    means = per_pid.groupby(["job_pids", "gpu_index"])[["utilization_ratio", "sm_active_ratio"]].agg(
+        lambda values: values.astype(float).mean()
+    )
+    result: dict[int, dict[str, float]] = {}
+    for (pid, index), row in means.iterrows():
+        utilization = float(row["utilization_ratio"]) if pd.notna(row["utilization_ratio"]) else -1.0
+        known = result.get(int(pid))
+        if known is not None and known.get("utilization_ratio", -1.0) >= utilization:
+            continue
+        entry = {"gpu_index": float(index)}
+        for key in ("utilization_ratio", "sm_active_ratio"):
+            if pd.notna(row[key]):
+                entry[key] = float(row[key])
+        result[int(pid)] = entry
     return result

@@ -34,6 +34,13 @@ def render() -> str:
         f"Speed recommendations estimated under {ruleset.min_speedup:g}x are listed in the report's "
         "details, not among the recommendations.",
         "",
+        "**On a GPU, device truth.** When steps carry device timing (CUDA events at the phase "
+        "boundaries), the shares the rules judge are the device's, over those steps: `compute` is "
+        "the GPU busy, `data_wait` the GPU idle while the loop waited for a batch, `communication` "
+        "the exposed collective time, `other` the rest of the GPU's idle (waiting for the host to "
+        "launch work). Steps without device timing are judged on the host's clock as before. "
+        "The GPU path is verified only on a simulated device so far (see concepts.md).",
+        "",
     ]
     for category in ("data", "compute", "communication", "algorithm"):
         lines += [f"# Category `{category}`", ""]

@@ -13,9 +13,20 @@ import numpy as np
 import pandas as pd
 
 from profilerd.analysis.history import LossSummary, loss_readings, summarize_losses
+from profilerd.analysis.peaks import Mfu, estimate_mfu
 from profilerd.model import StepRecord
 from profilerd_probes.wire import FLAG_GRAD_SCALER_SKIPPED, FLAG_HAS_GRAD_NORM, FLAG_HAS_LR, FLAG_HAS_SCALE
 
+# Device timing per step (CUDA events); NaN for a step without it (CPU, events not complete yet).
+DEVICE_COLUMNS = (
+    "gpu_busy_s",
+    "gpu_forward_s",
+    "gpu_backward_s",
+    "gpu_optimizer_s",
+    "gpu_idle_s",
+    "gpu_idle_data_wait_s",
+    "host_ahead_s",
+)
 STEP_COLUMNS = [
     "end_unix_s",
     "rank",
@@ -38,13 +49,45 @@ STEP_COLUMNS = [
     "graph_compiles",
     "comm_ops",
     "comm_bytes",
+    *DEVICE_COLUMNS,
 ]
 FRACTION_KEYS = ("data_wait", "compute", "communication", "other")
 PHASE_KEYS = ("data_wait", "forward", "backward", "optimizer", "communication", "other")
 
 
 def steps_frame(records: Iterable[StepRecord]) -> pd.DataFrame:
-    return pd.DataFrame([s.as_row() for s in records], columns=STEP_COLUMNS)
+    rows = [(*s.as_row(), *(getattr(s, name) for name in DEVICE_COLUMNS)) for s in records]
+    frame = pd.DataFrame(rows, columns=STEP_COLUMNS)
+    frame[list(DEVICE_COLUMNS)] = frame[list(DEVICE_COLUMNS)].astype(float)  # None -> NaN
+    return frame
+
+
+def device_timed(steps: pd.DataFrame) -> pd.Series:
+    """The steps that carry device timing (busy and idle time from CUDA events)."""
+    if "gpu_busy_s" not in steps or "gpu_idle_s" not in steps:
+        return pd.Series(False, index=steps.index)
+    return steps["gpu_busy_s"].notna() & steps["gpu_idle_s"].notna()
+
+
+def on_device(frame: pd.DataFrame) -> pd.DataFrame:
+    """Phases of device-timed steps (a ``with_phases`` frame) re-cut by what the GPU did.
+
+    On a GPU the host's phase timers measure when work was queued, so the step is split by the
+    device's own clock instead: compute is the GPU busy, data wait is the GPU idle while the
+    training thread waited for the batch (a wait the GPU spends on queued work costs nothing),
+    communication is the exposed collective time (device time on NCCL), taken from the idle
+    time, and other is the rest of the idle: the GPU waiting for the host to launch work.
+    """
+    out = frame.copy()
+    idle = out["gpu_idle_s"] = frame["gpu_idle_s"].clip(lower=0.0)
+    data = frame["gpu_idle_data_wait_s"].fillna(0.0).clip(lower=0.0)
+    data = data.where(data <= idle, idle)
+    out["data_wait_s"] = data
+    out["compute_s"] = frame["gpu_busy_s"].clip(lower=0.0)
+    for phase in ("forward", "backward", "optimizer"):
+        out[f"{phase}_s"] = frame[f"gpu_{phase}_s"].fillna(0.0).clip(lower=0.0)
+    out["other_s"] = (idle - data - frame["comm_s"]).clip(lower=0.0)
+    return out
 
 
 def with_phases(steps: pd.DataFrame) -> pd.DataFrame:
@@ -69,6 +112,8 @@ class Context:
     worker_cpu_max_ratio: float | None = None  # the busiest worker, 1.0 = one full core
     workers_seen: int | None = None
     gpu: dict[str, Any] = field(default_factory=dict)  # see analysis.context.gpu_context
+    # NVML means per training process on the GPU it uses (the rank-GPU attribution), by PID.
+    gpu_by_pid: dict[int, dict[str, float]] = field(default_factory=dict)
 
     @property
     def free_cores(self) -> float | None:
@@ -120,6 +165,87 @@ class Signals:
 
 
 @dataclass(frozen=True)
+class DeviceTiming:
+    """What the GPU did with the window's device-timed steps, as shares of their step time."""
+
+    steps_timed: int
+    steps: int  # usable steps in the window, timed or not
+    busy_fraction: float
+    phase_busy_fractions: dict[str, float]  # forward, backward, optimizer
+    idle_fraction: float
+    idle_data_wait_fraction: float  # the GPU idle while the training thread waited for the batch
+    host_data_wait_fraction: float  # the training thread's own wait for batches, same steps
+    host_ahead_s_p50: float | None  # how far the host ran ahead of the device at the step's end
+    nvml_utilization_ratio: float | None = None  # NVML, the job's GPUs over the same window
+    nvml_sm_active_ratio: float | None = None  # GPM (Hopper+), where available
+    per_rank: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    def to_json(self) -> dict[str, Any]:
+        def rounded(value: float | None) -> float | None:
+            return None if value is None or not np.isfinite(value) else round(float(value), 4)
+
+        document: dict[str, Any] = {
+            "clock": "device (CUDA events)",
+            "steps_timed": self.steps_timed,
+            "steps": self.steps,
+            "busy_fraction": rounded(self.busy_fraction),
+            "phase_busy_fractions": {k: rounded(v) for k, v in self.phase_busy_fractions.items()},
+            "idle_fraction": rounded(self.idle_fraction),
+            "idle_data_wait_fraction": rounded(self.idle_data_wait_fraction),
+            "host_data_wait_fraction": rounded(self.host_data_wait_fraction),
+            "host_ahead_s_p50": rounded(self.host_ahead_s_p50),
+            "nvml_utilization_ratio": rounded(self.nvml_utilization_ratio),
+            "nvml_sm_active_ratio": rounded(self.nvml_sm_active_ratio),
+        }
+        if not self.per_rank.empty:
+            document["per_rank"] = [
+                {key: (int(value) if key in ("rank", "gpu_index") else rounded(value)) for key, value in row.items()}
+                for row in self.per_rank.to_dict("records")
+            ]
+        return document
+
+
+def _share(frame: pd.DataFrame, column: str) -> float:
+    total = float(frame["step_s"].sum())
+    return float(frame[column].sum()) / total if total > 0 else 0.0
+
+
+def device_timing(host: pd.DataFrame, device: pd.DataFrame, steps: int, context: Context) -> DeviceTiming:
+    """``host`` and ``device`` are the same timed steps, cut by the host's timers and by the
+    device's clock (``on_device``); the NVML means are joined per rank through the PIDs."""
+    ahead = host["host_ahead_s"].dropna()
+    rows = []
+    for rank, group in device.groupby("rank"):
+        nvml = context.gpu_by_pid.get(int(group.sort_values("end_unix_s")["pid"].iloc[-1]), {})
+        rank_ahead = group["host_ahead_s"].dropna()
+        rows.append(
+            {
+                "rank": int(rank),
+                "gpu_busy_fraction": _share(group, "compute_s"),
+                "gpu_idle_fraction": _share(group, "gpu_idle_s"),
+                "gpu_idle_data_wait_fraction": _share(group, "data_wait_s"),
+                "host_ahead_s_p50": float(rank_ahead.median()) if not rank_ahead.empty else np.nan,
+                "gpu_index": nvml.get("gpu_index", -1),
+                "nvml_utilization_ratio": nvml.get("utilization_ratio", np.nan),
+                "nvml_sm_active_ratio": nvml.get("sm_active_ratio", np.nan),
+            }
+        )
+    return DeviceTiming(
+        steps_timed=len(device),
+        steps=steps,
+        busy_fraction=_share(device, "compute_s"),
+        phase_busy_fractions={p: _share(device, f"{p}_s") for p in ("forward", "backward", "optimizer")},
+        idle_fraction=_share(device, "gpu_idle_s"),
+        idle_data_wait_fraction=_share(device, "data_wait_s"),
+        host_data_wait_fraction=_share(host, "data_wait_s"),
+        host_ahead_s_p50=float(ahead.median()) if not ahead.empty else None,
+        nvml_utilization_ratio=context.gpu.get("gpu_utilization_ratio"),
+        nvml_sm_active_ratio=context.gpu.get("gpu_sm_active_ratio"),
+        per_rank=pd.DataFrame(rows),
+    )
+
+
+@dataclass(frozen=True)
 class Features:
     steps: int
     ranks: int
@@ -135,6 +261,9 @@ class Features:
     context: Context = field(default_factory=Context)
     signals: Signals = field(default_factory=Signals)
     losses: LossSummary = field(default_factory=LossSummary)  # the whole run so far, warm-up included
+    # Set when steps carry device timing: then the fractions above are the device's (on_device).
+    device: DeviceTiming | None = None
+    mfu: Mfu | None = None  # an estimate, where the FLOPs per step, the GPU and the dtype are known
 
 
 def empty_features(context: Context | None = None, losses: LossSummary | None = None) -> Features:
@@ -172,7 +301,10 @@ def compute_features(
     total = float(frame["step_s"].sum())
     if total <= 0:
         return empty_features(context, losses)
-    sums = frame[["data_wait_s", "compute_s", "comm_s", "other_s", "forward_s", "backward_s", "optimizer_s"]].sum()
+    # Device truth where the steps carry it, over those steps; the host's timers otherwise.
+    timed = device_timed(frame)
+    phased = on_device(frame[timed]) if timed.any() else frame
+    sums = phased[["data_wait_s", "compute_s", "comm_s", "other_s", "forward_s", "backward_s", "optimizer_s"]].sum()
     # Normalise by the attributed sum so the four fractions add up to exactly 1 even when the
     # probes' phases overlap a little (nested timers, clock granularity).
     attributed = float(sums["data_wait_s"] + sums["compute_s"] + sums["comm_s"] + sums["other_s"])
@@ -193,10 +325,12 @@ def compute_features(
     }
     span = float(frame["end_unix_s"].max() - (frame["end_unix_s"] - frame["step_s"]).min())
     ranks = int(frame["rank"].nunique())
-    median_wait = float(frame["data_wait_s"].median())
-    spikes = frame["data_wait_s"] > max(10 * median_wait, 0.05)
-    spike_fraction = float(frame.loc[spikes, "data_wait_s"].sum()) / scale
+    median_wait = float(phased["data_wait_s"].median())
+    spikes = phased["data_wait_s"] > max(10 * median_wait, 0.05)
+    spike_fraction = float(phased.loc[spikes, "data_wait_s"].sum()) / scale
     step_times = frame["step_s"].to_numpy()
+    device = device_timing(frame[timed], phased, len(frame), context) if timed.any() else None
+    step_mean = float(step_times.mean())
     return Features(
         steps=len(frame),
         ranks=ranks,
@@ -205,13 +339,15 @@ def compute_features(
         phase_fractions=phases,
         step_time_p50_s=float(np.percentile(step_times, 50)),
         step_time_p95_s=float(np.percentile(step_times, 95)),
-        step_time_mean_s=float(step_times.mean()),
+        step_time_mean_s=step_mean,
         steps_per_s=len(frame) / ranks / span if span > 0 else 0.0,
         data_wait_spike_fraction=spike_fraction,
-        per_rank=per_rank_summary(frame),
+        per_rank=per_rank_summary(phased),
         context=context,
-        signals=compute_signals(frame, scale),
+        signals=compute_signals(frame, scale if device is None else total),
         losses=losses,
+        device=device,
+        mfu=estimate_mfu(context.config, context.gpu, step_mean),
     )
 
 

@@ -219,8 +219,26 @@ def host_work(features: Features, gain: float) -> Recommendation:
             "if step % 100 == 0:\n"
             "    print(step, loss.item())"
         ),
-        why="time outside data loading, forward, backward and optimizer: logging, .item(), "
-        "checkpoints or Python work between steps",
+        why=(
+            "time outside data loading, forward, backward and optimizer: logging, .item(), "
+            "checkpoints or Python work between steps"
+            if features.device is None
+            else f"the GPU is idle {features.fractions['other']:.0%} of step time waiting for the host "
+            "(device clock): logging, .item(), checkpoints or Python work between launches"
+        ),
+    )
+
+
+def cuda_graphs(features: Features, gain: float) -> Recommendation:
+    """A launch-bound GPU (idle while the host launches kernels): CUDA graphs replay a step's
+    launches at once; the estimate removes ``gain`` of the measured idle and no more."""
+    idle = features.fractions["other"]
+    return Recommendation(
+        id="torch.compile",
+        title='Compile with mode="reduce-overhead" (CUDA graphs) to cut launch overhead',
+        estimated_speedup=removed(idle * gain),
+        how='model = torch.compile(model, mode="reduce-overhead")',
+        why=f"the GPU is idle {idle:.0%} of step time waiting for the host to launch work (device clock)",
     )
 
 
@@ -306,12 +324,20 @@ def straggler(rank: int, cause: str, excess_fraction: float, wait_fraction: floa
     )
 
 
+def sync_cost(features: Features) -> float:
+    """The share of step time the loop's syncs cost: on the host's clock, the time blocked in
+    them; on the device's, at most the GPU idle between launches (while the host blocks in a
+    sync the GPU works off its queue; what is lost is the idle until the next launch)."""
+    blocked = features.signals.sync_fraction
+    return blocked if features.device is None else min(blocked, features.fractions["other"])
+
+
 def defer_syncs(features: Features, site: str | None) -> Recommendation:
     where = f" ({site})" if site else ""
     return Recommendation(
         id="loop.defer_syncs",
         title=f"Remove per-step host-device syncs{where}",
-        estimated_speedup=removed(features.signals.sync_fraction),
+        estimated_speedup=removed(sync_cost(features)),
         how="# keep the loss on the device and read it every N steps:\n"
         "running += loss.detach()\n"
         "if step % 100 == 0:\n    print(step, (running / 100).item()); running.zero_()",

@@ -163,6 +163,11 @@ def _confidence(features: Features, value: float, threshold: float) -> float:
     return round(0.5 + 0.25 * sample + 0.25 * max(0.0, margin), 3)
 
 
+# A loader wait the GPU spends on queued work costs nothing; from this share of step time it
+# is named in the compute evidence, so a user who sees the wait in a trace knows why it is fine.
+HIDDEN_WAIT_WORTH_NAMING = 0.05
+
+
 # ---- the rules -------------------------------------------------------------------------
 @rule(
     "data.input_wait",
@@ -177,7 +182,8 @@ def _confidence(features: Features, value: float, threshold: float) -> float:
     ),
 )
 def check_input_wait(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
-    """Share of step time the training thread spends blocked in DataLoader.__next__."""
+    """Share of step time the training thread spends blocked in DataLoader.__next__; with device
+    timing, the share the GPU is idle during that wait (a wait it spends on queued work is free)."""
     wait = features.fractions["data_wait"]
     severity = _severity(wait, t)
     if severity is None:
@@ -199,8 +205,16 @@ def check_input_wait(features: Features, t: dict[str, float], a: dict[str, float
         found.append(recs.prefetch_factor(features))
     cores = f"; {free:.1f} of {ctx.cpu_count} cores idle" if free is not None and ctx.cpu_count else ""
     bound = "; the input pipeline is CPU-bound" if loader_fix.id == "dataloader.cheaper_samples" else ""
-    evidence = f"{wait:.0%} of step time waiting for batches; {workers} DataLoader workers{cores}{bound}"
-    metrics = {"data_wait_fraction": wait, "num_workers": float(workers)}
+    device = features.device
+    if device is None:
+        waiting = f"{wait:.0%} of step time waiting for batches"
+    else:
+        waiting = (
+            f"the GPU is idle {wait:.0%} of step time while the loop waits for batches "
+            f"(device clock; the loop waits {device.host_data_wait_fraction:.0%}){_nvml_note(features)}"
+        )
+    evidence = f"{waiting}; {workers} DataLoader workers{cores}{bound}"
+    metrics = {"data_wait_fraction": wait, "num_workers": float(workers), **_device_metrics(features)}
     if free is not None:
         metrics["free_cores"] = free
     if saturation is not None:
@@ -226,7 +240,8 @@ def check_input_wait(features: Features, t: dict[str, float], a: dict[str, float
 )
 def check_exposed_comm(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
     """Share of step time in collectives that did not overlap with compute (DDP's gradient
-    all-reduce after the last gradient was ready, and blocking collectives called from Python)."""
+    all-reduce after the last gradient was ready, and blocking collectives called from Python);
+    with device timing, beside the GPU's busy share on the device clock."""
     comm = features.fractions["communication"]
     severity = _severity(comm, t)
     if severity is None:
@@ -246,13 +261,22 @@ def check_exposed_comm(features: Features, t: dict[str, float], a: dict[str, flo
     if signals.comm_ops_per_step:
         detail = f"; {signals.comm_ops_per_step:.1f} Python collectives per step"
     evidence = f"{comm:.0%} of step time in exposed communication{detail}"
+    if features.device is not None:
+        evidence += (
+            f"; on the device clock the GPU computes {features.device.busy_fraction:.0%} of the step "
+            f"and waits for collectives {comm:.0%}"
+        )
     return Finding(
         "communication.exposed",
         "communication",
         severity,
         evidence,
         _confidence(features, comm, t["warning"]),
-        {"communication_fraction": comm, "comm_bytes_per_step": signals.comm_bytes_per_step},
+        {
+            "communication_fraction": comm,
+            "comm_bytes_per_step": signals.comm_bytes_per_step,
+            **_device_metrics(features),
+        },
         t,
         tuple(sorted(found, key=lambda r: -r.estimated_speedup)),
     )
@@ -272,25 +296,72 @@ def _ddp_settings(features: Features) -> dict[str, Any] | None:
     ("loop.host_work", "torch.compile"),
 )
 def check_host_overhead(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
-    """Share of step time outside data wait, forward, backward, optimizer and communication."""
+    """Share of step time outside data wait, forward, backward, optimizer and communication; with
+    device timing, the share the GPU is idle waiting for the host to launch work (idle outside the
+    data wait and collectives: launch-bound), and how far the host runs ahead of the device."""
     other = features.fractions["other"]
     severity = _severity(other, t)
     if severity is None:
         return None
     found = [recs.host_work(features, a["host_work_gain"])]
-    if (features.context.config or {}).get("device_type") == "cuda":
-        found.append(recs.torch_compile(features, a["compile_speedup"], mode="reduce-overhead"))
-    evidence = f"{other:.0%} of step time outside data, forward, backward and optimizer (host work)"
+    device = features.device
+    if device is not None:
+        # The GPU waits for the host to launch work: fewer, larger launches (CUDA graphs) help.
+        found.append(recs.cuda_graphs(features, a["host_work_gain"]))
+        ahead = device.host_ahead_s_p50
+        lead = f"; the host is {ahead * 1e3:.2g} ms ahead of the device at the step's end" if ahead is not None else ""
+        evidence = (
+            f"the GPU is idle {other:.0%} of step time waiting for the host to launch work (launch-bound: "
+            f"Python between launches, small kernels){lead}{_nvml_note(features)}"
+        )
+    else:
+        if (features.context.config or {}).get("device_type") == "cuda":
+            found.append(recs.torch_compile(features, a["compile_speedup"], mode="reduce-overhead"))
+        evidence = f"{other:.0%} of step time outside data, forward, backward and optimizer (host work)"
     return Finding(
         "algorithm.host_overhead",
         "algorithm",
         severity,
         evidence,
         _confidence(features, other, t["warning"]),
-        {"other_fraction": other},
+        {"other_fraction": other, **_device_metrics(features)},
         t,
-        tuple(found),
+        tuple(sorted(found, key=lambda r: -r.estimated_speedup)),
     )
+
+
+def _nvml_note(features: Features) -> str:
+    """NVML's view of the same GPUs over the same window, beside the device clock's."""
+    device = features.device
+    if device is None:
+        return ""
+    parts = []
+    if device.nvml_utilization_ratio is not None:
+        parts.append(f"utilization {device.nvml_utilization_ratio:.0%}")
+    if device.nvml_sm_active_ratio is not None:
+        parts.append(f"SM active {device.nvml_sm_active_ratio:.0%}")
+    return f" (NVML: {', '.join(parts)})" if parts else ""
+
+
+def _device_metrics(features: Features) -> dict[str, float]:
+    """The device clock's numbers behind a finding, where the steps carry device timing."""
+    device = features.device
+    if device is None:
+        return {}
+    metrics = {
+        "gpu_busy_fraction": device.busy_fraction,
+        "gpu_idle_fraction": device.idle_fraction,
+        "gpu_idle_data_wait_fraction": device.idle_data_wait_fraction,
+        "host_data_wait_fraction": device.host_data_wait_fraction,
+        "device_timed_steps": float(device.steps_timed),
+    }
+    if device.host_ahead_s_p50 is not None:
+        metrics["host_ahead_s_p50"] = device.host_ahead_s_p50
+    if device.nvml_utilization_ratio is not None:
+        metrics["nvml_utilization_ratio"] = device.nvml_utilization_ratio
+    if device.nvml_sm_active_ratio is not None:
+        metrics["nvml_sm_active_ratio"] = device.nvml_sm_active_ratio
+    return metrics
 
 
 @rule(
@@ -300,7 +371,9 @@ def check_host_overhead(features: Features, t: dict[str, float], a: dict[str, fl
     ("amp.autocast", "torch.compile"),
 )
 def check_compute_bound(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
-    """Share of step time in forward, backward and optimizer; recommends cheaper math."""
+    """Share of step time in forward, backward and optimizer; with device timing, the GPU's busy
+    share (CUDA events) with NVML's utilization and SM activity and, where the FLOPs per step are
+    given, an MFU estimate; recommends cheaper math."""
     compute = features.fractions["compute"]
     if compute < t["info"]:
         return None
@@ -323,14 +396,26 @@ def check_compute_bound(features: Features, t: dict[str, float], a: dict[str, fl
         notes.append("not compiled")
     severity = "warning" if any(r.id == "amp.autocast" for r in found) and device == "cuda" else "info"
     detail = f"; {', '.join(notes)}" if notes else ""
-    evidence = f"{compute:.0%} of step time in forward, backward and optimizer on {device}{detail}"
+    timing = features.device
+    if timing is None:
+        evidence = f"{compute:.0%} of step time in forward, backward and optimizer on {device}{detail}"
+    else:
+        evidence = f"the GPU is busy {compute:.0%} of step time (device clock){_nvml_note(features)}{detail}"
+        waited = timing.host_data_wait_fraction
+        if waited - timing.idle_data_wait_fraction >= HIDDEN_WAIT_WORTH_NAMING:
+            evidence += f"; the loop's wait for batches ({waited:.0%}) is hidden behind GPU work"
+    metrics = {"compute_fraction": compute, **_device_metrics(features)}
+    if features.mfu is not None:
+        evidence += f"; {features.mfu.describe()}"
+        metrics["mfu_estimate"] = features.mfu.ratio
+        metrics["achieved_tflops_estimate"] = features.mfu.achieved_tflops
     return Finding(
         "compute.bound",
         "compute",
         severity,
         evidence,
         _confidence(features, compute, t["info"]),
-        {"compute_fraction": compute},
+        metrics,
         t,
         tuple(sorted(found, key=lambda r: -r.estimated_speedup)),
     )
@@ -542,20 +627,27 @@ def check_find_unused(features: Features, t: dict[str, float], a: dict[str, floa
 @rule("algorithm.sync_in_loop", "algorithm", "Host-device syncs in the training loop", ("loop.defer_syncs",))
 def check_syncs(features: Features, t: dict[str, float], a: dict[str, float]) -> Finding | None:
     """Calls per step that make the host wait for the device (.item(), .cpu(), float(t), print(t)),
-    and the share of step time blocked in them; the call sites come from the probes."""
+    and the share of step time blocked in them; the call sites come from the probes. With device
+    timing a sync costs what the GPU idles after it, at most its idle waiting for launches."""
     signals = features.signals
     if signals.syncs_per_step < t["syncs_per_step"]:
         return None
     on_gpu = _on_cuda(features)
-    severity = "warning" if on_gpu and signals.sync_fraction >= t["warning"] else "info"
+    cost = recs.sync_cost(features)
+    severity = "warning" if on_gpu and cost >= t["warning"] else "info"
     sites = (features.context.config or {}).get("sync_sites") or []
     site = f"{Path(sites[0]['file']).name}:{sites[0]['line']} {sites[0]['call']}()" if sites else None
     where = f", most at {site}" if site else ""
-    impact = (
-        f"blocking {signals.sync_fraction:.0%} of step time"
-        if on_gpu
-        else "on CPU they cost nothing, on a GPU each one stalls the pipeline"
-    )
+    if not on_gpu:
+        impact = "on CPU they cost nothing, on a GPU each one stalls the pipeline"
+    elif features.device is None:
+        impact = f"blocking {signals.sync_fraction:.0%} of step time"
+    else:
+        # While the host blocks, the GPU works off its queue; the cost is the idle left after.
+        impact = (
+            f"the host blocks {signals.sync_fraction:.0%} of step time in them while the GPU works, "
+            f"and the GPU idles {features.fractions['other']:.0%} waiting for launches (device clock)"
+        )
     evidence = f"{signals.syncs_per_step:.1f} host-device syncs per step{where}; {impact}"
     return Finding(
         "algorithm.sync_in_loop",
@@ -563,10 +655,10 @@ def check_syncs(features: Features, t: dict[str, float], a: dict[str, float]) ->
         severity,
         evidence,
         0.9 if sites else 0.7,
-        {"syncs_per_step": signals.syncs_per_step, "sync_fraction": signals.sync_fraction},
+        {"syncs_per_step": signals.syncs_per_step, "sync_fraction": signals.sync_fraction, "sync_cost": cost},
         t,
         (recs.defer_syncs(features, site),),
-        cost=signals.sync_fraction,
+        cost=cost,
     )
 
 

@@ -125,6 +125,10 @@ class Verdict:
             "minor_recommendations": self.minor_recommendations(),
             "evaluated_unix_s": round(self.evaluated_unix_s, 3),
         }
+        if f.device is not None:
+            document["device"] = f.device.to_json()
+        if f.mfu is not None:
+            document["mfu"] = f.mfu.to_json()
         if f.context.gpu:
             document["gpu"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in f.context.gpu.items()}
         if f.ranks > 1 and not f.per_rank.empty:

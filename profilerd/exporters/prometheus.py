@@ -169,6 +169,16 @@ def _training_metrics(jobs: list[tuple[str, list[tuple[Any, ...]], Any]]) -> Ite
         "Estimated whole-step speedup of each current recommendation",
         labels=["job", "recommendation"],
     )
+    gpu_busy = GaugeMetricFamily(
+        "profilerd_step_gpu_busy_ratio",
+        "Share of step time the job's GPUs were busy on the device clock (CUDA events), analysis window",
+        labels=["job"],
+    )
+    mfu = GaugeMetricFamily(
+        "profilerd_mfu_ratio",
+        "Model FLOPs utilisation, an estimate from PROFILERD_FLOPS_PER_STEP and the device's peak",
+        labels=["job"],
+    )
     for job, ranks, current in jobs:
         for rank_id, bucket_counts, steps_total, seconds_sum, phase_seconds, last_step_unix_s in ranks:
             labels = [job, str(rank_id)]
@@ -193,7 +203,11 @@ def _training_metrics(jobs: list[tuple[str, list[tuple[Any, ...]], Any]]) -> Ite
         severity.add_metric([job], float(SEVERITIES.index(current.severity)))
         for rec in current.recommendations():
             speedup.add_metric([job, rec["id"]], rec["estimated_speedup"])
-    yield from (steps, phase_total, phase_ratio, last_step, verdict, severity, speedup)
+        if current.features.device is not None:
+            gpu_busy.add_metric([job], current.features.device.busy_fraction)
+        if current.features.mfu is not None:
+            mfu.add_metric([job], current.features.mfu.ratio)
+    yield from (steps, phase_total, phase_ratio, last_step, verdict, severity, speedup, gpu_busy, mfu)
 
 
 def _host_metrics(host: HostSample | None, processes: list[ProcessSample]) -> Iterator[Metric]:
