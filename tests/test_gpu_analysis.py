@@ -258,8 +258,8 @@ def test_live_analyser_judges_the_item_loop_on_the_device_clock() -> None:
     store.set_config(100, CONFIG)
     for seq, record in enumerate(records):
         store.add_step(record, seq, 0)
-    store.set_gpus(samples, [])
-    analyzer = LiveAnalyzer(store, RULES, None)
+    store.set_gpus(samples, [], 0)
+    analyzer = LiveAnalyzer(store, RULES)
     verdict = analyzer.analyse("simjob", records[-1].end_unix_s)
     assert verdict.primary == "compute"
     assert verdict.features.device is not None and verdict.features.device.nvml_utilization_ratio > 0.9
