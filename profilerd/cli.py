@@ -552,12 +552,11 @@ class _Injected:
         if verdict.features.steps < 5:
             document["layers"]["L2"] = {"available": False, "why": f"only {verdict.features.steps} steps observed"}
             return document
+        result.layer = "L2"
+        layers = {**document["layers"], "L2": {"available": True, "steps": verdict.features.steps, "detached": True}}
         injected = verdict.to_json(self.run_id, f"pid-{self.pid}", recording=str(recording))
-        injected.update({k: document[k] for k in ("layers", "target") if k in document})
-        injected["notes"] = list(result.notes)  # not the L1 note that steps need probes: here they are
-        injected["layers"]["L2"] = {"available": True, "steps": verdict.features.steps, "detached": True}
-        injected["attach_layer"] = "L2"
-        return injected
+        # Not the L1 note that steps need probes: here they are.
+        return attach.with_attach_fields(injected, result, layers, list(result.notes))
 
 
 def _attach_inject(

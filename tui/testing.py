@@ -106,6 +106,9 @@ def daemon_documents(steps_total: int = 300) -> dict[str, Any]:
         "primary": "data",
         "severity": "critical",
         "summary": "DATA-BOUND: 43% of step time waiting for batches; 2 of 8 cores busy",
+        "headline": "DATA-BOUND",
+        "statement": "43% of step time waiting for batches; 2 of 8 cores busy",
+        "straggler": 1,  # the canned steps: rank 1 waits for batches while rank 0 waits for it
         "fractions": {"data_wait": 0.43, "compute": 0.5, "communication": 0.05, "other": 0.02},
         "phases": {
             "data_wait": 0.43,

@@ -1,23 +1,22 @@
 """From features to a verdict: run every rule, pick the primary bottleneck, explain it.
 
-``diagnose`` is the one entry point of the live, offline (report, ``run --json``) and replay
-paths: a frame of steps, the run-wide loss evidence and the context in, a verdict out.
+``evaluate`` decides; ``Verdict.to_json`` builds the one verdict document. Callers do not come
+here directly: ``analysis.diagnosis.diagnose`` is the entry point of every path.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import pandas as pd
-
-from profilerd.analysis.features import Context, Features, compute_features
-from profilerd.analysis.history import LossSummary
+from profilerd.analysis.features import Features
 from profilerd.analysis.rules import REGISTRY, RuleSet
 from profilerd.model import SEVERITIES, Finding
 
 SCHEMA = "profilerd.verdict/v1"
+STRAGGLER_RULE = "communication.straggler"
 _SEVERITY_RANK = {name: i for i, name in enumerate(SEVERITIES)}
 _COST_KEY = {
     "data": "data_wait",
@@ -49,6 +48,17 @@ class Verdict:
     @property
     def headline(self) -> str:
         return _HEADLINE[self.primary]
+
+    @property
+    def statement(self) -> str:
+        """The summary's evidence, without its headline: what the TUI and the report show under it."""
+        return _without_headline(self.summary, self.headline)
+
+    @property
+    def straggler(self) -> int | None:
+        """The rank the others wait for, when the straggler rule found one."""
+        finding = next((f for f in self.findings if f.rule == STRAGGLER_RULE), None)
+        return int(finding.metrics["straggler_rank"]) if finding is not None else None
 
     @property
     def basis(self) -> str:
@@ -101,6 +111,9 @@ class Verdict:
             "primary": self.primary,
             "severity": self.severity,
             "summary": self.summary,
+            "headline": self.headline,
+            "statement": self.statement,
+            "straggler": self.straggler,
             "fractions": {k: round(v, 4) for k, v in f.fractions.items()},
             "phases": {k: round(v, 4) for k, v in f.phase_fractions.items()},
             "steps": f.steps,
@@ -149,21 +162,16 @@ class Verdict:
         return document
 
 
-def diagnose(steps: pd.DataFrame, context: Context, ruleset: RuleSet, losses: LossSummary | None = None) -> Verdict:
-    """The verdict over a frame of steps (a live window, or a whole recording). ``losses`` is the
-    run-wide loss evidence when ``steps`` is only a window of the run; without it, the loss
-    evidence is taken from ``steps`` themselves."""
-    return evaluate(compute_features(steps, context, ruleset.warmup_steps, losses), ruleset)
-
-
-def evaluate(features: Features, ruleset: RuleSet) -> Verdict:
+def evaluate(features: Features, ruleset: RuleSet, estimates: Sequence[Finding] = ()) -> Verdict:
     """One evaluation, no memory: the same input always gives the same verdict.
 
     A verdict needs ``min_steps`` steps, however short they are; decisive rules (a NaN loss)
     are checked even before that. Less evidence gives a lower confidence, not no verdict.
+    ``estimates`` are findings from evidence the rules cannot read (attach's thread CPU); they
+    are weighed with the rules' findings by the same decision.
     """
     enough = features.steps >= ruleset.min_steps
-    findings = []
+    findings = list(estimates)
     for rule in REGISTRY.values():
         if not (enough or rule.decisive):
             continue
@@ -192,12 +200,41 @@ def _verdict_confidence(features: Features, ruleset: RuleSet, primary: str, find
     """The leading finding's confidence, lowered when the verdict rests on few steps or little
     time; decisive evidence (a NaN loss) is as certain on 20 steps as on 20,000."""
     lead = next((f for f in findings if f.category == primary), None)
-    if lead is not None and REGISTRY[lead.rule].decisive:
+    rule = REGISTRY.get(lead.rule) if lead is not None else None
+    if lead is not None and rule is not None and rule.decisive:
         return lead.confidence
     base = lead.confidence if lead is not None else 0.6
     seconds = features.duration_s / ruleset.min_seconds if ruleset.min_seconds > 0 else 1.0
     amount = min(1.0, features.steps / FULL_EVIDENCE_STEPS, seconds)
     return round(base * (0.6 + 0.4 * amount), 3)
+
+
+def headline_of(document: Mapping[str, Any]) -> str:
+    """A verdict document's headline; documents written before it had one get it from ``primary``."""
+    return str(document.get("headline") or _HEADLINE.get(str(document.get("primary")), "NO VERDICT YET"))
+
+
+def statement_of(document: Mapping[str, Any]) -> str:
+    """A verdict document's evidence sentence (for documents written before it had one, the
+    summary less the headline the verdict put in front of it)."""
+    if "statement" in document:
+        return str(document["statement"])
+    return _without_headline(str(document.get("summary", "")), headline_of(document))
+
+
+def straggler_of(document: Mapping[str, Any]) -> int | None:
+    """A verdict document's straggler rank (for documents written before it had one, from the
+    straggler finding)."""
+    if "straggler" in document:
+        rank = document["straggler"]
+        return int(rank) if rank is not None else None
+    finding = next((f for f in document.get("findings") or () if f.get("rule") == STRAGGLER_RULE), None)
+    return int(finding["metrics"]["straggler_rank"]) if finding is not None else None
+
+
+def _without_headline(summary: str, headline: str) -> str:
+    prefix = f"{headline}: "  # as _summary writes it
+    return summary[len(prefix) :] if summary.startswith(prefix) else summary
 
 
 def _level(confidence: float) -> str:
