@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from profilerd import __version__, charts
-from profilerd.analysis.verdict import STRAGGLER_RULE, headline_of, statement_of, straggler_of
+from profilerd.analysis.document import STRAGGLER_RULE, headline_of, statement_of, straggler_of
 from profilerd.charts import Band, Layer, Line, Mark, fmt_duration, fmt_ratio, fmt_seconds
 from profilerd.timeline import ReportData
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from profilerd.analysis.verdict import STRAGGLER_RULE, headline_of, statement_of, straggler_of
+from profilerd.analysis.document import STRAGGLER_RULE, headline_of, statement_of, straggler_of
 from profilerd.charts import fmt_duration, fmt_seconds, sparkline
 from profilerd.timeline import ReportData
 

@@ -12,13 +12,8 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-HEADLINES = {
-    "data": "DATA-BOUND",
-    "compute": "COMPUTE-BOUND",
-    "communication": "COMMUNICATION-BOUND",
-    "algorithm": "ALGORITHM",
-    "none": "NO VERDICT YET",
-}
+from profilerd.analysis.document import headline
+
 SEVERITY_ORDER = ("ok", "info", "warning", "critical")
 FRACTION_KEYS = ("data_wait", "compute", "communication", "other")
 FRACTION_LABELS = {"data_wait": "data", "compute": "compute", "communication": "comm", "other": "other"}
@@ -124,8 +119,7 @@ class Snapshot:
     primary: str = "none"
     severity: str = "ok"
     summary: str = "waiting for the first training step"
-    statement: str | None = None  # the summary's evidence without its headline, as the verdict says it
-    verdict_headline: str | None = None  # the verdict document's headline
+    statement: str | None = None  # the summary's evidence sentence, without its headline
     straggler: int | None = None  # the rank the verdict names the straggler
     fractions: dict[str, float] | None = None
     phases: dict[str, float] | None = None
@@ -148,7 +142,7 @@ class Snapshot:
 
     @property
     def headline(self) -> str:
-        return self.verdict_headline or HEADLINES.get(self.primary, self.primary.upper())
+        return headline(self.primary)
 
     @property
     def evidence(self) -> str:

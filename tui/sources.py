@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import pandas as pd
 
+from profilerd.analysis.document import headline, statement_of, straggler_of
 from profilerd_tui.model import (
-    HEADLINES,
     SEVERITY_ORDER,
     FindingRow,
     GpuRow,
@@ -120,9 +120,8 @@ def verdict_fields(verdict: Mapping[str, Any] | None) -> dict[str, Any]:
         "primary": verdict.get("primary", "none"),
         "severity": verdict.get("severity", "ok"),
         "summary": verdict.get("summary", ""),
-        "statement": verdict.get("statement"),
-        "verdict_headline": verdict.get("headline"),
-        "straggler": verdict.get("straggler"),
+        "statement": statement_of(verdict),
+        "straggler": straggler_of(verdict),
         "fractions": dict(verdict["fractions"]) if steps and verdict.get("fractions") else None,
         "phases": dict(verdict["phases"]) if steps and verdict.get("phases") else None,
         "step_p50_s": step_time.get("p50") if steps else None,
@@ -782,7 +781,7 @@ class PrometheusSource:
             state="running" if live_ranks else "finished",
             primary=primary,
             severity=severity_name,
-            summary=f"{HEADLINES.get(primary, primary.upper())}: {statement}",
+            summary=f"{headline(primary)}: {statement}",
             statement=statement,
             fractions=fractions,
             phases=phases,

@@ -106,9 +106,6 @@ def daemon_documents(steps_total: int = 300) -> dict[str, Any]:
         "primary": "data",
         "severity": "critical",
         "summary": "DATA-BOUND: 43% of step time waiting for batches; 2 of 8 cores busy",
-        "headline": "DATA-BOUND",
-        "statement": "43% of step time waiting for batches; 2 of 8 cores busy",
-        "straggler": 1,  # the canned steps: rank 1 waits for batches while rank 0 waits for it
         "fractions": {"data_wait": 0.43, "compute": 0.5, "communication": 0.05, "other": 0.02},
         "phases": {
             "data_wait": 0.43,
@@ -133,7 +130,17 @@ def daemon_documents(steps_total: int = 300) -> dict[str, Any]:
                 "metrics": {},
                 "thresholds": {"warning": 0.1, "critical": 0.2},
                 "recommendations": [],
-            }
+            },
+            {
+                "rule": "communication.straggler",
+                "category": "communication",
+                "severity": "warning",
+                "evidence": "rank 1 is the straggler: its own work takes 36% of a step longer than the median rank's",
+                "confidence": 0.7,
+                "metrics": {"straggler_rank": 1.0},
+                "thresholds": {"warning": 0.1, "critical": 0.25},
+                "recommendations": [],
+            },
         ],
         "recommendations": [
             {

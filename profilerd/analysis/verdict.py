@@ -7,29 +7,21 @@ here directly: ``analysis.diagnosis.diagnose`` is the entry point of every path.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from profilerd.analysis.document import SCHEMA, STRAGGLER_RULE, headline, without_headline
 from profilerd.analysis.features import Features
 from profilerd.analysis.rules import REGISTRY, RuleSet
 from profilerd.model import SEVERITIES, Finding
 
-SCHEMA = "profilerd.verdict/v1"
-STRAGGLER_RULE = "communication.straggler"
 _SEVERITY_RANK = {name: i for i, name in enumerate(SEVERITIES)}
 _COST_KEY = {
     "data": "data_wait",
     "compute": "compute",
     "communication": "communication",
     "algorithm": "other",
-}
-_HEADLINE = {
-    "data": "DATA-BOUND",
-    "compute": "COMPUTE-BOUND",
-    "communication": "COMMUNICATION-BOUND",
-    "algorithm": "ALGORITHM",
-    "none": "NO VERDICT YET",
 }
 FULL_EVIDENCE_STEPS = 200  # with this many steps and min_seconds of them, evidence is complete
 
@@ -47,12 +39,12 @@ class Verdict:
 
     @property
     def headline(self) -> str:
-        return _HEADLINE[self.primary]
+        return headline(self.primary)
 
     @property
     def statement(self) -> str:
         """The summary's evidence, without its headline: what the TUI and the report show under it."""
-        return _without_headline(self.summary, self.headline)
+        return without_headline(self.summary, self.headline)
 
     @property
     def straggler(self) -> int | None:
@@ -111,9 +103,6 @@ class Verdict:
             "primary": self.primary,
             "severity": self.severity,
             "summary": self.summary,
-            "headline": self.headline,
-            "statement": self.statement,
-            "straggler": self.straggler,
             "fractions": {k: round(v, 4) for k, v in f.fractions.items()},
             "phases": {k: round(v, 4) for k, v in f.phase_fractions.items()},
             "steps": f.steps,
@@ -209,34 +198,6 @@ def _verdict_confidence(features: Features, ruleset: RuleSet, primary: str, find
     return round(base * (0.6 + 0.4 * amount), 3)
 
 
-def headline_of(document: Mapping[str, Any]) -> str:
-    """A verdict document's headline; documents written before it had one get it from ``primary``."""
-    return str(document.get("headline") or _HEADLINE.get(str(document.get("primary")), "NO VERDICT YET"))
-
-
-def statement_of(document: Mapping[str, Any]) -> str:
-    """A verdict document's evidence sentence (for documents written before it had one, the
-    summary less the headline the verdict put in front of it)."""
-    if "statement" in document:
-        return str(document["statement"])
-    return _without_headline(str(document.get("summary", "")), headline_of(document))
-
-
-def straggler_of(document: Mapping[str, Any]) -> int | None:
-    """A verdict document's straggler rank (for documents written before it had one, from the
-    straggler finding)."""
-    if "straggler" in document:
-        rank = document["straggler"]
-        return int(rank) if rank is not None else None
-    finding = next((f for f in document.get("findings") or () if f.get("rule") == STRAGGLER_RULE), None)
-    return int(finding["metrics"]["straggler_rank"]) if finding is not None else None
-
-
-def _without_headline(summary: str, headline: str) -> str:
-    prefix = f"{headline}: "  # as _summary writes it
-    return summary[len(prefix) :] if summary.startswith(prefix) else summary
-
-
 def _level(confidence: float) -> str:
     return "high" if confidence >= 0.8 else "medium" if confidence >= 0.6 else "low"
 
@@ -256,9 +217,9 @@ def _choose_primary(features: Features, findings: list[Finding]) -> tuple[str, s
 def _summary(primary: str, features: Features, findings: list[Finding]) -> str:
     for finding in findings:
         if finding.category == primary:
-            return f"{_HEADLINE[primary]}: {finding.evidence}"
+            return f"{headline(primary)}: {finding.evidence}"
     share = features.fractions[_COST_KEY[primary]]
-    return f"{_HEADLINE[primary]}: {share:.0%} of step time; no inefficiency found"
+    return f"{headline(primary)}: {share:.0%} of step time; no inefficiency found"
 
 
 class VerdictTracker:
