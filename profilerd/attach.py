@@ -366,6 +366,14 @@ def attach_ruleset(ruleset: RuleSet, duration_s: float) -> RuleSet:
     return replace(ruleset, min_steps=20, min_seconds=min(ruleset.min_seconds, max(1.0, duration_s * 0.5)))
 
 
+def probed_verdict(recording: Path, ruleset: RuleSet, seconds: float) -> Verdict:
+    """The verdict of an attach whose injected probes (L2) recorded steps: the recording's, as
+    `report` gives it, over attach-sized evidence (``attach_ruleset``)."""
+    from profilerd import runs
+
+    return runs.analyse(runs.load(recording), attach_ruleset(ruleset, seconds))
+
+
 def run_attach(
     pid: int,
     duration_s: float,

@@ -523,7 +523,7 @@ class _Injected:
         self.error: str | None = None
 
     def finish(self, document: dict[str, Any], result: Any) -> dict[str, Any]:
-        from profilerd import attach, runs
+        from profilerd import attach
 
         try:
             if self.error is None:
@@ -548,7 +548,7 @@ class _Injected:
         if recording is None:
             document["layers"]["L2"] = {"available": False, "why": "probes injected but no training step arrived"}
             return document
-        verdict = runs.analyse(runs.load(recording), attach.attach_ruleset(self.ruleset, result.l0.seconds))
+        verdict = attach.probed_verdict(recording, self.ruleset, result.l0.seconds)
         if verdict.features.steps < 5:
             document["layers"]["L2"] = {"available": False, "why": f"only {verdict.features.steps} steps observed"}
             return document
