@@ -338,6 +338,7 @@ def snapshot_from_api(
     fields.setdefault("primary", document.get("primary", "none"))
     fields.setdefault("severity", document.get("severity", "ok"))
     fields.setdefault("summary", document.get("summary", ""))
+    fields.setdefault("statement", statement_of(fields))  # the job's own summary, before any verdict
     return Snapshot(
         source=label,
         job=document.get("job"),
