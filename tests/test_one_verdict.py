@@ -100,26 +100,34 @@ def _plain(value: object) -> object:
 def test_live_report_replay_and_attach_give_one_verdict(recording: Path, profilerd_env: dict[str, str]) -> None:
     store, job, end = daemon_store(recording)
     LiveAnalyzer(store, RULES, None).tick(end)
-    live = store.jobs[job].verdict
-    live_says = (live.primary, live.headline, live.straggler)
+    live = store.jobs[job].verdict.to_json("live")
+    live_says = (live["primary"], headline_of(live), straggler_of(live))
 
     result = run_cli("report", str(recording), "--format", "json", env=profilerd_env)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     report_says = (report["primary"], headline_of(report), straggler_of(report))
 
-    def replay_says(at_unix_s: float) -> tuple[str, str, int | None]:
+    def replay_says(at_unix_s: float) -> tuple[str, str, int | None, str]:
         snapshot = ReplaySource(recording, playing=False).snapshot_at(at_unix_s)
         flagged = [r.rank for r in snapshot.ranks if r.straggler]
-        return snapshot.primary, snapshot.headline, flagged[0] if flagged else None
+        return snapshot.primary, snapshot.headline, flagged[0] if flagged else None, snapshot.summary
 
-    probed = attach.probed_verdict(recording, RULES, end - float(runs.load(recording).steps["end_unix_s"].min()))
-    attach_says = (probed.primary, probed.headline, probed.straggler)
+    seconds = end - float(runs.load(recording).steps["end_unix_s"].min())
+    probed = attach.probed_verdict(recording, RULES, seconds).to_json("attach")
+    attach_says = (probed["primary"], headline_of(probed), straggler_of(probed))
 
     # The fixture's straggler (rank 1) holds back a job on a power-capped GPU.
     assert live_says == ("compute", "COMPUTE-BOUND", 1)
     assert report_says == live_says
-    assert replay_says(end) == live_says  # the end of a replay: the whole run, as `report`
-    assert replay_says(end - 0.001) == live_says  # just before: the live window, as the daemon
+    # The end of a replay is the whole run, as `report`; just before, the live window, as the daemon.
+    for at_unix_s in (end, end - 0.001):
+        assert replay_says(at_unix_s) == (*live_says, live["summary"])
     assert attach_says == live_says
-    assert live.summary == report["summary"]
+    # The GPU samples reach every path: the power cap is the evidence everywhere.
+    assert (
+        live["summary"]
+        == report["summary"]
+        == probed["summary"]
+        == "COMPUTE-BOUND: power throttling in 50% of GPU samples"
+    )

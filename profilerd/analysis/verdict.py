@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from profilerd.analysis.document import SCHEMA, STRAGGLER_RULE, headline, without_headline
+from profilerd.analysis.document import SCHEMA, headline
 from profilerd.analysis.features import Features
 from profilerd.analysis.rules import REGISTRY, RuleSet
 from profilerd.model import SEVERITIES, Finding
@@ -40,17 +40,6 @@ class Verdict:
     @property
     def headline(self) -> str:
         return headline(self.primary)
-
-    @property
-    def statement(self) -> str:
-        """The summary's evidence, without its headline: what the TUI and the report show under it."""
-        return without_headline(self.summary, self.headline)
-
-    @property
-    def straggler(self) -> int | None:
-        """The rank the others wait for, when the straggler rule found one."""
-        finding = next((f for f in self.findings if f.rule == STRAGGLER_RULE), None)
-        return int(finding.metrics["straggler_rank"]) if finding is not None else None
 
     @property
     def basis(self) -> str:
