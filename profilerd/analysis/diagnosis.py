@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import pandas as pd
 
@@ -64,7 +65,7 @@ class Observation:
     """
 
     steps: pd.DataFrame = field(default_factory=lambda: _empty(STEP_COLUMNS))
-    config: dict | None = None
+    config: dict[str, Any] | None = None
     hosts: pd.DataFrame = field(default_factory=lambda: _empty(HOST_COLUMNS))
     processes: pd.DataFrame = field(default_factory=lambda: _empty(PROCESS_COLUMNS))
     gpus: pd.DataFrame = field(default_factory=lambda: _empty(GPU_COLUMNS))
@@ -82,7 +83,7 @@ class Observation:
         ruleset: RuleSet,
         *,
         losses: LossSummary,
-        config: dict | None = None,
+        config: dict[str, Any] | None = None,
         hosts: pd.DataFrame | None = None,
         processes: pd.DataFrame | None = None,
         gpus: pd.DataFrame | None = None,
@@ -112,7 +113,7 @@ class Observation:
         cls,
         steps: pd.DataFrame,
         *,
-        config: dict | None = None,
+        config: dict[str, Any] | None = None,
         hosts: pd.DataFrame | None = None,
         processes: pd.DataFrame | None = None,
         gpus: pd.DataFrame | None = None,
