@@ -32,10 +32,12 @@ import numpy as np
 import pandas as pd
 import psutil
 
-from profilerd.analysis.features import FRACTION_KEYS, Context, Features, Signals
+from profilerd.analysis.context import HOST_COLUMNS, PROCESS_COLUMNS
+from profilerd.analysis.diagnosis import Observation, SampledPhases, diagnose
 from profilerd.analysis.rules import RuleSet
-from profilerd.analysis.verdict import Verdict, evaluate
+from profilerd.analysis.verdict import Verdict
 from profilerd.config import ATTACH_RATE_HZ
+from profilerd.model import Finding
 from profilerd.samplers.host import DATALOADER_WORKER_NAME
 
 PTRACE_HELP = (
@@ -189,8 +191,12 @@ class L0Sampler:
         return True
 
 
-def classify_l0(s: L0Summary) -> tuple[str, str, str, dict[str, float]]:
-    """Primary category, severity, evidence and rough fractions from thread CPU alone.
+L0_RULE = "attach.thread_cpu"  # the estimate's finding: not a rule of the rules file
+L0_CONFIDENCE = 0.5  # thread CPU alone cannot see phases: at best a medium-low confidence
+
+
+def classify_l0(s: L0Summary) -> tuple[Finding, dict[str, float]]:
+    """A finding and rough fractions from thread CPU alone, for the one decision to weigh.
 
     The training thread's own CPU share says how much of the time it computes or runs Python;
     the rest it is blocked (waiting for input, the device or other ranks). Busy workers with
@@ -204,19 +210,23 @@ def classify_l0(s: L0Summary) -> tuple[str, str, str, dict[str, float]]:
             f"{s.workers} DataLoader workers run at {s.worker_max_ratio:.0%} of a core while the training "
             f"thread is busy only {busy:.0%} of the time"
         )
-        return "data", "warning", evidence, {"data_wait": 1 - busy, "compute": busy}
-    if busy < 0.5:
+        category, severity, rough = "data", "warning", {"data_wait": 1 - busy, "compute": busy}
+    elif busy < 0.5:
         what = "input" if s.workers or compute_cores < 0.5 else "the device or other ranks"
         evidence = (
             f"the training thread is busy only {busy:.0%} of the time and the process uses "
             f"{compute_cores:.1f} cores: it mostly waits ({what})"
         )
-        return "data", "warning", evidence, {"data_wait": 1 - busy, "compute": busy}
-    if s.other_threads_cores < 0.2 and busy >= 0.9:
+        category, severity, rough = "data", "warning", {"data_wait": 1 - busy, "compute": busy}
+    elif s.other_threads_cores < 0.2 and busy >= 0.9:
         evidence = f"the training thread runs at {busy:.0%} of a core while the math threads idle: host-bound"
-        return "algorithm", "warning", evidence, {"other": busy, "compute": 1 - busy}
-    evidence = f"the process keeps {compute_cores:.1f} of {s.cpu_count} cores busy computing"
-    return "compute", "info", evidence, {"compute": busy, "data_wait": 1 - busy}
+        category, severity, rough = "algorithm", "warning", {"other": busy, "compute": 1 - busy}
+    else:
+        evidence = f"the process keeps {compute_cores:.1f} of {s.cpu_count} cores busy computing"
+        category, severity, rough = "compute", "info", {"compute": busy, "data_wait": 1 - busy}
+    metrics = {"main_thread_busy_ratio": busy, "process_cpu_cores": compute_cores}
+    finding = Finding(L0_RULE, category, severity, evidence, L0_CONFIDENCE, metrics, {}, cost=max(rough.values()))
+    return finding, rough
 
 
 # ---- L1: py-spy ---------------------------------------------------------------------------------
@@ -347,47 +357,21 @@ class AttachResult:
     l1_note: str | None = None
     l2_note: str | None = None
     verdict: Verdict | None = None
-    l0_verdict: tuple[str, str, str, dict[str, float]] | None = None
+    l0_estimate: Finding | None = None
     notes: list[str] = field(default_factory=list)
-
-
-def features_from_samples(counts: Counter[str], seconds: float, context: Context) -> Features:
-    """Stack-sample counts as step-phase features; 'steps' counts samples (no step boundaries)."""
-    total = sum(counts.values()) or 1
-    phases = {
-        "data_wait": counts["data_wait"] / total,
-        "forward": counts["forward"] / total,
-        "backward": counts["backward"] / total,
-        "optimizer": counts["optimizer"] / total,
-        "communication": counts["communication"] / total,
-        "other": counts["other"] / total,
-    }
-    fractions = {
-        "data_wait": phases["data_wait"],
-        "compute": phases["forward"] + phases["backward"] + phases["optimizer"],
-        "communication": phases["communication"],
-        "other": phases["other"],
-    }
-    return Features(
-        steps=sum(counts.values()),
-        ranks=1,
-        duration_s=seconds,
-        fractions=fractions,
-        phase_fractions=phases,
-        step_time_p50_s=0.0,
-        step_time_p95_s=0.0,
-        step_time_mean_s=0.0,
-        steps_per_s=0.0,
-        data_wait_spike_fraction=0.0,
-        per_rank=pd.DataFrame(),
-        context=context,
-        signals=Signals(),
-    )
 
 
 def attach_ruleset(ruleset: RuleSet, duration_s: float) -> RuleSet:
     """Evidence for attach is counted in stack samples over the attach window."""
     return replace(ruleset, min_steps=20, min_seconds=min(ruleset.min_seconds, max(1.0, duration_s * 0.5)))
+
+
+def probed_verdict(recording: Path, ruleset: RuleSet, seconds: float) -> Verdict:
+    """The verdict of an attach whose injected probes (L2) recorded steps: the recording's, as
+    `report` gives it, over attach-sized evidence (``attach_ruleset``)."""
+    from profilerd import runs
+
+    return runs.analyse(runs.load(recording), attach_ruleset(ruleset, seconds))
 
 
 def run_attach(
@@ -433,25 +417,43 @@ def conclude(
     duration_s: float,
 ) -> AttachResult:
     """The best verdict the gathered layers support: L1 stack samples when there are enough,
-    else the L0 estimate from thread CPU."""
-    context = Context(
-        config={"dataloader": {"num_workers": summary.workers}},
-        cpu_count=summary.cpu_count,
-        host_busy_cores=summary.host_busy_cores,
-        trainer_cpu_cores=summary.main_thread_cores + summary.other_threads_cores,
-        workers_cpu_cores=summary.workers_cores,
-        worker_cpu_max_ratio=summary.worker_max_ratio,
-        workers_seen=summary.workers,
-    )
+    else the L0 estimate from thread CPU; either way through the one ``diagnose``."""
     result = AttachResult(target, "L0", summary, counts, note)
     if summary.exited:
         result.notes.append(f"the target exited after {summary.seconds:.1f} s; the verdict uses what was gathered")
+    estimate, rough = classify_l0(summary) if summary.samples else (None, None)
+    result.l0_estimate = estimate
     if counts and sum(counts.values()) >= 5:
         result.layer = "L1"
-        features = features_from_samples(counts, summary.seconds, context)
-        result.verdict = evaluate(features, attach_ruleset(ruleset, min(duration_s, summary.seconds)))
-    result.l0_verdict = classify_l0(summary) if summary.samples else None
+        sampled = SampledPhases(summary.seconds, sum(counts.values()), phases=counts)
+    elif estimate is not None:
+        sampled = SampledPhases(summary.seconds, fractions=rough, estimate=estimate)
+    else:
+        sampled = SampledPhases(summary.seconds)
+    observation = replace(observed(summary), sampled=sampled)
+    result.verdict = diagnose(observation, attach_ruleset(ruleset, min(duration_s, summary.seconds)))
     return result
+
+
+def observed(summary: L0Summary) -> Observation:
+    """What L0 saw, as the samples the analysis reads: one host and one process sample holding the
+    means over the attach, and the DataLoader workers it found as the configuration."""
+    at = time.time()
+    hosts = pd.DataFrame(
+        [(at, summary.cpu_count, summary.host_busy_cores / max(1, summary.cpu_count))], columns=HOST_COLUMNS
+    )
+    process = (
+        at,
+        0,
+        0,
+        1,
+        summary.main_thread_cores + summary.other_threads_cores,
+        summary.workers,
+        summary.workers_cores,
+        summary.worker_max_ratio,
+    )
+    processes = pd.DataFrame([process], columns=PROCESS_COLUMNS)
+    return Observation(config={"dataloader": {"num_workers": summary.workers}}, hosts=hosts, processes=processes)
 
 
 def document(result: AttachResult, run_id: str) -> dict[str, Any]:
@@ -463,44 +465,31 @@ def document(result: AttachResult, run_id: str) -> dict[str, Any]:
         else {"available": False, "why": result.l1_note or "not requested"}
     )
     layers["L2"] = {"available": False, "why": result.l2_note or "injection not requested (see --inject)"}
-    if result.verdict is not None:
-        doc = result.verdict.to_json(run_id, f"pid-{result.target.pid}")
+    verdict = result.verdict
+    assert verdict is not None, "conclude() always decides"
+    doc = verdict.to_json(run_id, f"pid-{result.target.pid}")
+    notes = list(result.notes)
+    if result.layer == "L1":
         # The evidence counted stack samples, not steps: no step boundaries are visible without the
         # probes, so step count, rate and time stay empty rather than mix samples with steps.
         samples = doc["steps"]
         doc.update(steps=0, steps_per_s=0.0, step_time_s={"p50": 0.0, "p95": 0.0, "mean": 0.0}, stack_samples=samples)
-        notes = [
-            *result.notes,
+        notes.append(
             f"{samples} stack samples of the training thread over {result.l0.seconds:.1f} s; steps, step rate and "
-            "step time need the probes (`--inject`, or train under `profilerd run`)",
-        ]
-    else:
-        notes = list(result.notes)
-        primary, severity, evidence, rough = result.l0_verdict or ("none", "ok", "no samples", {})
-        fractions = dict.fromkeys(FRACTION_KEYS, 0.0)
-        fractions.update(rough)
-        headline = {"data": "DATA-BOUND", "compute": "COMPUTE-BOUND", "algorithm": "ALGORITHM"}.get(primary, "")
-        doc = {
-            "schema": "profilerd.verdict/v1",
-            "run_id": run_id,
-            "job": f"pid-{result.target.pid}",
-            "primary": primary,
-            "severity": severity,
-            "summary": f"{headline}: {evidence}" if headline else evidence,
-            "fractions": {k: round(v, 4) for k, v in fractions.items()},
-            "steps": 0,
-            "ranks": 1,
-            "duration_s": round(result.l0.seconds, 3),
-            "steps_per_s": 0.0,
-            "step_time_s": {"p50": 0.0, "p95": 0.0, "mean": 0.0},
-            "findings": [],
-            "recommendations": [],
-        }
+            "step time need the probes (`--inject`, or train under `profilerd run`)"
+        )
+    return with_attach_fields(doc, result, layers, notes)
+
+
+def with_attach_fields(
+    doc: dict[str, Any], result: AttachResult, layers: dict[str, Any], notes: list[str]
+) -> dict[str, Any]:
+    """The fields an attach adds to the verdict document: which layer decided, what each saw."""
     doc["attach_layer"] = result.layer
     doc["layers"] = layers
     doc["target"] = {"pid": result.target.pid, "python": result.target.python_version}
-    if result.l0_verdict is not None:
-        doc["l0_estimate"] = {"primary": result.l0_verdict[0], "evidence": result.l0_verdict[2]}
+    if result.l0_estimate is not None:
+        doc["l0_estimate"] = {"primary": result.l0_estimate.category, "evidence": result.l0_estimate.evidence}
     doc["notes"] = notes
     return doc
 

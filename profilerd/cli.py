@@ -523,7 +523,7 @@ class _Injected:
         self.error: str | None = None
 
     def finish(self, document: dict[str, Any], result: Any) -> dict[str, Any]:
-        from profilerd import attach, runs
+        from profilerd import attach
 
         try:
             if self.error is None:
@@ -548,16 +548,15 @@ class _Injected:
         if recording is None:
             document["layers"]["L2"] = {"available": False, "why": "probes injected but no training step arrived"}
             return document
-        verdict = runs.analyse(runs.load(recording), attach.attach_ruleset(self.ruleset, result.l0.seconds))
+        verdict = attach.probed_verdict(recording, self.ruleset, result.l0.seconds)
         if verdict.features.steps < 5:
             document["layers"]["L2"] = {"available": False, "why": f"only {verdict.features.steps} steps observed"}
             return document
+        result.layer = "L2"
+        layers = {**document["layers"], "L2": {"available": True, "steps": verdict.features.steps, "detached": True}}
         injected = verdict.to_json(self.run_id, f"pid-{self.pid}", recording=str(recording))
-        injected.update({k: document[k] for k in ("layers", "target") if k in document})
-        injected["notes"] = list(result.notes)  # not the L1 note that steps need probes: here they are
-        injected["layers"]["L2"] = {"available": True, "steps": verdict.features.steps, "detached": True}
-        injected["attach_layer"] = "L2"
-        return injected
+        # Not the L1 note that steps need probes: here they are.
+        return attach.with_attach_fields(injected, result, layers, list(result.notes))
 
 
 def _attach_inject(

@@ -124,6 +124,30 @@ _ENV = {
 }
 
 
+# ---- checking a TOML file: shared by this configuration and the rules file --------------------
+def read_toml(path: Path, what: str, problems: list[str]) -> dict[str, Any]:
+    """A TOML file's tables; a file that is missing, unreadable or not TOML is a problem, never
+    an exception, and reads as empty."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        problems.append(f"{path}: {what} not found")
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        problems.append(f"{path}: not valid TOML: {exc}")
+    except OSError as exc:
+        problems.append(f"{path}: cannot read: {exc.strerror}")
+    return {}
+
+
+def known_key(key: str, known: Any, where: str, problems: list[str]) -> bool:
+    """Whether ``key`` is one of ``known``; an unknown one (a typo) is a problem naming it."""
+    if key in known:
+        return True
+    problems.append(f"{where}: unknown key '{key}'")
+    return False
+
+
 def _coerce_env(key: str, raw: str) -> Any:
     kind = _TYPES[key][0]
     if kind is list:  # comma-separated integers, or names
@@ -139,8 +163,7 @@ def _coerce_env(key: str, raw: str) -> Any:
 
 
 def _check(key: str, value: Any, source: str, problems: list[str]) -> bool:
-    if key not in _TYPES:
-        problems.append(f"{source}: unknown key '{key}'")
+    if not known_key(key, _TYPES, source, problems):
         return False
     wanted = _TYPES[key]
     # bool is an int in Python; do not accept true for a port
@@ -179,10 +202,6 @@ def _range_problems(config: DaemonConfig) -> list[tuple[str, str]]:
     return problems
 
 
-def validate(config: DaemonConfig) -> list[str]:
-    return [problem for _, problem in _range_problems(config)]
-
-
 def load(file: Path | None = None, overrides: dict[str, Any] | None = None) -> tuple[DaemonConfig, list[str]]:
     """Build the config; ``overrides`` come from flags and win over everything else."""
     problems: list[str] = []
@@ -191,18 +210,7 @@ def load(file: Path | None = None, overrides: dict[str, Any] | None = None) -> t
     if file is None and os.environ.get(CONFIG_ENV):
         file = Path(os.environ[CONFIG_ENV])
     if file is not None:
-        try:
-            with open(file, "rb") as fh:
-                data = tomllib.load(fh)
-        except FileNotFoundError:
-            problems.append(f"{file}: config file not found")
-            data = {}
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            problems.append(f"{file}: not valid TOML: {exc}")
-            data = {}
-        except OSError as exc:
-            problems.append(f"{file}: cannot read: {exc.strerror}")
-            data = {}
+        data = read_toml(file, "config file", problems)
         section = data.get("daemon", data)
         if "daemon" in data:
             for key, value in data.items():

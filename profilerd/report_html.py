@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from profilerd import __version__, charts
+from profilerd.analysis.document import STRAGGLER_RULE, headline_of, statement_of, straggler_of
 from profilerd.charts import Band, Layer, Line, Mark, fmt_duration, fmt_ratio, fmt_seconds
 from profilerd.report import device_summary
 from profilerd.timeline import ReportData
@@ -111,13 +112,6 @@ def _badge(severity: str) -> str:
     return f'<span class="badge" style="background:{SEVERITY_COLORS.get(severity, "#6b7280")}">{_e(severity)}</span>'
 
 
-def _straggler(document: dict[str, Any]) -> int | None:
-    for finding in document.get("findings", []):
-        if finding["rule"] == "communication.straggler":
-            return int(finding["metrics"].get("straggler_rank", -1))
-    return None
-
-
 # ---- sections ---------------------------------------------------------------------------------
 def _header(data: ReportData) -> str:
     doc = data.document
@@ -170,8 +164,7 @@ def _verdict(data: ReportData) -> str:
     doc = data.document
     severity = doc.get("severity", "ok")
     color = SEVERITY_COLORS.get(severity, "#374151")
-    headline = doc["summary"].split(":", 1)[0] if ":" in doc["summary"] else doc["primary"].upper()
-    summary = doc["summary"].split(":", 1)[1].strip() if ":" in doc["summary"] else doc["summary"]
+    headline, summary = headline_of(doc), statement_of(doc)
     step = doc.get("step_time_s", {})
     kpis = [
         (f"{doc.get('steps', 0):,}", "steps analysed (all ranks)"),
@@ -411,14 +404,14 @@ def _ranks(data: ReportData) -> str:
     ranks = data.ranks
     if ranks.empty:
         return '<section id="ranks"><h2>Ranks</h2><p>No steps after warm-up.</p></section>'
-    straggler = _straggler(data.document)
+    straggler = straggler_of(data.document)
     nodes = ranks["node"].nunique() > 1
     labels = [f"rank {int(r.rank)}" + (f" ({r.node})" if nodes and r.node else "") for r in ranks.itertuples()]
     highlight = None
     if straggler is not None and straggler in set(ranks["rank"].astype(int)):
         highlight = int(np.flatnonzero(ranks["rank"].to_numpy() == straggler)[0])
     parts = ['<section id="ranks"><h2>Ranks</h2>']
-    finding = next((f for f in data.document.get("findings", []) if f["rule"] == "communication.straggler"), None)
+    finding = next((f for f in data.document.get("findings", []) if f["rule"] == STRAGGLER_RULE), None)
     if len(ranks) == 1:
         parts.append("<p>One rank: there is nothing to compare it with.</p>")
     else:
@@ -732,7 +725,7 @@ def _quality(data: ReportData) -> str:
 def render_html(data: ReportData) -> str:
     """The whole report as one HTML document."""
     doc = data.document
-    title = f"profilerd report · {doc['run_id']} · {doc['summary'].split(':', 1)[0]}"
+    title = f"profilerd report · {doc['run_id']} · {headline_of(doc)}"
     body = "".join(
         [
             _header(data),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from profilerd.analysis.document import STRAGGLER_RULE, headline_of, statement_of, straggler_of
 from profilerd.charts import fmt_duration, fmt_seconds, sparkline
 from profilerd.report import device_summary
 from profilerd.timeline import ReportData
@@ -31,9 +32,8 @@ def _details(summary: str, body: list[str]) -> list[str]:
 
 def render_markdown(data: ReportData, top: int = 3) -> str:
     doc = data.document
-    headline, _, evidence = doc["summary"].partition(": ")
     severity = f" ({doc['severity']})" if doc["primary"] != "none" else ""
-    lines = [f"### profilerd · `{doc['run_id']}` — {headline}{severity}", "", f"> {evidence or doc['summary']}", ""]
+    lines = [f"### profilerd · `{doc['run_id']}` — {headline_of(doc)}{severity}", "", f"> {statement_of(doc)}", ""]
     basis = (doc.get("evidence") or {}).get("basis")
     if basis:
         lines += [f"Based on {basis}.", ""]
@@ -116,12 +116,11 @@ def render_markdown(data: ReportData, top: int = 3) -> str:
         )
     ranks = data.ranks
     if len(ranks) > 1:
-        straggler = next((f for f in findings if f["rule"] == "communication.straggler"), None)
+        culprit = straggler_of(doc)
+        straggler = next((f for f in findings if f["rule"] == STRAGGLER_RULE), None)
         rows = [
             [
-                int(r.rank)
-                if straggler is None or int(r.rank) != int(straggler["metrics"]["straggler_rank"])
-                else f"**{int(r.rank)}** (straggler)",
+                int(r.rank) if int(r.rank) != culprit else f"**{int(r.rank)}** (straggler)",
                 r.node or "–",
                 f"{int(r.steps):,}",
                 fmt_seconds(r.step_time_p50_s),

@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from profilerd.analysis.context import HOST_COLUMNS, PROCESS_COLUMNS, build_context, gpu_frame
+from profilerd.analysis.context import HOST_COLUMNS, PROCESS_COLUMNS, gpu_frame
+from profilerd.analysis.diagnosis import Observation, diagnose
 from profilerd.analysis.features import STEP_COLUMNS
 from profilerd.analysis.rules import RuleSet
-from profilerd.analysis.verdict import Verdict, diagnose
+from profilerd.analysis.verdict import Verdict
 from profilerd.catalog import (  # noqa: F401  (the listing's names, as callers know them)
     CHUNK_ROWS,
     Damage,
@@ -483,6 +484,14 @@ def merge(recordings: Sequence[Recording]) -> Recording:
     )
 
 
+def gpu_samples(recording: Recording) -> pd.DataFrame:
+    """The job's GPU samples as the analysis reads them (``context.gpu_frame``), from every
+    recording merged into this one."""
+    pids = {int(p) for p in recording.sessions["pid"].dropna()} if "pid" in recording.sessions else set()
+    paths = [source.path for source in recording.sources] or [recording.path]
+    return gpu_frame(read_gpu_samples(paths), pids)
+
+
 # ---- analysis ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RunVerdict(Verdict):
@@ -505,12 +514,14 @@ def analyse(recording: Recording, ruleset: RuleSet) -> RunVerdict:
     from profilerd import timeline
 
     steps = recording.steps
-    since = float((steps["end_unix_s"] - steps["step_s"]).min()) if not steps.empty else None
-    pids = {int(p) for p in recording.sessions["pid"].dropna()} if "pid" in recording.sessions else set()
-    paths = [source.path for source in recording.sources] or [recording.path]
-    gpus = gpu_frame(read_gpu_samples(paths), pids)
-    context = build_context(recording.config(), recording.hosts, recording.processes, since, gpus)
-    verdict = diagnose(steps, context, ruleset)
+    observation = Observation.whole_run(
+        steps,
+        config=recording.config(),
+        hosts=recording.hosts,
+        processes=recording.processes,
+        gpus=gpu_samples(recording),
+    )
+    verdict = diagnose(observation, ruleset)
     # Stamp it with the last recorded step, so the same recording always gives the same JSON.
     last = float(steps["end_unix_s"].max()) if not steps.empty else 0.0
     base = {f.name: getattr(verdict, f.name) for f in fields(Verdict)}

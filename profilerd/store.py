@@ -315,7 +315,7 @@ class Store:
     # ---- readers -----------------------------------------------------------------------
     def ring(self, job: str) -> dict[int, list[StepRecord]]:
         """Every step each rank's ring holds: a copy analysis can use unlocked. Analysis picks
-        its window from it (``analysis.live.select_window``), as the replay does from a recording."""
+        its window from it (``analysis.diagnosis.select_window``), as the replay does from a recording."""
         with self._lock:
             state = self.jobs.get(job)
             if state is None:

@@ -429,7 +429,7 @@ def test_hysteresis_does_not_hold_back_a_nan_loss() -> None:
 
 
 def test_live_windows_span_min_seconds_at_any_rate_and_aim_at_500_steps() -> None:
-    from profilerd.analysis.live import WINDOW_TARGET_STEPS, select_window
+    from profilerd.analysis.diagnosis import WINDOW_TARGET_STEPS, select_window
 
     for steps_per_s, expected in ((400.0, 4000), (200.0, 2000), (20.0, WINDOW_TARGET_STEPS), (1.0, 120)):
         records = make_steps(n=4000, step_s=1 / steps_per_s)

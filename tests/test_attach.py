@@ -248,3 +248,39 @@ def test_stack_phases_from_py_spy_frames() -> None:
         "<module> (torch/distributed/__init__.py:13)"
     )
     assert phase_of(importing) == "other"
+
+
+def test_thread_cpu_and_stack_samples_are_decided_by_the_one_diagnosis() -> None:
+    """L0's thread-CPU estimate and L1's stack samples go through the same decision and the same
+    document as a probed run: the estimate is a finding, its confidence is low (no step is seen)."""
+    from collections import Counter
+
+    from profilerd import attach
+    from profilerd.analysis.rules import load_rules
+
+    rules, _ = load_rules()
+    target = attach.Target(1, ("train.py",), "3.11", True)
+    starved = attach.L0Summary(
+        seconds=5.0,
+        samples=10,
+        main_thread_cores=0.2,
+        other_threads_cores=0.1,
+        workers=2,
+        workers_cores=1.9,
+        worker_max_ratio=0.97,
+        host_busy_cores=2.5,
+        cpu_count=8,
+    )
+    l0 = attach.document(attach.conclude(target, starved, None, None, rules, 5.0), "r0")
+    assert (l0["attach_layer"], l0["primary"], l0["severity"]) == ("L0", "data", "warning")
+    assert l0["summary"] == (
+        "DATA-BOUND: 2 DataLoader workers run at 97% of a core while the training thread is busy only 20% of the time"
+    )
+    assert [f["rule"] for f in l0["findings"]] == [attach.L0_RULE]
+    assert l0["evidence"]["level"] == "low" and l0["l0_estimate"]["primary"] == "data"
+    assert l0["fractions"] == {"data_wait": 0.8, "compute": 0.2, "communication": 0.0, "other": 0.0}
+
+    counts = Counter(forward=40, backward=50, optimizer=10)
+    l1 = attach.document(attach.conclude(target, starved, counts, None, rules, 5.0), "r1")
+    assert (l1["attach_layer"], l1["primary"], l1["stack_samples"], l1["steps"]) == ("L1", "compute", 100, 0)
+    assert l1["l0_estimate"]["primary"] == "data"  # what thread CPU alone would have said, kept beside it

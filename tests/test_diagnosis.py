@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 
+from profilerd.analysis.diagnosis import Observation, diagnose
 from profilerd.analysis.features import Context, compute_features, steps_frame
 from profilerd.analysis.recommendations import removed
 from profilerd.analysis.rules import RATIONALE, REGISTRY, load_rules
-from profilerd.analysis.verdict import diagnose, evaluate
+from profilerd.analysis.verdict import evaluate
 from profilerd.model import StepRecord
 from profilerd_probes import wire
 
@@ -342,8 +343,7 @@ def test_the_first_nan_is_found_across_the_run_not_the_window() -> None:
     records = every_step_loss(400, lambda i: math.nan if i + 1 >= 7 else 3.0)
     frame = steps_frame(records)
     window = frame[frame["step"] > 300]
-    ctx = Context(config=BASE_CONFIG)
-    verdict = diagnose(window, ctx, RULES, summarize_losses(frame))
+    verdict = diagnose(Observation(window, config=BASE_CONFIG, losses=summarize_losses(frame)), RULES)
     finding = next(f for f in verdict.findings if f.rule == "algorithm.loss_nonfinite")
     assert finding.metrics["first_nonfinite_step"] == 7
 
@@ -355,7 +355,7 @@ def test_a_finite_runaway_loss_is_an_algorithm_finding_whenever_it_happened() ->
     records = every_step_loss(600, lambda i: 4.9 if i < 20 else 30 + (i * 37) % 150, step_s=0.05)
     frame = steps_frame(records)
     late = frame[frame["step"] > 400]
-    verdict = diagnose(late, Context(config=BASE_CONFIG), RULES, summarize_losses(frame))
+    verdict = diagnose(Observation(late, config=BASE_CONFIG, losses=summarize_losses(frame)), RULES)
     assert verdict.primary == "algorithm"
     finding = next(f for f in verdict.findings if f.rule == "algorithm.loss_diverging")
     assert finding.metrics["loss_start"] == pytest.approx(4.9)

@@ -15,12 +15,13 @@ from typing import Any
 
 import pytest
 
-from profilerd.analysis.context import build_context, gpu_frame, host_frame, process_frame
+from profilerd.analysis.context import gpu_frame
+from profilerd.analysis.diagnosis import Observation, diagnose
 from profilerd.analysis.features import DEVICE_COLUMNS, steps_frame
 from profilerd.analysis.peaks import dtype_in_use, peak_tflops
 from profilerd.analysis.recommendations import removed
 from profilerd.analysis.rules import load_rules
-from profilerd.analysis.verdict import Verdict, diagnose
+from profilerd.analysis.verdict import Verdict
 from profilerd.model import GpuSample, ProbeSession, StepRecord
 from tests.conftest import run_cli
 from tests.gpu_sim import Loop, nvml_samples, simulate
@@ -64,8 +65,7 @@ def scenario(loop: Loop, ranks: int = 1, steps: int = 300) -> tuple[list[StepRec
 def verdict_of(records: list[StepRecord], samples: list[GpuSample], config: dict[str, Any] | None = None) -> Verdict:
     pids = {r.pid for r in records}
     gpus = gpu_frame((asdict(s) for s in samples), pids)
-    context = build_context(config or CONFIG, host_frame([]), process_frame([]), None, gpus)
-    return diagnose(steps_frame(records), context, RULES)
+    return diagnose(Observation.whole_run(steps_frame(records), config=config or CONFIG, gpus=gpus), RULES)
 
 
 def host_only(records: list[StepRecord]) -> list[StepRecord]:

@@ -12,18 +12,14 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-HEADLINES = {
-    "data": "DATA-BOUND",
-    "compute": "COMPUTE-BOUND",
-    "communication": "COMMUNICATION-BOUND",
-    "algorithm": "ALGORITHM",
-    "none": "NO VERDICT YET",
-}
+from profilerd.analysis.document import headline
+
 SEVERITY_ORDER = ("ok", "info", "warning", "critical")
 FRACTION_KEYS = ("data_wait", "compute", "communication", "other")
 FRACTION_LABELS = {"data_wait": "data", "compute": "compute", "communication": "comm", "other": "other"}
-# A rank is the straggler when its own work (step time less exposed communication, which in a
-# synchronous job is mostly waiting for the slowest rank) exceeds the others' median by this.
+# Without a verdict document (Prometheus carries numbers only), a rank is taken for the
+# straggler when its own work (step time less exposed communication, which in a synchronous
+# job is mostly waiting for the slowest rank) exceeds the others' median by this.
 STRAGGLER_MARGIN = 1.10
 
 
@@ -123,6 +119,8 @@ class Snapshot:
     primary: str = "none"
     severity: str = "ok"
     summary: str = "waiting for the first training step"
+    statement: str | None = None  # the summary's evidence sentence, without its headline
+    straggler: int | None = None  # the rank the verdict names the straggler
     fractions: dict[str, float] | None = None
     phases: dict[str, float] | None = None
     step_p50_s: float | None = None
@@ -144,13 +142,13 @@ class Snapshot:
 
     @property
     def headline(self) -> str:
-        return HEADLINES.get(self.primary, self.primary.upper())
+        return headline(self.primary)
 
     @property
     def evidence(self) -> str:
-        """The summary without its headline: the sentence after "DATA-BOUND: "."""
-        prefix = f"{self.headline}: "
-        return self.summary[len(prefix) :] if self.summary.startswith(prefix) else self.summary
+        """The sentence under the headline: the verdict's statement, or the whole summary of a
+        snapshot without a verdict (waiting, a job that is gone)."""
+        return self.statement if self.statement is not None else self.summary
 
 
 def fractions_from_phases(phases: dict[str, float]) -> dict[str, float]:
@@ -163,8 +161,14 @@ def fractions_from_phases(phases: dict[str, float]) -> dict[str, float]:
     }
 
 
+def flag_straggler(rows: Sequence[RankRow], straggler: int | None) -> tuple[RankRow, ...]:
+    """Flag the rank the verdict names the straggler (the daemon, a replay, attach)."""
+    return tuple(replace(r, straggler=True) if r.rank == straggler else r for r in rows)
+
+
 def mark_straggler(rows: Sequence[RankRow]) -> tuple[RankRow, ...]:
-    """Flag the rank whose own work is clearly the slowest; nothing with fewer than two ranks.
+    """For a source without a verdict document (Prometheus): flag the rank whose own work is
+    clearly the slowest; nothing with fewer than two ranks.
 
     In a synchronous job every rank's step time is the same (they wait for each other inside
     the collectives), so step time alone cannot tell; step time less exposed communication can:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import pandas as pd
 
+from profilerd.analysis.document import headline, statement_of, straggler_of
 from profilerd_tui.model import (
     SEVERITY_ORDER,
     FindingRow,
@@ -35,6 +36,7 @@ from profilerd_tui.model import (
     RecommendationRow,
     ReplayState,
     Snapshot,
+    flag_straggler,
     fractions_from_phases,
     mark_straggler,
     percentile,
@@ -118,6 +120,8 @@ def verdict_fields(verdict: Mapping[str, Any] | None) -> dict[str, Any]:
         "primary": verdict.get("primary", "none"),
         "severity": verdict.get("severity", "ok"),
         "summary": verdict.get("summary", ""),
+        "statement": statement_of(verdict),
+        "straggler": straggler_of(verdict),
         "fractions": dict(verdict["fractions"]) if steps and verdict.get("fractions") else None,
         "phases": dict(verdict["phases"]) if steps and verdict.get("phases") else None,
         "step_p50_s": step_time.get("p50") if steps else None,
@@ -334,6 +338,7 @@ def snapshot_from_api(
     fields.setdefault("primary", document.get("primary", "none"))
     fields.setdefault("severity", document.get("severity", "ok"))
     fields.setdefault("summary", document.get("summary", ""))
+    fields.setdefault("statement", statement_of(fields))  # the job's own summary, before any verdict
     return Snapshot(
         source=label,
         job=document.get("job"),
@@ -341,7 +346,7 @@ def snapshot_from_api(
         state="running" if document.get("alive") else "finished",
         steps_total=int(document.get("steps_total") or 0),
         step_times_s=step_times,
-        ranks=mark_straggler(ranks),
+        ranks=flag_straggler(ranks, fields.get("straggler")),
         gpus=tuple(gpu_row(g) for g in gpus.get("gpus") or []),
         gpu_note=None if gpus.get("available") else (gpus.get("reason") or "no GPU sampling"),
         processes=process_rows(document.get("processes") or []),
@@ -523,7 +528,7 @@ class ReplaySource:
             state="finished" if finished else ("running" if ranks else "waiting"),
             steps_total=len(done),
             step_times_s=ranks[0].recent_step_s if ranks else (),
-            ranks=mark_straggler(ranks),
+            ranks=flag_straggler(ranks, fields.get("straggler")),
             gpus=self._gpus_at(at_unix_s),
             gpu_note=None if self._gpus else "no GPU samples in this recording",
             processes=self._processes_at(at_unix_s),
@@ -537,10 +542,8 @@ class ReplaySource:
         """At the end, the whole run's verdict, the one `report` gives; before it, what the live
         analysis would have shown: the daemon's window, with the loss evidence of the run so far."""
         from profilerd import runs
-        from profilerd.analysis.context import HOST_COLUMNS, PROCESS_COLUMNS, build_context
+        from profilerd.analysis.diagnosis import Observation, diagnose
         from profilerd.analysis.history import summarize_losses
-        from profilerd.analysis.live import select_window
-        from profilerd.analysis.verdict import diagnose
         from profilerd.config import DaemonConfig
 
         rec = self.recording
@@ -548,26 +551,22 @@ class ReplaySource:
             if self._final is None:
                 self._final = runs.analyse(rec, self.ruleset).to_json(rec.run_id, rec.job)
             return self._final
-        live = DaemonConfig()
-        window = select_window(done, at_unix_s, live.window_s, live.window_steps, self.ruleset)
-        hosts = rec.hosts[rec.hosts["ts_unix_s"] <= at_unix_s][HOST_COLUMNS]
-        procs = rec.processes[rec.processes["ts_unix_s"] <= at_unix_s][PROCESS_COLUMNS]
-        gpus = self._gpu_frame()
-        since = float((window["end_unix_s"] - window["step_s"]).min()) if not window.empty else at_unix_s
-        context = build_context(rec.config(), hosts, procs, since, gpus[gpus["ts_unix_s"] <= at_unix_s])
-        return diagnose(window, context, self.ruleset, summarize_losses(done)).to_json(rec.run_id, rec.job)
-
-    def _gpu_frame(self) -> pd.DataFrame:
-        """The job's GPU samples, as the live analysis and `report` read them (read once)."""
         if self._gpu_samples is None:
-            from profilerd.analysis.context import gpu_frame
-            from profilerd.recording import read_gpu_samples
-
-            rec = self.recording
-            pids = {int(p) for p in rec.sessions["pid"].dropna()} if "pid" in rec.sessions else set()
-            paths = [source.path for source in rec.sources] or [rec.path]
-            self._gpu_samples = gpu_frame(read_gpu_samples(paths), pids)
-        return self._gpu_samples
+            self._gpu_samples = runs.gpu_samples(rec)  # read once: the recording does not change
+        live = DaemonConfig()
+        observation = Observation.window(
+            done,
+            at_unix_s,
+            live.window_s,
+            live.window_steps,
+            self.ruleset,
+            losses=summarize_losses(done),
+            config=rec.config(),
+            hosts=rec.hosts,
+            processes=rec.processes,
+            gpus=self._gpu_samples,
+        )
+        return diagnose(observation, self.ruleset).to_json(rec.run_id, rec.job)
 
     def _host_at(self, at_unix_s: float) -> tuple[HostView, ...]:
         row = _latest(self._hosts, at_unix_s)
@@ -775,6 +774,7 @@ class PrometheusSource:
         )
         live_ranks = [r for r in ranks if r.alive]
         total_rate = sum(rates.values())
+        statement = _prometheus_statement(primary, fractions, len(ranks), len({r.host for r in ranks}))
         return Snapshot(
             source=self.label,
             job=self.job,
@@ -782,7 +782,8 @@ class PrometheusSource:
             state="running" if live_ranks else "finished",
             primary=primary,
             severity=severity_name,
-            summary=_prometheus_summary(primary, fractions, len(ranks), len({r.host for r in ranks})),
+            summary=f"{headline(primary)}: {statement}",
+            statement=statement,
             fractions=fractions,
             phases=phases,
             step_p50_s=quantiles[0.5],
@@ -839,12 +840,10 @@ def _node(instance: str) -> str | None:
     return instance.rsplit(":", 1)[0] if instance.count(":") == 1 else instance
 
 
-def _prometheus_summary(primary: str, fractions: dict[str, float] | None, ranks: int, nodes: int) -> str:
-    from profilerd_tui.model import HEADLINES
-
-    headline = HEADLINES.get(primary, primary.upper())
+def _prometheus_statement(primary: str, fractions: dict[str, float] | None, ranks: int, nodes: int) -> str:
+    """The sentence under the headline, from the numbers Prometheus has (no evidence sentences)."""
     if not fractions:
-        return f"{headline}: no steps in the last minute"
+        return "no steps in the last minute"
     key = {"data": "data_wait", "compute": "compute", "communication": "communication", "algorithm": "other"}
     share = fractions.get(key.get(primary, "compute"), 0.0)
     what = {
@@ -855,8 +854,8 @@ def _prometheus_summary(primary: str, fractions: dict[str, float] | None, ranks:
     }.get(primary, "")
     where = f"{ranks} rank{'s' if ranks != 1 else ''} on {nodes} node{'s' if nodes != 1 else ''}"
     if primary == "none":
-        return f"{headline}: {where}"
-    return f"{headline}: {share:.0%} of step time {what} across {where}"
+        return where
+    return f"{share:.0%} of step time {what} across {where}"
 
 
 def _gpus_from_series(result: list[dict[str, Any]]) -> tuple[GpuRow, ...]:

@@ -130,7 +130,17 @@ def daemon_documents(steps_total: int = 300) -> dict[str, Any]:
                 "metrics": {},
                 "thresholds": {"warning": 0.1, "critical": 0.2},
                 "recommendations": [],
-            }
+            },
+            {
+                "rule": "communication.straggler",
+                "category": "communication",
+                "severity": "warning",
+                "evidence": "rank 1 is the straggler: its own work takes 36% of a step longer than the median rank's",
+                "confidence": 0.7,
+                "metrics": {"straggler_rank": 1.0},
+                "thresholds": {"warning": 0.1, "critical": 0.25},
+                "recommendations": [],
+            },
         ],
         "recommendations": [
             {

@@ -148,7 +148,6 @@ class Signals:
     grad_norm_spike_ratio: float | None = None  # largest sample over the median of those before it
     scaler_skipped_steps: int = 0
     scaler_scale_min: float | None = None
-    scaler_scale_start: float | None = None
     syncs_per_step: float = 0.0
     sync_fraction: float = 0.0
     new_graphs: int = 0  # torch.compile graphs produced during the window
@@ -393,7 +392,6 @@ def compute_signals(frame: pd.DataFrame, total_s: float) -> Signals:
         grad_norm_spike_ratio=_spike_ratio(finite_grads),
         scaler_skipped_steps=skipped,
         scaler_scale_min=float(scales.min()) if not scales.empty else None,
-        scaler_scale_start=float(scales.iloc[0]) if not scales.empty else None,
         syncs_per_step=float(ordered["sync_count"].mean()) if steps else 0.0,
         sync_fraction=float(ordered["sync_s"].sum()) / total_s if total_s > 0 else 0.0,
         new_graphs=int(graphs.max()) if not graphs.empty else 0,

@@ -9,40 +9,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import asdict
 
-import pandas as pd
-
-from profilerd.analysis.context import build_context, gpu_frame, host_frame, process_frame
+from profilerd.analysis.context import gpu_frame, host_frame, process_frame
+from profilerd.analysis.diagnosis import Observation, diagnose
 from profilerd.analysis.features import steps_frame
 from profilerd.analysis.history import LossHistory
 from profilerd.analysis.rules import RuleSet
-from profilerd.analysis.verdict import Verdict, VerdictTracker, diagnose
+from profilerd.analysis.verdict import Verdict, VerdictTracker
 from profilerd.model import StepRecord
 from profilerd.store import Store
-
-# A window aims at this many steps per rank (it reacts within that many steps when the cause
-# of a bottleneck goes away); faster jobs get more, so that it still spans min_seconds.
-WINDOW_TARGET_STEPS = 500
-
-
-def select_window(
-    steps: pd.DataFrame, at_unix_s: float, window_s: float, window_steps: int, ruleset: RuleSet
-) -> pd.DataFrame:
-    """The steps a live verdict at ``at_unix_s`` rests on, the same for the daemon and a replay.
-
-    Per rank, within the last ``window_s`` seconds and the daemon's ring (``window_steps``): the
-    newest WINDOW_TARGET_STEPS steps, or all of the last ``min_seconds`` when that is more (a
-    job at 200 steps/s gets 2000); and never fewer than a verdict needs (``min_steps`` after
-    warm-up), however old, so a job at 10 s per step gets a verdict too.
-    """
-    done = steps[steps["end_unix_s"] <= at_unix_s]
-    if done.empty:
-        return done
-    ring = done.groupby("rank", sort=False).tail(window_steps)
-    age = ring.groupby("rank", sort=False).cumcount(ascending=False)  # 0 for each rank's newest
-    end = ring["end_unix_s"]
-    wanted = (age < WINDOW_TARGET_STEPS) | (end >= at_unix_s - ruleset.min_seconds)
-    needed = age < ruleset.min_steps + ruleset.warmup_steps
-    return ring[(wanted & (end >= at_unix_s - window_s)) | needed]
 
 
 class LiveAnalyzer:
@@ -58,12 +32,20 @@ class LiveAnalyzer:
         history = self._history(job)
         history.feed(records)
         store = self.store
-        frame = select_window(steps_frame(records), now_unix_s, store.window_s, store.window_steps, self.ruleset)
-        since = float((frame["end_unix_s"] - frame["step_s"]).min()) if not frame.empty else now_unix_s
-        hosts, processes = self.store.history(job)
-        gpus = gpu_frame((asdict(s) for s in self.store.gpu_window()), self.store.job_pids(job))
-        context = build_context(self.store.job_config(job), host_frame(hosts), process_frame(processes), since, gpus)
-        return diagnose(frame, context, self.ruleset, history.losses.summary())
+        hosts, processes = store.history(job)
+        observation = Observation.window(
+            steps_frame(records),
+            now_unix_s,
+            store.window_s,
+            store.window_steps,
+            self.ruleset,
+            losses=history.losses.summary(),
+            config=store.job_config(job),
+            hosts=host_frame(hosts),
+            processes=process_frame(processes),
+            gpus=gpu_frame((asdict(s) for s in store.gpu_window()), store.job_pids(job)),
+        )
+        return diagnose(observation, self.ruleset)
 
     def _history(self, job: str) -> _JobHistory:
         run_id = self.store.run_of(job)

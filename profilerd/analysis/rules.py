@@ -15,6 +15,7 @@ from typing import Any
 
 from profilerd.analysis import recommendations as recs
 from profilerd.analysis.features import Features
+from profilerd.config import known_key, read_toml
 from profilerd.model import Finding, Recommendation
 
 if sys.version_info >= (3, 11):
@@ -90,16 +91,9 @@ def load_rules(path: Path | None = None) -> tuple[RuleSet, list[str]]:
     hysteresis = dict(base["hysteresis"])
     assumptions = dict(base["assumptions"])
     if path is not None:
-        try:
-            user = _read(path)
-        except FileNotFoundError:
-            return RuleSet(thresholds, **_evidence_kwargs(evidence, hysteresis), assumptions=assumptions), [
-                f"{path}: rules file not found"
-            ]
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
-            return RuleSet(thresholds, **_evidence_kwargs(evidence, hysteresis), assumptions=assumptions), [
-                f"{path}: cannot read rules: {exc}"
-            ]
+        user = read_toml(path, "rules file", problems)
+        if problems:
+            return RuleSet(thresholds, **_evidence_kwargs(evidence, hysteresis), assumptions=assumptions), problems
         for key in user:
             if key not in ("rules", "evidence", "hysteresis", "assumptions"):
                 problems.append(f"{path}: unknown section '{key}'")
@@ -128,9 +122,9 @@ def _merge(values: Any, target: dict[str, Any], where: str, problems: list[str])
         problems.append(f"{where}: must be a table")
         return
     for key, value in values.items():
-        if key not in target:
-            problems.append(f"{where}: unknown key '{key}'")
-        elif isinstance(value, bool) or not isinstance(value, int | float):
+        if not known_key(key, target, where, problems):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
             problems.append(f"{where}: '{key}' must be a number, got {value!r}")
         elif value < 0:
             problems.append(f"{where}: '{key}' must not be negative")

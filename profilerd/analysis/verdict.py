@@ -1,36 +1,27 @@
 """From features to a verdict: run every rule, pick the primary bottleneck, explain it.
 
-``diagnose`` is the one entry point of the live, offline (report, ``run --json``) and replay
-paths: a frame of steps, the run-wide loss evidence and the context in, a verdict out.
+``evaluate`` decides; ``Verdict.to_json`` builds the one verdict document. Callers do not come
+here directly: ``analysis.diagnosis.diagnose`` is the entry point of every path.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import pandas as pd
-
-from profilerd.analysis.features import Context, Features, compute_features
-from profilerd.analysis.history import LossSummary
+from profilerd.analysis.document import SCHEMA, headline
+from profilerd.analysis.features import Features
 from profilerd.analysis.rules import REGISTRY, RuleSet
 from profilerd.model import SEVERITIES, Finding
 
-SCHEMA = "profilerd.verdict/v1"
 _SEVERITY_RANK = {name: i for i, name in enumerate(SEVERITIES)}
 _COST_KEY = {
     "data": "data_wait",
     "compute": "compute",
     "communication": "communication",
     "algorithm": "other",
-}
-_HEADLINE = {
-    "data": "DATA-BOUND",
-    "compute": "COMPUTE-BOUND",
-    "communication": "COMMUNICATION-BOUND",
-    "algorithm": "ALGORITHM",
-    "none": "NO VERDICT YET",
 }
 FULL_EVIDENCE_STEPS = 200  # with this many steps and min_seconds of them, evidence is complete
 
@@ -48,7 +39,7 @@ class Verdict:
 
     @property
     def headline(self) -> str:
-        return _HEADLINE[self.primary]
+        return headline(self.primary)
 
     @property
     def basis(self) -> str:
@@ -153,21 +144,16 @@ class Verdict:
         return document
 
 
-def diagnose(steps: pd.DataFrame, context: Context, ruleset: RuleSet, losses: LossSummary | None = None) -> Verdict:
-    """The verdict over a frame of steps (a live window, or a whole recording). ``losses`` is the
-    run-wide loss evidence when ``steps`` is only a window of the run; without it, the loss
-    evidence is taken from ``steps`` themselves."""
-    return evaluate(compute_features(steps, context, ruleset.warmup_steps, losses), ruleset)
-
-
-def evaluate(features: Features, ruleset: RuleSet) -> Verdict:
+def evaluate(features: Features, ruleset: RuleSet, estimates: Sequence[Finding] = ()) -> Verdict:
     """One evaluation, no memory: the same input always gives the same verdict.
 
     A verdict needs ``min_steps`` steps, however short they are; decisive rules (a NaN loss)
     are checked even before that. Less evidence gives a lower confidence, not no verdict.
+    ``estimates`` are findings from evidence the rules cannot read (attach's thread CPU); they
+    are weighed with the rules' findings by the same decision.
     """
     enough = features.steps >= ruleset.min_steps
-    findings = []
+    findings = list(estimates)
     for rule in REGISTRY.values():
         if not (enough or rule.decisive):
             continue
@@ -196,7 +182,8 @@ def _verdict_confidence(features: Features, ruleset: RuleSet, primary: str, find
     """The leading finding's confidence, lowered when the verdict rests on few steps or little
     time; decisive evidence (a NaN loss) is as certain on 20 steps as on 20,000."""
     lead = next((f for f in findings if f.category == primary), None)
-    if lead is not None and REGISTRY[lead.rule].decisive:
+    rule = REGISTRY.get(lead.rule) if lead is not None else None
+    if lead is not None and rule is not None and rule.decisive:
         return lead.confidence
     base = lead.confidence if lead is not None else 0.6
     seconds = features.duration_s / ruleset.min_seconds if ruleset.min_seconds > 0 else 1.0
@@ -223,9 +210,9 @@ def _choose_primary(features: Features, findings: list[Finding]) -> tuple[str, s
 def _summary(primary: str, features: Features, findings: list[Finding]) -> str:
     for finding in findings:
         if finding.category == primary:
-            return f"{_HEADLINE[primary]}: {finding.evidence}"
+            return f"{headline(primary)}: {finding.evidence}"
     share = features.fractions[_COST_KEY[primary]]
-    return f"{_HEADLINE[primary]}: {share:.0%} of step time; no inefficiency found"
+    return f"{headline(primary)}: {share:.0%} of step time; no inefficiency found"
 
 
 class VerdictTracker:

@@ -1,0 +1,48 @@
+"""Reading a ``profilerd.verdict/v1`` document: its headline, its evidence sentence, its straggler.
+
+The document is written once, by ``Verdict.to_json``; the report, the TUI and `diff` read what
+it says through these functions instead of each re-deriving it. Standard library only, so the
+TUI can read a daemon's verdict without loading pandas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+SCHEMA = "profilerd.verdict/v1"
+STRAGGLER_RULE = "communication.straggler"
+HEADLINES = {
+    "data": "DATA-BOUND",
+    "compute": "COMPUTE-BOUND",
+    "communication": "COMMUNICATION-BOUND",
+    "algorithm": "ALGORITHM",
+    "none": "NO VERDICT YET",
+}
+
+
+def headline(primary: str) -> str:
+    return HEADLINES.get(primary, primary.upper())
+
+
+def headline_of(document: Mapping[str, Any]) -> str:
+    """The headline a verdict document's summary starts with."""
+    return headline(str(document.get("primary", "none")))
+
+
+def statement_of(document: Mapping[str, Any]) -> str:
+    """The summary's evidence sentence, without the headline the verdict put in front of it."""
+    return without_headline(str(document.get("summary", "")), headline_of(document))
+
+
+def without_headline(summary: str, headline_text: str) -> str:
+    prefix = f"{headline_text}: "  # as the verdict writes its summary; "not enough evidence" has none
+    return summary[len(prefix) :] if summary.startswith(prefix) else summary
+
+
+def straggler_of(document: Mapping[str, Any]) -> int | None:
+    """The rank the verdict's straggler finding names, or None."""
+    for finding in document.get("findings") or ():
+        if finding.get("rule") == STRAGGLER_RULE:
+            return int(finding["metrics"]["straggler_rank"])
+    return None
