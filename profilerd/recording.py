@@ -24,6 +24,7 @@ from typing import Any
 
 from profilerd import __version__
 from profilerd.model import GpuSample, HostSample, ProbeSession, ProcessSample, StepRecord
+from profilerd_probes import schema
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS sessions (
     pid INTEGER, rank INTEGER, local_rank INTEGER, world_size INTEGER, hostname TEXT,
     argv TEXT, started_unix_s REAL, probe_version TEXT);
-CREATE TABLE IF NOT EXISTS steps (
-    end_unix_s REAL, rank INTEGER, pid INTEGER, step INTEGER, step_s REAL, data_wait_s REAL,
-    forward_s REAL, backward_s REAL, optimizer_s REAL, comm_s REAL, flags INTEGER,
-    loss REAL, grad_norm REAL, lr REAL, scaler_scale REAL, sync_count INTEGER, sync_s REAL,
-    comm_total_s REAL, graph_compiles INTEGER, comm_ops INTEGER, comm_bytes INTEGER);
+{steps}
 CREATE TABLE IF NOT EXISTS configs (ts_unix_s REAL, pid INTEGER, rank INTEGER, config TEXT);
 CREATE TABLE IF NOT EXISTS host_samples (
     ts_unix_s REAL, cpu_count INTEGER, cpu_ratio REAL, iowait_ratio REAL,
@@ -60,11 +57,11 @@ CREATE TABLE IF NOT EXISTS verdicts (ts_unix_s REAL, job TEXT, primary_category 
     severity TEXT, verdict TEXT);
 CREATE TABLE IF NOT EXISTS events (ts_unix_s REAL, kind TEXT, detail TEXT);
 CREATE INDEX IF NOT EXISTS steps_by_time ON steps (end_unix_s);
-"""
+""".replace("{steps}", schema.steps_ddl() + ";")
 
 INSERTS = {
     "sessions": "INSERT INTO sessions VALUES (?,?,?,?,?,?,?,?)",
-    "steps": "INSERT INTO steps VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+    "steps": schema.steps_insert(),
     "configs": "INSERT INTO configs VALUES (?,?,?,?)",
     "host_samples": "INSERT INTO host_samples VALUES (?,?,?,?,?,?,?,?)",
     "process_samples": "INSERT INTO process_samples VALUES (?,?,?,?,?,?,?,?,?)",
@@ -87,7 +84,17 @@ def open_recording(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.executescript(SCHEMA)
+    _add_missing_step_columns(conn)
     return conn
+
+
+def _add_missing_step_columns(conn: sqlite3.Connection) -> None:
+    """A recording begun by an older profilerd (a daemon restarted on it) gains the newer
+    nullable columns; its rows keep NULL there, which readers take as unknown."""
+    present = {row[1] for row in conn.execute("PRAGMA table_info(steps)")}
+    for step_field in schema.STORED_STEP_FIELDS:
+        if step_field.name not in present:
+            conn.execute(f"ALTER TABLE steps ADD COLUMN {step_field.name} {step_field.sql}")
 
 
 def step_row(step: StepRecord) -> tuple[Any, ...]:
@@ -364,6 +371,24 @@ class Recorder:
         return True
 
 
+# gpu_samples columns and the GpuSample field each one is.
+_GPU_ROW_KEYS = {
+    "ts_unix_s": "ts_unix_s",
+    "gpu_index": "index",
+    "uuid": "uuid",
+    "name": "name",
+    "lost": "lost",
+    "utilization_gpu_ratio": "utilization_gpu_ratio",
+    "memory_used_bytes": "memory_used_bytes",
+    "memory_total_bytes": "memory_total_bytes",
+    "power_watts": "power_watts",
+    "power_limit_watts": "power_limit_watts",
+    "temperature_celsius": "temperature_celsius",
+    "sm_active_ratio": "sm_active_ratio",
+    "tensor_active_ratio": "tensor_active_ratio",
+}
+
+
 def read_gpu_samples(paths: list[Path]) -> list[dict[str, Any]]:
     """Every recorded GPU sample as a dict (the fields of GpuSample); unreadable rows are skipped."""
     samples: list[dict[str, Any]] = []
@@ -373,12 +398,20 @@ def read_gpu_samples(paths: list[Path]) -> list[dict[str, Any]]:
         except sqlite3.Error:
             continue
         try:
-            for (text,) in conn.execute("SELECT sample FROM gpu_samples ORDER BY ts_unix_s"):
+            cursor = conn.execute(f"SELECT {', '.join(_GPU_ROW_KEYS)}, sample FROM gpu_samples ORDER BY ts_unix_s")
+            for *columns, text in cursor:
                 try:
                     sample = json.loads(text)
                 except (TypeError, ValueError):
                     continue
-                if isinstance(sample, dict) and "ts_unix_s" in sample and "index" in sample:
+                if not isinstance(sample, dict):
+                    continue
+                # The row's own columns fill what the JSON lacks (a sample written without its
+                # timestamp or index is still that row's sample).
+                for key, value in zip(_GPU_ROW_KEYS.values(), columns, strict=True):
+                    if sample.get(key) is None and value is not None:
+                        sample[key] = bool(value) if key == "lost" else value
+                if isinstance(sample.get("ts_unix_s"), int | float) and isinstance(sample.get("index"), int):
                     samples.append(sample)
         except sqlite3.Error as exc:
             log.debug("gpu samples of %s unreadable: %s", path, exc)

@@ -45,17 +45,11 @@ from profilerd.catalog import (  # noqa: F401  (the listing's names, as callers 
     summarize,
 )
 from profilerd.recording import read_gpu_samples
+from profilerd_probes.schema import INTEGER_STEP_COLUMNS
 
 # Integer columns; every other numeric column is float64 and NaN where the value is unknown.
 _INT_COLUMNS = {
-    "rank",
-    "pid",
-    "step",
-    "flags",
-    "sync_count",
-    "graph_compiles",
-    "comm_ops",
-    "comm_bytes",
+    *INTEGER_STEP_COLUMNS,
     "cpu_count",
     "alive",
     "num_workers",

@@ -14,31 +14,10 @@ import pandas as pd
 
 from profilerd.analysis.history import LossSummary, loss_readings, summarize_losses
 from profilerd.model import StepRecord
+from profilerd_probes import schema
 from profilerd_probes.wire import FLAG_GRAD_SCALER_SKIPPED, FLAG_HAS_GRAD_NORM, FLAG_HAS_LR, FLAG_HAS_SCALE
 
-STEP_COLUMNS = [
-    "end_unix_s",
-    "rank",
-    "pid",
-    "step",
-    "step_s",
-    "data_wait_s",
-    "forward_s",
-    "backward_s",
-    "optimizer_s",
-    "comm_s",
-    "flags",
-    "loss",
-    "grad_norm",
-    "lr",
-    "scaler_scale",
-    "sync_count",
-    "sync_s",
-    "comm_total_s",
-    "graph_compiles",
-    "comm_ops",
-    "comm_bytes",
-]
+STEP_COLUMNS = list(schema.STEP_COLUMNS)
 FRACTION_KEYS = ("data_wait", "compute", "communication", "other")
 PHASE_KEYS = ("data_wait", "forward", "backward", "optimizer", "communication", "other")
 
