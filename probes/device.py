@@ -177,16 +177,19 @@ def step_timing(
     """
     if start is None or end is None or start.device_s is None or end.device_s is None:
         return None
-    phases = [0.0, 0.0, 0.0]
-    bounds = [(0, start, start.host_s + data_wait_s)]
+    # The phase boundaries present, in host order; each phase runs to the next boundary.
+    wait_end = start.host_s + data_wait_s
+    bounds = [(0, start, wait_end)]
     for index, marker in ((1, backward), (2, optimizer)):
         if marker is not None and marker.device_s is not None and start.host_s <= marker.host_s <= end.host_s:
             bounds.append((index, marker, marker.host_s))
-    bounds.sort(key=lambda bound: bound[1].host_s)
-    for (index, marker, host_s), (_, following, _) in zip(bounds, [*bounds[1:], (0, end, 0.0)], strict=True):
+    if len(bounds) == 3 and bounds[2][1].host_s < bounds[1][1].host_s:
+        bounds[1], bounds[2] = bounds[2], bounds[1]  # an optimizer step before the backward pass
+    phases = [0.0, 0.0, 0.0]
+    for i, (index, marker, host_s) in enumerate(bounds):
+        following = bounds[i + 1][1] if i + 1 < len(bounds) else end
         phases[index] += _phase_busy(marker, host_s, following)
-    busy = sum(phases)
-    wait_end = start.host_s + data_wait_s
+    busy = phases[0] + phases[1] + phases[2]
     idle_data_wait = min(data_wait_s, max(0.0, wait_end - start.device_s))
     idle = max(0.0, step_s - busy)
     ahead = max(0.0, end.device_s - end.host_s)

@@ -14,6 +14,7 @@ module and turned into ``StepRecord``s as the daemon's ingest does.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import itertools
 import math
@@ -51,13 +52,15 @@ class SimEvent:
 
 @dataclass
 class SimDevice:
-    """One stream on the fake clock; ``busy`` holds every kernel's (launched, start, end), the
-    ground truth."""
+    """One stream on the fake clock."""
 
     clock: FakeClock
     max_queue_s: float = math.inf
     free_at: float = 0.0
-    busy: list[tuple[float, float, float]] = field(default_factory=list)
+    # Every kernel's launch, start and end times (each list in increasing order): the ground truth.
+    launched: list[float] = field(default_factory=list)
+    starts: list[float] = field(default_factory=list)
+    ends: list[float] = field(default_factory=list)
     records: int = 0
     queries: int = 0
     elapsed_calls: int = 0
@@ -66,7 +69,9 @@ class SimDevice:
         self.clock.advance(host_cost_s)
         start = max(self.free_at, self.clock.now + LAUNCH_LATENCY_S)
         self.free_at = start + kernel_s
-        self.busy.append((self.clock.now, start, self.free_at))
+        self.launched.append(self.clock.now)
+        self.starts.append(start)
+        self.ends.append(self.free_at)
         if self.free_at - self.clock.now > self.max_queue_s:  # the launch queue is full
             self.clock.now = self.free_at - self.max_queue_s
 
@@ -97,11 +102,13 @@ class SimDevice:
 
     def busy_between(self, start: float, end: float) -> float:
         """Device seconds spent on kernels within the interval [start, end]."""
-        return sum(max(0.0, min(b, end) - max(a, start)) for _, a, b in self.busy)
+        first, last = bisect.bisect_right(self.ends, start), bisect.bisect_left(self.starts, end)
+        return sum(min(self.ends[i], end) - max(self.starts[i], start) for i in range(first, last))
 
     def work_launched(self, start: float, end: float) -> float:
         """Device seconds of the kernels launched within the host interval [start, end)."""
-        return sum(b - a for launched, a, b in self.busy if start <= launched < end)
+        first, last = bisect.bisect_left(self.launched, start), bisect.bisect_left(self.launched, end)
+        return sum(self.ends[i] - self.starts[i] for i in range(first, last))
 
 
 @dataclass(frozen=True)
