@@ -35,6 +35,31 @@ RETRY_INTERVAL_S = 2.0
 # dropped and counted: a long outage must not take the node's memory with it.
 MAX_PENDING_ROWS = 500_000
 
+# The gpu_samples table: (column, GpuSample field, SQL type), then ``sample``, the whole sample as
+# JSON (every field, for the offline GPU analysis). The columns are for SQL queries and the frame.
+GPU_SAMPLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("ts_unix_s", "ts_unix_s", "REAL"),
+    ("gpu_index", "index", "INTEGER"),
+    ("uuid", "uuid", "TEXT"),
+    ("name", "name", "TEXT"),
+    ("lost", "lost", "INTEGER"),
+    ("utilization_gpu_ratio", "utilization_gpu_ratio", "REAL"),
+    ("memory_used_bytes", "memory_used_bytes", "INTEGER"),
+    ("memory_total_bytes", "memory_total_bytes", "INTEGER"),
+    ("power_watts", "power_watts", "REAL"),
+    ("power_limit_watts", "power_limit_watts", "REAL"),
+    ("temperature_celsius", "temperature_celsius", "REAL"),
+    ("sm_active_ratio", "sm_active_ratio", "REAL"),
+    ("tensor_active_ratio", "tensor_active_ratio", "REAL"),
+)
+_GPU_FIELDS = [sample_field for _, sample_field, _ in GPU_SAMPLE_COLUMNS]
+
+
+def _gpu_samples_ddl() -> str:
+    columns = ", ".join(f"{column} {sql}" for column, _, sql in GPU_SAMPLE_COLUMNS)
+    return f"CREATE TABLE IF NOT EXISTS gpu_samples ({columns}, sample TEXT)"
+
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS sessions (
@@ -48,16 +73,12 @@ CREATE TABLE IF NOT EXISTS host_samples (
 CREATE TABLE IF NOT EXISTS process_samples (
     ts_unix_s REAL, pid INTEGER, rank INTEGER, alive INTEGER, cpu_ratio REAL, rss_bytes INTEGER,
     num_workers INTEGER, workers_cpu_ratio REAL, worker_cpu_max_ratio REAL);
-CREATE TABLE IF NOT EXISTS gpu_samples (
-    ts_unix_s REAL, gpu_index INTEGER, uuid TEXT, name TEXT, lost INTEGER,
-    utilization_gpu_ratio REAL, memory_used_bytes INTEGER, memory_total_bytes INTEGER,
-    power_watts REAL, power_limit_watts REAL, temperature_celsius REAL,
-    sm_active_ratio REAL, tensor_active_ratio REAL, sample TEXT);
+{gpu_samples}
 CREATE TABLE IF NOT EXISTS verdicts (ts_unix_s REAL, job TEXT, primary_category TEXT,
     severity TEXT, verdict TEXT);
 CREATE TABLE IF NOT EXISTS events (ts_unix_s REAL, kind TEXT, detail TEXT);
 CREATE INDEX IF NOT EXISTS steps_by_time ON steps (end_unix_s);
-""".replace("{steps}", schema.steps_ddl() + ";")
+""".replace("{steps}", schema.steps_ddl() + ";").replace("{gpu_samples}", _gpu_samples_ddl() + ";")
 
 INSERTS = {
     "sessions": "INSERT INTO sessions VALUES (?,?,?,?,?,?,?,?)",
@@ -65,7 +86,7 @@ INSERTS = {
     "configs": "INSERT INTO configs VALUES (?,?,?,?)",
     "host_samples": "INSERT INTO host_samples VALUES (?,?,?,?,?,?,?,?)",
     "process_samples": "INSERT INTO process_samples VALUES (?,?,?,?,?,?,?,?,?)",
-    "gpu_samples": "INSERT INTO gpu_samples VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+    "gpu_samples": f"INSERT INTO gpu_samples VALUES ({','.join('?' * (len(GPU_SAMPLE_COLUMNS) + 1))})",
     "verdicts": "INSERT INTO verdicts VALUES (?,?,?,?,?)",
     "events": "INSERT INTO events VALUES (?,?,?)",
 }
@@ -186,23 +207,7 @@ class Recorder:
         self._queue.put((run_id, "process_samples", row))
 
     def gpu(self, run_ids: list[str], sample: GpuSample) -> None:
-        full = asdict(sample)
-        row = (
-            sample.ts_unix_s,
-            sample.index,
-            sample.uuid,
-            sample.name,
-            int(sample.lost),
-            sample.utilization_gpu_ratio,
-            sample.memory_used_bytes,
-            sample.memory_total_bytes,
-            sample.power_watts,
-            sample.power_limit_watts,
-            sample.temperature_celsius,
-            sample.sm_active_ratio,
-            sample.tensor_active_ratio,
-            json.dumps(full, default=str),
-        )
+        row = (*(getattr(sample, name) for name in _GPU_FIELDS), json.dumps(asdict(sample), default=str))
         for run_id in run_ids:
             self._queue.put((run_id, "gpu_samples", row))
 
@@ -371,24 +376,6 @@ class Recorder:
         return True
 
 
-# gpu_samples columns and the GpuSample field each one is.
-_GPU_ROW_KEYS = {
-    "ts_unix_s": "ts_unix_s",
-    "gpu_index": "index",
-    "uuid": "uuid",
-    "name": "name",
-    "lost": "lost",
-    "utilization_gpu_ratio": "utilization_gpu_ratio",
-    "memory_used_bytes": "memory_used_bytes",
-    "memory_total_bytes": "memory_total_bytes",
-    "power_watts": "power_watts",
-    "power_limit_watts": "power_limit_watts",
-    "temperature_celsius": "temperature_celsius",
-    "sm_active_ratio": "sm_active_ratio",
-    "tensor_active_ratio": "tensor_active_ratio",
-}
-
-
 def read_gpu_samples(paths: list[Path]) -> list[dict[str, Any]]:
     """Every recorded GPU sample as a dict (the fields of GpuSample); unreadable rows are skipped."""
     samples: list[dict[str, Any]] = []
@@ -398,8 +385,9 @@ def read_gpu_samples(paths: list[Path]) -> list[dict[str, Any]]:
         except sqlite3.Error:
             continue
         try:
-            cursor = conn.execute(f"SELECT {', '.join(_GPU_ROW_KEYS)}, sample FROM gpu_samples ORDER BY ts_unix_s")
-            for *columns, text in cursor:
+            columns = ", ".join(column for column, _, _ in GPU_SAMPLE_COLUMNS)
+            cursor = conn.execute(f"SELECT {columns}, sample FROM gpu_samples ORDER BY ts_unix_s")
+            for *row, text in cursor:
                 try:
                     sample = json.loads(text)
                 except (TypeError, ValueError):
@@ -408,7 +396,7 @@ def read_gpu_samples(paths: list[Path]) -> list[dict[str, Any]]:
                     continue
                 # The row's own columns fill what the JSON lacks (a sample written without its
                 # timestamp or index is still that row's sample).
-                for key, value in zip(_GPU_ROW_KEYS.values(), columns, strict=True):
+                for key, value in zip(_GPU_FIELDS, row, strict=True):
                     if sample.get(key) is None and value is not None:
                         sample[key] = bool(value) if key == "lost" else value
                 if isinstance(sample.get("ts_unix_s"), int | float) and isinstance(sample.get("index"), int):

@@ -221,6 +221,7 @@ class Run:
     truths: list[Truth]
     device: SimDevice
     probe: core.StepProbe
+    datagrams: list[bytes]  # everything the probe sent, hello and config included
 
 
 def run_scenario(scenario: Scenario, steps: int = 40, device_timing: bool = True) -> Run:
@@ -264,7 +265,7 @@ def run_scenario(scenario: Scenario, steps: int = 40, device_timing: bool = True
         message = wire.decode(datagram)
         if isinstance(message, wire.StepBatch):
             records.extend(step_record(step, "sim", step.pid) for step in message.steps)
-    return Run(records, truths, device, probe)
+    return Run(records, truths, device, probe, sender.datagrams)
 
 
 def _launch(device: SimDevice, phase: Phase) -> None:

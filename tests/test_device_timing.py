@@ -4,7 +4,9 @@ compared with what the simulated device really did."""
 
 from __future__ import annotations
 
+import socket
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +26,8 @@ from profilerd import runs
 from profilerd.analysis.features import steps_frame
 from profilerd.model import StepRecord
 from profilerd.recording import Recorder
+from profilerd.samplers.ingest import Ingest
+from profilerd.store import Store
 from profilerd_probes import device, wire
 from profilerd_probes.schema import GPU_TIMING_FIELDS
 
@@ -150,6 +154,24 @@ class FarBehind:
 
     def elapsed_s(self, start: object, end: object) -> float:
         raise AssertionError("elapsed time asked of an unfinished marker")
+
+
+def test_the_daemons_ingest_keeps_device_timing_and_none_without_it() -> None:
+    """The probe's own datagrams (hello, config, step batches) through the daemon's Ingest."""
+    timed, untimed = run_scenario(COMPUTE_BOUND_ITEM, steps=12), run_scenario(DATA_STARVED, 12, device_timing=False)
+    for run in (timed, untimed):
+        store = Store()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            ingest = Ingest(sock, store, None, threading.Event())
+            for datagram in run.datagrams:
+                ingest.handle(datagram)
+        [job] = store.job_names()
+        [steps] = store.ring(job).values()
+        assert [s.step for s in steps] == [r.step for r in run.records]
+        for kept, sent in zip(steps, run.records, strict=True):
+            assert [getattr(kept, n) for n in GPU_TIMING_FIELDS] == [getattr(sent, n) for n in GPU_TIMING_FIELDS]
+    assert all(s.gpu_busy_s is None for s in untimed.records)
+    assert sum(s.gpu_busy_s is not None for s in timed.records) >= 8
 
 
 def test_device_timing_travels_to_the_recording_and_the_offline_frame(tmp_path: Path) -> None:
