@@ -32,30 +32,11 @@ if str(REPO) not in sys.path:
 
 from benchmarks.machine import machine_info  # noqa: E402
 from profilerd_probes import device  # noqa: E402
-from tests.simdevice import COMPUTE_BOUND_ITEM, run_scenario  # noqa: E402
-
-
-class _ReadyTimer:
-    """A device that is always caught up: every marker resolves at the next poll."""
-
-    def allowed(self) -> bool:
-        return True
-
-    def new_event(self) -> object:
-        return object()
-
-    def record(self, event: object) -> None:
-        return
-
-    def done(self, event: object) -> bool:
-        return True
-
-    def elapsed_s(self, start: object, end: object) -> float:
-        return 1e-3
+from tests.simdevice import COMPUTE_BOUND_ITEM, ConstantTimer, run_scenario  # noqa: E402
 
 
 def event_path_us(steps: int) -> float:
-    clock = device.DeviceClock(_ReadyTimer())
+    clock = device.DeviceClock(ConstantTimer(reached=True))  # always caught up: resolved at the next poll
     thread_time = time.thread_time
     begin = thread_time()
     now = 0.0
@@ -72,6 +53,7 @@ def event_path_us(steps: int) -> float:
 
 def probe_delta_us(steps: int, rounds: int) -> dict[str, float]:
     per_mode: dict[bool, list[float]] = {True: [], False: []}
+    run_scenario(COMPUTE_BOUND_ITEM, steps=50)  # warm-up: first-call costs, the first config snapshots
     for i in range(rounds):
         for timing in (True, False) if i % 2 else (False, True):
             begin = time.thread_time()

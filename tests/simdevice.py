@@ -111,6 +111,33 @@ class SimDevice:
         return sum(self.ends[i] - self.starts[i] for i in range(first, last))
 
 
+class ConstantTimer:
+    """A device that has always reached every marker (``reached``), or never; counts events made."""
+
+    def __init__(self, reached: bool, elapsed_s: float = 1e-3) -> None:
+        self.reached = reached
+        self.elapsed = elapsed_s
+        self.created = 0
+
+    def allowed(self) -> bool:
+        return True
+
+    def new_event(self) -> object:
+        self.created += 1
+        return object()
+
+    def record(self, event: object) -> None:
+        return
+
+    def done(self, event: object) -> bool:
+        return self.reached
+
+    def elapsed_s(self, start: object, end: object) -> float:
+        if not self.reached:
+            raise RuntimeError("cudaErrorNotReady: elapsed time of an unfinished event")
+        return self.elapsed
+
+
 @dataclass(frozen=True)
 class Phase:
     kernels: int = 0

@@ -18,6 +18,7 @@ from simdevice import (
     LAUNCH_BOUND,
     LOADER_OVERLAPPED,
     SCENARIOS,
+    ConstantTimer,
     Run,
     run_scenario,
 )
@@ -125,35 +126,11 @@ def test_a_step_is_held_until_its_markers_are_reached_and_sent_in_order() -> Non
 
 
 def test_the_marker_pool_is_bounded_when_the_device_falls_far_behind() -> None:
-    clock_device = run_scenario(COMPUTE_BOUND, steps=5).device
-    timer = FarBehind(clock_device)
+    timer = ConstantTimer(reached=False)
     clock = device.DeviceClock(timer)
     markers = [clock.mark(float(i), 0.0) for i in range(device.POOL_SIZE + 10)]
     assert sum(m is not None for m in markers) == device.POOL_SIZE
     assert clock.skipped == 10 and timer.created == device.POOL_SIZE
-
-
-class FarBehind:
-    """A device that never reaches any marker."""
-
-    def __init__(self, _device: object) -> None:
-        self.created = 0
-
-    def allowed(self) -> bool:
-        return True
-
-    def new_event(self) -> object:
-        self.created += 1
-        return object()
-
-    def record(self, event: object) -> None:
-        return
-
-    def done(self, event: object) -> bool:
-        return False
-
-    def elapsed_s(self, start: object, end: object) -> float:
-        raise AssertionError("elapsed time asked of an unfinished marker")
 
 
 def test_the_daemons_ingest_keeps_device_timing_and_none_without_it() -> None:
