@@ -443,7 +443,10 @@ class StepProbe:
         """
         if self._batch:
             if self.device is not None:
-                self.device.poll()
+                try:
+                    self.device.poll()
+                except Exception as exc:
+                    self._device_failed(exc)
             records = []
             for step in self._batch:
                 if not self._device_timing_settled(step, now, final):
@@ -460,7 +463,7 @@ class StepProbe:
         """Fill the step's device timing into its record if its markers are resolved; False
         while it may still be worth waiting for them."""
         record = step.record
-        if record is None or step.mark_start is None or step.mark_end is None:
+        if record is None or step.mark_start is None or step.mark_end is None or self.device is None:
             return True
         timing = step_timing(
             step.mark_start,
@@ -485,7 +488,20 @@ class StepProbe:
 
     def _device_mark(self, now: float) -> Marker | None:
         device = self.device
-        return device.mark(now, self.syncs.total_seconds) if device is not None else None
+        if device is None:
+            return None
+        try:
+            return device.mark(now, self.syncs.total_seconds)
+        except Exception as exc:
+            self._device_failed(exc)
+            return None
+
+    def _device_failed(self, exc: BaseException) -> None:
+        """A CUDA error in the event path (a device switched mid-run, a broken context) turns
+        device timing off; step timing goes on without it."""
+        self.device = None
+        self._device_timing = False
+        log.debug("device timing off after an error: %r", exc)
 
     def flush(self) -> None:
         """Emit the steps that have ended, and send what is batched (exit, uninstall)."""

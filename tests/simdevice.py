@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from profilerd.model import StepRecord
 from profilerd.samplers.ingest import step_record
 from profilerd_probes import core, signals, wire
+from profilerd_probes.device import DeviceTimer
 
 LAUNCH_LATENCY_S = 5e-6  # from a launch call to the earliest start of its kernel
 
@@ -251,8 +252,11 @@ class Run:
     datagrams: list[bytes]  # everything the probe sent, hello and config included
 
 
-def run_scenario(scenario: Scenario, steps: int = 40, device_timing: bool = True) -> Run:
-    """Drive a real StepProbe through ``steps`` iterations of ``scenario`` on a SimDevice."""
+def run_scenario(
+    scenario: Scenario, steps: int = 40, device_timing: bool = True, timer: DeviceTimer | None = None
+) -> Run:
+    """Drive a real StepProbe through ``steps`` iterations of ``scenario`` on a SimDevice (whose
+    markers come from ``timer`` instead, when given)."""
     clock = FakeClock()
     device = SimDevice(clock, max_queue_s=scenario.max_queue_s)
     sender = _Sender()
@@ -260,7 +264,7 @@ def run_scenario(scenario: Scenario, steps: int = 40, device_timing: bool = True
     with _fake_time(clock):
         probe = core.StepProbe(sender)  # type: ignore[arg-type]
         if device_timing:
-            probe.use_device_timer(device)
+            probe.use_device_timer(timer or device)
         optimizer = _Optimizer()
         library_dir = os.path.dirname(os.__file__) + "/nowhere/"
         item = probe.syncs.wrap("item", lambda tensor: device.sync(), threading.get_ident, library_dir)

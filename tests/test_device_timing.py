@@ -29,7 +29,7 @@ from profilerd.model import StepRecord
 from profilerd.recording import Recorder
 from profilerd.samplers.ingest import Ingest
 from profilerd.store import Store
-from profilerd_probes import device, wire
+from profilerd_probes import core, device, wire
 from profilerd_probes.schema import GPU_TIMING_FIELDS
 
 WARMUP = 3  # the first steps start before the first drained marker
@@ -203,3 +203,17 @@ def test_a_recording_written_before_device_timing_loads_and_takes_new_rows(tmp_p
     assert len(steps) == 6
     assert steps["gpu_busy_s"].notna().sum() == 1
     assert float(steps["gpu_busy_s"].dropna().iloc[0]) == pytest.approx(record.gpu_busy_s)
+
+
+class BrokenTimer(ConstantTimer):
+    """A device whose event query fails, as a CUDA error would."""
+
+    def done(self, event: object) -> bool:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def test_a_failing_device_turns_device_timing_off_and_step_timing_goes_on() -> None:
+    run = run_scenario(COMPUTE_BOUND_ITEM, steps=30, timer=BrokenTimer(reached=True))
+    assert run.probe.device is None and core.active() is None  # never installed: nothing to disable
+    assert [r.step for r in run.records] == list(range(1, 31))
+    assert all(r.gpu_busy_s is None for r in run.records)
