@@ -473,9 +473,10 @@ class StepProbe:
             step.data_wait_s,
             record[_AT.step_s],
         )
-        if timing is None:
+        if timing is None:  # the first steps are never held: a crash must not lose them
             end = step.end if step.end is not None else now
-            return final or now - end > GPU_TIMING_WAIT_S or len(self._batch) >= wire.MAX_BATCH_RECORDS
+            late = now - end > GPU_TIMING_WAIT_S or len(self._batch) >= wire.MAX_BATCH_RECORDS
+            return final or late or record[_AT.step] <= EAGER_STEPS
         record[_GPU_FIRST:_GPU_END] = timing
         record[_FLAGS] |= wire.FLAG_HAS_GPU_TIMING
         step.mark_start = step.mark_end = None  # filled once

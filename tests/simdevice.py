@@ -253,7 +253,7 @@ class Run:
 
 
 def run_scenario(
-    scenario: Scenario, steps: int = 40, device_timing: bool = True, timer: DeviceTimer | None = None
+    scenario: Scenario, steps: int = 60, device_timing: bool = True, timer: DeviceTimer | None = None
 ) -> Run:
     """Drive a real StepProbe through ``steps`` iterations of ``scenario`` on a SimDevice (whose
     markers come from ``timer`` instead, when given)."""

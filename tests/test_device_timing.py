@@ -32,7 +32,7 @@ from profilerd.store import Store
 from profilerd_probes import core, device, wire
 from profilerd_probes.schema import GPU_TIMING_FIELDS
 
-WARMUP = 3  # the first steps start before the first drained marker
+WARMUP = 3  # the first steps start before the first drained marker (and the first 20 are sent at once)
 
 
 def _steady(run: Run) -> list[tuple[StepRecord, object]]:
@@ -118,11 +118,13 @@ def test_without_a_device_timer_there_is_no_device_timing() -> None:
 def test_a_step_is_held_until_its_markers_are_reached_and_sent_in_order() -> None:
     """With the host ahead, a step's end marker is unresolved when its batch is due: the record
     waits for a later batch (sequence numbers stay in order), within a bounded delay."""
-    run = run_scenario(LOADER_OVERLAPPED, steps=60)
+    run = run_scenario(LOADER_OVERLAPPED, steps=80)
     seqs = [r.step for r in run.records]
-    assert seqs == sorted(seqs) == list(range(1, 61))
-    timed = [r for r in run.records if r.gpu_busy_s is not None]
+    assert seqs == sorted(seqs) == list(range(1, 81))
+    timed = [r.step for r in run.records if r.gpu_busy_s is not None]
     assert len(timed) >= 50
+    # The first steps go out at once (a crash must not lose them), resolved or not.
+    assert not any(step <= 20 for step in timed)
 
 
 def test_the_marker_pool_is_bounded_when_the_device_falls_far_behind() -> None:
@@ -135,7 +137,7 @@ def test_the_marker_pool_is_bounded_when_the_device_falls_far_behind() -> None:
 
 def test_the_daemons_ingest_keeps_device_timing_and_none_without_it() -> None:
     """The probe's own datagrams (hello, config, step batches) through the daemon's Ingest."""
-    timed, untimed = run_scenario(COMPUTE_BOUND_ITEM, steps=12), run_scenario(DATA_STARVED, 12, device_timing=False)
+    timed, untimed = run_scenario(COMPUTE_BOUND_ITEM, steps=32), run_scenario(DATA_STARVED, 12, device_timing=False)
     for run in (timed, untimed):
         store = Store()
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
@@ -152,7 +154,7 @@ def test_the_daemons_ingest_keeps_device_timing_and_none_without_it() -> None:
 
 
 def test_device_timing_travels_to_the_recording_and_the_offline_frame(tmp_path: Path) -> None:
-    run = run_scenario(COMPUTE_BOUND_ITEM, steps=12)
+    run = run_scenario(COMPUTE_BOUND_ITEM, steps=32)
     recorder = Recorder(tmp_path)
     recorder.start()
     recorder.start_run("sim", {"hostname": "sim"})
@@ -194,7 +196,7 @@ def test_a_recording_written_before_device_timing_loads_and_takes_new_rows(tmp_p
 
     recorder = Recorder(tmp_path)
     recorder.start()
-    record = run_scenario(COMPUTE_BOUND_ITEM, steps=8).records[-2]
+    record = run_scenario(COMPUTE_BOUND_ITEM, steps=28).records[-2]
     assert record.gpu_busy_s is not None
     recorder.step("old", record)
     recorder.close_run("old", "finished", 0)
