@@ -16,6 +16,13 @@ segment; a receiver process runs the daemon's real ``Ingest`` so that sends real
 
     python benchmarks/bench_probe_overhead.py               # default run, about a minute
     python benchmarks/bench_probe_overhead.py --json out.json --rounds 15
+    python benchmarks/bench_probe_overhead.py --gpu        # CUDA: device timing (events) on vs off
+
+``--gpu`` runs the training loop on the GPU instead (a larger MLP, batches moved with
+``non_blocking``) in three alternated modes: ``plain``, ``events_off`` (probes on,
+PROFILERD_GPU_TIMING=0) and ``events_on`` (probes on, device timing on), and reports both
+ratios over plain, the device timing's own share (events_on over events_off), and how many steps
+carried device timing.
 """
 
 from __future__ import annotations
@@ -99,7 +106,7 @@ def _forever(loader: Any) -> Iterator[Any]:
 class Workload:
     """A training loop whose step is ``next(batch) -> forward -> loss -> backward -> step``."""
 
-    def __init__(self, trivial: bool, batch: int, width: int, hidden: int) -> None:
+    def __init__(self, trivial: bool, batch: int, width: int, hidden: int, device: str = "cpu") -> None:
         import torch
         from torch import nn
         from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -127,6 +134,10 @@ class Workload:
                 nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10)
             )
             self.loss = nn.functional.cross_entropy
+        self.device = device
+        if device != "cpu":
+            self.model = self.model.to(device)
+            loader = DataLoader(loader.dataset, batch_size=batch, shuffle=True, drop_last=True, pin_memory=True)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
         self.batches = _forever(loader)
 
@@ -136,11 +147,14 @@ class Workload:
         The two clock reads per step (~0.5 us) are the same in every mode.
         """
         batches, model, loss_fn, optimizer = self.batches, self.model, self.loss, self.optimizer
+        device = None if self.device == "cpu" else self.device
         pc, tt = time.perf_counter, time.thread_time
         wall, cpu = [], []
         w0, c0 = pc(), tt()
         for _ in range(steps):
             inputs, targets = next(batches)
+            if device is not None:
+                inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             loss = loss_fn(model(inputs), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -153,17 +167,21 @@ class Workload:
 
 
 def run_segment(work: Workload, mode: str, paths: dict[str, Path], warmup: int, steps: int) -> dict[str, Any]:
+    os.environ["PROFILERD_GPU_TIMING"] = "0" if mode == "events_off" else "1"  # read by install()
     if mode != "plain" and not probes.install(paths[mode]):
         raise RuntimeError("probes.install() failed")
     try:
         work.run(warmup)  # includes the first config snapshots and the eagerly sent first steps
         watch = LoadWatch()
         wall, cpu = work.run(steps)
+        if work.device != "cpu":
+            work.torch.cuda.synchronize()  # the benchmark's own: no segment's work spills into the next
         others = watch.others()
         probe = core.active()
         sender = {"sent": 0, "dropped": {}}
         if probe is not None:
             sender = {"sent": probe.sender.sent, "dropped": dict(probe.sender.dropped), "steps": probe.step_index}
+            sender["device_timing"] = probe.device is not None
         elif mode != "plain":
             raise RuntimeError("the probe disabled itself during the segment")
     finally:
@@ -180,14 +198,20 @@ def run_segment(work: Workload, mode: str, paths: dict[str, Path], warmup: int, 
 
 
 def alternate(
-    work: Workload, paths: dict[str, Path], rounds: int, warmup: int, steps: int, seed: int
+    work: Workload,
+    paths: dict[str, Path],
+    rounds: int,
+    warmup: int,
+    steps: int,
+    seed: int,
+    modes: tuple[str, ...] = MODES,
 ) -> list[list[dict[str, Any]]]:
     rng = random.Random(seed)
-    for mode in MODES:  # one untimed pass of each: caches, allocator, first-call costs
+    for mode in modes:  # one untimed pass of each: caches, allocator, first-call costs
         run_segment(work, mode, paths, warmup, max(10, steps // 10))
     out = []
     for _ in range(rounds):
-        order = list(MODES)
+        order = list(modes)
         rng.shuffle(order)
         out.append([run_segment(work, mode, paths, warmup, steps) for mode in order])
     return out
@@ -587,6 +611,36 @@ def print_report(res: dict[str, Any]) -> None:
         print(f"  {label:<44}{us:9.1f} us target <= {TARGET_US_PER_STEP}  {_mark(us <= TARGET_US_PER_STEP)}")
 
 
+GPU_MODES = ("plain", "events_off", "events_on")
+
+
+def gpu_overhead(args: argparse.Namespace, paths: dict[str, Path]) -> dict[str, Any]:
+    """Device timing on vs off on a CUDA training loop (median step wall time, medians over rounds)."""
+    import torch
+
+    work = Workload(False, args.batch, 2048, 4096, device="cuda")
+    rounds = alternate(work, paths, args.rounds, args.warmup, args.steps, args.seed, GPU_MODES)
+    by_mode = {mode: [next(s for s in r if s["mode"] == mode) for r in rounds] for mode in GPU_MODES}
+
+    def ratio(num: str, den: str) -> float:
+        return statistics.median(
+            a["median_s_per_step"] / b["median_s_per_step"] for a, b in zip(by_mode[num], by_mode[den], strict=True)
+        )
+
+    plain_ms = 1e3 * statistics.median(s["median_s_per_step"] for s in by_mode["plain"])
+    return {
+        "device": torch.cuda.get_device_name(),
+        "driver_cuda": torch.version.cuda,
+        "torch": torch.__version__,
+        "plain_ms_per_step": plain_ms,
+        "events_off_ratio": ratio("events_off", "plain"),
+        "events_on_ratio": ratio("events_on", "plain"),
+        "events_on_over_off": ratio("events_on", "events_off"),
+        "device_timing_active": all(s["sender"].get("device_timing") for s in by_mode["events_on"]),
+        "rounds": rounds,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=20, help="(plain, daemon, absent) rounds, >= 5")
@@ -608,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-quiet", type=float, default=0.0, help="wait up to this long for a quiet machine")
     parser.add_argument("--no-pin", action="store_true", help="do not pin trainer and receiver to CPUs")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--gpu", action="store_true", help="CUDA training loop: device timing on vs off")
     parser.add_argument("--_receiver", help=argparse.SUPPRESS)
     parser.add_argument("--_cpu", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -634,6 +689,20 @@ def main(argv: list[str] | None = None) -> int:
         os.chmod(tmp, 0o700)
         paths = {"daemon": tmp / "rt" / "ingest.sock", "absent": tmp / "absent" / "ingest.sock"}
         receiver = Receiver(paths["daemon"], recv_cpu)
+        if args.gpu:
+            paths["events_off"] = paths["events_on"] = paths["daemon"]
+            try:
+                results["gpu"] = gpu = gpu_overhead(args, paths)
+            finally:
+                results["receiver"] = receiver.close()
+            print(f"\n[gpu] {gpu['device']}, torch {gpu['torch']} (CUDA {gpu['driver_cuda']})")
+            print(f"  plain step {gpu['plain_ms_per_step']:.3f} ms (median over {args.rounds} rounds)")
+            for key in ("events_off_ratio", "events_on_ratio", "events_on_over_off"):
+                print(f"  {key:<22}{gpu[key]:9.4f}    target <= {TARGET_RATIO}  {_mark(gpu[key] <= TARGET_RATIO)}")
+            print(f"  device timing active in every events_on segment: {gpu['device_timing_active']}")
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=2, default=str))
+            return 0
         try:
             work = Workload(False, args.batch, args.width, args.hidden)
             rounds = alternate(work, paths, args.rounds, args.warmup, args.steps, args.seed)

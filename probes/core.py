@@ -42,6 +42,8 @@ import weakref
 from typing import Any
 
 from profilerd_probes import wire
+from profilerd_probes.device import CudaTimer, DeviceClock, DeviceTimer, Marker, step_timing
+from profilerd_probes.schema import GPU_TIMING_FIELDS
 from profilerd_probes.signals import (
     COLLECTIVES,
     SYNC_METHODS,
@@ -73,6 +75,9 @@ COMPILES_REFRESH_S = 0.5
 # The loss is read at every step at first, so a non-finite loss is caught at the exact step
 # where it appears, then at most every loss_every_s (and every step again while non-finite).
 LOSS_EVERY_STEP_STEPS = 200
+# A step whose device markers are not reached yet waits in the batch for at most this long (the
+# host running further ahead than that is sent without device timing rather than held).
+GPU_TIMING_WAIT_S = 1.0
 
 
 class _StderrHandler(logging.Handler):
@@ -156,6 +161,10 @@ class _Step:
         "grad_norm",
         "loss",
         "loss_first_nonfinite",
+        "mark_backward",
+        "mark_end",
+        "mark_optimizer",
+        "mark_start",
         "optimizer_s",
         "optimizers",
         "record",
@@ -188,6 +197,11 @@ class _Step:
         self.scale: float | None = None
         self.record: list[Any] | None = None  # the record's fields, once emitted and until sent
         self.emitted = False
+        # Device markers (CUDA only) at the step's start, first backward, first optimizer step, end.
+        self.mark_start: Marker | None = None
+        self.mark_backward: Marker | None = None
+        self.mark_optimizer: Marker | None = None
+        self.mark_end: Marker | None = None
 
     def absorb(self, later: _Step) -> None:
         """The activity after this step's tentative end belongs to the same iteration after all."""
@@ -207,10 +221,19 @@ class _Step:
             if getattr(later, name) is not None:
                 setattr(self, name, getattr(later, name))
         self.loss_first_nonfinite = self.loss_first_nonfinite or later.loss_first_nonfinite
+        self.mark_backward = self.mark_backward or later.mark_backward
+        self.mark_optimizer = self.mark_optimizer or later.mark_optimizer
 
 
-# Positions in a step record (wire.STEP) that a deferred read may fill in before it is sent.
-_FLAGS, _LOSS, _GRAD_NORM, _SCALE = 12, 13, 14, 16
+# Positions of the fields in a step record (wire.STEP), by name: _AT.loss is where the loss goes.
+_AT = types.SimpleNamespace(**wire.WIRE_STEP_INDEX)
+_EMPTY_RECORD: list[Any] = [0] * len(wire.WIRE_STEP_NAMES)
+# The fields a deferred read may fill in before the record is sent.
+_FLAGS, _LOSS, _GRAD_NORM, _SCALE = _AT.flags, _AT.loss, _AT.grad_norm, _AT.scaler_scale
+# The device timing fields, contiguous in the table, in step_timing's order.
+_GPU_FIRST, _GPU_END = _AT.gpu_busy_s, _AT.host_ahead_s + 1
+if wire.WIRE_STEP_NAMES[_GPU_FIRST:_GPU_END] != GPU_TIMING_FIELDS:
+    raise RuntimeError("the device timing fields must be contiguous in the step field table")
 _SIGNAL_FLAGS = {_LOSS: wire.FLAG_HAS_LOSS, _GRAD_NORM: wire.FLAG_HAS_GRAD_NORM, _SCALE: wire.FLAG_HAS_SCALE}
 _SIGNAL_NAMES = {_LOSS: "loss", _GRAD_NORM: "grad_norm", _SCALE: "scale"}
 
@@ -278,6 +301,9 @@ class StepProbe:
         self._clip_used = False
         self.current = _Step(None)  # the first step starts at the first observed activity
         self.ended: _Step | None = None  # a step whose end is known, until the next iteration begins
+        # Device timing: set up when the first CUDA loss is seen (or a timer is given), never on CPU.
+        self.device: DeviceClock | None = None
+        self._device_timing = os.environ.get("PROFILERD_GPU_TIMING", "1") != "0"
 
     # ---- step boundaries ---------------------------------------------------------------
     def _absorb_counters(self, step: _Step) -> None:
@@ -306,6 +332,8 @@ class StepProbe:
         step.end = now
         self.ended = step
         self.current = _Step(now)
+        if self.device is not None:
+            step.mark_end = self.current.mark_start = self._device_mark(now)
 
     def _reopen(self) -> None:
         """The step that seemed to have ended goes on (its activity since then is its own)."""
@@ -314,6 +342,7 @@ class StepProbe:
             self._absorb_counters(self.current)
             ended.absorb(self.current)
             ended.end = None
+            ended.mark_end = None
             ended.fallback = False
             self.current = ended
 
@@ -365,31 +394,28 @@ class StepProbe:
         if end - self._compiles_read_at > COMPILES_REFRESH_S:
             self._compiles_read_at = end
             self._compiles = _graph_compiles()
-        step.record = [
-            self._pid,
-            self._rank,
-            self._seq,
-            self.step_index,
-            end + self._wall_offset,
-            end - start,
-            step.data_wait_s,
-            step.forward_s,
-            backward,
-            step.optimizer_s,
-            comm,
-            self.sender.dropped_total,
-            flags,
-            0.0,
-            0.0,
-            self._lr if self._lr is not None else 0.0,
-            0.0,
-            step.sync_count,
-            step.sync_s,
-            comm_total,
-            self._compiles,
-            step.comm_ops,
-            step.comm_bytes,
-        ]
+        record = _EMPTY_RECORD.copy()
+        record[_AT.pid] = self._pid
+        record[_AT.rank] = self._rank
+        record[_AT.seq] = self._seq
+        record[_AT.step] = self.step_index
+        record[_AT.end_unix_s] = end + self._wall_offset
+        record[_AT.step_s] = end - start
+        record[_AT.data_wait_s] = step.data_wait_s
+        record[_AT.forward_s] = step.forward_s
+        record[_AT.backward_s] = backward
+        record[_AT.optimizer_s] = step.optimizer_s
+        record[_AT.comm_s] = comm
+        record[_AT.sender_dropped] = self.sender.dropped_total
+        record[_AT.flags] = flags
+        record[_AT.lr] = self._lr if self._lr is not None else 0.0
+        record[_AT.sync_count] = step.sync_count
+        record[_AT.sync_s] = step.sync_s
+        record[_AT.comm_total_s] = comm_total
+        record[_AT.graph_compiles] = self._compiles
+        record[_AT.comm_ops] = step.comm_ops
+        record[_AT.comm_bytes] = step.comm_bytes
+        step.record = record
         step.emitted = True
         for index, value in ((_LOSS, step.loss), (_GRAD_NORM, step.grad_norm), (_SCALE, step.scale)):
             if value is not None:
@@ -408,17 +434,75 @@ class StepProbe:
             record[index] = value
             record[_FLAGS] |= _SIGNAL_FLAGS[index]
 
-    def _send_batch(self, now: float) -> None:
-        """One datagram for the steps gathered so far: a syscall per batch, not per step."""
+    def _send_batch(self, now: float, final: bool = False) -> None:
+        """One datagram for the steps gathered so far: a syscall per batch, not per step.
+
+        With device timing, the steps whose markers the device has not reached yet stay for a
+        later batch (in order: the daemon counts losses by sequence number), for at most
+        GPU_TIMING_WAIT_S; ``final`` sends everything as it stands.
+        """
         if self._batch:
+            if self.device is not None:
+                try:
+                    self.device.poll()
+                except Exception as exc:
+                    self._device_failed(exc)
             records = []
             for step in self._batch:
+                if not self._device_timing_settled(step, now, final):
+                    break
                 if step.record is not None:
-                    records.append(wire.pack_step_record(*step.record))
+                    records.append(wire.STEP.pack(*step.record))
                     step.record = None  # sent: a late deferred value goes elsewhere
-            self.sender.send(wire.encode_step_batch(records), records=len(records))
-            self._batch = []
+            if records:
+                self.sender.send(wire.encode_step_batch(records), records=len(records))
+            self._batch = self._batch[len(records) :] if records else self._batch
         self._batch_started = now
+
+    def _device_timing_settled(self, step: _Step, now: float, final: bool) -> bool:
+        """Fill the step's device timing into its record if its markers are resolved; False
+        while it may still be worth waiting for them."""
+        record = step.record
+        if record is None or step.mark_start is None or step.mark_end is None or self.device is None:
+            return True
+        timing = step_timing(
+            step.mark_start,
+            step.mark_backward,
+            step.mark_optimizer,
+            step.mark_end,
+            step.data_wait_s,
+            record[_AT.step_s],
+        )
+        if timing is None:  # the first steps are never held: a crash must not lose them
+            end = step.end if step.end is not None else now
+            late = now - end > GPU_TIMING_WAIT_S or len(self._batch) >= wire.MAX_BATCH_RECORDS
+            return final or late or record[_AT.step] <= EAGER_STEPS
+        record[_GPU_FIRST:_GPU_END] = timing
+        record[_FLAGS] |= wire.FLAG_HAS_GPU_TIMING
+        step.mark_start = step.mark_end = None  # filled once
+        return True
+
+    # ---- device timing -----------------------------------------------------------------
+    def use_device_timer(self, timer: DeviceTimer) -> None:
+        """Time steps on this device (CUDA, or a simulated device in tests)."""
+        self.device = DeviceClock(timer)
+
+    def _device_mark(self, now: float) -> Marker | None:
+        device = self.device
+        if device is None:
+            return None
+        try:
+            return device.mark(now, self.syncs.total_seconds)
+        except Exception as exc:
+            self._device_failed(exc)
+            return None
+
+    def _device_failed(self, exc: BaseException) -> None:
+        """A CUDA error in the event path (a device switched mid-run, a broken context) turns
+        device timing off; step timing goes on without it."""
+        self.device = None
+        self._device_timing = False
+        log.debug("device timing off after an error: %r", exc)
 
     def flush(self) -> None:
         """Emit the steps that have ended, and send what is batched (exit, uninstall)."""
@@ -444,7 +528,7 @@ class StepProbe:
             step.fallback = True
             step.end = time.perf_counter()
             self._emit(step)
-        self._send_batch(time.perf_counter())
+        self._send_batch(time.perf_counter(), final=True)
 
     def say_goodbye(self) -> None:
         """At interpreter exit: tells the daemon this process ended normally (once)."""
@@ -609,7 +693,11 @@ class StepProbe:
             ended.absorb(self.current)
             ended.end = now
             self.current = _Step(now)
+            if self.device is not None:
+                ended.mark_end = self.current.mark_start = self._device_mark(now)
         self._new_iteration(now)
+        if self.device is not None and self.current.mark_start is None:
+            self.current.mark_start = self._device_mark(now)
 
     def on_loader_next_end(self, start: float, end: float) -> None:
         self.current.data_wait_s += end - start
@@ -629,10 +717,14 @@ class StepProbe:
             step.forward_s += max(0.0, window)
             self._mark = None
         torch = self._torch
+        if self.device is None and self._device_timing and getattr(loss, "is_cuda", False):
+            self.use_device_timer(CudaTimer(torch))
         if loss is not None and self._loss_read_due(now) and plain_tensor(torch, loss) and observable_now(torch):
             self._loss_read_at = now
             self._capture(self._loss, loss, _LOSS, step)
-            return time.perf_counter()
+            now = time.perf_counter()
+        if self.device is not None and step.mark_backward is None:
+            step.mark_backward = self._device_mark(now)
         return now
 
     def on_backward_end(self, start: float, end: float) -> None:
@@ -676,6 +768,8 @@ class StepProbe:
             self._grad_norm_read_at = now
             self._sample_grad_norm(optimizer, step)
             now = time.perf_counter()
+        if self.device is not None and step.mark_optimizer is None:
+            step.mark_optimizer = self._device_mark(now)
         self._optimizer_start = now
         self._optimizer_inner = step.forward_s + step.backward_s + self.collectives.seconds
         self._mark = now  # a closure's forward starts with the step
@@ -856,6 +950,7 @@ class StepProbe:
         self.collectives.reset_step()
         self.current = _Step(None)
         self.ended = None
+        self.device = None  # CUDA cannot be used in a forked child
 
 
 # ---- module-level hook functions: they look up the active probe, so uninstall is total ----

@@ -210,6 +210,7 @@ class SyncCounter:
     def __init__(self) -> None:
         self.count = 0
         self.seconds = 0.0
+        self.total_seconds = 0.0  # never reset: device timing takes differences of it
         self.sites: Counter[tuple[str, int, str]] = Counter()
         self.suspended = 0  # > 0 inside library code (optimizer step, GradScaler, DataLoader)
         self._local = threading.local()
@@ -245,7 +246,9 @@ class SyncCounter:
             try:
                 return original(tensor, *args, **kwargs)
             finally:
-                counter.seconds += perf_counter() - start
+                spent = perf_counter() - start
+                counter.seconds += spent
+                counter.total_seconds += spent
                 counter.count += 1
                 local.depth = 0
                 key = (filename, frame.f_lineno, name)

@@ -16,8 +16,25 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from profilerd_probes.schema import (  # noqa: F401  (the flags, as the probes and the daemon know them)
+    FLAG_FALLBACK_BOUNDARY,
+    FLAG_GRAD_SCALER_SKIPPED,
+    FLAG_HAS_GPU_TIMING,
+    FLAG_HAS_GRAD_NORM,
+    FLAG_HAS_LOSS,
+    FLAG_HAS_LR,
+    FLAG_HAS_SCALE,
+    FLAG_LOSS_FIRST_NONFINITE,
+    WIRE_DURATION_INDICES,
+    WIRE_STEP_FORMAT,
+    WIRE_STEP_INDEX,
+    WIRE_STEP_NAMES,
+    WIRE_UNSIGNED_LIMITS,
+    check_fields,
+)
+
 MAGIC = b"PF"
-VERSION = 2  # 2: step records carry the training signals
+VERSION = 3  # 2: step records carry the training signals; 3: and device-side timing
 HEADER = struct.Struct("<2sBB")
 
 KIND_HELLO = 1
@@ -29,29 +46,16 @@ KIND_STEP_BATCH = 6  # a u16 count, then that many step records
 
 JSON_KINDS: dict[int, str] = {KIND_HELLO: "hello", KIND_CONFIG: "config", KIND_EVENT: "event", KIND_RUN_END: "run_end"}
 
-# pid, rank, seq, step, end_unix_s, step_s, data_wait_s, forward_s, backward_s, optimizer_s,
-# comm_s, sender_dropped, flags, then the training signals: loss, grad_norm, lr, scaler_scale
-# (each valid only with its FLAG_HAS_* bit: loss and grad norm may legitimately be NaN or inf),
-# sync_count, sync_s, comm_total_s, graph_compiles, comm_ops, comm_bytes.
-STEP = struct.Struct("<IiIQddddddd II dddd IddI IQ")
+# The fields of a step record, in order, are the wire fields of schema.STEP_FIELDS.
+STEP = struct.Struct(WIRE_STEP_FORMAT)
 STEP_SIZE = HEADER.size + STEP.size
 BATCH_COUNT = struct.Struct("<H")
-pack_step_record = STEP.pack  # positional fields, no header: what a batch is made of
+_ZEROS = (0,) * len(WIRE_STEP_NAMES)
 
 # Large enough for any configuration snapshot, small enough to fit the default AF_UNIX
 # datagram limits with room to spare.
 MAX_DATAGRAM_BYTES = 64 * 1024
 MAX_BATCH_RECORDS = 32
-
-FLAG_FALLBACK_BOUNDARY = 1  # the step was delimited without optimizer hooks
-FLAG_GRAD_SCALER_SKIPPED = 2  # GradScaler found inf/NaN gradients and skipped optimizer.step()
-FLAG_HAS_LOSS = 4
-FLAG_HAS_GRAD_NORM = 8
-FLAG_HAS_LR = 16
-FLAG_HAS_SCALE = 32
-# The first step whose loss is NaN or inf (after finite losses, or none): where divergence began.
-# The loss is read at every step for the first 200 steps and while it stays non-finite.
-FLAG_LOSS_FIRST_NONFINITE = 64
 
 
 class WireError(ValueError):
@@ -89,6 +93,16 @@ class StepMessage:
     graph_compiles: int = 0
     comm_ops: int = 0
     comm_bytes: int = 0
+    gpu_busy_s: float = 0.0
+    gpu_forward_s: float = 0.0
+    gpu_backward_s: float = 0.0
+    gpu_optimizer_s: float = 0.0
+    gpu_idle_s: float = 0.0
+    gpu_idle_data_wait_s: float = 0.0
+    host_ahead_s: float = 0.0
+
+
+check_fields(StepMessage, WIRE_STEP_NAMES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,57 +120,23 @@ class JsonMessage:
     body: dict[str, Any]
 
 
-def encode_step(
-    pid: int,
-    rank: int,
-    seq: int,
-    step: int,
-    end_unix_s: float,
-    step_s: float,
-    data_wait_s: float,
-    forward_s: float,
-    backward_s: float,
-    optimizer_s: float,
-    comm_s: float,
-    sender_dropped: int,
-    flags: int = 0,
-    *,
-    loss: float = 0.0,
-    grad_norm: float = 0.0,
-    lr: float = 0.0,
-    scaler_scale: float = 0.0,
-    sync_count: int = 0,
-    sync_s: float = 0.0,
-    comm_total_s: float = 0.0,
-    graph_compiles: int = 0,
-    comm_ops: int = 0,
-    comm_bytes: int = 0,
-) -> bytes:
-    return HEADER.pack(MAGIC, VERSION, KIND_STEP) + STEP.pack(
-        pid & 0xFFFFFFFF,
-        rank,
-        seq & 0xFFFFFFFF,
-        step,
-        end_unix_s,
-        step_s,
-        data_wait_s,
-        forward_s,
-        backward_s,
-        optimizer_s,
-        comm_s,
-        min(sender_dropped, 0xFFFFFFFF),
-        flags,
-        loss,
-        grad_norm,
-        lr,
-        scaler_scale,
-        min(sync_count, 0xFFFFFFFF),
-        sync_s,
-        comm_total_s,
-        min(graph_compiles, 0xFFFFFFFF),
-        min(comm_ops, 0xFFFFFFFF),
-        min(comm_bytes, 0xFFFFFFFFFFFFFFFF),
-    )
+def pack_step_record(*values: float, **named: float) -> bytes:
+    """One record without header (what a batch is made of): fields in table order, positionally
+    or by name; those not given are 0, unsigned counters are clamped to their width."""
+    record = [*values, *_ZEROS[len(values) :]]
+    for name, value in named.items():
+        record[WIRE_STEP_INDEX[name]] = value
+    for index, limit in WIRE_UNSIGNED_LIMITS.items():
+        record[index] = int(record[index]) & 0xFFFFFFFF if index in _WRAPPED else min(int(record[index]), limit)
+    return STEP.pack(*record)
+
+
+_WRAPPED = {WIRE_STEP_INDEX["pid"], WIRE_STEP_INDEX["seq"]}  # identities wrap, counters saturate
+
+
+def encode_step(*values: float, **named: float) -> bytes:
+    """A single-record datagram (tests and tools; the probes send batches)."""
+    return HEADER.pack(MAGIC, VERSION, KIND_STEP) + pack_step_record(*values, **named)
 
 
 def encode_step_batch(records: list[bytes]) -> bytes:
@@ -167,7 +147,7 @@ def encode_step_batch(records: list[bytes]) -> bytes:
 def _step(datagram: bytes, offset: int) -> StepMessage:
     fields = STEP.unpack_from(datagram, offset)
     message = StepMessage(*fields)
-    durations = (*fields[5:11], message.sync_s, message.comm_total_s)
+    durations = [fields[i] for i in WIRE_DURATION_INDICES]
     low, high = min(durations), max(durations)
     # NaN fails every comparison (and makes the sum NaN), so these reject it with negatives.
     if not low >= 0.0 or not high <= 1e6 or sum(durations) != sum(durations) or not message.end_unix_s > 0:

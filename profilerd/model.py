@@ -6,8 +6,11 @@ never exported as 0.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any
+
+from profilerd_probes.schema import STEP_COLUMNS, check_fields
 
 CATEGORIES = ("data", "compute", "communication", "algorithm")
 PRIMARY_VALUES = (*CATEGORIES, "none")
@@ -42,46 +45,27 @@ class StepRecord:
     graph_compiles: int = 0
     comm_ops: int = 0
     comm_bytes: int = 0
-    # Device timing from CUDA events on the step's stream; None when the step has none (CPU,
-    # events not complete yet).
+    # Device-side timing (CUDA events, see docs/concepts.md); None without it.
     gpu_busy_s: float | None = None
     gpu_forward_s: float | None = None
     gpu_backward_s: float | None = None
     gpu_optimizer_s: float | None = None
-    gpu_idle_s: float | None = None  # device idle within the step's wall span
-    gpu_idle_data_wait_s: float | None = None  # device idle while the training thread waited for the batch
+    gpu_idle_s: float | None = None  # the device idle within the step's wall span
+    gpu_idle_data_wait_s: float | None = None  # the device idle while the training thread waited for data
     host_ahead_s: float | None = None  # how far the host ran ahead of the device at the step's end
 
     def as_row(self) -> tuple[Any, ...]:
-        """The fields in declaration order: one row of the recording's steps table."""
-        return (
-            self.end_unix_s,
-            self.rank,
-            self.pid,
-            self.step,
-            self.step_s,
-            self.data_wait_s,
-            self.forward_s,
-            self.backward_s,
-            self.optimizer_s,
-            self.comm_s,
-            self.flags,
-            self.loss,
-            self.grad_norm,
-            self.lr,
-            self.scaler_scale,
-            self.sync_count,
-            self.sync_s,
-            self.comm_total_s,
-            self.graph_compiles,
-            self.comm_ops,
-            self.comm_bytes,
-        )
+        """One row of the recording's steps table (schema.STEP_COLUMNS)."""
+        return _row(self)
 
     @property
     def other_s(self) -> float:
         measured = self.data_wait_s + self.forward_s + self.backward_s + self.optimizer_s + self.comm_s
         return max(0.0, self.step_s - measured)
+
+
+_row = operator.attrgetter(*STEP_COLUMNS)
+check_fields(StepRecord, STEP_COLUMNS, extra=("job",))
 
 
 @dataclass(frozen=True, slots=True)

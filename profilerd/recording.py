@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from profilerd import __version__
-from profilerd.analysis.features import DEVICE_COLUMNS
 from profilerd.model import GpuSample, HostSample, ProbeSession, ProcessSample, StepRecord
+from profilerd_probes import schema
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +35,37 @@ RETRY_INTERVAL_S = 2.0
 # dropped and counted: a long outage must not take the node's memory with it.
 MAX_PENDING_ROWS = 500_000
 
+# The gpu_samples table: (column, GpuSample field, SQL type), then ``sample``, the whole sample as
+# JSON (every field, for the offline GPU analysis). The columns are for SQL queries and the frame.
+GPU_SAMPLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("ts_unix_s", "ts_unix_s", "REAL"),
+    ("gpu_index", "index", "INTEGER"),
+    ("uuid", "uuid", "TEXT"),
+    ("name", "name", "TEXT"),
+    ("lost", "lost", "INTEGER"),
+    ("utilization_gpu_ratio", "utilization_gpu_ratio", "REAL"),
+    ("memory_used_bytes", "memory_used_bytes", "INTEGER"),
+    ("memory_total_bytes", "memory_total_bytes", "INTEGER"),
+    ("power_watts", "power_watts", "REAL"),
+    ("power_limit_watts", "power_limit_watts", "REAL"),
+    ("temperature_celsius", "temperature_celsius", "REAL"),
+    ("sm_active_ratio", "sm_active_ratio", "REAL"),
+    ("tensor_active_ratio", "tensor_active_ratio", "REAL"),
+)
+_GPU_FIELDS = [sample_field for _, sample_field, _ in GPU_SAMPLE_COLUMNS]
+
+
+def _gpu_samples_ddl() -> str:
+    columns = ", ".join(f"{column} {sql}" for column, _, sql in GPU_SAMPLE_COLUMNS)
+    return f"CREATE TABLE IF NOT EXISTS gpu_samples ({columns}, sample TEXT)"
+
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS sessions (
     pid INTEGER, rank INTEGER, local_rank INTEGER, world_size INTEGER, hostname TEXT,
     argv TEXT, started_unix_s REAL, probe_version TEXT);
-CREATE TABLE IF NOT EXISTS steps (
-    end_unix_s REAL, rank INTEGER, pid INTEGER, step INTEGER, step_s REAL, data_wait_s REAL,
-    forward_s REAL, backward_s REAL, optimizer_s REAL, comm_s REAL, flags INTEGER,
-    loss REAL, grad_norm REAL, lr REAL, scaler_scale REAL, sync_count INTEGER, sync_s REAL,
-    comm_total_s REAL, graph_compiles INTEGER, comm_ops INTEGER, comm_bytes INTEGER,
-    gpu_busy_s REAL, gpu_forward_s REAL, gpu_backward_s REAL, gpu_optimizer_s REAL, gpu_idle_s REAL,
-    gpu_idle_data_wait_s REAL, host_ahead_s REAL);
+{steps}
 CREATE TABLE IF NOT EXISTS configs (ts_unix_s REAL, pid INTEGER, rank INTEGER, config TEXT);
 CREATE TABLE IF NOT EXISTS host_samples (
     ts_unix_s REAL, cpu_count INTEGER, cpu_ratio REAL, iowait_ratio REAL,
@@ -54,24 +73,20 @@ CREATE TABLE IF NOT EXISTS host_samples (
 CREATE TABLE IF NOT EXISTS process_samples (
     ts_unix_s REAL, pid INTEGER, rank INTEGER, alive INTEGER, cpu_ratio REAL, rss_bytes INTEGER,
     num_workers INTEGER, workers_cpu_ratio REAL, worker_cpu_max_ratio REAL);
-CREATE TABLE IF NOT EXISTS gpu_samples (
-    ts_unix_s REAL, gpu_index INTEGER, uuid TEXT, name TEXT, lost INTEGER,
-    utilization_gpu_ratio REAL, memory_used_bytes INTEGER, memory_total_bytes INTEGER,
-    power_watts REAL, power_limit_watts REAL, temperature_celsius REAL,
-    sm_active_ratio REAL, tensor_active_ratio REAL, sample TEXT);
+{gpu_samples}
 CREATE TABLE IF NOT EXISTS verdicts (ts_unix_s REAL, job TEXT, primary_category TEXT,
     severity TEXT, verdict TEXT);
 CREATE TABLE IF NOT EXISTS events (ts_unix_s REAL, kind TEXT, detail TEXT);
 CREATE INDEX IF NOT EXISTS steps_by_time ON steps (end_unix_s);
-"""
+""".replace("{steps}", schema.steps_ddl() + ";").replace("{gpu_samples}", _gpu_samples_ddl() + ";")
 
 INSERTS = {
     "sessions": "INSERT INTO sessions VALUES (?,?,?,?,?,?,?,?)",
-    "steps": f"INSERT INTO steps VALUES ({','.join('?' * 28)})",
+    "steps": schema.steps_insert(),
     "configs": "INSERT INTO configs VALUES (?,?,?,?)",
     "host_samples": "INSERT INTO host_samples VALUES (?,?,?,?,?,?,?,?)",
     "process_samples": "INSERT INTO process_samples VALUES (?,?,?,?,?,?,?,?,?)",
-    "gpu_samples": "INSERT INTO gpu_samples VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+    "gpu_samples": f"INSERT INTO gpu_samples VALUES ({','.join('?' * (len(GPU_SAMPLE_COLUMNS) + 1))})",
     "verdicts": "INSERT INTO verdicts VALUES (?,?,?,?,?)",
     "events": "INSERT INTO events VALUES (?,?,?)",
 }
@@ -90,16 +105,21 @@ def open_recording(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.executescript(SCHEMA)
-    # A run recorded before steps carried device timing gets its columns (NULL in older rows).
-    present = {row[1] for row in conn.execute("PRAGMA table_info(steps)")}
-    for name in DEVICE_COLUMNS:
-        if name not in present:
-            conn.execute(f"ALTER TABLE steps ADD COLUMN {name} REAL")
+    _add_missing_step_columns(conn)
     return conn
 
 
+def _add_missing_step_columns(conn: sqlite3.Connection) -> None:
+    """A recording begun by an older profilerd (a daemon restarted on it) gains the newer
+    nullable columns; its rows keep NULL there, which readers take as unknown."""
+    present = {row[1] for row in conn.execute("PRAGMA table_info(steps)")}
+    for step_field in schema.STORED_STEP_FIELDS:
+        if step_field.name not in present:
+            conn.execute(f"ALTER TABLE steps ADD COLUMN {step_field.name} {step_field.sql}")
+
+
 def step_row(step: StepRecord) -> tuple[Any, ...]:
-    return (*step.as_row(), *(getattr(step, name) for name in DEVICE_COLUMNS))
+    return step.as_row()
 
 
 class Recorder:
@@ -187,23 +207,7 @@ class Recorder:
         self._queue.put((run_id, "process_samples", row))
 
     def gpu(self, run_ids: list[str], sample: GpuSample) -> None:
-        full = asdict(sample)
-        row = (
-            sample.ts_unix_s,
-            sample.index,
-            sample.uuid,
-            sample.name,
-            int(sample.lost),
-            sample.utilization_gpu_ratio,
-            sample.memory_used_bytes,
-            sample.memory_total_bytes,
-            sample.power_watts,
-            sample.power_limit_watts,
-            sample.temperature_celsius,
-            sample.sm_active_ratio,
-            sample.tensor_active_ratio,
-            json.dumps(full, default=str),
-        )
+        row = (*(getattr(sample, name) for name in _GPU_FIELDS), json.dumps(asdict(sample), default=str))
         for run_id in run_ids:
             self._queue.put((run_id, "gpu_samples", row))
 
@@ -381,12 +385,21 @@ def read_gpu_samples(paths: list[Path]) -> list[dict[str, Any]]:
         except sqlite3.Error:
             continue
         try:
-            for (text,) in conn.execute("SELECT sample FROM gpu_samples ORDER BY ts_unix_s"):
+            columns = ", ".join(column for column, _, _ in GPU_SAMPLE_COLUMNS)
+            cursor = conn.execute(f"SELECT {columns}, sample FROM gpu_samples ORDER BY ts_unix_s")
+            for *row, text in cursor:
                 try:
                     sample = json.loads(text)
                 except (TypeError, ValueError):
                     continue
-                if isinstance(sample, dict) and "ts_unix_s" in sample and "index" in sample:
+                if not isinstance(sample, dict):
+                    continue
+                # The row's own columns fill what the JSON lacks (a sample written without its
+                # timestamp or index is still that row's sample).
+                for key, value in zip(_GPU_FIELDS, row, strict=True):
+                    if sample.get(key) is None and value is not None:
+                        sample[key] = bool(value) if key == "lost" else value
+                if isinstance(sample.get("ts_unix_s"), int | float) and isinstance(sample.get("index"), int):
                     samples.append(sample)
         except sqlite3.Error as exc:
             log.debug("gpu samples of %s unreadable: %s", path, exc)

@@ -45,18 +45,12 @@ from profilerd.catalog import (  # noqa: F401  (the listing's names, as callers 
     select_for_pruning,
     summarize,
 )
-from profilerd.recording import read_gpu_samples
+from profilerd.recording import GPU_SAMPLE_COLUMNS, read_gpu_samples
+from profilerd_probes.schema import INTEGER_STEP_COLUMNS
 
 # Integer columns; every other numeric column is float64 and NaN where the value is unknown.
 _INT_COLUMNS = {
-    "rank",
-    "pid",
-    "step",
-    "flags",
-    "sync_count",
-    "graph_compiles",
-    "comm_ops",
-    "comm_bytes",
+    *INTEGER_STEP_COLUMNS,
     "cpu_count",
     "alive",
     "num_workers",
@@ -79,20 +73,8 @@ _INT32_COLUMNS = {
     "gpu_index",
     "lost",
 }
-GPU_COLUMNS = [
-    "ts_unix_s",
-    "gpu_index",
-    "uuid",
-    "name",
-    "lost",
-    "utilization_gpu_ratio",
-    "memory_used_bytes",
-    "memory_total_bytes",
-    "power_watts",
-    "power_limit_watts",
-    "temperature_celsius",
-]
-_GPU_NUMERIC = [c for c in GPU_COLUMNS if c not in ("uuid", "name")]
+GPU_COLUMNS = [column for column, _, _ in GPU_SAMPLE_COLUMNS]
+_GPU_NUMERIC = [column for column, _, sql in GPU_SAMPLE_COLUMNS if sql != "TEXT"]
 EVENT_COLUMNS = ["ts_unix_s", "kind", "detail"]
 
 

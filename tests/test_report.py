@@ -68,6 +68,8 @@ def test_json_report_of_the_fixture_matches_the_golden_file(profilerd_env: dict[
     assert document["data_quality"]["missing_steps"] == 14
     assert document["data_quality"]["gaps"]["count"] == 1
     assert document["data_quality"]["samplers"]["gpu"]["longest_gap_s"] == 5.0
+    # The offline GPU path: the fixture's samples (JSON without timestamps) load from their rows.
+    assert document["gpu"]["gpu_count"] == 4 and document["gpu"]["gpu_thermal_throttle"] > 0
     series = document["timeseries"]["series"]
     assert {"step_time_s", "data_wait_ratio", "gpu_utilization_ratio", "gpu_power_watts", "host_cpu_ratio"} <= set(
         series

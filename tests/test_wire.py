@@ -375,3 +375,46 @@ def test_step_message_fields_match_the_struct():
         "sender_dropped",
         "flags",
     ]
+
+
+# ---- the one field table (probes/schema.py) ---------------------------------------------------------
+def test_every_field_of_the_table_round_trips_by_name() -> None:
+    """Each wire field gets a distinct value; each comes back under its own name, so no two places
+    can disagree about the order."""
+    from profilerd_probes.schema import WIRE_STEP_FIELDS
+
+    values = {f.name: (i + 1) * (0.25 if f.wire == "d" else 1) for i, f in enumerate(WIRE_STEP_FIELDS)}
+    values["end_unix_s"] = 1.7e9
+    message = wire.decode(wire.encode_step(**values))
+    assert isinstance(message, wire.StepMessage)
+    assert {name: getattr(message, name) for name in values} == values
+
+
+def test_a_record_type_that_disagrees_with_the_table_fails_at_import() -> None:
+    from dataclasses import dataclass
+
+    from profilerd_probes.schema import STEP_COLUMNS, check_fields
+
+    @dataclass
+    class Partial:
+        step: int
+        surplus: float
+
+    with pytest.raises(RuntimeError, match=r"missing \[.*'step_s'.*\], unknown \['surplus'\]"):
+        check_fields(Partial, STEP_COLUMNS)
+
+
+def test_the_recordings_steps_table_has_the_tables_columns(tmp_path) -> None:
+    from profilerd.recording import open_recording
+    from profilerd_probes.schema import STEP_COLUMNS
+
+    conn = open_recording(tmp_path / "r.sqlite")
+    assert tuple(row[1] for row in conn.execute("PRAGMA table_info(steps)")) == STEP_COLUMNS
+    conn.close()
+
+
+def test_device_timing_fields_are_refused_when_negative_or_nan() -> None:
+    for bad in (-0.001, math.nan, 1e9):
+        with pytest.raises(wire.WireError) as info:
+            wire.decode(encode(**step_kwargs(flags=wire.FLAG_HAS_GPU_TIMING, gpu_idle_s=bad)))
+        assert info.value.reason == "bad_value"

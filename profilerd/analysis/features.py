@@ -15,49 +15,18 @@ import pandas as pd
 from profilerd.analysis.history import LossSummary, loss_readings, summarize_losses
 from profilerd.analysis.peaks import Mfu, estimate_mfu
 from profilerd.model import StepRecord
+from profilerd_probes import schema
 from profilerd_probes.wire import FLAG_GRAD_SCALER_SKIPPED, FLAG_HAS_GRAD_NORM, FLAG_HAS_LR, FLAG_HAS_SCALE
 
 # Device timing per step (CUDA events); NaN for a step without it (CPU, events not complete yet).
-DEVICE_COLUMNS = (
-    "gpu_busy_s",
-    "gpu_forward_s",
-    "gpu_backward_s",
-    "gpu_optimizer_s",
-    "gpu_idle_s",
-    "gpu_idle_data_wait_s",
-    "host_ahead_s",
-)
-STEP_COLUMNS = [
-    "end_unix_s",
-    "rank",
-    "pid",
-    "step",
-    "step_s",
-    "data_wait_s",
-    "forward_s",
-    "backward_s",
-    "optimizer_s",
-    "comm_s",
-    "flags",
-    "loss",
-    "grad_norm",
-    "lr",
-    "scaler_scale",
-    "sync_count",
-    "sync_s",
-    "comm_total_s",
-    "graph_compiles",
-    "comm_ops",
-    "comm_bytes",
-    *DEVICE_COLUMNS,
-]
+DEVICE_COLUMNS = tuple(f.name for f in schema.STEP_FIELDS if f.flag == schema.FLAG_HAS_GPU_TIMING)
+STEP_COLUMNS = list(schema.STEP_COLUMNS)
 FRACTION_KEYS = ("data_wait", "compute", "communication", "other")
 PHASE_KEYS = ("data_wait", "forward", "backward", "optimizer", "communication", "other")
 
 
 def steps_frame(records: Iterable[StepRecord]) -> pd.DataFrame:
-    rows = [(*s.as_row(), *(getattr(s, name) for name in DEVICE_COLUMNS)) for s in records]
-    frame = pd.DataFrame(rows, columns=STEP_COLUMNS)
+    frame = pd.DataFrame([s.as_row() for s in records], columns=STEP_COLUMNS)
     frame[list(DEVICE_COLUMNS)] = frame[list(DEVICE_COLUMNS)].astype(float)  # None -> NaN
     return frame
 

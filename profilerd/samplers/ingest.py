@@ -25,6 +25,7 @@ from profilerd.model import ProbeSession, StepRecord
 from profilerd.samplers.sinks import EndedRun, Sinks
 from profilerd.store import Store
 from profilerd_probes import wire
+from profilerd_probes.schema import STORED_STEP_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -240,31 +241,7 @@ class Ingest:
         if session is None or session.rank != message.rank:
             self.store.count_dropped("unknown_sender")
             return
-        flags = message.flags
-        step = StepRecord(
-            session.job,
-            message.rank,
-            pid,
-            message.step,
-            message.end_unix_s,
-            message.step_s,
-            message.data_wait_s,
-            message.forward_s,
-            message.backward_s,
-            message.optimizer_s,
-            message.comm_s,
-            flags,
-            loss=message.loss if flags & wire.FLAG_HAS_LOSS else None,
-            grad_norm=message.grad_norm if flags & wire.FLAG_HAS_GRAD_NORM else None,
-            lr=message.lr if flags & wire.FLAG_HAS_LR else None,
-            scaler_scale=message.scaler_scale if flags & wire.FLAG_HAS_SCALE else None,
-            sync_count=message.sync_count,
-            sync_s=message.sync_s,
-            comm_total_s=message.comm_total_s,
-            graph_compiles=message.graph_compiles,
-            comm_ops=message.comm_ops,
-            comm_bytes=message.comm_bytes,
-        )
+        step = step_record(message, session.job, pid)
         self.sinks.step(session, step, message.seq, message.sender_dropped)
 
     def _on_hello(self, body: dict[str, Any]) -> None:
@@ -304,6 +281,16 @@ class Ingest:
         known = run_id in self.store.runs
         run = self.store.end_run(run_id, exit_code, aborted)
         self.sinks.runs_ended([EndedRun(run, exit_code, recorded=known)])
+
+
+_STORED = tuple((f.name, f.flag) for f in STORED_STEP_FIELDS if f.name != "pid")
+
+
+def step_record(message: wire.StepMessage, job: str, pid: int) -> StepRecord:
+    """The record of a step message: the stored fields, each None where its flag says unknown."""
+    flags = message.flags
+    values = {name: getattr(message, name) if not flag or flags & flag else None for name, flag in _STORED}
+    return StepRecord(job=job, pid=pid, **values)
 
 
 def _text(value: Any, limit: int = 512) -> str:
