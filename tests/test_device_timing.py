@@ -28,6 +28,7 @@ from profilerd.analysis.features import steps_frame
 from profilerd.model import StepRecord
 from profilerd.recording import Recorder
 from profilerd.samplers.ingest import Ingest
+from profilerd.samplers.sinks import fan_out
 from profilerd.store import Store
 from profilerd_probes import core, device, wire
 from profilerd_probes.schema import GPU_TIMING_FIELDS
@@ -141,7 +142,7 @@ def test_the_daemons_ingest_keeps_device_timing_and_none_without_it() -> None:
     for run in (timed, untimed):
         store = Store()
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            ingest = Ingest(sock, store, None, threading.Event())
+            ingest = Ingest(sock, store, fan_out(store, None), threading.Event())
             for datagram in run.datagrams:
                 ingest.handle(datagram)
         [job] = store.job_names()
