@@ -185,19 +185,8 @@ def test_python_dash_m_and_a_chained_sitecustomize(profilerd_env, short_tmp: Pat
     )
     env = dict(profilerd_env, PYTHONPATH=f"{short_tmp / 'pkgroot'}:{user_site}")
     verdict_path = short_tmp / "m.json"
-    result = run_cli(
-        "run",
-        "--rules",
-        str(fast_rules),
-        "--json",
-        str(verdict_path),
-        "--",
-        sys.executable,
-        "-m",
-        "trainpkg",
-        env=env,
-        cwd=short_tmp,
-    )
+    command = ["run", "--rules", str(fast_rules), "--json", str(verdict_path), "--", sys.executable, "-m", "trainpkg"]
+    result = run_cli(*command, env=env, cwd=short_tmp)  # the program writes steps.txt where it runs
     assert result.returncode == 0, result.stderr
     assert marker.read_text() == "ran"
     document = json.loads(verdict_path.read_text())
