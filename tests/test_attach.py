@@ -97,13 +97,14 @@ def test_data_starved_and_compute_bound_targets(spawn, profilerd_env, short_tmp:
     (cpu_before, queued_before), started = main_thread_schedstat_s(compute.pid), time.monotonic()
     document = attach(compute.pid, profilerd_env, short_tmp / "compute.json", *flags)
     (cpu_after, queued_after), wall = main_thread_schedstat_s(compute.pid), time.monotonic() - started
-    got, wanted = (cpu_after - cpu_before) / wall, (cpu_after - cpu_before + queued_after - queued_before) / wall
-    assert wanted > 0.8, f"the compute-bound target was runnable only {wanted:.0%} of the time"
-    if stacks or got >= 0.6:  # stack samples see the loop compute; thread CPU does when it gets a core
-        assert document["primary"] == "compute", document["summary"]
+    got, queued = (cpu_after - cpu_before) / wall, (queued_after - queued_before) / wall
+    # Stack samples see the loop compute; thread CPU (L0) does where the thread got a core.
+    if stacks or got >= 0.6 or queued < 0.2:
+        assert document["primary"] == "compute", (document["summary"], got, queued)
     else:
-        # Other jobs kept the core from it (measured above): by thread CPU alone (L0) a thread
-        # waiting for a core looks like one waiting for input, and L0 says what it saw.
+        # Other jobs kept the core from it (it waited runnable a fifth of the time or more): by
+        # thread CPU alone a thread waiting for a core looks like one waiting for input, and L0
+        # says what it saw.
         saw = document["layers"]["L0"]["saw"]["main_thread_cores"]
         assert saw == pytest.approx(got, abs=0.25), (saw, got)
         assert document["primary"] in ("compute", "data"), document["summary"]
