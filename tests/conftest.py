@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,4 +76,45 @@ def run_cli(
         capture_output=True,
         text=True,
         timeout=timeout,
+    )
+
+
+# ---- --cpu-times: what each test file costs in CPU, which a busy host inflates less than wall time
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--cpu-times",
+        action="store_true",
+        help="report each test file's wall time and the CPU time of pytest and the subprocesses it waited for",
+    )
+
+
+_FILE_TIMES: dict[str, list[float]] = {}  # file: [wall s, cpu s]
+
+
+def _cpu_s() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    if not item.config.getoption("--cpu-times"):
+        yield
+        return
+    wall, cpu = time.monotonic(), _cpu_s()
+    yield
+    totals = _FILE_TIMES.setdefault(item.location[0], [0.0, 0.0])
+    totals[0] += time.monotonic() - wall
+    totals[1] += _cpu_s() - cpu
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    if not config.getoption("--cpu-times") or not _FILE_TIMES:
+        return
+    terminalreporter.section("time per test file")
+    terminalreporter.write_line(f"{'file':<44} {'wall s':>8} {'cpu s':>8}")
+    for path, (wall, cpu) in sorted(_FILE_TIMES.items(), key=lambda item: -item[1][0]):
+        terminalreporter.write_line(f"{path:<44} {wall:8.1f} {cpu:8.1f}")
+    terminalreporter.write_line(
+        "(cpu: pytest and the subprocesses it waited for; a daemon that detached is not counted)"
     )

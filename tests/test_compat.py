@@ -240,13 +240,38 @@ def load(path):
         return {"globals": sorted(needed), "value": digest(torch.load(path, weights_only=True))}
 
 
-result = {}
-for path in sys.argv[3:]:
-    try:
-        result[path.rsplit("/", 1)[-1]] = load(path)
-    except Exception as exc:
-        result[path.rsplit("/", 1)[-1]] = {"error": f"{type(exc).__name__}: {exc}"}
-print(json.dumps(result))
+def load_all(paths):
+    result = {}
+    for path in paths:
+        try:
+            result[path.rsplit("/", 1)[-1]] = load(path)
+        except Exception as exc:
+            result[path.rsplit("/", 1)[-1]] = {"error": f"{type(exc).__name__}: {exc}"}
+    return result
+
+
+# Each run's files load in a process of its own, forked once torch is imported (the import is
+# most of a loader's cost): loading one run's files cannot change how the other's load (e.g.
+# TorchScript renames a class it has already compiled once).
+import os
+readers = {}
+for label, paths in json.loads(sys.argv[3]).items():  # {run directory: its saved files}
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        os.chdir(label)  # the run's own directory
+        with os.fdopen(write_end, "w") as out:
+            out.write(json.dumps(load_all(paths)))
+        os._exit(0)
+    os.close(write_end)
+    readers[label] = (pid, os.fdopen(read_end))
+results = {}
+for label, (pid, handle) in readers.items():
+    text = handle.read()
+    _, status = os.waitpid(pid, 0)
+    results[label] = json.loads(text) if status == 0 else {"loader": {"error": f"wait status {status}"}}
+print(json.dumps(results))
 """
 
 
@@ -461,19 +486,24 @@ def _normalised(lines: list[str]) -> collections.Counter[str]:
     return collections.Counter(KINETO_STAMP.sub("USDT: ", C10_LOG_STAMP.sub(r"[\1 ", line)) for line in lines)
 
 
-def load_saved_files(cwd: Path) -> dict[str, object]:
-    files = sorted(str(p) for p in cwd.rglob("*") if p.suffix in SAVED_SUFFIXES and p.parent.name != "data")
-    if not files:
-        return {}
+def load_saved_files(*cwds: Path) -> list[dict[str, object]]:
+    """What each run directory's saved files hold, as loaded where profilerd cannot be imported."""
+    files = {
+        str(cwd): sorted(str(p) for p in cwd.rglob("*") if p.suffix in SAVED_SUFFIXES and p.parent.name != "data")
+        for cwd in cwds
+    }
+    if not any(files.values()):
+        return [{} for _ in cwds]
     loader = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", LOADER, json.dumps(_site_dirs()), str(COMPAT), *files],
+        [sys.executable, "-I", "-S", "-c", LOADER, json.dumps(_site_dirs()), str(COMPAT), json.dumps(files)],
         capture_output=True,
         text=True,
         timeout=PROGRAM_TIMEOUT_S,
-        cwd=cwd,
+        cwd=cwds[0].parent,
     )
     assert loader.returncode == 0, f"loader failed: {loader.stdout}{loader.stderr}"
-    return json.loads(loader.stdout)
+    loaded = json.loads(loader.stdout)
+    return [loaded[str(cwd)] for cwd in cwds]
 
 
 def expected_steps(cwd: Path) -> list[int]:
@@ -492,7 +522,7 @@ def test_program_runs_unchanged_under_profilerd(case: str, compat_runs: CompatRu
     assert profiled.stdout == plain.stdout
     assert _normalised(program_stderr(profiled.stderr)) == _normalised(plain.stderr.splitlines())
 
-    plain_files, profiled_files = load_saved_files(plain.cwd), load_saved_files(profiled.cwd)
+    plain_files, profiled_files = load_saved_files(plain.cwd, profiled.cwd)
     assert sorted(profiled_files) == sorted(plain_files), "saved files differ"
     for name, contents in plain_files.items():
         assert not (isinstance(contents, dict) and "error" in contents), f"plain {name}: {contents['error']}"

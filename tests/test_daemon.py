@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -205,23 +207,40 @@ def test_stale_socket_is_replaced(profilerd_env: dict[str, str]) -> None:
         instance.stop()
 
 
-def _serve(env: dict[str, str]) -> subprocess.Popen[str]:
+def _serve(env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
+    """A `profilerd serve` subprocess and the URL it serves on."""
     process = subprocess.Popen(
         [sys.executable, "-m", "profilerd", "serve", "--gpu", "none"], env=env, stderr=subprocess.PIPE, text=True
     )
     assert process.stderr is not None
     line = process.stderr.readline()
-    assert "serving http://" in line, line
-    return process
+    url = re.search(r"serving (http://[^/\s]+)", line)
+    assert url, line
+    return process, url.group(1)
+
+
+def _received_steps(url: str) -> int:
+    with urllib.request.urlopen(f"{url}/api/v1/status", timeout=5) as response:
+        return json.load(response)["messages_received"].get("step", 0)
+
+
+def _committed_steps(recording: Path) -> int:
+    if not recording.exists():
+        return 0
+    with contextlib.closing(sqlite3.connect(recording)) as conn:
+        try:
+            return conn.execute("SELECT COUNT(*) FROM steps").fetchone()[0]
+        except sqlite3.OperationalError:  # the table is not there yet
+            return 0
 
 
 def test_sigterm_flushes_and_exits_zero(profilerd_env: dict[str, str]) -> None:
-    process = _serve(profilerd_env)
+    process, url = _serve(profilerd_env)
     socket_path = Path(profilerd_env["XDG_RUNTIME_DIR"]) / "profilerd" / "ingest.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         for datagram in [hello(run_id="run-term"), *steps(25)]:
             sock.sendto(datagram, str(socket_path))
-    time.sleep(0.6)
+    wait_for(lambda: _received_steps(url) == 25, timeout=30)  # received, perhaps not yet committed
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=10) == 0  # well inside systemd's default stop timeout (90 s)
     recording = Path(profilerd_env["PROFILERD_DATA_DIR"]) / "runs" / "run-term.sqlite"
@@ -230,17 +249,17 @@ def test_sigterm_flushes_and_exits_zero(profilerd_env: dict[str, str]) -> None:
 
 
 def test_kill_9_leaves_a_readable_recording(profilerd_env: dict[str, str]) -> None:
-    process = _serve(profilerd_env)
+    process, _ = _serve(profilerd_env)
     socket_path = Path(profilerd_env["XDG_RUNTIME_DIR"]) / "profilerd" / "ingest.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         for datagram in [hello(run_id="run-kill"), *steps(50)]:
             sock.sendto(datagram, str(socket_path))
-    time.sleep(1.2)  # commits happen every 0.25 s
+    recording = Path(profilerd_env["PROFILERD_DATA_DIR"]) / "runs" / "run-kill.sqlite"
+    wait_for(lambda: _committed_steps(recording) == 50, timeout=30)  # commits happen every 0.25 s
     os.kill(process.pid, signal.SIGKILL)
     process.wait(timeout=5)
-    recording = Path(profilerd_env["PROFILERD_DATA_DIR"]) / "runs" / "run-kill.sqlite"
     assert sqlite3.connect(recording).execute("SELECT COUNT(*) FROM steps").fetchone()[0] == 50
     # and a new daemon starts despite the stale socket and lock file
-    again = _serve(profilerd_env)
+    again, _ = _serve(profilerd_env)
     again.send_signal(signal.SIGTERM)
     assert again.wait(timeout=10) == 0

@@ -16,6 +16,8 @@ from tests.conftest import EXAMPLES, run_cli
 from tests.fixtures.make_fixture import Job, Node, write_recording
 
 RULES, _ = load_rules()
+# Five blocks of `diff`'s batch means past the warm-up: an interval narrow enough to exclude 1.
+STEPS_FOR_AN_INTERVAL = 5 * diff.MIN_STEPS_PER_BLOCK + RULES.warmup_steps
 QUIET = {"checkpoint_at_s": None, "lost_steps": None, "xid_at_s": None, "throttle_gpu": None, "gpu_gap_span_s": None}
 
 
@@ -223,7 +225,7 @@ def test_more_workers_for_the_data_starved_example(
 ) -> None:
     """The fix applied for real: the example as is, then with the recommended num_workers."""
 
-    def run(seconds: str, *extra: str) -> dict:
+    def run(seconds: float, *extra: str) -> dict:
         path = short_tmp / f"run{len(extra)}.json"
         result = run_cli(
             "run",
@@ -235,18 +237,27 @@ def test_more_workers_for_the_data_starved_example(
             sys.executable,
             str(EXAMPLES / "data_starved.py"),
             "--seconds",
-            seconds,
+            f"{seconds:.1f}",
+            "--channels",
+            "16",  # a light model: the steps' time is mostly the loader's waiting, which load does not stretch
             *extra,
             env=profilerd_env,
         )
         assert result.returncode == 0, result.stderr
         return json.loads(path.read_text())
 
-    before = run("7")  # long enough for a confidence interval of several blocks, even under load
+    # Enough steps for an interval of several batch-mean blocks, which a busy host makes slower:
+    # if 5 s were too few, the run is repeated for as long as its measured step rate needs.
+    needed = STEPS_FOR_AN_INTERVAL
+    seconds = 5.0
+    before = run(seconds)
+    if before["steps"] < needed:
+        seconds = 1.25 * needed / before["steps_per_s"]
+        before = run(seconds)
     assert before["primary"] == "data", before["summary"]
     [rec] = [r for r in before["recommendations"] if r["id"] == "dataloader.num_workers"]
     workers = max(2, int(rec["title"].rsplit(" ", 1)[-1]))  # "Raise DataLoader num_workers from 0 to N"
-    after = run("6", "--num-workers", str(workers))  # long enough that the workers' start is a small part
+    after = run(seconds, "--num-workers", str(workers))  # faster steps: at least as many
     result = run_cli(
         "diff", before["run_id"], after["run_id"], "--rules", str(fast_rules), "--format", "json", env=profilerd_env
     )
@@ -255,10 +266,19 @@ def test_more_workers_for_the_data_starved_example(
     speedup = document["speedup"]
     assert speedup["step_time"] > 1.2, speedup  # 2 workers on a 2-core host shared with the daemon
     assert speedup["ci95"][0] > 1.0, speedup  # measured, not just estimated: the interval excludes 1
-    assert document["fractions"]["data_wait"]["delta"] < -0.2
+    # The workers took the waiting out of the loop: the wait per step fell to under half of
+    # what it was. (Its share of the step falls less where a busy host stretches the compute.)
+    assert document["fractions"]["data_wait"]["delta"] < 0, document["fractions"]
+    wait_s = document["phase_time_s"]["data_wait"]
+    assert wait_s["b"] < 0.5 * wait_s["a"], wait_s
     assert document["verdict"]["a"] == "data"
-    assert document["verdict"]["b"] != "data", document["b"]["summary"]
-    assert document["verdict"]["moved_off"] == "data"
+    if document["verdict"]["b"] == "data":
+        # Other jobs kept every core busy during the second run: the workers could not run as
+        # fast as they asked to, and its verdict says so from what it measured.
+        [finding] = [f for f in after["findings"] if f["rule"] == "data.input_wait"]
+        assert finding["metrics"]["free_cores"] < 1.0 and "CPU-bound" in finding["evidence"], finding
+    else:
+        assert document["verdict"]["moved_off"] == "data"
     [applied] = [a for a in document["applied"] if a["id"] == "dataloader.num_workers"]
     assert applied["predicted_speedup"] == rec["estimated_speedup"]
     assert applied["status"] in ("materialized", "exceeded", "partial"), applied["detail"]
