@@ -26,17 +26,31 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from profilerd_probes.paths import SOCKET_NAME, trust_problem
+
 LOCK_NAME = "daemon.lock"
 INFO_NAME = "daemon.json"
 LEASES_DIR = "leases"
 LEASES_LOCK = "leases.lock"
+DAEMON_LOG_NAME = "daemon-for-runs.log"
+# What a daemon keeps in its runtime directory: each must be the user's before anyone reads it.
+RUNTIME_ENTRIES = (LOCK_NAME, INFO_NAME, LEASES_DIR, LEASES_LOCK, DAEMON_LOG_NAME, SOCKET_NAME)
+
+
+def runtime_dir_problem(runtime_dir: Path) -> str | None:
+    """Why this user must not use ``runtime_dir`` (someone else's, open to others, or holding
+    someone else's files); None when it is the user's own, or does not exist yet."""
+    return trust_problem(runtime_dir, RUNTIME_ENTRIES)
 
 
 def read_running_daemon(runtime_dir: Path) -> dict[str, Any] | None:
-    """The running daemon's address, or None if no daemon holds the lock."""
-    lock_path = runtime_dir / LOCK_NAME
+    """The running daemon's address, or None if no daemon of this user holds the lock (a lock,
+    address or socket that is not the user's own is no daemon of the user's: see
+    runtime_dir_problem)."""
+    if runtime_dir_problem(runtime_dir) is not None:
+        return None
     try:
-        fd = os.open(lock_path, os.O_RDONLY)
+        fd = os.open(runtime_dir / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return None
     try:
@@ -45,14 +59,25 @@ def read_running_daemon(runtime_dir: Path) -> dict[str, Any] | None:
         except OSError as exc:
             if exc.errno not in (errno.EAGAIN, errno.EACCES):
                 return None
-            try:
-                return json.loads((runtime_dir / INFO_NAME).read_text())
-            except (OSError, ValueError):
-                return None
+            return _read_info(runtime_dir)
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:
         os.close(fd)
+
+
+def _read_info(runtime_dir: Path) -> dict[str, Any] | None:
+    try:
+        with open(os.open(runtime_dir / INFO_NAME, os.O_RDONLY | os.O_NOFOLLOW), "rb") as file:
+            info = json.loads(file.read())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict):
+        return None
+    socket = Path(str(info.get("socket") or runtime_dir / SOCKET_NAME))
+    if trust_problem(socket.parent, (socket.name,)) is not None:
+        return None  # an address that sends the user's probes elsewhere
+    return info
 
 
 def ensure_runtime_dir(runtime_dir: Path) -> None:

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 from profilerd.model import ProbeSession, StepRecord
 from profilerd.recording import Recorder
+from profilerd.runtime import runtime_dir_problem
 from profilerd.store import Store
 from profilerd_probes import wire
 
@@ -49,7 +50,7 @@ class Credentials(NamedTuple):
 
 
 def prepare_runtime_dir(directory: Path, shared: bool = False) -> None:
-    """Create the directory, or refuse a symlink or a directory that belongs to someone else.
+    """Create the directory, or refuse one this user must not trust (profilerd_probes.paths).
 
     The mode is 0700; 0711 when other uids are allowed to send (``shared``), so that they can
     reach the socket without being able to list or create anything in the directory.
@@ -57,15 +58,12 @@ def prepare_runtime_dir(directory: Path, shared: bool = False) -> None:
     with contextlib.suppress(FileExistsError):  # checked below, without following a symlink
         directory.mkdir(parents=True, mode=0o700)
     info = os.lstat(directory)
-    if stat.S_ISLNK(info.st_mode):
-        raise IngestError(f"{directory} is a symbolic link; refusing to use it (remove it, or choose another socket)")
-    if not stat.S_ISDIR(info.st_mode):
-        raise IngestError(f"{directory} is not a directory")
-    if info.st_uid != os.getuid():
-        raise IngestError(f"{directory} belongs to uid {info.st_uid}, not to you ({os.getuid()})")
     wanted = 0o711 if shared else 0o700
-    if stat.S_IMODE(info.st_mode) != wanted:
-        os.chmod(directory, wanted)
+    if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) != wanted:
+        os.chmod(directory, wanted)  # closed before its entries are checked: none can be added since
+    problem = runtime_dir_problem(directory)
+    if problem is not None:
+        raise IngestError(f"{problem}; refusing to use it (remove it, or choose another socket)")
 
 
 def bind_socket(path: Path, shared: bool = False) -> socket.socket:
