@@ -45,8 +45,9 @@ def trust_problem(directory: Path, entries: Iterable[str] = (), owners: frozense
 
     Trusted: the directory is a real directory (not a symlink) of one of ``owners`` (default:
     this user only) that no group or other user can write to, so nobody else can have put or
-    replaced anything in it since; each entry is no symlink and belongs to an owner too (one
-    planted while the directory was still open to others is refused). Nothing is followed.
+    replaced anything in it since; each entry belongs to an owner too (one planted while the
+    directory was still open to others is refused). Nothing is followed (lstat): the readers
+    open entries with O_NOFOLLOW, the probes send only to a socket itself (socket_problem).
     """
     owners = frozenset({os.getuid()}) if owners is None else owners
     try:
@@ -70,8 +71,6 @@ def trust_problem(directory: Path, entries: Iterable[str] = (), owners: frozense
             continue
         except OSError as exc:
             return f"{directory / name} cannot be examined ({exc.strerror})"
-        if stat.S_ISLNK(entry.st_mode):
-            return f"{directory / name} is a symbolic link"
         if entry.st_uid not in owners:
             return f"{directory / name} belongs to uid {entry.st_uid}, not to you ({os.getuid()})"
     return None
