@@ -29,9 +29,12 @@ import pytest
 
 from profilerd.exporters.http import MAX_CONNECTIONS, MAX_WORKERS
 from profilerd_probes.transport import DatagramSender
-from tests.conftest import REPO, run_cli
+from tests.conftest import EXAMPLES, REPO, run_cli
 from tests.fixtures.make_fixture import FIXTURE
 from tests.reliability_helpers import Served, get_json, http_get, metrics, wait_for
+from tests.test_attach import TARGET as ATTACH_TARGET
+from tests.test_attach import start as start_target
+from tests.test_attach import wait_for_torch
 from tests.test_launch import STEPS
 from tests.test_report import _corrupted, _truncated
 
@@ -201,6 +204,34 @@ def test_tui_refuses_a_runtime_directory_others_can_write_in_one_line(profilerd_
         "(another user may have created it)"
     ), result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb missing (needed to inject the probes)")
+def test_attach_skips_a_runtime_directory_others_can_write_in_one_line(
+    profilerd_env: dict[str, str], short_tmp: Path
+) -> None:
+    """`attach --inject-experimental` starts its daemon in a private directory instead, and the
+    injected probes report there: the verdict comes from their steps (L2)."""
+    taken = _open_runtime_dir(profilerd_env)
+    script = short_tmp / "target.py"
+    script.write_text(ATTACH_TARGET.format(examples=str(EXAMPLES), log=str(short_tmp / "target.log")))
+    target = start_target(sys.executable, str(script), env=profilerd_env)
+    try:
+        wait_for_torch(target.pid)
+        out = short_tmp / "attach.json"
+        result = run_cli(
+            "attach", str(target.pid), "--once", "--duration", "8", "--json", str(out),
+            "--inject-experimental", "--no-stacks", "--rate=10", env=profilerd_env, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        told = [line for line in result.stderr.splitlines() if str(taken) in line]
+        assert len(told) == 1 and "is writable by other users" in told[0] and "this run uses" in told[0], result.stderr
+        document = json.loads(out.read_text())
+        assert document["attach_layer"] == "L2", document["layers"]
+        assert not (taken / "ingest.sock").exists()  # nothing was put in the open directory
+    finally:
+        target.kill()
+        target.wait(timeout=10)
 
 
 # ---- slowloris -------------------------------------------------------------------------------------
