@@ -9,9 +9,7 @@ planted by another local user lead nowhere (issue 18).
 from __future__ import annotations
 
 import json
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +35,10 @@ def origin(url: str) -> str:
 
 def get_json(url: str, timeout_s: float) -> Any:
     """GET a JSON document; every network or decoding failure becomes a ClientError."""
+    # Here, not at the top: `profilerd run` starts the training before it needs HTTP (~60 ms).
+    import urllib.error
+    import urllib.request
+
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
             return json.loads(response.read())

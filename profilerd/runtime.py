@@ -1,7 +1,7 @@
 """The per-user runtime directory: the daemon's lock and address, and the leases of runs.
 
-Standard library only: `profilerd run` reads these before the training starts, and must not pay
-for the daemon's imports (pandas, prometheus_client) to do so.
+Standard library only: `profilerd run` reads and prepares these before the training starts, and
+must not pay for the daemon's imports (pandas, prometheus_client, its store) to do so.
 
 A daemon started for runs (`profilerd serve --for-runs`) lives as long as some run needs it.
 Each `profilerd run` holds a lease: a file in ``leases/`` it keeps locked (flock) while it
@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import secrets
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +42,27 @@ def runtime_dir_problem(runtime_dir: Path) -> str | None:
     """Why this user must not use ``runtime_dir`` (someone else's, open to others, or holding
     someone else's files); None when it is the user's own, or does not exist yet."""
     return trust_problem(runtime_dir, RUNTIME_ENTRIES)
+
+
+class IngestError(RuntimeError):
+    """The socket (or its directory) cannot be used safely; the message says what to do."""
+
+
+def prepare_runtime_dir(directory: Path, shared: bool = False) -> None:
+    """Create the directory, or refuse one this user must not trust (runtime_dir_problem).
+
+    The mode is 0700; 0711 when other uids are allowed to send (``shared``), so that they can
+    reach the socket without being able to list or create anything in the directory.
+    """
+    with contextlib.suppress(FileExistsError):  # checked below, without following a symlink
+        directory.mkdir(parents=True, mode=0o700)
+    info = os.lstat(directory)
+    wanted = 0o711 if shared else 0o700
+    if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) != wanted:
+        os.chmod(directory, wanted)  # closed before its entries are checked: none can be added since
+    problem = runtime_dir_problem(directory)
+    if problem is not None:
+        raise IngestError(f"{problem}; refusing to use it (remove it, or choose another socket)")
 
 
 def read_running_daemon(runtime_dir: Path) -> dict[str, Any] | None:

@@ -41,7 +41,15 @@ from typing import Any
 
 from profilerd.client import DaemonClient, untrusted_line
 from profilerd.config import DaemonConfig
-from profilerd.runtime import DAEMON_LOG_NAME, Lease, leases_locked, read_running_daemon, runtime_dir_problem
+from profilerd.runtime import (
+    DAEMON_LOG_NAME,
+    IngestError,
+    Lease,
+    leases_locked,
+    prepare_runtime_dir,
+    read_running_daemon,
+    runtime_dir_problem,
+)
 from profilerd_probes import transport, wire
 from profilerd_probes.paths import SOCKET_NAME
 from profilerd_probes.signals import NCCL_TIMING_ENV
@@ -224,8 +232,6 @@ class DaemonHandle:
         cancelled: Callable[[], int | None] = lambda: None,
         wait: bool = True,
     ) -> None:
-        from profilerd.samplers.ingest import IngestError, prepare_runtime_dir
-
         flags = list(flags or [])
         problem = runtime_dir_problem(config.runtime_dir)
         if problem is not None:

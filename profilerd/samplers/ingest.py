@@ -10,11 +10,9 @@ parsed with ``json`` (never pickle, eval or import), and the kernel truncates a 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
-import stat
 import struct
 import threading
 from collections.abc import Iterable
@@ -23,7 +21,7 @@ from typing import Any, NamedTuple
 
 from profilerd.model import ProbeSession, StepRecord
 from profilerd.recording import Recorder
-from profilerd.runtime import runtime_dir_problem
+from profilerd.runtime import IngestError, prepare_runtime_dir  # noqa: F401 - IngestError: the daemon's import
 from profilerd.store import Store
 from profilerd_probes import wire
 
@@ -37,33 +35,12 @@ _ANCILLARY_BYTES = socket.CMSG_SPACE(_UCRED.size) if PASSCRED else 0
 _NS_PID_CACHE_MAX = 4096
 
 
-class IngestError(RuntimeError):
-    """The socket cannot be opened safely; the message says what to do."""
-
-
 class Credentials(NamedTuple):
     """Who sent a datagram, as the kernel reports it (pid 0: not visible in our pid namespace)."""
 
     pid: int
     uid: int
     gid: int
-
-
-def prepare_runtime_dir(directory: Path, shared: bool = False) -> None:
-    """Create the directory, or refuse one this user must not trust (profilerd_probes.paths).
-
-    The mode is 0700; 0711 when other uids are allowed to send (``shared``), so that they can
-    reach the socket without being able to list or create anything in the directory.
-    """
-    with contextlib.suppress(FileExistsError):  # checked below, without following a symlink
-        directory.mkdir(parents=True, mode=0o700)
-    info = os.lstat(directory)
-    wanted = 0o711 if shared else 0o700
-    if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) != wanted:
-        os.chmod(directory, wanted)  # closed before its entries are checked: none can be added since
-    problem = runtime_dir_problem(directory)
-    if problem is not None:
-        raise IngestError(f"{problem}; refusing to use it (remove it, or choose another socket)")
 
 
 def bind_socket(path: Path, shared: bool = False) -> socket.socket:
