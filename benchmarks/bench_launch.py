@@ -120,7 +120,10 @@ def wrappers(work: Path, peers_venv: Path | None) -> dict[str, Any]:
         found["gpuprof 0.7.1"] = lambda cmd: [python, str(wrapper), *cmd[1:]] if cmd[1] != "-m" else None
     traceml = peers_venv / "bin" / "traceml"
     if traceml.exists():
-        found["traceml-ai 0.5.0"] = lambda cmd: [str(traceml), "run", *cmd[1:]] if cmd[1] != "-m" else None
+        # `traceml run SCRIPT --args A B`: its own flags come before the script's arguments.
+        found["traceml-ai 0.5.0"] = lambda cmd: (
+            [str(traceml), "run", cmd[1], *(["--args", *cmd[2:]] if cmd[2:] else [])] if cmd[1] != "-m" else None
+        )
     return found
 
 
