@@ -120,7 +120,10 @@ def wrappers(work: Path, peers_venv: Path | None) -> dict[str, Any]:
         found["gpuprof 0.7.1"] = lambda cmd: [python, str(wrapper), *cmd[1:]] if cmd[1] != "-m" else None
     traceml = peers_venv / "bin" / "traceml"
     if traceml.exists():
-        found["traceml-ai 0.5.0"] = lambda cmd: [str(traceml), "run", *cmd[1:]] if cmd[1] != "-m" else None
+        # `traceml run SCRIPT --args A B`: its own flags come before the script's arguments.
+        found["traceml-ai 0.5.0"] = lambda cmd: (
+            [str(traceml), "run", cmd[1], *(["--args", *cmd[2:]] if cmd[2:] else [])] if cmd[1] != "-m" else None
+        )
     return found
 
 
@@ -128,7 +131,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="pairs per job and wrapper (median of these)")
     parser.add_argument("--peers-venv", type=Path, help="a venv with gpuprof and traceml-ai installed")
-    parser.add_argument("--scaling", default="1,10,100000", help="tiny-step counts for the scaling rows")
+    parser.add_argument("--scaling", default="1,10,10000,100000", help="tiny-step counts for the scaling rows")
     parser.add_argument("--ranks", action="store_true", help="also torchrun with 1 and 2 ranks")
     parser.add_argument("--only", help="only the jobs whose name contains one of these (comma-separated)")
     parser.add_argument("--json", type=Path)
@@ -163,6 +166,8 @@ def main() -> int:
     finally:
         _wait_daemon_gone(runtime)
         shutil.rmtree(work, ignore_errors=True)
+    for line in per_step_lines(rows):
+        print(line)
     document = {"machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 "repeats": args.repeats, "load": watch.result(), "rows": rows}  # fmt: skip
     print(f"other processes used {document['load']['other_processes_cpu_ratio']:.2f} CPUs on average")
@@ -190,6 +195,29 @@ def summarize(job: str, tool: str, pairs: list[dict[str, Any]]) -> dict[str, Any
         "others_cpu": median([p["others_cpu"] for p in pairs]),
         "pairs": pairs,
     }
+
+
+def per_step_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Launch cost against per-step cost: the tiny-step rows' added wall and CPU over the
+    1-step row's, per extra step (what grows with the work, not with the launch)."""
+    lines = []
+    tiny = {
+        (int(row["job"].split()[0].replace(",", "")), row["tool"]): row
+        for row in rows
+        if row["job"].endswith(" tiny steps")
+    }
+    for (steps, tool), row in sorted(tiny.items()):
+        base = tiny.get((1, tool))
+        if base is None or steps == 1:
+            continue
+        wall_us = (row["wall_added_s"] - base["wall_added_s"]) / (steps - 1) * 1e6
+        cpu_us = (row["cpu_added_s"] - base["cpu_added_s"]) / (steps - 1) * 1e6
+        row["per_step_added_us"] = {"wall": wall_us, "cpu": cpu_us}
+        lines.append(
+            f"{tool}: per launch {base['wall_added_s']:+.2f} s wall; per step beyond it, at {steps:,} steps: "
+            f"{wall_us:+.1f} us wall, {cpu_us:+.1f} us CPU"
+        )
+    return lines
 
 
 def format_row(row: dict[str, Any]) -> str:

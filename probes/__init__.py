@@ -1,6 +1,7 @@
 """profilerd probes: step timing hooks that run inside a PyTorch training process.
 
-Importing this package imports only the standard library; torch is imported by ``install()``.
+Importing this package imports only the standard library (and not the hooks, until they are
+used); torch is imported by ``install()``.
 
     import profilerd_probes as probes
     probes.install()            # or: with probes.profile(): train()
@@ -19,8 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from profilerd_probes import core, paths
-from profilerd_probes.transport import DatagramSender
+# The hooks (core) are imported by the functions that use them: `profilerd run` imports this
+# package for paths and wire only, before the training starts, and need not pay for them.
 
 __all__ = ["install", "installed", "profile", "uninstall"]
 
@@ -29,6 +30,8 @@ _registered_atexit = False
 
 
 def installed() -> bool:
+    from profilerd_probes import core
+
     return core.active() is not None
 
 
@@ -40,6 +43,9 @@ def install(socket_path: str | os.PathLike[str] | None = None) -> bool:
     runtime directory.
     """
     global _registered_atexit
+    from profilerd_probes import core, paths
+    from profilerd_probes.transport import DatagramSender
+
     if core.active() is not None:
         return True
     try:
@@ -66,6 +72,8 @@ def install(socket_path: str | os.PathLike[str] | None = None) -> bool:
 
 def uninstall() -> None:
     """Remove every hook and patch; sends the step in progress first."""
+    from profilerd_probes import core
+
     probe = core.active()
     if probe is None:
         return
@@ -105,6 +113,8 @@ def _after_multiprocessing_fork(probe: object) -> None:
 
 
 def _flush_at_exit() -> None:
+    from profilerd_probes import core
+
     probe = core.active()
     if probe is not None:
         try:
@@ -125,6 +135,8 @@ def _flushing_exit(original: Any) -> Any:
 
 
 def _after_fork_in_child() -> None:
+    from profilerd_probes import core
+
     probe = core.active()
     if probe is not None:
         try:
@@ -151,6 +163,8 @@ def is_launcher_process() -> bool:
 
 def _share_identity_with_children() -> None:
     """Processes this one starts (torch.multiprocessing ranks) join its job, not one of their own."""
+    from profilerd_probes import core
+
     if not os.environ.get("PROFILERD_JOB_ID"):
         ident = core.identity()
         os.environ["PROFILERD_JOB_ID"] = ident["job"]

@@ -21,6 +21,7 @@ from collections import Counter, deque
 from pathlib import Path
 
 from profilerd_probes import wire
+from profilerd_probes.paths import socket_problem
 
 # How often to try again after the daemon was found absent; bounds how quickly probes
 # resume after a daemon restart and how much a missing daemon costs per step.
@@ -55,6 +56,8 @@ class DatagramSender:
     Until a daemon first answers, datagrams are held (see MAX_HELD_*) and sent in order once
     one does, hello first (a daemon drops steps from a process it has not heard say hello).
     Every message that cannot be sent is counted by reason in ``dropped``.
+    A socket that is not in a trusted directory (profilerd_probes.paths.socket_problem: say,
+    one another local user planted) is never connected to; ``refused`` says why.
     """
 
     def __init__(self, path: Path) -> None:
@@ -71,6 +74,7 @@ class DatagramSender:
         self._held: deque[tuple[bytes, int]] = deque()
         self._held_bytes = 0
         self._marked = False
+        self.refused: str | None = None
 
     @property
     def held(self) -> int:
@@ -84,6 +88,10 @@ class DatagramSender:
         starting = not self._ever_connected and now - self._started < STARTING_WINDOW_S
         self._next_attempt = now + (STARTING_RECONNECT_INTERVAL_S if starting else RECONNECT_INTERVAL_S)
         self.connect_attempts += 1
+        # Checked on every attempt, not once: the socket comes and goes with its daemon.
+        self.refused = socket_problem(Path(self.path))
+        if self.refused is not None:
+            return False
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.setblocking(False)
         try:
@@ -184,7 +192,12 @@ class DatagramSender:
         """At exit: send what is held if the daemon answers; under `profilerd run`, wait for its
         daemon up to EXIT_WAIT_S first (only a run shorter than the daemon's start waits)."""
         # A connected daemon that is only busy drains its queue in milliseconds.
-        wait_s = EXIT_WAIT_S if os.environ.get(RUN_DIR_ENV) else BUSY_EXIT_WAIT_S if self._sock is not None else 0.0
+        if self.refused is not None:
+            wait_s = 0.0  # no daemon of the user's can come there
+        elif os.environ.get(RUN_DIR_ENV):
+            wait_s = EXIT_WAIT_S
+        else:
+            wait_s = BUSY_EXIT_WAIT_S if self._sock is not None else 0.0
         deadline = time.monotonic() + wait_s
         while self._held:
             self._next_attempt = 0.0
@@ -213,3 +226,4 @@ class DatagramSender:
         self._held = deque()
         self._held_bytes = 0
         self._marked = False
+        self.refused = None

@@ -39,6 +39,7 @@ from profilerd.analysis.verdict import Verdict
 from profilerd.config import ATTACH_RATE_HZ
 from profilerd.model import Finding
 from profilerd.samplers.host import DATALOADER_WORKER_NAME
+from profilerd_probes.paths import TRUSTED_UIDS_ENV
 
 PTRACE_HELP = (
     "stack sampling needs ptrace rights over the target: run as the same user with "
@@ -542,6 +543,9 @@ def injection_code(boot_dir: Path, socket_path: Path, run_id: str, install: bool
         "import os, sys\n"
         f"sys.path.insert(0, {str(boot_dir)!r})\n"
         f"os.environ['PROFILERD_SOCKET'] = {str(socket_path)!r}\n"
+        # The target may run as another user: its probes are to trust the attaching user's socket.
+        f"os.environ[{TRUSTED_UIDS_ENV!r}] = ','.join(filter(None, (os.environ.get({TRUSTED_UIDS_ENV!r}), "
+        f"{str(os.getuid())!r})))\n"
         f"os.environ.setdefault('PROFILERD_RUN_ID', {run_id!r})\n"
         f"os.environ.setdefault('PROFILERD_JOB_ID', {run_id!r})\n"
         "import profilerd_probes as probes; probes.install()\n"

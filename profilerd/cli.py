@@ -210,7 +210,32 @@ def _duration_s(text: str) -> float:
 
 
 # ---- serve -------------------------------------------------------------------------------------
+def _import_yielding_the_cpu(module: str) -> None:
+    """Import ``module`` in a thread at low priority (nice 10), waiting for it.
+
+    A daemon started for runs comes up beside a training that is starting too: its imports
+    (pandas, prometheus-client: most of its start) should not take the CPU from the training's
+    own (on a small or busy box they did: bench_launch.py). A thread, because an unprivileged
+    process cannot raise its priority back: the threads the daemon starts afterwards (ingest,
+    HTTP) are made by the main thread, at the normal priority.
+    """
+    import importlib
+    import threading
+
+    def load() -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        with contextlib.suppress(ImportError):  # raised again, with its traceback, by the caller
+            importlib.import_module(module)
+
+    thread = threading.Thread(target=load, name="profilerd-imports")
+    thread.start()
+    thread.join()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.for_runs:
+        _import_yielding_the_cpu("profilerd.daemon")
     from profilerd.daemon import Daemon, DaemonError
 
     config = _config(args)

@@ -30,12 +30,20 @@ from profilerd.exporters.http import DaemonHttpServer
 from profilerd.gpu import GpuBackend, open_backend
 from profilerd.recording import Recorder
 from profilerd.redaction import ArgvRedactor
-from profilerd.runtime import INFO_NAME, LOCK_NAME, leases_locked, live_leases, read_running_daemon
+from profilerd.runtime import (
+    INFO_NAME,
+    LOCK_NAME,
+    IngestError,
+    leases_locked,
+    live_leases,
+    prepare_runtime_dir,
+    read_running_daemon,
+)
 from profilerd.samplers.analysis import AnalysisRounds
 from profilerd.samplers.gpu import GpuSampler
 from profilerd.samplers.host import NodeSampler
 from profilerd.samplers.housekeeping import Housekeeping
-from profilerd.samplers.ingest import Ingest, IngestError, bind_socket, prepare_runtime_dir
+from profilerd.samplers.ingest import Ingest, bind_socket
 from profilerd.samplers.loop import SamplerLoop
 from profilerd.samplers.sinks import fan_out
 from profilerd.store import Store

@@ -1,7 +1,7 @@
 """The per-user runtime directory: the daemon's lock and address, and the leases of runs.
 
-Standard library only: `profilerd run` reads these before the training starts, and must not pay
-for the daemon's imports (pandas, prometheus_client) to do so.
+Standard library only: `profilerd run` reads and prepares these before the training starts, and
+must not pay for the daemon's imports (pandas, prometheus_client, its store) to do so.
 
 A daemon started for runs (`profilerd serve --for-runs`) lives as long as some run needs it.
 Each `profilerd run` holds a lease: a file in ``leases/`` it keeps locked (flock) while it
@@ -21,22 +21,58 @@ import fcntl
 import json
 import os
 import secrets
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from profilerd_probes.paths import SOCKET_NAME, trust_problem
+
 LOCK_NAME = "daemon.lock"
 INFO_NAME = "daemon.json"
 LEASES_DIR = "leases"
 LEASES_LOCK = "leases.lock"
+DAEMON_LOG_NAME = "daemon-for-runs.log"
+# What a daemon keeps in its runtime directory: each must be the user's before anyone reads it.
+RUNTIME_ENTRIES = (LOCK_NAME, INFO_NAME, LEASES_DIR, LEASES_LOCK, DAEMON_LOG_NAME, SOCKET_NAME)
+
+
+def runtime_dir_problem(runtime_dir: Path) -> str | None:
+    """Why this user must not use ``runtime_dir`` (someone else's, open to others, or holding
+    someone else's files); None when it is the user's own, or does not exist yet."""
+    return trust_problem(runtime_dir, RUNTIME_ENTRIES)
+
+
+class IngestError(RuntimeError):
+    """The socket (or its directory) cannot be used safely; the message says what to do."""
+
+
+def prepare_runtime_dir(directory: Path, shared: bool = False) -> None:
+    """Create the directory, or refuse one this user must not trust (runtime_dir_problem).
+
+    The mode is 0700; 0711 when other uids are allowed to send (``shared``), so that they can
+    reach the socket without being able to list or create anything in the directory.
+    """
+    with contextlib.suppress(FileExistsError):  # checked below, without following a symlink
+        directory.mkdir(parents=True, mode=0o700)
+    info = os.lstat(directory)
+    wanted = 0o711 if shared else 0o700
+    if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) != wanted:
+        os.chmod(directory, wanted)  # closed before its entries are checked: none can be added since
+    problem = runtime_dir_problem(directory)
+    if problem is not None:
+        raise IngestError(f"{problem}; refusing to use it (remove it, or choose another socket)")
 
 
 def read_running_daemon(runtime_dir: Path) -> dict[str, Any] | None:
-    """The running daemon's address, or None if no daemon holds the lock."""
-    lock_path = runtime_dir / LOCK_NAME
+    """The running daemon's address, or None if no daemon of this user holds the lock (a lock,
+    address or socket that is not the user's own is no daemon of the user's: see
+    runtime_dir_problem)."""
+    if runtime_dir_problem(runtime_dir) is not None:
+        return None
     try:
-        fd = os.open(lock_path, os.O_RDONLY)
+        fd = os.open(runtime_dir / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return None
     try:
@@ -45,14 +81,25 @@ def read_running_daemon(runtime_dir: Path) -> dict[str, Any] | None:
         except OSError as exc:
             if exc.errno not in (errno.EAGAIN, errno.EACCES):
                 return None
-            try:
-                return json.loads((runtime_dir / INFO_NAME).read_text())
-            except (OSError, ValueError):
-                return None
+            return _read_info(runtime_dir)
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:
         os.close(fd)
+
+
+def _read_info(runtime_dir: Path) -> dict[str, Any] | None:
+    try:
+        with open(os.open(runtime_dir / INFO_NAME, os.O_RDONLY | os.O_NOFOLLOW), "rb") as file:
+            info = json.loads(file.read())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict):
+        return None
+    socket = Path(str(info.get("socket") or runtime_dir / SOCKET_NAME))
+    if trust_problem(socket.parent, (socket.name,)) is not None:
+        return None  # an address that sends the user's probes elsewhere
+    return info
 
 
 def ensure_runtime_dir(runtime_dir: Path) -> None:

@@ -34,15 +34,24 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from profilerd.client import DaemonClient, untrusted_line
 from profilerd.config import DaemonConfig
-from profilerd.runtime import Lease, leases_locked, read_running_daemon
+from profilerd.runtime import (
+    DAEMON_LOG_NAME,
+    IngestError,
+    Lease,
+    leases_locked,
+    prepare_runtime_dir,
+    read_running_daemon,
+    runtime_dir_problem,
+)
 from profilerd_probes import transport, wire
+from profilerd_probes.paths import SOCKET_NAME
 from profilerd_probes.signals import NCCL_TIMING_ENV
 
 log = logging.getLogger("profilerd")
@@ -61,7 +70,6 @@ RELAYED_SIGNALS = frozenset(
     }
 )
 DAEMON_START_TIMEOUT_S = 30.0
-DAEMON_LOG_NAME = "daemon-for-runs.log"
 # The daemon reads the run's messages (the last ones, the run_end) in a thread: it may
 # answer "no such run" just before it has; a run with senders is not given up on before this.
 UNKNOWN_RUN_GRACE_S = 3.0
@@ -211,6 +219,10 @@ class DaemonHandle:
     ``wait=False`` none is started here when none runs: start() starts one (the run calls it
     when the training's first message is made: the probes hold it until the daemon answers),
     and serving() waits for it where its address is needed.
+
+    A runtime directory that is not the user's own (another user created ``/tmp/profilerd-<uid>``)
+    is said in one line and replaced by a fresh private one, given to the daemon started here
+    (``--socket``) and, through ``socket_path``, to the probes: the whole run agrees on it.
     """
 
     def __init__(
@@ -220,17 +232,25 @@ class DaemonHandle:
         cancelled: Callable[[], int | None] = lambda: None,
         wait: bool = True,
     ) -> None:
-        from profilerd.samplers.ingest import IngestError, prepare_runtime_dir
-
+        flags = list(flags or [])
+        problem = runtime_dir_problem(config.runtime_dir)
+        if problem is not None:
+            private = Path(tempfile.mkdtemp(prefix=f"profilerd-{os.getuid()}-"))  # 0700, ours
+            print(
+                f"profilerd: {untrusted_line(config.runtime_dir, problem)}; this run uses {private} instead",
+                file=sys.stderr,
+            )
+            config = replace(config, socket_path=private / SOCKET_NAME)
+            flags += ["--socket", str(config.socket_path)]  # the last --socket is the one taken
         runtime_dir = config.runtime_dir
         try:
             prepare_runtime_dir(runtime_dir, any(uid != os.getuid() for uid in config.allowed_uids))
         except (OSError, IngestError) as exc:
             raise UsageError(f"cannot use runtime directory {runtime_dir}: {exc}") from exc
-        self._config, self._flags, self._cancelled = config, flags or [], cancelled
+        self.config, self._flags, self._cancelled = config, flags, cancelled
         self.socket_path = config.socket_path
         self.data_dir = config.data_dir
-        self.base_url = ""
+        self._client = DaemonClient()
         self._error: UsageError | None = None
         self._started = threading.Event()
         self._starting = False
@@ -259,7 +279,7 @@ class DaemonHandle:
         threading.Thread(target=self._start, name="profilerd-daemon-start", daemon=True).start()
 
     def _start(self) -> None:
-        config = self._config
+        config = self.config
         try:
             # Held until the daemon serves, so that no other run starts a second one meanwhile.
             with leases_locked(config.runtime_dir, wait_s=DAEMON_START_TIMEOUT_S):
@@ -278,8 +298,13 @@ class DaemonHandle:
         finally:
             self._started.set()
 
+    @property
+    def base_url(self) -> str:
+        """The daemon's HTTP address; "" until it serves."""
+        return self._client.base_url
+
     def _use(self, running: dict[str, Any], config: DaemonConfig) -> None:
-        self.base_url = f"http://{running['http_host']}:{running['http_port']}"
+        self._client.base_url = f"http://{running['http_host']}:{running['http_port']}"
         self.socket_path = Path(running.get("socket") or config.socket_path)
         self.data_dir = Path(running.get("data_dir") or config.data_dir)
 
@@ -295,11 +320,7 @@ class DaemonHandle:
     def get(self, path: str, timeout: float = 1.0) -> dict[str, Any] | None:
         if not self._started.is_set() or self._error is not None:
             return None
-        try:
-            with urllib.request.urlopen(self.base_url + path, timeout=timeout) as response:
-                return json.loads(response.read())
-        except (urllib.error.URLError, OSError, ValueError):
-            return None
+        return self._client.get(path, timeout)
 
     def send(self, datagram: bytes) -> None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:

@@ -13,7 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,9 +128,10 @@ def send_as(uid: int, path: Path, build: Callable[[int], Iterable[bytes]]) -> in
 class Served:
     """`profilerd serve` in a subprocess; stderr is collected by a thread so it never blocks."""
 
-    def __init__(self, env: dict[str, str], *args: str, timeout: float = 30.0) -> None:
+    def __init__(self, env: dict[str, str], *args: str, timeout: float = 30.0, as_user: Sequence[str] = ()) -> None:
+        """``as_user``: a command prefix that runs the daemon as another user (tests/test_shared_box.py)."""
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "profilerd", "serve", *args],
+            [*as_user, sys.executable, "-m", "profilerd", "serve", *args],
             env=env,
             stderr=subprocess.PIPE,
             text=True,

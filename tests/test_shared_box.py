@@ -1,31 +1,237 @@
-"""Safe on a shared GPU box (issue 18): another local user cannot blind the daemon with idle
-connections, settings that would break the daemon are refused at load, and damaged or newer
-recordings say so instead of looking healthy. (Command-line secrets: tests/test_security.py.)"""
+"""Safe on a shared GPU box (issue 18): another local user cannot capture a run through a
+runtime directory they created, cannot blind the daemon with idle connections, settings that
+would break the daemon are refused at load, and damaged or newer recordings say so instead of
+looking healthy. (Command-line secrets: tests/test_security.py.)"""
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import pwd
 import resource
+import secrets
 import selectors
+import shutil
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from profilerd.exporters.http import MAX_CONNECTIONS, MAX_WORKERS
-from tests.conftest import run_cli
+from profilerd_probes.transport import DatagramSender
+from tests.conftest import EXAMPLES, REPO, run_cli
 from tests.fixtures.make_fixture import FIXTURE
 from tests.reliability_helpers import Served, get_json, http_get, metrics, wait_for
+from tests.test_attach import TARGET as ATTACH_TARGET
+from tests.test_attach import start as start_target
+from tests.test_attach import wait_for_torch
+from tests.test_launch import STEPS
 from tests.test_report import _corrupted, _truncated
 
 ATTACKER_UID = 12345
 SLOWLORIS_CONNECTIONS = 1000
+
+
+# ---- a runtime directory another user created ---------------------------------------------------
+@dataclass(frozen=True)
+class User:
+    name: str
+    uid: int
+    gid: int
+    home: Path
+
+    def command(self) -> list[str]:
+        """A prefix that runs a command as this user. The one capability kept, to read and search
+        any file, only lets it run this checkout's interpreter (under /root, mode 0700, on CI);
+        it grants no write and no ownership, which is all the checks under test are about."""
+        caps = "+dac_read_search"
+        ids = [f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups"]
+        return ["setpriv", *ids, f"--inh-caps={caps}", f"--ambient-caps={caps}"]
+
+    def env(self, base: dict[str, str]) -> dict[str, str]:
+        """The user's own environment: no XDG_RUNTIME_DIR (ssh without pam_systemd, Slurm), so the
+        runtime directory is /tmp/profilerd-<uid>."""
+        env = {k: v for k, v in base.items() if k not in ("XDG_RUNTIME_DIR", "TMPDIR")}
+        env.update({"HOME": str(self.home), "PROFILERD_DATA_DIR": str(self.home / "data"), "USER": self.name})
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        return env
+
+
+def _make_user(base: Path) -> User:
+    name = f"pd{secrets.token_hex(4)}"
+    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", "--user-group", name], check=True)
+    entry = pwd.getpwnam(name)
+    home = base / name
+    home.mkdir(mode=0o700)
+    os.chown(home, entry.pw_uid, entry.pw_gid)
+    return User(name, entry.pw_uid, entry.pw_gid, home)
+
+
+def _processes_of(uid: int) -> list[int]:
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.stat(f"/proc/{name}").st_uid == uid:
+                    pids.append(int(name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.fixture
+def two_users(short_tmp: Path) -> Iterator[tuple[User, User]]:
+    """Two fresh local users, A (the victim) and B (the other user of the box), removed after."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create two local users (CI runs as root)")
+    if not (shutil.which("useradd") and shutil.which("userdel") and shutil.which("setpriv")):
+        pytest.skip("needs useradd, userdel and setpriv (util-linux) to run commands as other users")
+    os.chmod(short_tmp, 0o755)
+    users: list[User] = []
+    try:
+        users = [_make_user(short_tmp), _make_user(short_tmp)]
+        yield users[0], users[1]
+    finally:
+        for user in users:
+            # A daemon started for runs lingers a moment after its last run: wait for it to leave.
+            deadline = time.monotonic() + 15
+            while _processes_of(user.uid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            for pid in _processes_of(user.uid):
+                os.kill(pid, signal.SIGKILL)
+            for path in [f"/tmp/profilerd-{user.uid}", *glob.glob(f"/tmp/profilerd-{user.uid}-*")]:
+                shutil.rmtree(path, ignore_errors=True)
+            subprocess.run(["userdel", user.name], check=False, capture_output=True)
+
+
+def test_another_user_cannot_capture_a_run_through_a_runtime_directory_they_created(
+    two_users: tuple[User, User], profilerd_env: dict[str, str]
+) -> None:
+    """Issue 18's capture: B creates /tmp/profilerd-<uid of A> open to all, runs B's own daemon
+    there (accepting A's uid) and leaves its lock and address readable. A's run says, in one
+    line, that it does not use that directory, is recorded by A's own daemon in a private one,
+    and keeps the training's exit code; B's daemon receives nothing."""
+    victim, other = two_users
+    taken = Path(f"/tmp/profilerd-{victim.uid}")
+    shutil.rmtree(taken, ignore_errors=True)
+    taken.mkdir()
+    os.chown(taken, other.uid, other.gid)
+    os.chmod(taken, 0o777)
+    b_env = other.env(profilerd_env) | {"PROFILERD_ALLOWED_UIDS": str(victim.uid)}
+    trap = Served(b_env, "--gpu", "none", "--socket", str(taken / "ingest.sock"), as_user=other.command())
+    try:
+        os.chmod(taken, 0o777)  # B's daemon made it 0711; B opens it again, files readable
+        for name in ("daemon.lock", "daemon.json"):
+            os.chmod(taken / name, 0o644)
+        script = victim.home / "train.py"
+        script.write_text(STEPS)
+        os.chown(script, victim.uid, victim.gid)
+        verdict = victim.home / "verdict.json"
+        result = subprocess.run(
+            [*victim.command(), sys.executable, "-m", "profilerd", "run", "--no-status", "--json", str(verdict),
+             "--", sys.executable, str(script), "30", "--api-key=SECRET"],
+            env=victim.env(profilerd_env), cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr
+        told = [line for line in result.stderr.splitlines() if str(taken) in line]
+        assert len(told) == 1, result.stderr
+        assert f"not using {taken}: {taken} belongs to uid {other.uid}" in told[0]
+        private = told[0].rsplit("this run uses ", 1)[1].split()[0]
+        assert private.startswith(f"/tmp/profilerd-{victim.uid}-")
+        assert os.stat(private).st_uid == victim.uid and os.stat(private).st_mode & 0o777 == 0o700
+        recording = Path(json.loads(verdict.read_text())["recording"])
+        assert recording.is_relative_to(victim.home / "data")  # A's own daemon recorded it
+        with sqlite3.connect(recording) as db:
+            assert [row[0] for row in db.execute("SELECT step FROM steps ORDER BY step")] == list(range(1, 31))
+        status = get_json(f"{trap.url}/api/v1/status")
+        assert get_json(f"{trap.url}/api/v1/runs")["runs"] == [], "B's daemon heard of A's run"
+        assert get_json(f"{trap.url}/api/v1/jobs")["jobs"] == []
+        assert status["messages_received"] == {} and status["messages_dropped"] == {}, status
+        assert not list((other.home / "data").glob("runs/*.sqlite")), "B's daemon recorded something"
+    finally:
+        assert trap.terminate() == 0, trap.stderr
+
+
+def test_probes_never_send_to_a_socket_in_a_directory_others_can_write(short_tmp: Path) -> None:
+    """A listening socket in a directory open to others (anyone could have put it there, or may
+    replace it) gets nothing; the same socket in a private directory gets the message."""
+    for mode, expected in ((0o777, None), (0o700, b"hello")):
+        directory = short_tmp / f"mode-{mode:o}"
+        directory.mkdir()
+        os.chmod(directory, mode)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+            listener.bind(str(directory / "ingest.sock"))
+            listener.setblocking(False)
+            sender = DatagramSender(directory / "ingest.sock")
+            sender.send(b"hello")
+            try:
+                received = listener.recv(100)
+            except BlockingIOError:
+                received = None
+            assert received == expected, mode
+            assert (sender.refused is None) == (expected is not None)
+            if expected is None:
+                assert "is writable by other users" in (sender.refused or "")
+                assert sender.held == 1  # kept, never raised into the training
+            sender.close()
+
+
+def _open_runtime_dir(profilerd_env: dict[str, str]) -> Path:
+    """The env's runtime directory, created open to every user (mode 0777)."""
+    taken = Path(profilerd_env["XDG_RUNTIME_DIR"]) / "profilerd"
+    taken.mkdir()
+    os.chmod(taken, 0o777)
+    return taken
+
+
+def test_tui_refuses_a_runtime_directory_others_can_write_in_one_line(profilerd_env: dict[str, str]) -> None:
+    taken = _open_runtime_dir(profilerd_env)
+    result = run_cli("tui", env=profilerd_env, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[0] == (
+        f"profilerd: error: not using {taken}: {taken} is writable by other users (mode 0777) "
+        "(another user may have created it)"
+    ), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb missing (needed to inject the probes)")
+def test_attach_skips_a_runtime_directory_others_can_write_in_one_line(
+    profilerd_env: dict[str, str], short_tmp: Path
+) -> None:
+    """`attach --inject-experimental` starts its daemon in a private directory instead, and the
+    injected probes report there: the verdict comes from their steps (L2)."""
+    taken = _open_runtime_dir(profilerd_env)
+    script = short_tmp / "target.py"
+    script.write_text(ATTACH_TARGET.format(examples=str(EXAMPLES), log=str(short_tmp / "target.log")))
+    target = start_target(sys.executable, str(script), env=profilerd_env)
+    try:
+        wait_for_torch(target.pid)
+        out = short_tmp / "attach.json"
+        result = run_cli(
+            "attach", str(target.pid), "--once", "--duration", "8", "--json", str(out),
+            "--inject-experimental", "--no-stacks", "--rate=10", env=profilerd_env, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        told = [line for line in result.stderr.splitlines() if str(taken) in line]
+        assert len(told) == 1 and "is writable by other users" in told[0] and "this run uses" in told[0], result.stderr
+        document = json.loads(out.read_text())
+        assert document["attach_layer"] == "L2", document["layers"]
+        assert not (taken / "ingest.sock").exists()  # nothing was put in the open directory
+    finally:
+        target.kill()
+        target.wait(timeout=10)
 
 
 # ---- slowloris -------------------------------------------------------------------------------------

@@ -351,7 +351,7 @@ def test_straggler_needs_a_clear_margin() -> None:
 def test_tui_never_loads_pynvml_or_torch() -> None:
     code = (
         "import sys, profilerd_tui.app, profilerd_tui.cli, profilerd_tui.runview; "
-        "from profilerd_tui.sources import local_daemon_url; local_daemon_url(); "
+        "from profilerd.client import local_daemon_url; local_daemon_url(); "
         "print(' '.join(m for m in ('pynvml', 'torch') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

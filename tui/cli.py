@@ -9,16 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from profilerd.client import ClientError, UntrustedRuntimeDir, get_json, local_daemon_url, untrusted_line
 from profilerd.config import DaemonConfig
-from profilerd_tui.sources import (
-    DaemonSource,
-    PrometheusSource,
-    ReplaySource,
-    Source,
-    SourceError,
-    get_json,
-    local_daemon_url,
-)
+from profilerd.runtime import runtime_dir_problem
+from profilerd_tui.sources import DaemonSource, PrometheusSource, ReplaySource, Source
 
 THEMES = {"dark": "textual-dark", "light": "textual-light"}
 
@@ -49,11 +43,14 @@ def build_source(args: argparse.Namespace, config: DaemonConfig) -> Source:
                 playing=not args.paused,
                 position_s=None if args.paused else 0.0,
             )
-        except SourceError as exc:
+        except ClientError as exc:
             raise TuiUsageError(str(exc)) from None
     if args.url:
         return DaemonSource(args.url, args.job)
     runtime_dir = config.runtime_dir
+    problem = runtime_dir_problem(runtime_dir)
+    if problem is not None:  # refused before anything is read from it
+        raise TuiUsageError(untrusted_line(runtime_dir, problem))
     return DaemonSource(lambda: local_daemon_url(runtime_dir), args.job)
 
 
@@ -77,11 +74,13 @@ def daemon_problem(source: DaemonSource, config: DaemonConfig, url_flag: str | N
     )
     try:
         base = source.base_url()
-    except SourceError:
+    except UntrustedRuntimeDir as exc:
+        return f"{exc}\n{HOW_TO_START}"
+    except ClientError:
         return f"no profilerd daemon is running for this user: looked in {looked}\n{HOW_TO_START}"
     try:
         get_json(f"{base}/api/v1/jobs", source.timeout_s)
-    except SourceError as exc:
+    except ClientError as exc:
         where = "" if url_flag else f", registered in {runtime_dir},"
         return f"the profilerd daemon at {base}{where} does not answer ({exc})\n{HOW_TO_START}"
     return None

@@ -14,9 +14,7 @@ import sqlite3
 import statistics
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +24,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
 from profilerd.analysis.document import headline, statement_of, straggler_of
+from profilerd.client import ClientError, NotFound, get_json
+from profilerd.client import origin as _origin
 from profilerd_tui.model import (
     SEVERITY_ORDER,
     FindingRow,
@@ -45,10 +45,6 @@ from profilerd_tui.model import (
 SPARKLINE_STEPS = 150  # recent steps fetched per rank: enough for a 160-column sparkline
 
 
-class SourceError(Exception):
-    """The source cannot be read right now (daemon gone, server down); the message is for the user."""
-
-
 class Source(Protocol):
     """What the app needs from a source. ``fetch`` may block; it never runs on the UI thread."""
 
@@ -61,28 +57,8 @@ class Source(Protocol):
 
 
 # ---- HTTP ---------------------------------------------------------------------------------------
-class NotFound(SourceError):
-    """A 404 from a server that is up: the thing asked for does not exist (yet)."""
-
-
-def get_json(url: str, timeout_s: float) -> Any:
-    """GET a JSON document; every network or decoding failure becomes a SourceError."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        if exc.code == 404:
-            raise NotFound(f"{url}: not found") from None
-        raise SourceError(f"{url}: HTTP {exc.code}") from None
-    except urllib.error.URLError as exc:
-        raise SourceError(f"cannot reach {_origin(url)}: {exc.reason}") from None
-    except (OSError, ValueError) as exc:
-        raise SourceError(f"cannot read {_origin(url)}: {exc}") from None
-
-
-def _origin(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    return parts.netloc or url
+# One error type for every source (the app shows its message), the daemon client's own.
+SourceError = ClientError
 
 
 # ---- the verdict document, shared by the daemon and replay paths ----------------------------------
@@ -220,23 +196,6 @@ def host_view(host: Mapping[str, Any] | None, node: str | None = None) -> HostVi
 
 
 # ---- the daemon ---------------------------------------------------------------------------------
-def local_daemon_url(runtime_dir: Path | None = None) -> str | None:
-    """The URL of this user's running daemon, read from its lock and info files each time.
-
-    Read on every reconnect attempt, so a daemon that comes back on another port is found.
-    """
-    from profilerd.config import load
-    from profilerd.daemon import read_running_daemon
-
-    if runtime_dir is None:
-        config, _problems = load(None, {})
-        runtime_dir = config.runtime_dir
-    running = read_running_daemon(runtime_dir)
-    if not running:
-        return None
-    return f"http://{running['http_host']}:{running['http_port']}"
-
-
 class DaemonSource:
     """The live view: one job of a profilerd daemon, read from ``/api/v1``."""
 

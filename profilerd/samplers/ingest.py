@@ -10,11 +10,9 @@ parsed with ``json`` (never pickle, eval or import), and the kernel truncates a 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
-import stat
 import struct
 import threading
 from collections.abc import Iterable
@@ -37,36 +35,12 @@ _ANCILLARY_BYTES = socket.CMSG_SPACE(_UCRED.size) if PASSCRED else 0
 _NS_PID_CACHE_MAX = 4096
 
 
-class IngestError(RuntimeError):
-    """The socket cannot be opened safely; the message says what to do."""
-
-
 class Credentials(NamedTuple):
     """Who sent a datagram, as the kernel reports it (pid 0: not visible in our pid namespace)."""
 
     pid: int
     uid: int
     gid: int
-
-
-def prepare_runtime_dir(directory: Path, shared: bool = False) -> None:
-    """Create the directory, or refuse a symlink or a directory that belongs to someone else.
-
-    The mode is 0700; 0711 when other uids are allowed to send (``shared``), so that they can
-    reach the socket without being able to list or create anything in the directory.
-    """
-    with contextlib.suppress(FileExistsError):  # checked below, without following a symlink
-        directory.mkdir(parents=True, mode=0o700)
-    info = os.lstat(directory)
-    if stat.S_ISLNK(info.st_mode):
-        raise IngestError(f"{directory} is a symbolic link; refusing to use it (remove it, or choose another socket)")
-    if not stat.S_ISDIR(info.st_mode):
-        raise IngestError(f"{directory} is not a directory")
-    if info.st_uid != os.getuid():
-        raise IngestError(f"{directory} belongs to uid {info.st_uid}, not to you ({os.getuid()})")
-    wanted = 0o711 if shared else 0o700
-    if stat.S_IMODE(info.st_mode) != wanted:
-        os.chmod(directory, wanted)
 
 
 def bind_socket(path: Path, shared: bool = False) -> socket.socket:
