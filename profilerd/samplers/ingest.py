@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from profilerd.model import ProbeSession, StepRecord
+from profilerd.runtime import prepare_runtime_dir
 from profilerd.samplers.sinks import EndedRun, Sinks
 from profilerd.store import Store
 from profilerd_probes import wire
