@@ -175,6 +175,7 @@ def job_shape(recording: Recording, doc: dict[str, Any]) -> JobShape:
     counts = [m.get("parameters") for m in config.get("models") or [] if isinstance(m, dict)]
     parameters = sum(int(n) for n in counts if isinstance(n, int | float)) or None
     sizes = recording.sessions["world_size"].dropna() if "world_size" in recording.sessions else []
+    world: int | None
     if len(sizes):
         world = int(max(sizes))
     elif isinstance(config.get("world_size"), int):

@@ -722,12 +722,12 @@ class PrometheusSource:
             key = (labels.get("instance", ""), labels.get("rank", "0"))
             phases_by_rank.setdefault(key, {})[labels.get("phase", "other")] = _value(series)
         job_phases: dict[str, float] = {}
-        for phases in phases_by_rank.values():
-            for phase, rate in phases.items():
-                job_phases[phase] = job_phases.get(phase, 0.0) + rate
+        for rank_rates in phases_by_rank.values():
+            for name, rate in rank_rates.items():
+                job_phases[name] = job_phases.get(name, 0.0) + rate
         total = sum(job_phases.values())
-        phases = {k: v / total for k, v in job_phases.items()} if total > 0 else None
-        fractions = fractions_from_phases(phases) if phases else None
+        shares = {k: v / total for k, v in job_phases.items()} if total > 0 else None
+        fractions = fractions_from_phases(shares) if shares else None
 
         sums = {_rank_key(x): _value(x) for x in step_sum_rates}
         rates = {_rank_key(x): _value(x) for x in step_count_rates}
@@ -738,9 +738,9 @@ class PrometheusSource:
             instance, rank = key
             rate = rates.get(key, 0.0)
             mean = sums.get(key, 0.0) / rate if rate > 0 else None
-            phase = phases_by_rank.get(key, {})
-            busy = sum(phase.values())
-            comm = phase.get("communication", 0.0)
+            rank_phase = phases_by_rank.get(key, {})
+            busy = sum(rank_phase.values())
+            comm = rank_phase.get("communication", 0.0)
             ranks.append(
                 RankRow(
                     rank=int(rank) if rank.isdigit() else 0,
@@ -750,7 +750,7 @@ class PrometheusSource:
                     steps_total=totals[key],
                     step_p50_s=mean,
                     step_p95_s=None,
-                    data_wait_ratio=phase.get("data_wait", 0.0) / busy if busy > 0 else None,
+                    data_wait_ratio=rank_phase.get("data_wait", 0.0) / busy if busy > 0 else None,
                     comm_ratio=comm / busy if busy > 0 else None,
                     own_s=(mean * (1 - comm / busy)) if mean is not None and busy > 0 else mean,
                 )
@@ -785,7 +785,7 @@ class PrometheusSource:
             summary=f"{headline(primary)}: {statement}",
             statement=statement,
             fractions=fractions,
-            phases=phases,
+            phases=shares,
             step_p50_s=quantiles[0.5],
             step_p95_s=quantiles[0.95],
             step_mean_s=sum(sums.values()) / total_rate if total_rate > 0 else None,

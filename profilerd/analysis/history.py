@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from profilerd_probes.wire import FLAG_HAS_LOSS, FLAG_HAS_LR
+from profilerd_probes.schema import FLAG_HAS_LOSS, FLAG_HAS_LR
 
 # The loss at the start is the first finite reading: it is taken before any update, and with
 # the loss read every early step a median of the next few would already include a blow-up.
@@ -86,7 +86,8 @@ class LossHistory:
         self._early: list[float] = []
         self._tail = np.empty(0)  # the last finite readings, to continue the rolling median
         self._peak: tuple[float, int] | None = None
-        self._low = self._high = None
+        self._low: float | None = None
+        self._high: float | None = None
         self._lr_max: float | None = None
         self._steps_seen = 0
         self._first_step: int | None = None

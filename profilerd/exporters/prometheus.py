@@ -69,9 +69,9 @@ class ProfilerdCollector(Collector):
         from profilerd.exporters.gpu_metrics import describe_gpu_metric_families
 
         for family in self.collect():
-            yield (
-                type(family)(family.name, family.documentation) if not isinstance(family, InfoMetricFamily) else family
-            )
+            # every family but the info one is a *MetricFamily(name, documentation): one of its kind, empty
+            empty: Any = type(family)
+            yield family if isinstance(family, InfoMetricFamily) else empty(family.name, family.documentation)
         yield from describe_gpu_metric_families()
 
     def collect(self) -> Iterator[Metric]:
