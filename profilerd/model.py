@@ -12,11 +12,6 @@ from typing import Any
 
 from profilerd_probes.schema import STEP_COLUMNS, check_fields
 
-CATEGORIES = ("data", "compute", "communication", "algorithm")
-PRIMARY_VALUES = (*CATEGORIES, "none")
-SEVERITIES = ("ok", "info", "warning", "critical")
-PHASES = ("data_wait", "forward", "backward", "optimizer", "communication", "other")
-
 
 @dataclass(frozen=True, slots=True)
 class StepRecord:

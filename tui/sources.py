@@ -26,8 +26,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
 from profilerd.analysis.document import headline, statement_of, straggler_of
+from profilerd.vocabulary import FRACTION_OF_CATEGORY, Fraction, Severity, fractions_from_phases
 from profilerd_tui.model import (
-    SEVERITY_ORDER,
     FindingRow,
     GpuRow,
     HostView,
@@ -37,7 +37,6 @@ from profilerd_tui.model import (
     ReplayState,
     Snapshot,
     flag_straggler,
-    fractions_from_phases,
     mark_straggler,
     percentile,
 )
@@ -758,7 +757,7 @@ class PrometheusSource:
 
         primary = verdict[0]["metric"].get("category", "none") if verdict else "none"
         level = max((int(_value(x)) for x in severity), default=0)
-        severity_name = SEVERITY_ORDER[min(max(level, 0), len(SEVERITY_ORDER) - 1)]
+        severity_name = str(list(Severity)[min(max(level, 0), len(Severity) - 1)])
         best: dict[str, float] = {}
         for series in speedups:
             rid = series["metric"].get("recommendation", "?")
@@ -844,8 +843,7 @@ def _prometheus_statement(primary: str, fractions: dict[str, float] | None, rank
     """The sentence under the headline, from the numbers Prometheus has (no evidence sentences)."""
     if not fractions:
         return "no steps in the last minute"
-    key = {"data": "data_wait", "compute": "compute", "communication": "communication", "algorithm": "other"}
-    share = fractions.get(key.get(primary, "compute"), 0.0)
+    share = fractions.get(FRACTION_OF_CATEGORY.get(primary, Fraction.COMPUTE), 0.0)
     what = {
         "data": "waiting for batches",
         "compute": "in forward, backward and optimizer",

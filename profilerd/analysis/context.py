@@ -9,6 +9,7 @@ import pandas as pd
 
 from profilerd.analysis.features import Context
 from profilerd.model import HostSample, ProcessSample
+from profilerd.vocabulary import POWER_REASONS, THERMAL_REASONS
 
 HOST_COLUMNS = ["ts_unix_s", "cpu_count", "cpu_ratio"]
 PROCESS_COLUMNS = [
@@ -84,10 +85,6 @@ def build_context(
         gpu=gpu_context(gpus, since_unix_s) if gpus is not None else {},
         gpu_by_pid=gpu_by_pid(gpus, since_unix_s) if gpus is not None else {},
     )
-
-
-THERMAL_REASONS = {"sw_thermal", "hw_thermal"}
-POWER_REASONS = {"sw_power_cap", "hw_power_brake", "hw_slowdown"}
 
 
 def gpu_frame(samples: Iterable[dict[str, Any]], job_pids: set[int]) -> pd.DataFrame:

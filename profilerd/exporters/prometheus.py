@@ -19,8 +19,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from profilerd import __version__
-from profilerd.model import CATEGORIES, SEVERITIES, GpuSample, HostSample, ProcessSample
+from profilerd.model import GpuSample, HostSample, ProcessSample
 from profilerd.store import STEP_BUCKETS_S, Store
+from profilerd.vocabulary import PRIMARY_VALUES, Severity
 
 PHASE_LABELS = {
     "data_wait_s": "data_wait",
@@ -198,9 +199,9 @@ def _training_metrics(jobs: list[tuple[str, list[tuple[Any, ...]], Any]]) -> Ite
         for phase, value in current.features.phase_fractions.items():
             if current.features.steps:
                 phase_ratio.add_metric([job, phase], value)
-        for category in (*CATEGORIES, "none"):
+        for category in PRIMARY_VALUES:
             verdict.add_metric([job, category], 1.0 if current.primary == category else 0.0)
-        severity.add_metric([job], float(SEVERITIES.index(current.severity)))
+        severity.add_metric([job], float(Severity(current.severity).rank))
         for rec in current.recommendations():
             speedup.add_metric([job, rec["id"]], rec["estimated_speedup"])
         if current.features.device is not None:
