@@ -14,7 +14,7 @@ import pandas as pd
 
 from profilerd.analysis.history import LossSummary, loss_readings, summarize_losses
 from profilerd.analysis.peaks import Mfu, estimate_mfu
-from profilerd.model import StepRecord
+from profilerd.model import GpuContext, StepRecord
 from profilerd.vocabulary import COMPUTE_PHASES, Fraction, Phase
 from profilerd_probes import schema
 from profilerd_probes.schema import FLAG_GRAD_SCALER_SKIPPED, FLAG_HAS_GRAD_NORM, FLAG_HAS_LR, FLAG_HAS_SCALE
@@ -79,7 +79,7 @@ class Context:
     workers_cpu_cores: float | None = None  # mean cores used by all DataLoader workers
     worker_cpu_max_ratio: float | None = None  # the busiest worker, 1.0 = one full core
     workers_seen: int | None = None
-    gpu: dict[str, Any] = field(default_factory=dict)  # see analysis.context.gpu_context
+    gpu: GpuContext = field(default_factory=GpuContext)
     # NVML means per training process on the GPU it uses (the rank-GPU attribution), by PID.
     gpu_by_pid: dict[int, dict[str, float]] = field(default_factory=dict)
 
