@@ -41,7 +41,7 @@ import types
 import weakref
 from typing import Any, cast
 
-from profilerd_probes import schema, wire
+from profilerd_probes import wire
 from profilerd_probes.device import CudaTimer, DeviceClock, DeviceTimer, Marker, step_timing
 from profilerd_probes.schema import GPU_TIMING_FIELDS
 from profilerd_probes.signals import (
@@ -226,15 +226,15 @@ class _Step:
 
 
 # Positions of the fields in a step record (wire.STEP), by name: _AT.loss is where the loss goes.
-_AT = types.SimpleNamespace(**schema.WIRE_STEP_INDEX)
-_EMPTY_RECORD: list[Any] = [0] * len(schema.WIRE_STEP_NAMES)
+_AT = types.SimpleNamespace(**wire.WIRE_STEP_INDEX)
+_EMPTY_RECORD: list[Any] = [0] * len(wire.WIRE_STEP_NAMES)
 # The fields a deferred read may fill in before the record is sent.
 _FLAGS, _LOSS, _GRAD_NORM, _SCALE = _AT.flags, _AT.loss, _AT.grad_norm, _AT.scaler_scale
 # The device timing fields, contiguous in the table, in step_timing's order.
 _GPU_FIRST, _GPU_END = _AT.gpu_busy_s, _AT.host_ahead_s + 1
-if schema.WIRE_STEP_NAMES[_GPU_FIRST:_GPU_END] != GPU_TIMING_FIELDS:
+if wire.WIRE_STEP_NAMES[_GPU_FIRST:_GPU_END] != GPU_TIMING_FIELDS:
     raise RuntimeError("the device timing fields must be contiguous in the step field table")
-_SIGNAL_FLAGS = {_LOSS: schema.FLAG_HAS_LOSS, _GRAD_NORM: schema.FLAG_HAS_GRAD_NORM, _SCALE: schema.FLAG_HAS_SCALE}
+_SIGNAL_FLAGS = {_LOSS: wire.FLAG_HAS_LOSS, _GRAD_NORM: wire.FLAG_HAS_GRAD_NORM, _SCALE: wire.FLAG_HAS_SCALE}
 _SIGNAL_NAMES = {_LOSS: "loss", _GRAD_NORM: "grad_norm", _SCALE: "scale"}
 
 
@@ -372,10 +372,10 @@ class StepProbe:
             self._send_config()
         self._seq += 1
         self._poll_deferred()
-        flags = schema.FLAG_FALLBACK_BOUNDARY if step.fallback else 0
-        flags |= schema.FLAG_GRAD_SCALER_SKIPPED if step.skipped else 0
-        flags |= schema.FLAG_LOSS_FIRST_NONFINITE if step.loss_first_nonfinite else 0
-        flags |= schema.FLAG_HAS_LR if self._lr is not None else 0
+        flags = wire.FLAG_FALLBACK_BOUNDARY if step.fallback else 0
+        flags |= wire.FLAG_GRAD_SCALER_SKIPPED if step.skipped else 0
+        flags |= wire.FLAG_LOSS_FIRST_NONFINITE if step.loss_first_nonfinite else 0
+        flags |= wire.FLAG_HAS_LR if self._lr is not None else 0
         backward = step.backward_s
         comm = step.comm_s
         comm_total = comm
@@ -478,7 +478,7 @@ class StepProbe:
             late = now - end > GPU_TIMING_WAIT_S or len(self._batch) >= wire.MAX_BATCH_RECORDS
             return final or late or record[_AT.step] <= EAGER_STEPS
         record[_GPU_FIRST:_GPU_END] = timing
-        record[_FLAGS] |= schema.FLAG_HAS_GPU_TIMING
+        record[_FLAGS] |= wire.FLAG_HAS_GPU_TIMING
         step.mark_start = step.mark_end = None  # filled once
         return True
 
@@ -551,7 +551,7 @@ class StepProbe:
             if not finite and not self._loss_nonfinite:
                 step.loss_first_nonfinite = True
                 if step.record is not None:
-                    step.record[_FLAGS] |= schema.FLAG_LOSS_FIRST_NONFINITE
+                    step.record[_FLAGS] |= wire.FLAG_LOSS_FIRST_NONFINITE
             self._loss_nonfinite = not finite
         if step.record is not None:
             self._fill(step, index, value)

@@ -17,7 +17,7 @@ from profilerd.analysis.peaks import Mfu, estimate_mfu
 from profilerd.model import GpuContext, StepRecord
 from profilerd.vocabulary import COMPUTE_PHASES, Fraction, Phase
 from profilerd_probes import schema
-from profilerd_probes.schema import FLAG_GRAD_SCALER_SKIPPED, FLAG_HAS_GRAD_NORM, FLAG_HAS_LR, FLAG_HAS_SCALE
+from profilerd_probes.wire import FLAG_GRAD_SCALER_SKIPPED, FLAG_HAS_GRAD_NORM, FLAG_HAS_LR, FLAG_HAS_SCALE
 
 # Device timing per step (CUDA events); NaN for a step without it (CPU, events not complete yet).
 DEVICE_COLUMNS = tuple(f.name for f in schema.STEP_FIELDS if f.flag == schema.FLAG_HAS_GPU_TIMING)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from profilerd_probes.schema import FLAG_HAS_LOSS, FLAG_HAS_LR
+from profilerd_probes.wire import FLAG_HAS_LOSS, FLAG_HAS_LR
 
 # The loss at the start is the first finite reading: it is taken before any update, and with
 # the loss read every early step a median of the next few would already include a blow-up.
