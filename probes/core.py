@@ -39,7 +39,7 @@ import threading
 import time
 import types
 import weakref
-from typing import Any
+from typing import Any, cast
 
 from profilerd_probes import wire
 from profilerd_probes.device import CudaTimer, DeviceClock, DeviceTimer, Marker, step_timing
@@ -889,7 +889,7 @@ class StepProbe:
         self._patch(torch.nn.utils, "clip_grad_norm_", _make_clip_grad_norm(torch.nn.utils.clip_grad_norm_))
         scheduler_cls = torch.optim.lr_scheduler.LRScheduler
         self._patch(scheduler_cls, "step", _make_scheduler_step(scheduler_cls.step))
-        torch_dir = os.path.dirname(torch.__file__) + os.sep
+        torch_dir = os.path.dirname(cast(str, torch.__file__)) + os.sep  # a regular package: never None
         for name in SYNC_METHODS:
             original = getattr(torch.Tensor, name)
             wrapped = self.syncs.wrap(name, original, lambda: self.train_thread, torch_dir)

@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -382,7 +383,7 @@ def run_attach(
     *,
     use_l1: bool = True,
     rate_hz: int = ATTACH_RATE_HZ,
-    on_tick: Any = None,
+    on_tick: Callable[[L0Summary], None] | None = None,
 ) -> AttachResult:
     """Observe the target for ``duration_s`` (or until it exits) with L0 and, if allowed, L1."""
     target = inspect_target(pid)

@@ -186,7 +186,7 @@ class Daemon:
         for loop in loops:
             loop.start()
         self._threads.extend(loops)
-        info = {"socket": str(cfg.socket_path), "data_dir": str(cfg.data_dir)}
+        info: dict[str, Any] = {"socket": str(cfg.socket_path), "data_dir": str(cfg.data_dir)}
         try:
             self.http = DaemonHttpServer((cfg.http_host, cfg.http_port), store, info, self.redactor)
         except OSError as exc:

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from profilerd.model import GpuEvent, GpuSample, HostSample, ProbeSession, ProcessSample, StepRecord
+from profilerd.vocabulary import Phase
 
 T = TypeVar("T")
 
 # Step-time histogram buckets (seconds): from fast CPU loops to multi-second LLM steps.
 STEP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-PHASE_FIELDS = ("data_wait_s", "forward_s", "backward_s", "optimizer_s", "comm_s")
 
 
 @dataclass
@@ -28,9 +28,7 @@ class RankState:
     session: ProbeSession
     steps: deque[StepRecord]
     steps_total: int = 0
-    phase_seconds_total: dict[str, float] = field(
-        default_factory=lambda: dict.fromkeys((*PHASE_FIELDS, "other_s"), 0.0)
-    )
+    phase_seconds_total: dict[str, float] = field(default_factory=lambda: {phase.column: 0.0 for phase in Phase})
     step_seconds_sum: float = 0.0
     bucket_counts: list[int] = field(default_factory=lambda: [0] * (len(STEP_BUCKETS_S) + 1))
     config: dict[str, Any] | None = None
@@ -46,7 +44,7 @@ class JobState:
     job: str
     run_id: str
     ranks: dict[int, RankState] = field(default_factory=dict)
-    verdict: Any = None  # profilerd.analysis.verdict.Verdict, set by analysis
+    verdict: Any = None  # profilerd.analysis.verdict.Verdict, set by analysis (a layer above)
     first_seen_unix_s: float = field(default_factory=time.time)
 
 

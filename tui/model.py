@@ -14,8 +14,6 @@ from dataclasses import dataclass, field, replace
 
 from profilerd.analysis.document import headline
 
-SEVERITY_ORDER = ("ok", "info", "warning", "critical")
-FRACTION_KEYS = ("data_wait", "compute", "communication", "other")
 FRACTION_LABELS = {"data_wait": "data", "compute": "compute", "communication": "comm", "other": "other"}
 # Without a verdict document (Prometheus carries numbers only), a rank is taken for the
 # straggler when its own work (step time less exposed communication, which in a synchronous
@@ -149,16 +147,6 @@ class Snapshot:
         """The sentence under the headline: the verdict's statement, or the whole summary of a
         snapshot without a verdict (waiting, a job that is gone)."""
         return self.statement if self.statement is not None else self.summary
-
-
-def fractions_from_phases(phases: dict[str, float]) -> dict[str, float]:
-    """The four shown shares from the six phases (compute = forward + backward + optimizer)."""
-    return {
-        "data_wait": phases.get("data_wait", 0.0),
-        "compute": phases.get("forward", 0.0) + phases.get("backward", 0.0) + phases.get("optimizer", 0.0),
-        "communication": phases.get("communication", 0.0),
-        "other": phases.get("other", 0.0),
-    }
 
 
 def flag_straggler(rows: Sequence[RankRow], straggler: int | None) -> tuple[RankRow, ...]:

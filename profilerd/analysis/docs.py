@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from profilerd.analysis.rules import RATIONALE, REGISTRY, load_rules
+from profilerd.vocabulary import Category
 
 
 def render() -> str:
@@ -42,7 +43,7 @@ def render() -> str:
         "The GPU path is verified only on a simulated device so far (see concepts.md).",
         "",
     ]
-    for category in ("data", "compute", "communication", "algorithm"):
+    for category in Category:
         lines += [f"# Category `{category}`", ""]
         for rule_id, rule in REGISTRY.items():
             if rule.category != category:

@@ -79,7 +79,8 @@ class RuleSet:
 
 def _read(path: Path) -> dict[str, Any]:
     with open(path, "rb") as fh:
-        return tomllib.load(fh)
+        document: dict[str, Any] = tomllib.load(fh)
+    return document
 
 
 def load_rules(path: Path | None = None) -> tuple[RuleSet, list[str]]:

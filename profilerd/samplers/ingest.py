@@ -264,7 +264,9 @@ _STORED = tuple((f.name, f.flag) for f in STORED_STEP_FIELDS if f.name != "pid")
 def step_record(message: wire.StepMessage, job: str, pid: int) -> StepRecord:
     """The record of a step message: the stored fields, each None where its flag says unknown."""
     flags = message.flags
-    values = {name: getattr(message, name) if not flag or flags & flag else None for name, flag in _STORED}
+    values: dict[str, Any] = {
+        name: getattr(message, name) if not flag or flags & flag else None for name, flag in _STORED
+    }
     return StepRecord(job=job, pid=pid, **values)
 
 
