@@ -477,8 +477,8 @@ class StepProbe:
             end = step.end if step.end is not None else now
             late = now - end > GPU_TIMING_WAIT_S or len(self._batch) >= wire.MAX_BATCH_RECORDS
             return final or late or record[_AT.step] <= EAGER_STEPS
-        record[_GPU_FIRST:_GPU_END] = timing
-        record[_FLAGS] |= wire.FLAG_HAS_GPU_TIMING
+        record[_GPU_FIRST:_GPU_END], lower_bound = timing
+        record[_FLAGS] |= wire.FLAG_HAS_GPU_TIMING | (wire.FLAG_GPU_BUSY_LOWER_BOUND if lower_bound else 0)
         step.mark_start = step.mark_end = None  # filled once
         return True
 

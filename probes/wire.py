@@ -18,6 +18,7 @@ from typing import Any
 
 from profilerd_probes.schema import (  # noqa: F401  (the flags, as the probes and the daemon know them)
     FLAG_FALLBACK_BOUNDARY,
+    FLAG_GPU_BUSY_LOWER_BOUND,
     FLAG_GRAD_SCALER_SKIPPED,
     FLAG_HAS_GPU_TIMING,
     FLAG_HAS_GRAD_NORM,
