@@ -20,6 +20,7 @@ from simdevice import (
     SCENARIOS,
     ConstantTimer,
     Run,
+    ingest,
     run_scenario,
 )
 
@@ -123,9 +124,94 @@ def test_a_step_is_held_until_its_markers_are_reached_and_sent_in_order() -> Non
     seqs = [r.step for r in run.records]
     assert seqs == sorted(seqs) == list(range(1, 81))
     timed = [r.step for r in run.records if r.gpu_busy_s is not None]
-    assert len(timed) >= 50
-    # The first steps go out at once (a crash must not lose them), resolved or not.
-    assert not any(step <= 20 for step in timed)
+    assert len(timed) >= 75
+
+
+def _sent(run: Run) -> list[tuple[str, list[int]]]:
+    """What the probe sent, in order: ("steps", numbers) per step batch, ("timing", numbers) per
+    late device-timing message."""
+    sent = []
+    for datagram in run.datagrams:
+        message = wire.decode(datagram)
+        if isinstance(message, wire.StepBatch):
+            sent.append(("steps", [m.step for m in message.steps]))
+        elif isinstance(message, wire.JsonMessage) and message.kind == "step_timing":
+            sent.append(("timing", [row[0] for row in message.body["steps"]]))
+    return sent
+
+
+def test_a_short_run_gets_device_timing_for_its_first_steps_sent_late() -> None:
+    """A 20-step run with the host ahead (what users profile first): every step goes out at once,
+    and its device timing follows as soon as the device reaches it; the daemon's records carry it."""
+    run = run_scenario(LOADER_OVERLAPPED, steps=20)
+    sent = _sent(run)
+    batches = [numbers for kind, numbers in sent if kind == "steps"]
+    assert batches == [[n] for n in range(1, 21)]  # one datagram per step, none held
+    late = [n for kind, numbers in sent if kind == "timing" for n in numbers]
+    assert late and late == sorted(late)
+    for number in late:  # the timing comes after the step it completes
+        assert sent.index(("steps", [number])) < next(
+            i for i, (k, ns) in enumerate(sent) if k == "timing" and number in ns
+        )
+    assert [r.step for r in run.records] == list(range(1, 21))
+    timed = [r for r in run.records if r.gpu_busy_s is not None]
+    assert len(timed) >= 15 and {r.step for r in timed} == set(late)
+    for record in timed:
+        assert record.flags & wire.FLAG_HAS_GPU_TIMING
+        if WARMUP < record.step < 20:
+            truth = run.truths[record.step - 1]
+            assert record.gpu_busy_s == pytest.approx(truth.busy_s, rel=0.01)
+            assert record.host_ahead_s == pytest.approx(truth.host_ahead_s, rel=0.01)
+
+
+def test_a_crash_loses_no_step_that_was_reached_only_late_device_timing() -> None:
+    """A process killed after its 12th step (no flush): every step it ended was sent, with or
+    without its device timing."""
+    run = run_scenario(COMPUTE_BOUND, steps=12, crash=True)
+    assert [r.step for r in run.records] == list(range(1, 12))  # the 12th had not ended yet
+    assert any(r.gpu_busy_s is not None for r in run.records)
+
+
+def test_late_device_timing_that_is_malformed_is_refused_and_loses_nothing() -> None:
+    run = run_scenario(COMPUTE_BOUND, steps=8)
+    hello = next(d for d in run.datagrams if wire.decode(d).kind == "hello")  # type: ignore[union-attr]
+    batches = [d for d in run.datagrams if isinstance(wire.decode(d), wire.StepBatch)]
+    pid = run.probe.ident["pid"]
+    timing = [0.01] * len(GPU_TIMING_FIELDS)
+    bad = [
+        [[3, 1.0, -0.5, 0, *timing]],  # a negative duration
+        [[3, 1.0, 0.0, 0, *timing[:-1]]],  # a field short
+        [[3, 1.0, 0.0, 0, float("nan"), *timing[1:]]],
+        [[99, 1.0, 0.0, 0, *timing]],  # a step the daemon does not hold
+        "not rows",
+    ]
+    store = Store()
+    ingest([hello, *batches], store)
+    before = {n: getattr(s, n) for s in store.ring("sim")[0] for n in ("step", "gpu_busy_s")}
+    refused = [wire.encode_json(wire.KIND_STEP_TIMING, {"pid": pid, "rank": 0, "steps": rows}) for rows in bad]
+    ingest(refused, store)
+    assert store.dropped["bad_field"] == len(bad)
+    assert {n: getattr(s, n) for s in store.ring("sim")[0] for n in ("step", "gpu_busy_s")} == before
+    assert len(store.ring("sim")[0]) == 8
+
+
+def test_late_device_timing_reaches_the_recording(tmp_path: Path) -> None:
+    """The daemon's fan-out into a recording: the UPDATE finds the steps written without it."""
+    run = run_scenario(LOADER_OVERLAPPED, steps=20)
+    recorder = Recorder(tmp_path)
+    recorder.start()
+    store = Store()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        receiver = Ingest(sock, store, fan_out(store, recorder), threading.Event())
+        for datagram in run.datagrams:
+            receiver.handle(datagram)
+    recorder.close_run("sim", "finished", 0)
+    recorder.stop()
+    steps = runs.load(tmp_path / "sim.sqlite").steps.sort_values("step")
+    live = {r.step: r.gpu_busy_s for r in run.records}
+    assert steps["gpu_busy_s"].notna().sum() >= 15
+    for step, busy in zip(steps["step"], steps["gpu_busy_s"], strict=True):
+        assert busy == pytest.approx(live[int(step)], nan_ok=True) if live[int(step)] is not None else busy != busy
 
 
 def test_the_marker_pool_is_bounded_when_the_device_falls_far_behind() -> None:
