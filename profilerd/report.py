@@ -121,9 +121,11 @@ def device_summary(document: dict[str, Any]) -> str | None:
     parts = []
     if device.get("busy_fraction") is not None:
         ahead = device.get("host_ahead_s_p50")
+        # A lower bound on busy (the GPU kept pace with the host) is stated as one.
+        at_least, up_to = ("at least ", "up to ") if device.get("busy_is_lower_bound") else ("", "")
         parts.append(
             f"on the GPU's clock ({device['steps_timed']:,} of {device['steps']:,} steps): busy "
-            f"{device['busy_fraction']:.0%}, idle {device['idle_fraction']:.0%} "
+            f"{at_least}{device['busy_fraction']:.0%}, idle {up_to}{device['idle_fraction']:.0%} "
             f"({device['idle_data_wait_fraction']:.0%} while the loop waited for batches)"
             + (f", host {ahead * 1e3:.1f} ms ahead" if ahead is not None else "")
         )

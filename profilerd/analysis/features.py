@@ -58,7 +58,11 @@ def on_device(frame: pd.DataFrame) -> pd.DataFrame:
     data = frame["gpu_idle_data_wait_s"].fillna(0.0).clip(lower=0.0)
     data = data.where(data <= idle, idle)
     out["data_wait_s"] = data
-    out["compute_s"] = frame["gpu_busy_s"].clip(lower=0.0)
+    # A step's device work can outlast its host span while a backlog drains; a share of the
+    # step is at most all of it.
+    out["compute_s"] = (
+        frame["gpu_busy_s"].clip(lower=0.0).where(frame["gpu_busy_s"] <= frame["step_s"], frame["step_s"])
+    )
     for phase in ("forward", "backward", "optimizer"):
         out[f"{phase}_s"] = frame[f"gpu_{phase}_s"].fillna(0.0).clip(lower=0.0)
     # Exposed communication is time the GPU waited for a collective: it lies within the idle

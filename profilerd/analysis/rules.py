@@ -403,9 +403,15 @@ def check_compute_bound(features: Features, t: dict[str, float], a: dict[str, fl
         evidence = (
             f"the GPU is busy {timing.at_least}{compute:.0%} of step time (device clock){_nvml_note(features)}{detail}"
         )
-        waited = timing.host_data_wait_fraction
-        if waited - timing.idle_data_wait_fraction >= HIDDEN_WAIT_WORTH_NAMING:
-            evidence += f"; the loop's wait for batches ({waited:.0%}) is hidden behind GPU work"
+        waited, idle_waiting = timing.host_data_wait_fraction, timing.idle_data_wait_fraction
+        if waited - idle_waiting >= HIDDEN_WAIT_WORTH_NAMING:
+            if idle_waiting < HIDDEN_WAIT_WORTH_NAMING:
+                evidence += f"; the loop's wait for batches ({waited:.0%}) is hidden behind GPU work"
+            else:
+                evidence += (
+                    f"; {waited - idle_waiting:.0%} of step time of the loop's wait for batches ({waited:.0%}) "
+                    "is hidden behind GPU work"
+                )
     metrics = {"compute_fraction": compute, **_device_metrics(features)}
     if features.mfu is not None:
         evidence += f"; {features.mfu.describe()}"
