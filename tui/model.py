@@ -123,12 +123,13 @@ class DeviceView:
 
     def line(self) -> str:
         """One line for the step-time panel (the step count last: it is what an ellipsis may cut):
-        "GPU clock: busy 61% · idle 39% (data wait 0%) · host ahead 12 ms · 198/200 steps"."""
+        "GPU clock: busy 61% · idle 39% (data 0%) · host ahead 12 ms · 198/200 steps": idle,
+        and the part of it while the loop waited for batches."""
         at_least, up_to = ("≥", "≤") if self.busy_is_lower_bound else ("", "")
         ahead = f" · host ahead {fmt_duration(self.host_ahead_s)}" if self.host_ahead_s is not None else ""
         return (
             f"GPU clock: busy {at_least}{self.busy_ratio:.0%} · idle {up_to}{self.idle_ratio:.0%} "
-            f"(data wait {self.idle_data_wait_ratio:.0%}){ahead} · {self.steps_timed}/{self.steps} steps"
+            f"(data {self.idle_data_wait_ratio:.0%}){ahead} · {self.steps_timed}/{self.steps} steps"
         )
 
 
