@@ -337,3 +337,45 @@ def test_offline_report_of_a_recording_uses_the_recorded_device_timing(
         text = html.unescape(shown.stdout).replace("\n", " ")
         # Launch-bound: the busy share is a lower bound, and the line says so.
         assert f"On the GPU's clock ({timed} of {steps} steps): busy at least {busy:.0%}, idle up to {idle:.0%}" in text
+
+
+def test_a_simulated_gpu_job_through_a_real_daemon_and_profilerd_report(profilerd_env: dict[str, str]) -> None:
+    """The probe's own datagrams (this process's pid: the daemon checks the sender) over the
+    daemon's socket, late device timing included; the run it records is reported by the CLI."""
+    import os
+    import socket
+    import time
+
+    from profilerd.config import load
+    from profilerd.daemon import Daemon
+    from profilerd.gpu import NoGpuBackend
+    from profilerd_probes import wire
+
+    run = run_scenario(COMPUTE_BOUND_ITEM, 60, job="sim-daemon")
+    assert run.probe.ident["pid"] == os.getpid()
+    late = [d for d in run.datagrams if isinstance(m := wire.decode(d), wire.JsonMessage) and m.kind == "step_timing"]
+    assert late  # the first steps' device timing came after them
+    config, problems = load()
+    assert problems == []
+    daemon = Daemon(config, RULES, gpu_backend=NoGpuBackend("no GPU in tests"))
+    daemon.start()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            for datagram in run.datagrams:
+                sock.sendto(datagram, str(config.socket_path))
+            end = {"pid": os.getpid(), "run_id": "sim-daemon", "exit_code": 0}
+            sock.sendto(wire.encode_json(wire.KIND_RUN_END, end), str(config.socket_path))
+        deadline = time.monotonic() + 60
+        while daemon.store.runs.get("sim-daemon") is None or daemon.store.runs["sim-daemon"].state != "closed":
+            assert time.monotonic() < deadline, "the run was not closed"
+            time.sleep(0.05)
+    finally:
+        daemon.stop()
+    result = run_cli("report", "sim-daemon", "--format", "json", env=profilerd_env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["primary"] == "compute", document["summary"]
+    assert document["device"]["busy_fraction"] > 0.95
+    assert document["device"]["steps_timed"] >= document["steps"] - 1  # the first steps too, sent late
+    text = run_cli("report", "sim-daemon", env=profilerd_env, timeout=120)
+    assert f"busy {document['device']['busy_fraction']:.0%}" in text.stdout.replace("\n", " ")
