@@ -311,7 +311,8 @@ class Recorder:
                         "INSERT OR REPLACE INTO meta VALUES (?, ?)",
                         [(k, str(v)) for k, v in meta.items()],
                     )
-                for table, rows in tables.items():
+                # Late device timing updates steps: after the inserts it may refer to.
+                for table, rows in sorted(tables.items(), key=lambda item: item[0] == "step_timing"):
                     if table != "_start":
                         conn.executemany(INSERTS[table], rows)
                 conn.execute("COMMIT")

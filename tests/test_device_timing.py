@@ -8,6 +8,7 @@ import socket
 import sqlite3
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -306,3 +307,24 @@ def test_a_failing_device_turns_device_timing_off_and_step_timing_goes_on() -> N
     assert run.probe.device is None and core.active() is None  # never installed: nothing to disable
     assert [r.step for r in run.records] == list(range(1, 31))
     assert all(r.gpu_busy_s is None for r in run.records)
+
+
+def test_late_device_timing_is_written_after_the_step_it_updates(tmp_path: Path) -> None:
+    """Rows queued in one writer cycle: an update for an earlier step, the step, its update. The
+    inserts go first, so no update is lost to the order in which the rows arrived."""
+    record = run_scenario(COMPUTE_BOUND_ITEM, steps=28).records[-2]
+    assert record.gpu_busy_s is not None
+    untimed = replace(record, **dict.fromkeys(GPU_TIMING_FIELDS))
+    fields = {"comm_s": record.comm_s, "flags": record.flags, **{n: getattr(record, n) for n in GPU_TIMING_FIELDS}}
+    recorder = Recorder(tmp_path)
+    recorder.start_run("sim", {"hostname": "sim"})
+    recorder.step_timing("sim", record.pid, record.step - 1, record.end_unix_s - 1.0, fields)  # a step not here
+    recorder.step("sim", untimed)
+    recorder.step_timing("sim", record.pid, record.step, record.end_unix_s, fields)
+    recorder.start()  # one cycle drains all three
+    recorder.close_run("sim", "finished", 0)
+    recorder.stop()
+    steps = runs.load(tmp_path / "sim.sqlite").steps
+    assert len(steps) == 1
+    assert float(steps["gpu_busy_s"].iloc[0]) == pytest.approx(record.gpu_busy_s)
+    assert int(steps["flags"].iloc[0]) == record.flags
