@@ -48,25 +48,20 @@ SCRIPTS = {
         if time.monotonic() > end:
             break
 """,
-    # Large fp32 matmuls, launched far ahead of the device.
-    "compute_bound": """
+    # Large fp32 matmuls, launched far ahead of the device; with ``_item`` the loss is printed
+    # every step: the host blocks in .item() while the GPU works.
+    **{
+        f"compute_bound{suffix}": f"""
     model = nn.Sequential(*[nn.Linear(4096, 4096) for _ in range(8)]).cuda()
     opt = torch.optim.SGD(model.parameters(), lr=1e-5)
     x = torch.randn(2048, 4096, device="cuda")
     while time.monotonic() < end:
         loss = model(x).square().mean()
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-""",
-    # The same, printing the loss every step: the host blocks in .item() while the GPU works.
-    "compute_bound_item": """
-    model = nn.Sequential(*[nn.Linear(4096, 4096) for _ in range(8)]).cuda()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-5)
-    x = torch.randn(2048, 4096, device="cuda")
-    while time.monotonic() < end:
-        loss = model(x).square().mean()
-        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-        print(loss.item(), file=sys.stderr)
-""",
+        {print_loss}
+"""
+        for suffix, print_loss in (("", "pass"), ("_item", "print(loss.item(), file=sys.stderr)"))
+    },
     # Hundreds of tiny kernels per step: the GPU waits for Python to launch them.
     "launch_bound": """
     model = nn.Sequential(*[nn.Sequential(nn.Linear(32, 32), nn.ReLU()) for _ in range(60)]).cuda()
