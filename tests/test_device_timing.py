@@ -16,6 +16,7 @@ from simdevice import (
     COMPUTE_BOUND,
     COMPUTE_BOUND_ITEM,
     DATA_STARVED,
+    DDP_COMM_BOUND,
     LAUNCH_BOUND,
     LOADER_OVERLAPPED,
     SCENARIOS,
@@ -63,6 +64,12 @@ def test_every_scenario_keeps_the_stream_clean(scenario) -> None:
         assert record.gpu_busy_s + record.gpu_idle_s == pytest.approx(max(record.step_s, record.gpu_busy_s))
         assert 0.0 <= record.gpu_idle_data_wait_s <= record.data_wait_s + 1e-12
         assert record.host_ahead_s == pytest.approx(_truth.host_ahead_s, abs=2e-5)
+        # What the analysis assumes: exposed communication lies within the idle left after the
+        # data wait (DDP's all-reduce is moved there by the probe).
+        assert record.comm_s <= record.gpu_idle_s - record.gpu_idle_data_wait_s + 1e-9
+        # Busy is flagged a lower bound exactly where the device kept pace with the host.
+        lower_bound = bool(record.flags & wire.FLAG_GPU_BUSY_LOWER_BOUND)
+        assert lower_bound == (scenario is LAUNCH_BOUND), record
 
 
 def test_data_starved_the_device_idles_while_the_loader_is_waited_for() -> None:
@@ -100,6 +107,15 @@ def test_a_loader_wait_overlapped_by_device_work_is_not_device_idle() -> None:
         assert record.gpu_idle_data_wait_s == pytest.approx(0.0, abs=1e-6) == truth.idle_data_wait_s
         assert record.gpu_busy_s == pytest.approx(truth.busy_s, rel=0.01)
         assert record.host_ahead_s > 0.1 and record.host_ahead_s == pytest.approx(truth.host_ahead_s, rel=0.01)
+
+
+def test_ddp_the_exposed_all_reduce_is_idle_and_communication_on_the_device_clock() -> None:
+    """The stream's 60 ms wait for the all-reduce is in the backward markers' span; the probe
+    moves DDP's exposed share of it out of busy and into comm_s."""
+    for record, truth in _steady(run_scenario(DDP_COMM_BOUND)):
+        assert record.gpu_busy_s == pytest.approx(truth.busy_s, rel=0.01)
+        assert record.comm_s == pytest.approx(DDP_COMM_BOUND.exposed_comm_s, rel=0.02)
+        assert record.gpu_busy_s + record.gpu_idle_s == pytest.approx(record.step_s)
 
 
 def test_launch_bound_the_device_idles_between_tiny_kernels() -> None:
