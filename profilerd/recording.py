@@ -92,7 +92,7 @@ INSERTS = {
     # Late device timing of a step already written (the probes' first steps); end_unix_s
     # reaches the row through the steps_by_time index, pid and step make it the one.
     "step_timing": (
-        "UPDATE steps SET comm_s = ?, flags = ?, "
+        "UPDATE steps SET comm_s = ?, flags = flags | ?, "
         + ", ".join(f"{name} = ?" for name in schema.GPU_TIMING_FIELDS)
         + " WHERE end_unix_s = ? AND pid = ? AND step = ?"
     ),

@@ -317,7 +317,8 @@ class Store:
                 record = steps[index]
                 if record.step == step and record.pid == session.pid:
                     rank.phase_seconds_total["comm_s"] += float(fields["comm_s"]) - record.comm_s
-                    steps[index] = dataclasses.replace(record, **fields)  # type: ignore[arg-type]
+                    added = {**fields, "flags": record.flags | int(fields["flags"])}
+                    steps[index] = dataclasses.replace(record, **added)  # type: ignore[arg-type]
                     return True
             return False
 

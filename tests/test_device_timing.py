@@ -229,6 +229,10 @@ def test_late_device_timing_reaches_the_recording(tmp_path: Path) -> None:
     assert steps["gpu_busy_s"].notna().sum() >= 15
     for step, busy in zip(steps["step"], steps["gpu_busy_s"], strict=True):
         assert busy == pytest.approx(live[int(step)], nan_ok=True) if live[int(step)] is not None else busy != busy
+    # The late timing adds its flag bits; the step's own (it carries the learning rate) stay.
+    flags = {r.step: r.flags for r in run.records}
+    assert steps["flags"].astype(int).tolist() == [flags[int(n)] for n in steps["step"]]
+    assert all(f & wire.FLAG_HAS_LR for f in flags.values())
 
 
 def test_the_marker_pool_is_bounded_when_the_device_falls_far_behind() -> None:

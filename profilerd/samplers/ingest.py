@@ -319,7 +319,9 @@ def late_device_timing(pid: int, row: Any) -> LateDeviceTiming:
         raise ValueError("negative, NaN or absurd duration")
     if not isinstance(end_unix_s, int | float) or not end_unix_s > 0:
         raise ValueError("bad end_unix_s")
-    fields: dict[str, float | int] = {"comm_s": float(comm_s), "flags": flags | wire.FLAG_HAS_GPU_TIMING}
+    # Only the device-timing bits are the message's to add; the step keeps its other flags.
+    added = (flags & wire.FLAG_GPU_BUSY_LOWER_BOUND) | wire.FLAG_HAS_GPU_TIMING
+    fields: dict[str, float | int] = {"comm_s": float(comm_s), "flags": added}
     fields.update(zip(GPU_TIMING_FIELDS, map(float, timing), strict=True))
     return LateDeviceTiming(pid, step, float(end_unix_s), fields)
 

@@ -58,7 +58,8 @@ class VerdictRecord:
 class LateDeviceTiming:
     """Device timing of a step already received without it (the probes' first steps are sent
     at once, their device timing once the device has reached them). ``fields`` holds comm_s,
-    flags and the gpu_* fields; ``end_unix_s`` with pid and step finds the step."""
+    the gpu_* fields and ``flags``, the bits to add to the step's; ``end_unix_s`` with pid and
+    step finds the step."""
 
     pid: int
     step: int
