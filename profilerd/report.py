@@ -116,6 +116,8 @@ def render_findings(document: dict[str, Any]) -> str:
 
 def device_summary(document: dict[str, Any]) -> str | None:
     """What the GPU did, on its own clock, and the MFU estimate: one line, None without either."""
+    from profilerd.charts import fmt_seconds
+
     device = document.get("device") or {}
     mfu = document.get("mfu") or {}
     parts = []
@@ -127,7 +129,7 @@ def device_summary(document: dict[str, Any]) -> str | None:
             f"on the GPU's clock ({device['steps_timed']:,} of {device['steps']:,} steps): busy "
             f"{at_least}{device['busy_fraction']:.0%}, idle {up_to}{device['idle_fraction']:.0%} "
             f"({device['idle_data_wait_fraction']:.0%} while the loop waited for batches)"
-            + (f", host {ahead * 1e3:.1f} ms ahead" if ahead is not None else "")
+            + (f", host {fmt_seconds(ahead) if ahead > 0 else '0 µs'} ahead" if ahead is not None else "")
         )
     if mfu:
         parts.append(

@@ -15,6 +15,7 @@ from typing import Any
 
 from profilerd.analysis import recommendations as recs
 from profilerd.analysis.features import Features
+from profilerd.charts import fmt_seconds
 from profilerd.config import known_key, read_toml
 from profilerd.model import Finding, Recommendation
 
@@ -304,7 +305,9 @@ def check_host_overhead(features: Features, t: dict[str, float], a: dict[str, fl
         # The GPU waits for the host to launch work: fewer, larger launches (CUDA graphs) help.
         found.append(recs.cuda_graphs(features, a["host_work_gain"]))
         ahead = device.host_ahead_s_p50
-        lead = f"; the host is {ahead * 1e3:.2g} ms ahead of the device at the step's end" if ahead is not None else ""
+        lead = ""
+        if ahead is not None:
+            lead = f"; the host is {fmt_seconds(ahead) if ahead > 0 else '0 µs'} ahead of the device at the step's end"
         evidence = (
             f"the GPU is idle {device.up_to}{other:.0%} of step time waiting for the host to launch work "
             f"(launch-bound: Python between launches, small kernels){lead}{_nvml_note(features)}"
