@@ -15,17 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from simdevice import (
-    COMPUTE_BOUND,
-    COMPUTE_BOUND_ITEM,
-    DATA_STARVED,
-    DDP_COMM_BOUND,
-    LAUNCH_BOUND,
-    LOADER_OVERLAPPED,
-    Run,
-    Scenario,
-    run_scenario,
-)
+import simdevice as sim
+from simdevice import Run, Scenario, run_scenario
 
 from profilerd.analysis.context import gpu_frame
 from profilerd.analysis.diagnosis import Observation, diagnose
@@ -96,7 +87,7 @@ def steady_truth(run: Run) -> tuple[float, float, float]:
 
 
 def test_data_starved_gpu_is_data_bound_with_the_idle_share_as_evidence() -> None:
-    records, samples, run = scenario(DATA_STARVED)
+    records, samples, run = scenario(sim.DATA_STARVED)
     verdict = verdict_of(records, samples)
     assert verdict.primary == "data" and verdict.severity == "critical"
     wait = finding(verdict, "data.input_wait")
@@ -117,7 +108,7 @@ def test_data_starved_gpu_is_data_bound_with_the_idle_share_as_evidence() -> Non
 
 
 def test_compute_bound_gpu_is_compute_with_its_busy_share() -> None:
-    verdict = verdict_of(*scenario(COMPUTE_BOUND)[:2])
+    verdict = verdict_of(*scenario(sim.COMPUTE_BOUND)[:2])
     assert verdict.primary == "compute"
     bound = finding(verdict, "compute.bound")
     assert bound.metrics["gpu_busy_fraction"] > 0.97
@@ -128,7 +119,7 @@ def test_compute_bound_gpu_is_compute_with_its_busy_share() -> None:
 
 
 def test_compute_bound_gpu_printing_loss_item_every_step_is_compute_not_algorithm() -> None:
-    records, samples, _ = scenario(COMPUTE_BOUND_ITEM)
+    records, samples, _ = scenario(sim.COMPUTE_BOUND_ITEM)
     # On the host's clock the step is almost all sync ("other"): today's host path says algorithm.
     on_host = verdict_of(host_only(records), samples)
     assert on_host.primary == "algorithm" and on_host.features.fractions["other"] > 0.9
@@ -144,7 +135,7 @@ def test_compute_bound_gpu_printing_loss_item_every_step_is_compute_not_algorith
 
 
 def test_loader_wait_hidden_behind_gpu_work_is_not_data_bound() -> None:
-    records, samples, _ = scenario(LOADER_OVERLAPPED)
+    records, samples, _ = scenario(sim.LOADER_OVERLAPPED)
     assert verdict_of(host_only(records), samples).primary == "data"  # what host timing concludes
     verdict = verdict_of(records, samples)
     assert verdict.primary == "compute"
@@ -158,7 +149,7 @@ def test_loader_wait_hidden_behind_gpu_work_is_not_data_bound() -> None:
 
 
 def test_launch_bound_gpu_is_host_overhead_not_compute_and_says_busy_is_a_lower_bound() -> None:
-    records, samples, run = scenario(LAUNCH_BOUND)
+    records, samples, run = scenario(sim.LAUNCH_BOUND)
     assert verdict_of(host_only(records), samples).primary == "compute"  # host timers see launches
     verdict = verdict_of(records, samples)
     assert verdict.primary == "algorithm" and verdict.severity == "critical"
@@ -189,7 +180,7 @@ def test_ddp_job_waiting_for_collectives_is_communication_bound_per_rank() -> No
     """The stream waits 60 ms a step for DDP's all-reduce: the markers count that wait busy,
     the probe moves DDP's exposed share of the backward pass (on the device clock) to
     communication, so busy is the kernels and communication lies within the idle."""
-    records, samples, run = scenario(DDP_COMM_BOUND, ranks=2)
+    records, samples, run = scenario(sim.DDP_COMM_BOUND, ranks=2)
     verdict = verdict_of(records, samples)
     assert verdict.primary == "communication" and verdict.severity == "critical"
     exposed = finding(verdict, "communication.exposed")
@@ -206,7 +197,7 @@ def test_ddp_job_waiting_for_collectives_is_communication_bound_per_rank() -> No
 
 
 def test_steps_without_device_timing_are_judged_on_the_host_clock_exactly_as_before() -> None:
-    records, samples = scenario(COMPUTE_BOUND_ITEM)[:2]
+    records, samples = scenario(sim.COMPUTE_BOUND_ITEM)[:2]
     mixed = [r if r.step % 2 else replace(r, **dict.fromkeys(DEVICE_COLUMNS)) for r in records]
     verdict = verdict_of(mixed, samples)
     assert verdict.primary == "compute"  # the timed half decides, on the device's clock
@@ -247,7 +238,7 @@ def test_dtype_in_use_follows_autocast_then_parameters_and_omits_fp8() -> None:
 
 
 def test_mfu_is_an_estimate_in_the_compute_evidence_and_the_verdict_document() -> None:
-    records, samples = scenario(COMPUTE_BOUND)[:2]
+    records, samples = scenario(sim.COMPUTE_BOUND)[:2]
     step_s = records[-1].step_s
     flops = 0.4 * 989.4e12 * step_s  # 40% of an H100's bf16 peak
     verdict = verdict_of(records, samples, {**CONFIG, "flops_per_step": flops})
@@ -277,7 +268,7 @@ def test_live_analyser_judges_the_item_loop_on_the_device_clock() -> None:
     from profilerd.analysis.live import LiveAnalyzer
     from profilerd.store import Store
 
-    records, samples = scenario(COMPUTE_BOUND_ITEM, steps=200)[:2]
+    records, samples = scenario(sim.COMPUTE_BOUND_ITEM, steps=200)[:2]
     store = Store(window_steps=1000, window_s=1e9)
     store.add_session(ProbeSession(100, "simjob", "run-1", 0, 0, 1, "node", ("train.py",), 1e6, "test"))
     store.set_config(100, CONFIG)
@@ -307,7 +298,7 @@ def test_offline_report_of_a_recording_uses_the_recorded_device_timing(
 ) -> None:
     from profilerd import recording
 
-    records, samples = scenario(LAUNCH_BOUND, steps=200)[:2]
+    records, samples = scenario(sim.LAUNCH_BOUND, steps=200)[:2]
     recorder = recording.Recorder(tmp_path)
     recorder.start()
     try:
@@ -351,7 +342,7 @@ def test_a_simulated_gpu_job_through_a_real_daemon_and_profilerd_report(profiler
     from profilerd.gpu import NoGpuBackend
     from profilerd_probes import wire
 
-    run = run_scenario(COMPUTE_BOUND_ITEM, 60, job="sim-daemon")
+    run = run_scenario(sim.COMPUTE_BOUND_ITEM, 60, job="sim-daemon")
     assert run.probe.ident["pid"] == os.getpid()
     late = [d for d in run.datagrams if isinstance(m := wire.decode(d), wire.JsonMessage) and m.kind == "step_timing"]
     assert late  # the first steps' device timing came after them
