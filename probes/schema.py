@@ -56,6 +56,9 @@ FLAG_HAS_SCALE = 32
 FLAG_LOSS_FIRST_NONFINITE = 64
 # The gpu_* and host_ahead_s fields hold device-side timing from CUDA events (see docs/concepts.md).
 FLAG_HAS_GPU_TIMING = 128
+# The device kept pace with the host for part of the step, so gpu_busy_s is a lower bound (and
+# gpu_idle_s an upper bound): kernels run between the host's launches are not seen by the markers.
+FLAG_GPU_BUSY_LOWER_BOUND = 256
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,6 +89,13 @@ INSERTS = {
     "gpu_samples": f"INSERT INTO gpu_samples VALUES ({','.join('?' * (len(GPU_SAMPLE_COLUMNS) + 1))})",
     "verdicts": "INSERT INTO verdicts VALUES (?,?,?,?,?)",
     "events": "INSERT INTO events VALUES (?,?,?)",
+    # Late device timing of a step already written (the probes' first steps); end_unix_s
+    # reaches the row through the steps_by_time index, pid and step make it the one.
+    "step_timing": (
+        "UPDATE steps SET comm_s = ?, flags = flags | ?, "
+        + ", ".join(f"{name} = ?" for name in schema.GPU_TIMING_FIELDS)
+        + " WHERE end_unix_s = ? AND pid = ? AND step = ?"
+    ),
 }
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
@@ -160,6 +167,11 @@ class Recorder:
 
     def step(self, run_id: str, step: StepRecord) -> None:
         self._queue.put((run_id, "steps", step_row(step)))
+
+    def step_timing(self, run_id: str, pid: int, step: int, end_unix_s: float, fields: dict[str, float | int]) -> None:
+        """Late device timing of a step queued earlier (the UPDATE follows its INSERT)."""
+        values = [fields["comm_s"], fields["flags"], *(fields[name] for name in schema.GPU_TIMING_FIELDS)]
+        self._queue.put((run_id, "step_timing", (*values, end_unix_s, pid, step)))
 
     def session(self, session: ProbeSession) -> None:
         row = (
@@ -299,7 +311,8 @@ class Recorder:
                         "INSERT OR REPLACE INTO meta VALUES (?, ?)",
                         [(k, str(v)) for k, v in meta.items()],
                     )
-                for table, rows in tables.items():
+                # Late device timing updates steps: after the inserts it may refer to.
+                for table, rows in sorted(tables.items(), key=lambda item: item[0] == "step_timing"):
                     if table != "_start":
                         conn.executemany(INSERTS[table], rows)
                 conn.execute("COMMIT")

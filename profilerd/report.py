@@ -116,16 +116,20 @@ def render_findings(document: dict[str, Any]) -> str:
 
 def device_summary(document: dict[str, Any]) -> str | None:
     """What the GPU did, on its own clock, and the MFU estimate: one line, None without either."""
+    from profilerd.charts import fmt_seconds
+
     device = document.get("device") or {}
     mfu = document.get("mfu") or {}
     parts = []
     if device.get("busy_fraction") is not None:
         ahead = device.get("host_ahead_s_p50")
+        # A lower bound on busy (the GPU kept pace with the host) is stated as one.
+        at_least, up_to = ("at least ", "up to ") if device.get("busy_is_lower_bound") else ("", "")
         parts.append(
             f"on the GPU's clock ({device['steps_timed']:,} of {device['steps']:,} steps): busy "
-            f"{device['busy_fraction']:.0%}, idle {device['idle_fraction']:.0%} "
+            f"{at_least}{device['busy_fraction']:.0%}, idle {up_to}{device['idle_fraction']:.0%} "
             f"({device['idle_data_wait_fraction']:.0%} while the loop waited for batches)"
-            + (f", host {ahead * 1e3:.1f} ms ahead" if ahead is not None else "")
+            + (f", host {fmt_seconds(ahead) if ahead > 0 else '0 µs'} ahead" if ahead is not None else "")
         )
     if mfu:
         parts.append(

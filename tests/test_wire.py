@@ -251,7 +251,7 @@ def test_largest_datagram_is_accepted_and_fits_an_af_unix_socket():
         (b"PF" + bytes([wire.VERSION + 1, wire.KIND_HELLO]) + b'{"pid":1}', "bad_version"),
         (b"PF\x00" + bytes([wire.KIND_HELLO]) + b'{"pid":1}', "bad_version"),
         (b"PF" + bytes([wire.VERSION, 0]) + b'{"pid":1}', "unknown_kind"),
-        (b"PF" + bytes([wire.VERSION, 7]) + b'{"pid":1}', "unknown_kind"),
+        (b"PF" + bytes([wire.VERSION, 8]) + b'{"pid":1}', "unknown_kind"),
         (b"PF" + bytes([wire.VERSION, 255]) + b'{"pid":1}', "unknown_kind"),
         (json_datagram(wire.KIND_HELLO, b""), "malformed"),
         (json_datagram(wire.KIND_HELLO, b'{"pid": 1'), "malformed"),

@@ -231,6 +231,11 @@ class Breakdown(Panel):
 
     PANEL_TITLE = "Step time"
 
+    def show(self, snapshot: Snapshot) -> None:
+        # One row taller with device timing: its line, and the sparkline keeps its row.
+        self.set_class(snapshot.device is not None, "-device")
+        super().show(snapshot)
+
     def render(self) -> RenderableType:
         snap = self.snapshot
         colours = palette(self)
@@ -240,12 +245,14 @@ class Breakdown(Panel):
             note = snap.summary if snap else "waiting for data…"
             return Text(note, style=colours["muted"])
         lines: list[Text] = [self._bar(snap.fractions, width, colours), self._legend(snap, width, colours)]
+        if snap.device is not None:  # the shares are the device's: say what it did
+            lines.append(Text(snap.device.line(), style=colours["muted"], no_wrap=True, overflow="ellipsis"))
         stats = Text()
         stats.append("p50 ", style=colours["muted"])
         stats.append(fmt_duration(snap.step_p50_s), style="bold")
         stats.append("  p95 ", style=colours["muted"])
         stats.append(fmt_duration(snap.step_p95_s), style=f"bold {colours['warning']}")
-        spark_rows = max(1, height - 2)
+        spark_rows = max(1, height - len(lines))
         spark_width = max(0, width - len(stats.plain) - 2)
         values = list(snap.step_times_s)
         rows = sparkline(values, spark_width, spark_rows, colours["primary"], colours["warning"], snap.step_p95_s)

@@ -17,7 +17,13 @@ from profilerd.analysis.peaks import Mfu, estimate_mfu
 from profilerd.model import GpuContext, StepRecord
 from profilerd.vocabulary import COMPUTE_PHASES, Fraction, Phase
 from profilerd_probes import schema
-from profilerd_probes.wire import FLAG_GRAD_SCALER_SKIPPED, FLAG_HAS_GRAD_NORM, FLAG_HAS_LR, FLAG_HAS_SCALE
+from profilerd_probes.wire import (
+    FLAG_GPU_BUSY_LOWER_BOUND,
+    FLAG_GRAD_SCALER_SKIPPED,
+    FLAG_HAS_GRAD_NORM,
+    FLAG_HAS_LR,
+    FLAG_HAS_SCALE,
+)
 
 # Device timing per step (CUDA events); NaN for a step without it (CPU, events not complete yet).
 DEVICE_COLUMNS = tuple(f.name for f in schema.STEP_FIELDS if f.flag == schema.FLAG_HAS_GPU_TIMING)
@@ -51,10 +57,18 @@ def on_device(frame: pd.DataFrame) -> pd.DataFrame:
     data = frame["gpu_idle_data_wait_s"].fillna(0.0).clip(lower=0.0)
     data = data.where(data <= idle, idle)
     out["data_wait_s"] = data
-    out["compute_s"] = frame["gpu_busy_s"].clip(lower=0.0)
+    # A step's device work can outlast its host span while a backlog drains; a share of the
+    # step is at most all of it.
+    out["compute_s"] = (
+        frame["gpu_busy_s"].clip(lower=0.0).where(frame["gpu_busy_s"] <= frame["step_s"], frame["step_s"])
+    )
     for phase in COMPUTE_PHASES:
         out[f"{phase}_s"] = frame[f"gpu_{phase}_s"].fillna(0.0).clip(lower=0.0)
-    out["other_s"] = (idle - data - frame["comm_s"]).clip(lower=0.0)
+    # Exposed communication is time the GPU waited for a collective: it lies within the idle
+    # time left after the data wait (a host-timed collective also counts the device's drain).
+    comm = frame["comm_s"].clip(lower=0.0)
+    out["comm_s"] = comm.where(comm <= idle - data, idle - data)
+    out["other_s"] = idle - data - out["comm_s"]
     return out
 
 
@@ -146,6 +160,19 @@ class DeviceTiming:
     nvml_utilization_ratio: float | None = None  # NVML, the job's GPUs over the same window
     nvml_sm_active_ratio: float | None = None  # GPM (Hopper+), where available
     per_rank: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # Most timed steps say their busy time is a lower bound (FLAG_GPU_BUSY_LOWER_BOUND: the GPU
+    # kept pace with the host, its work between launches unseen); idle is then an upper bound.
+    busy_is_lower_bound: bool = False
+
+    @property
+    def at_least(self) -> str:
+        """The qualifier a busy share is stated with."""
+        return "at least " if self.busy_is_lower_bound else ""
+
+    @property
+    def up_to(self) -> str:
+        """The qualifier an idle share (and what is cut from it) is stated with."""
+        return "up to " if self.busy_is_lower_bound else ""
 
     def to_json(self) -> dict[str, Any]:
         def rounded(value: float | None) -> float | None:
@@ -163,6 +190,7 @@ class DeviceTiming:
             "host_ahead_s_p50": rounded(self.host_ahead_s_p50),
             "nvml_utilization_ratio": rounded(self.nvml_utilization_ratio),
             "nvml_sm_active_ratio": rounded(self.nvml_sm_active_ratio),
+            "busy_is_lower_bound": self.busy_is_lower_bound,
         }
         if not self.per_rank.empty:
             document["per_rank"] = [
@@ -209,6 +237,7 @@ def device_timing(host: pd.DataFrame, device: pd.DataFrame, steps: int, context:
         nvml_utilization_ratio=context.gpu.get("gpu_utilization_ratio"),
         nvml_sm_active_ratio=context.gpu.get("gpu_sm_active_ratio"),
         per_rank=pd.DataFrame(rows),
+        busy_is_lower_bound=bool(((host["flags"] & FLAG_GPU_BUSY_LOWER_BOUND) != 0).mean() > 0.5),
     )
 
 

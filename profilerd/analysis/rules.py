@@ -15,6 +15,7 @@ from typing import Any
 
 from profilerd.analysis import recommendations as recs
 from profilerd.analysis.features import Features
+from profilerd.charts import fmt_seconds
 from profilerd.config import known_key, read_toml
 from profilerd.model import Finding, Recommendation
 
@@ -258,7 +259,8 @@ def check_exposed_comm(features: Features, t: dict[str, float], a: dict[str, flo
     evidence = f"{comm:.0%} of step time in exposed communication{detail}"
     if features.device is not None:
         evidence += (
-            f"; on the device clock the GPU computes {features.device.busy_fraction:.0%} of the step "
+            f"; on the device clock the GPU computes {features.device.at_least}"
+            f"{features.device.busy_fraction:.0%} of the step "
             f"and waits for collectives {comm:.0%}"
         )
     return Finding(
@@ -304,11 +306,18 @@ def check_host_overhead(features: Features, t: dict[str, float], a: dict[str, fl
         # The GPU waits for the host to launch work: fewer, larger launches (CUDA graphs) help.
         found.append(recs.cuda_graphs(features, a["host_work_gain"]))
         ahead = device.host_ahead_s_p50
-        lead = f"; the host is {ahead * 1e3:.2g} ms ahead of the device at the step's end" if ahead is not None else ""
+        lead = ""
+        if ahead is not None:
+            lead = f"; the host is {fmt_seconds(ahead) if ahead > 0 else '0 µs'} ahead of the device at the step's end"
         evidence = (
-            f"the GPU is idle {other:.0%} of step time waiting for the host to launch work (launch-bound: "
-            f"Python between launches, small kernels){lead}{_nvml_note(features)}"
+            f"the GPU is idle {device.up_to}{other:.0%} of step time waiting for the host to launch work "
+            f"(launch-bound: Python between launches, small kernels){lead}{_nvml_note(features)}"
         )
+        if device.busy_is_lower_bound:
+            evidence += (
+                f"; it kept pace with the host, so its busy time is known only as a lower bound "
+                f"(at least {device.busy_fraction:.0%})"
+            )
     else:
         if (features.context.config or {}).get("device_type") == "cuda":
             found.append(recs.torch_compile(features, a["compile_speedup"], mode="reduce-overhead"))
@@ -395,10 +404,18 @@ def check_compute_bound(features: Features, t: dict[str, float], a: dict[str, fl
     if timing is None:
         evidence = f"{compute:.0%} of step time in forward, backward and optimizer on {device}{detail}"
     else:
-        evidence = f"the GPU is busy {compute:.0%} of step time (device clock){_nvml_note(features)}{detail}"
-        waited = timing.host_data_wait_fraction
-        if waited - timing.idle_data_wait_fraction >= HIDDEN_WAIT_WORTH_NAMING:
-            evidence += f"; the loop's wait for batches ({waited:.0%}) is hidden behind GPU work"
+        evidence = (
+            f"the GPU is busy {timing.at_least}{compute:.0%} of step time (device clock){_nvml_note(features)}{detail}"
+        )
+        waited, idle_waiting = timing.host_data_wait_fraction, timing.idle_data_wait_fraction
+        if waited - idle_waiting >= HIDDEN_WAIT_WORTH_NAMING:
+            if idle_waiting < HIDDEN_WAIT_WORTH_NAMING:
+                evidence += f"; the loop's wait for batches ({waited:.0%}) is hidden behind GPU work"
+            else:
+                evidence += (
+                    f"; {waited - idle_waiting:.0%} of step time of the loop's wait for batches ({waited:.0%}) "
+                    "is hidden behind GPU work"
+                )
     metrics = {"compute_fraction": compute, **_device_metrics(features)}
     if features.mfu is not None:
         evidence += f"; {features.mfu.describe()}"
@@ -641,7 +658,8 @@ def check_syncs(features: Features, t: dict[str, float], a: dict[str, float]) ->
         # While the host blocks, the GPU works off its queue; the cost is the idle left after.
         impact = (
             f"the host blocks {signals.sync_fraction:.0%} of step time in them while the GPU works, "
-            f"and the GPU idles {features.fractions['other']:.0%} waiting for launches (device clock)"
+            f"and the GPU idles {features.device.up_to}{features.fractions['other']:.0%} waiting for launches "
+            "(device clock)"
         )
     evidence = f"{signals.syncs_per_step:.1f} host-device syncs per step{where}; {impact}"
     return Finding(
