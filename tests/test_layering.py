@@ -25,7 +25,8 @@ def test_probes_import_only_the_standard_library() -> None:
 
 def test_daemon_never_imports_torch_or_textual() -> None:
     loaded = _loaded_after(
-        "import profilerd.cli, profilerd.daemon, profilerd.runs, profilerd.report, profilerd.analysis.live"
+        "import profilerd.cli, profilerd.daemon, profilerd.recordings.offline, profilerd.report, "
+        "profilerd.analysis.live"
     )
     assert "torch" not in loaded
     assert "textual" not in loaded

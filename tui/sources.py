@@ -382,7 +382,7 @@ class ReplaySource:
         playing: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        from profilerd import runs
+        from profilerd import recordings as runs
         from profilerd.analysis.rules import load_rules
 
         ruleset, problems = load_rules(rules_file)
@@ -416,7 +416,7 @@ class ReplaySource:
 
     def _read_extra(self, path: Path) -> None:
         """What ``runs.load`` leaves out and the screens show: per-core CPU, memory, GPUs, RSS."""
-        from profilerd.runs import connect_readonly
+        from profilerd.recordings import connect_readonly
 
         conn = connect_readonly(path)
         try:
@@ -541,7 +541,7 @@ class ReplaySource:
     def _verdict_at(self, at_unix_s: float, done: pd.DataFrame, finished: bool) -> dict[str, Any]:
         """At the end, the whole run's verdict, the one `report` gives; before it, what the live
         analysis would have shown: the daemon's window, with the loss evidence of the run so far."""
-        from profilerd import runs
+        from profilerd import recordings as runs
         from profilerd.analysis.diagnosis import Observation, diagnose
         from profilerd.analysis.history import summarize_losses
         from profilerd.config import DaemonConfig

@@ -1,6 +1,6 @@
 """Time series, per-rank and data-quality analyses of a recording, for reports and diffs.
 
-Pure functions over the frames of :class:`profilerd.runs.Recording`: vectorised (numpy
+Pure functions over the frames of :class:`profilerd.recordings.reader.Recording`: vectorised (numpy
 ``bincount`` and pandas ``groupby``, never a row-wise ``apply``), units in column names, time
 as seconds since the start of the analysed window. Nothing here draws or prints: the report
 renderers turn these frames into documents.
@@ -15,13 +15,12 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-if TYPE_CHECKING:
-    from profilerd.runs import Recording
+from profilerd.recordings.reader import Recording
 
 PHASE_COLUMNS = ("data_wait_s", "forward_s", "backward_s", "optimizer_s", "comm_s", "other_s")
 # Clock-event reasons that slow a GPU down; "idle" and "applications_clocks" are normal states.
