@@ -19,7 +19,15 @@ if TYPE_CHECKING:
     from profilerd.recordings.catalog import RunSummary, list_runs, resolve, summarize
     from profilerd.recordings.multinode import estimate_clock_offset, merge
     from profilerd.recordings.offline import RunVerdict, analyse
-    from profilerd.recordings.reader import Recording, Source, gpu_samples, load, read_gpu_samples
+    from profilerd.recordings.reader import (
+        Recording,
+        SampleRows,
+        Source,
+        gpu_samples,
+        load,
+        read_gpu_samples,
+        read_sample_rows,
+    )
     from profilerd.recordings.retention import prune, select_for_pruning
     from profilerd.recordings.salvage import Damage, RecordingError, connect_readonly, schema_problem
 
@@ -29,6 +37,7 @@ __all__ = [
     "RecordingError",
     "RunSummary",
     "RunVerdict",
+    "SampleRows",
     "Source",
     "analyse",
     "connect_readonly",
@@ -39,6 +48,7 @@ __all__ = [
     "merge",
     "prune",
     "read_gpu_samples",
+    "read_sample_rows",
     "resolve",
     "schema_problem",
     "select_for_pruning",
@@ -54,7 +64,7 @@ def __getattr__(name: str) -> Any:
         from profilerd.recordings import catalog as module
     elif name in ("prune", "select_for_pruning"):
         from profilerd.recordings import retention as module
-    elif name in ("Recording", "Source", "gpu_samples", "load", "read_gpu_samples"):
+    elif name in ("Recording", "SampleRows", "Source", "gpu_samples", "load", "read_gpu_samples", "read_sample_rows"):
         from profilerd.recordings import reader as module
     elif name in ("estimate_clock_offset", "merge"):
         from profilerd.recordings import multinode as module

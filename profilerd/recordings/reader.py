@@ -30,6 +30,7 @@ from profilerd.recordings.salvage import (
     CHUNK_ROWS,
     Damage,
     RecordingError,
+    connect_readonly,
     open_readonly,
     read_chunks,
     read_meta,
@@ -391,3 +392,41 @@ def read_gpu_samples(paths: list[Path]) -> list[dict[str, Any]]:
         finally:
             conn.close()
     return samples
+
+
+@dataclass(frozen=True)
+class SampleRows:
+    """The sample tables as stored rows, oldest first: what a replay steps through by time,
+    with what the frames leave out (per-core CPU, the whole GPU sample as JSON)."""
+
+    hosts: list[tuple[Any, ...]]  # ts_unix_s, cpu_count, cpu_ratio, memory_used_bytes, memory_total_bytes, cpu_per_core
+    processes: list[
+        tuple[Any, ...]
+    ]  # ts_unix_s, pid, rank, alive, cpu_ratio, rss_bytes, num_workers, workers_cpu_ratio
+    gpus: list[tuple[Any, ...]]  # ts_unix_s, gpu_index, sample
+    sessions: dict[int, tuple[int, str]]  # rank: (pid, hostname)
+
+
+def read_sample_rows(path: Path) -> SampleRows:
+    """The sample rows of one recording; RecordingError when a table cannot be read."""
+    conn = connect_readonly(path)
+    try:
+        return SampleRows(
+            hosts=conn.execute(
+                "SELECT ts_unix_s, cpu_count, cpu_ratio, memory_used_bytes, memory_total_bytes, cpu_per_core "
+                "FROM host_samples ORDER BY ts_unix_s"
+            ).fetchall(),
+            processes=conn.execute(
+                "SELECT ts_unix_s, pid, rank, alive, cpu_ratio, rss_bytes, num_workers, workers_cpu_ratio "
+                "FROM process_samples ORDER BY ts_unix_s"
+            ).fetchall(),
+            gpus=conn.execute("SELECT ts_unix_s, gpu_index, sample FROM gpu_samples ORDER BY ts_unix_s").fetchall(),
+            sessions={
+                int(rank): (int(pid), hostname)
+                for pid, rank, hostname in conn.execute("SELECT pid, rank, hostname FROM sessions").fetchall()
+            },
+        )
+    except sqlite3.DatabaseError as exc:
+        raise RecordingError(f"{path}: {exc}") from None
+    finally:
+        conn.close()

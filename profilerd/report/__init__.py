@@ -63,15 +63,15 @@ def verdict_document(recording: Recording, ruleset: RuleSet) -> dict[str, Any]:
     )
 
 
-def exit_status(*recordings: Recording) -> int:
+def exit_status(*read: Recording) -> int:
     """0, or EXIT_DAMAGED when any recording a report or diff read is damaged."""
-    return EXIT_DAMAGED if any(recording.damage for recording in recordings) else 0
+    return EXIT_DAMAGED if any(recording.damage for recording in read) else 0
 
 
 def load_merged(paths: Sequence[Path]) -> Recording:
     """One recording, or several nodes of one job merged with aligned clocks (RecordingError if not)."""
-    recordings = [recordings.load(path) for path in paths]
-    return recordings.merge(recordings) if len(recordings) > 1 else recordings[0]
+    loaded = [recordings.load(path) for path in paths]
+    return recordings.merge(loaded) if len(loaded) > 1 else loaded[0]
 
 
 def build_report(paths: Sequence[Path], ruleset: RuleSet, fmt: str) -> str:
