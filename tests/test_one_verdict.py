@@ -17,8 +17,8 @@ from profilerd.model import GpuProcess, GpuSample, HostSample, ProbeSession, Pro
 from profilerd.recordings.reader import read_gpu_samples
 from profilerd.store import Store
 from profilerd_tui.sources import ReplaySource
-from profilerd_tui.testing import make_fixture_recording
 from tests.conftest import run_cli
+from tests.tui_helpers import make_fixture_recording
 
 RULES, _ = load_rules()
 

@@ -15,8 +15,8 @@ from profilerd_tui.app import ProfilerdApp, make_app
 from profilerd_tui.model import RankRow, fmt_duration, mark_straggler
 from profilerd_tui.screens import DetailsScreen, HelpScreen
 from profilerd_tui.sources import DaemonSource, PrometheusSource, ReplaySource, SourceError
-from profilerd_tui.testing import JsonServer, daemon_documents, make_fixture_recording, run_async, wait_for
 from profilerd_tui.widgets import StatusBar
+from tests.tui_helpers import JsonServer, daemon_documents, make_fixture_recording, run_async, wait_for
 
 
 @pytest.fixture(scope="module")
