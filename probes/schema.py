@@ -1,7 +1,7 @@
 """The step record's one field table: the wire struct, the recording's columns and the frame's.
 
 Everything that lists a step record's fields is derived from ``STEP_FIELDS``: the probes' binary
-struct (``probes/wire.py``), the SQLite DDL and insert of a recording (``profilerd/recording.py``),
+struct (``probes/wire.py``), the SQLite DDL and insert of a recording (``profilerd/recordings/schema.py``),
 the columns of the analysis frame (``profilerd/analysis/features.py``) and the daemon's
 message-to-record conversion (``profilerd/samplers/ingest.py``). A new field is one new row here
 (appended, so that older positional callers and older recordings keep working) plus its

@@ -371,7 +371,7 @@ def attach_ruleset(ruleset: RuleSet, duration_s: float) -> RuleSet:
 def probed_verdict(recording: Path, ruleset: RuleSet, seconds: float) -> Verdict:
     """The verdict of an attach whose injected probes (L2) recorded steps: the recording's, as
     `report` gives it, over attach-sized evidence (``attach_ruleset``)."""
-    from profilerd import runs
+    from profilerd import recordings as runs
 
     return runs.analyse(runs.load(recording), attach_ruleset(ruleset, seconds))
 
@@ -502,7 +502,7 @@ def save_recording(doc: dict[str, Any], target: Target, runs_dir: Path, started_
     import json
 
     from profilerd import __version__
-    from profilerd.recording import open_recording, recording_file
+    from profilerd.recordings.writer import open_recording, recording_file
 
     runs_dir.mkdir(parents=True, exist_ok=True)
     path = recording_file(runs_dir, doc["run_id"])

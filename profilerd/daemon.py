@@ -28,7 +28,7 @@ from profilerd.analysis.rules import RuleSet
 from profilerd.config import DaemonConfig
 from profilerd.exporters.http import DaemonHttpServer
 from profilerd.gpu import GpuBackend, open_backend
-from profilerd.recording import Recorder
+from profilerd.recordings.writer import Recorder
 from profilerd.redaction import ArgvRedactor
 from profilerd.runtime import (
     INFO_NAME,
@@ -145,7 +145,7 @@ class Daemon:
         cfg = self.config
         store = self.store
         if cfg.retention_days is not None:
-            from profilerd.catalog import prune
+            from profilerd.recordings.retention import prune
 
             prune(cfg.runs_dir, older_than_s=cfg.retention_days * 86400)
         if cfg.record:

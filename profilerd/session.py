@@ -460,7 +460,7 @@ def wait_for_recording(
 ) -> Path | None:
     """Wait until the daemon has flushed and closed the run's recording; None once the daemon
     still does not know the run ``unknown_after_s`` from now (its messages may be in flight)."""
-    from profilerd.recording import recording_file
+    from profilerd.recordings.schema import recording_file
 
     deadline = time.monotonic() + timeout
     unknown_deadline = time.monotonic() + unknown_after_s
@@ -577,8 +577,8 @@ class Analysis:
         with contextlib.suppress(OSError, AttributeError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # this thread only
         try:
-            import profilerd.report
-            import profilerd.runs  # noqa: F401
+            import profilerd.recordings.offline
+            import profilerd.report  # noqa: F401
 
             self._result = (self._load_rules(), None)
         except BaseException as exc:  # re-raised in the main thread, by ruleset()
@@ -666,7 +666,7 @@ def _run(
             return -relay.interrupted
         if recording is None:
             return _no_steps(run_id, job, code, cmd, args.json_path)
-        from profilerd import runs
+        from profilerd import recordings as runs
         from profilerd.report import render_text
 
         verdict = runs.analyse(runs.load(recording), analysis.ruleset())

@@ -26,10 +26,10 @@ from simdevice import (
     run_scenario,
 )
 
-from profilerd import runs
+from profilerd import recordings
 from profilerd.analysis.features import steps_frame
 from profilerd.model import StepRecord
-from profilerd.recording import Recorder
+from profilerd.recordings.writer import Recorder
 from profilerd.samplers.ingest import Ingest
 from profilerd.samplers.sinks import fan_out
 from profilerd.store import Store
@@ -224,7 +224,7 @@ def test_late_device_timing_reaches_the_recording(tmp_path: Path) -> None:
             receiver.handle(datagram)
     recorder.close_run("sim", "finished", 0)
     recorder.stop()
-    steps = runs.load(tmp_path / "sim.sqlite").steps.sort_values("step")
+    steps = recordings.load(tmp_path / "sim.sqlite").steps.sort_values("step")
     live = {r.step: r.gpu_busy_s for r in run.records}
     assert steps["gpu_busy_s"].notna().sum() >= 15
     for step, busy in zip(steps["step"], steps["gpu_busy_s"], strict=True):
@@ -270,7 +270,7 @@ def test_device_timing_travels_to_the_recording_and_the_offline_frame(tmp_path: 
         recorder.step("sim", record)
     recorder.close_run("sim", "finished", 0)
     recorder.stop()
-    loaded = runs.load(tmp_path / "sim.sqlite").steps
+    loaded = recordings.load(tmp_path / "sim.sqlite").steps
     live = steps_frame(run.records)
     assert list(loaded.columns) == list(live.columns)
     for name in GPU_TIMING_FIELDS:
@@ -299,7 +299,7 @@ def test_a_recording_written_before_device_timing_loads_and_takes_new_rows(tmp_p
     )
     conn.commit()
     conn.close()
-    steps = runs.load(path).steps
+    steps = recordings.load(path).steps
     assert len(steps) == 5 and steps["gpu_busy_s"].isna().all() and steps["forward_s"].sum() == pytest.approx(0.15)
 
     recorder = Recorder(tmp_path)
@@ -309,7 +309,7 @@ def test_a_recording_written_before_device_timing_loads_and_takes_new_rows(tmp_p
     recorder.step("old", record)
     recorder.close_run("old", "finished", 0)
     recorder.stop()
-    steps = runs.load(path).steps
+    steps = recordings.load(path).steps
     assert len(steps) == 6
     assert steps["gpu_busy_s"].notna().sum() == 1
     assert float(steps["gpu_busy_s"].dropna().iloc[0]) == pytest.approx(record.gpu_busy_s)
@@ -344,7 +344,7 @@ def test_late_device_timing_is_written_after_the_step_it_updates(tmp_path: Path)
     recorder.start()  # one cycle drains all three
     recorder.close_run("sim", "finished", 0)
     recorder.stop()
-    steps = runs.load(tmp_path / "sim.sqlite").steps
+    steps = recordings.load(tmp_path / "sim.sqlite").steps
     assert len(steps) == 1
     assert float(steps["gpu_busy_s"].iloc[0]) == pytest.approx(record.gpu_busy_s)
     assert int(steps["flags"].iloc[0]) == record.flags

@@ -296,10 +296,10 @@ def test_live_analyser_judges_the_item_loop_on_the_device_clock() -> None:
 def test_offline_report_of_a_recording_uses_the_recorded_device_timing(
     tmp_path: Path, profilerd_env: dict[str, str]
 ) -> None:
-    from profilerd import recording
+    from profilerd.recordings import schema, writer
 
     records, samples = scenario(sim.LAUNCH_BOUND, steps=200)[:2]
-    recorder = recording.Recorder(tmp_path)
+    recorder = writer.Recorder(tmp_path)
     recorder.start()
     try:
         recorder.start_run("run-1", {"job": "simjob", "hostname": "node"})
@@ -312,7 +312,7 @@ def test_offline_report_of_a_recording_uses_the_recorded_device_timing(
         recorder.close_run("run-1", "finished", 0)
     finally:
         recorder.stop()
-    path = recording.recording_file(tmp_path, "run-1")
+    path = schema.recording_file(tmp_path, "run-1")
     result = run_cli("report", str(path), "--format", "json", env=profilerd_env, timeout=120)
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)

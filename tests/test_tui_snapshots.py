@@ -14,7 +14,7 @@ import pytest
 
 from profilerd_tui.app import make_app
 from profilerd_tui.sources import ReplaySource
-from profilerd_tui.testing import make_fixture_recording, wait_for
+from tests.tui_helpers import make_fixture_recording, wait_for
 
 
 @pytest.fixture(scope="module")

@@ -405,7 +405,7 @@ def test_a_record_type_that_disagrees_with_the_table_fails_at_import() -> None:
 
 
 def test_the_recordings_steps_table_has_the_tables_columns(tmp_path) -> None:
-    from profilerd.recording import open_recording
+    from profilerd.recordings.writer import open_recording
     from profilerd_probes.schema import STEP_COLUMNS
 
     conn = open_recording(tmp_path / "r.sqlite")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import sqlite3
 import statistics
 import threading
 import time
@@ -342,7 +341,7 @@ class ReplaySource:
         playing: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        from profilerd import runs
+        from profilerd import recordings as runs
         from profilerd.analysis.rules import load_rules
 
         ruleset, problems = load_rules(rules_file)
@@ -375,30 +374,14 @@ class ReplaySource:
         self._gpu_samples: pd.DataFrame | None = None
 
     def _read_extra(self, path: Path) -> None:
-        """What ``runs.load`` leaves out and the screens show: per-core CPU, memory, GPUs, RSS."""
-        from profilerd.runs import connect_readonly
+        """What ``recordings.load`` leaves out and the screens show: per-core CPU, memory, GPUs, RSS."""
+        from profilerd.recordings import RecordingError, read_sample_rows
 
-        conn = connect_readonly(path)
         try:
-            self._hosts = conn.execute(
-                "SELECT ts_unix_s, cpu_count, cpu_ratio, memory_used_bytes, memory_total_bytes, cpu_per_core "
-                "FROM host_samples ORDER BY ts_unix_s"
-            ).fetchall()
-            self._processes = conn.execute(
-                "SELECT ts_unix_s, pid, rank, alive, cpu_ratio, rss_bytes, num_workers, workers_cpu_ratio "
-                "FROM process_samples ORDER BY ts_unix_s"
-            ).fetchall()
-            self._gpus = conn.execute(
-                "SELECT ts_unix_s, gpu_index, sample FROM gpu_samples ORDER BY ts_unix_s"
-            ).fetchall()
-            self._sessions = {
-                int(rank): (int(pid), hostname)
-                for pid, rank, hostname in conn.execute("SELECT pid, rank, hostname FROM sessions").fetchall()
-            }
-        except sqlite3.DatabaseError as exc:
-            raise SourceError(f"{path}: {exc}") from None
-        finally:
-            conn.close()
+            rows = read_sample_rows(path)
+        except RecordingError as exc:
+            raise SourceError(str(exc)) from None
+        self._hosts, self._processes, self._gpus, self._sessions = rows.hosts, rows.processes, rows.gpus, rows.sessions
 
     # ---- controls (UI thread) --------------------------------------------------------------
     def _advance(self) -> None:
@@ -501,7 +484,7 @@ class ReplaySource:
     def _verdict_at(self, at_unix_s: float, done: pd.DataFrame, finished: bool) -> dict[str, Any]:
         """At the end, the whole run's verdict, the one `report` gives; before it, what the live
         analysis would have shown: the daemon's window, with the loss evidence of the run so far."""
-        from profilerd import runs
+        from profilerd import recordings as runs
         from profilerd.analysis.diagnosis import Observation, diagnose
         from profilerd.analysis.history import summarize_losses
         from profilerd.config import DaemonConfig

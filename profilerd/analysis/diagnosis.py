@@ -2,7 +2,7 @@
 
 Every path that shows a verdict builds an :class:`Observation` and calls :func:`diagnose`: the
 daemon's live analysis and a replay over the window the live analysis uses (:meth:`Observation.window`),
-`report`, `run --json` and `diff` over a whole recording (``runs.analyse``), and `attach` over what
+`report`, `run --json` and `diff` over a whole recording (``recordings.analyse``), and `attach` over what
 it can see of a process without probes (stack samples, thread CPU). The verdict document is
 built once, by ``Verdict.to_json``.
 """

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from profilerd.model import GpuEvent, GpuSample, HostSample, ProbeSession, ProcessSample, StepRecord
-from profilerd.recording import Recorder
+from profilerd.recordings.writer import Recorder
 from profilerd.store import RunState, Store
 
 if TYPE_CHECKING:  # the analysis (pandas) is not loaded by what only ingests
@@ -200,7 +200,7 @@ class StoreSink:
 
 
 class RecordingSink:
-    """Records into each run's recording (``profilerd.recording``).
+    """Records into each run's recording (``profilerd.recordings.writer``).
 
     Node-wide records (host, GPU, GPU events) go into every running run; the store says which
     runs are running and whose a process is.

@@ -1,6 +1,6 @@
 """Time series, per-rank and data-quality analyses of a recording, for reports and diffs.
 
-Pure functions over the frames of :class:`profilerd.runs.Recording`: vectorised (numpy
+Pure functions over the frames of :class:`profilerd.recordings.reader.Recording`: vectorised (numpy
 ``bincount`` and pandas ``groupby``, never a row-wise ``apply``), units in column names, time
 as seconds since the start of the analysed window. Nothing here draws or prints: the report
 renderers turn these frames into documents.
@@ -15,15 +15,13 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from profilerd.recordings.reader import Recording
 from profilerd.vocabulary import SLOWING_REASONS, Phase
-
-if TYPE_CHECKING:
-    from profilerd.runs import Recording
 
 PHASE_COLUMNS = tuple(phase.column for phase in Phase)
 _NICE_BUCKETS_S = (0.01, 0.02, 0.05, 0.1, 0.2, 0.25, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600)

@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from profilerd.timeline import changed_settings
+from profilerd.recordings.timeline import changed_settings
 from profilerd.vocabulary import Fraction
 
 if TYPE_CHECKING:
-    from profilerd.runs import Recording
+    from profilerd.recordings.reader import Recording
 
 SCHEMA = "profilerd.diff/v1"
 MAX_BLOCKS = 30
@@ -534,8 +534,8 @@ def render_html(diff: dict[str, Any]) -> str:
     """A one-page HTML comparison with the report's styling: per-step phase times of A and B."""
     from html import escape
 
-    from profilerd import charts
-    from profilerd.report_html import CSP, CSS, FRACTION_COLORS
+    from profilerd.report import charts
+    from profilerd.report.html import CSP, CSS, FRACTION_COLORS
 
     a, b = diff["a"], diff["b"]
     layers = [
