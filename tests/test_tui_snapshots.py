@@ -68,7 +68,8 @@ def _device_recording(directory: Path, scenario: Any) -> Path:
     from simdevice import run_scenario
 
     from profilerd.model import ProbeSession
-    from profilerd.recording import Recorder, recording_file
+    from profilerd.recordings.schema import recording_file
+    from profilerd.recordings.writer import Recorder
     from tests.test_gpu_analysis import CONFIG
 
     run = run_scenario(scenario, 200, pid=4100, job="gpu-sim")
