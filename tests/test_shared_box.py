@@ -33,8 +33,8 @@ from tests.conftest import EXAMPLES, REPO, run_cli
 from tests.fixtures.make_fixture import FIXTURE
 from tests.reliability_helpers import Served, get_json, http_get, metrics, wait_for
 from tests.test_attach import TARGET as ATTACH_TARGET
+from tests.test_attach import logged_steps
 from tests.test_attach import start as start_target
-from tests.test_attach import wait_for_torch
 from tests.test_launch import STEPS
 from tests.test_report import _corrupted, _truncated
 
@@ -217,7 +217,7 @@ def test_attach_skips_a_runtime_directory_others_can_write_in_one_line(
     script.write_text(ATTACH_TARGET.format(examples=str(EXAMPLES), log=str(short_tmp / "target.log")))
     target = start_target(sys.executable, str(script), env=profilerd_env)
     try:
-        wait_for_torch(target.pid)
+        logged_steps(short_tmp / "target.log", at_least=3)  # in the loop, as the injection test waits
         out = short_tmp / "attach.json"
         result = run_cli(
             "attach", str(target.pid), "--once", "--duration", "8", "--json", str(out),
