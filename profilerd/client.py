@@ -88,3 +88,12 @@ class DaemonClient:
             return get_json(self.base_url + path, timeout_s)
         except ClientError:
             return None
+
+    def run_verdict(self, run_id: str, exit_code: int, timeout_s: float) -> dict[str, Any] | None:
+        """The daemon's end-of-run verdict of a closed run, ``{"verdict": ..., "rules_file": ...}``;
+        None when it cannot give one (an older daemon, no recording, an error, no answer)."""
+        query = urllib.parse.urlencode({"exit_code": exit_code})
+        answer = self.get(f"/api/v1/runs/{urllib.parse.quote(run_id, safe='')}/verdict?{query}", timeout_s)
+        if answer is None or not isinstance(answer.get("verdict"), dict):
+            return None
+        return answer
