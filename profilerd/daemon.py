@@ -40,6 +40,7 @@ from profilerd.runtime import (
     live_leases,
     prepare_runtime_dir,
     read_running_daemon,
+    remove_private_runtime_dir,
 )
 from profilerd.samplers.housekeeping import Housekeeping
 from profilerd.samplers.ingest import Ingest, bind_socket
@@ -339,6 +340,7 @@ class Daemon:
                 (self.config.runtime_dir / INFO_NAME).unlink()
             os.close(self._lock_fd)
             self._lock_fd = None
+            remove_private_runtime_dir(self.config.runtime_dir)  # one run's: it has ended
 
     def catch_signals(self) -> None:
         """Turn SIGTERM and SIGINT into a clean shutdown from now on (main thread only).

@@ -47,8 +47,10 @@ from profilerd.runtime import (
     IngestError,
     Lease,
     leases_locked,
+    make_private_runtime_dir,
     prepare_runtime_dir,
     read_running_daemon,
+    remove_private_runtime_dir,
     runtime_dir_problem,
 )
 from profilerd_probes import transport, wire
@@ -239,7 +241,7 @@ class DaemonHandle:
         flags = list(flags or [])
         problem = runtime_dir_problem(config.runtime_dir)
         if problem is not None:
-            private = Path(tempfile.mkdtemp(prefix=f"profilerd-{os.getuid()}-"))  # 0700, ours
+            private = make_private_runtime_dir()  # 0700, ours; removed with the run's daemon
             print(
                 f"profilerd: {untrusted_line(config.runtime_dir, problem)}; this run uses {private} instead",
                 file=sys.stderr,
@@ -341,6 +343,8 @@ class DaemonHandle:
 
     def close(self) -> None:
         self.lease.release()
+        if not self._starting or self._error is not None:  # no daemon of ours there to remove it
+            remove_private_runtime_dir(self.config.runtime_dir)
 
 
 def _spawn_daemon(config: DaemonConfig, flags: list[str]) -> subprocess.Popen[bytes]:

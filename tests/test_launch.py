@@ -122,3 +122,53 @@ def test_the_cli_starts_without_pandas_textual_or_prometheus_client(profilerd_en
         [sys.executable, "-c", probe], env=profilerd_env, cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert "HEAVY []" in result.stderr, result.stderr
+
+
+def test_the_run_prints_the_daemons_verdict_and_its_wrapper_never_imports_pandas(profilerd_env, short_tmp):
+    """The daemon has the recording and the analysis loaded: it computes the end-of-run verdict,
+    and the wrapper only prints it. The verdict is the one the recording gives."""
+    from profilerd import runs
+    from profilerd.analysis.rules import load_rules
+
+    script = short_tmp / "train.py"
+    script.write_text(STEPS)
+    out = short_tmp / "verdict.json"
+    argv = ["run", "--no-status", "--json", str(out), "--", sys.executable, str(script), "40"]
+    probe = textwrap.dedent(f"""
+        import sys
+        from profilerd.cli import main
+        code = main({argv!r})
+        heavy = sorted({{"pandas", "numpy", "textual", "prometheus_client"}} & set(sys.modules))
+        print("HEAVY", heavy, file=sys.stderr)
+        sys.exit(code)
+    """)
+    result = subprocess.run(
+        [sys.executable, "-c", probe], env=profilerd_env, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY []" in result.stderr, result.stderr
+    document = json.loads(out.read_text())
+    recording = Path(document["recording"])
+    local = runs.analyse(runs.load(recording), load_rules()[0]).to_json(
+        document["run_id"], document["job"], recording=str(recording), exit_code=0
+    )
+    assert document == json.loads(json.dumps(local, default=str))
+    assert f"run {document['run_id']}" in result.stderr  # the verdict was printed
+
+
+def test_a_private_runtime_directory_goes_with_its_runs_daemon(profilerd_env, short_tmp):
+    """A runtime directory others can write in is replaced by a private one for the run; it is
+    removed when the run's daemon stops (or at once when the run started none)."""
+    taken = Path(profilerd_env["XDG_RUNTIME_DIR"]) / "profilerd"
+    taken.mkdir()
+    taken.chmod(0o777)
+    script = short_tmp / "train.py"
+    script.write_text(STEPS)
+    for cmd in ([sys.executable, str(script), "5"], [sys.executable, "-c", "pass"]):
+        result = run_cli("run", "--no-status", "--", *cmd, env=profilerd_env)
+        assert result.returncode == 0, result.stderr
+        private = Path(result.stderr.split("this run uses ", 1)[1].split()[0])
+        deadline = time.monotonic() + 60
+        while private.exists():  # the run's daemon lingers a moment for a next run, then stops
+            assert time.monotonic() < deadline, f"{private} left behind: {sorted(private.iterdir())}"
+            time.sleep(0.1)
