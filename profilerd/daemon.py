@@ -69,6 +69,8 @@ GC_THRESHOLDS = (700, 10, 1_000_000)
 # run of a loop of short runs finds it still there.
 RUN_DAEMON_LINGER_S = 2.0
 RUN_DAEMON_CHECK_S = 0.5
+# How often a verdict request that waits for its run's recording to close looks (in-process).
+VERDICT_POLL_S = 0.002
 
 
 __all__ = ["Daemon", "DaemonError", "read_running_daemon"]
@@ -286,15 +288,22 @@ class Daemon:
             ", ".join(f"{name} {at:.3f} s" for name, at in self.start_phases.items()),
         )
 
-    def run_verdict(self, run_id: str, exit_code: int | None) -> dict[str, Any]:
+    def run_verdict(self, run_id: str, exit_code: int | None, wait_s: float = 0.0) -> dict[str, Any]:
         """The end-of-run verdict of a run this daemon recorded and closed, as `profilerd run`
         prints it (its --json document): the run's wrapper asks for it, so that it need not
-        load the recording and the analysis itself. KeyError: no closed recording of that run."""
+        load the recording and the analysis itself. Waits up to ``wait_s`` for the recording's
+        close (the wrapper asks right after its run_end: one call, no polling). KeyError: no
+        closed recording of that run."""
         from profilerd import runs
 
-        run = self.store.read(lambda s: s.runs.get(run_id))
-        if run is None or run.state not in ("closed", "aborted") or not run.recording_path:
-            raise KeyError(run_id)
+        deadline = time.monotonic() + wait_s
+        while True:
+            run = self.store.read(lambda s: s.runs.get(run_id))
+            if run is not None and run.state in ("closed", "aborted") and run.recording_path:
+                break
+            if time.monotonic() >= deadline or self.stop_event.is_set():
+                raise KeyError(run_id)
+            time.sleep(VERDICT_POLL_S)
         assert self.ruleset is not None  # set before HTTP serves
         verdict = runs.analyse(runs.load(Path(run.recording_path)), self.ruleset)
         return verdict.to_json(run_id, run.job, recording=run.recording_path, exit_code=exit_code)

@@ -76,8 +76,10 @@ DAEMON_START_TIMEOUT_S = 30.0
 # The daemon reads the run's messages (the last ones, the run_end) in a thread: it may
 # answer "no such run" just before it has; a run with senders is not given up on before this.
 UNKNOWN_RUN_GRACE_S = 3.0
-# The daemon's analysis of a run's recording: seconds for the longest runs; past this, the
-# verdict is computed here instead.
+# The verdict is asked for right after the run_end: the daemon waits up to VERDICT_WAIT_S for
+# the recording's close (milliseconds, usually), then analyses it (seconds for the longest
+# runs: past VERDICT_TIMEOUT_S, or when it cannot answer, the verdict is computed here).
+VERDICT_WAIT_S = 2.0
 VERDICT_TIMEOUT_S = 60.0
 # A test and debugging aid: make the live view fail "start" (before it opens) or "running"
 # (from inside the app, after it has drawn), to see `run` fall back to the status line.
@@ -329,10 +331,11 @@ class DaemonHandle:
         return self._client.get(path, timeout)
 
     def run_verdict(self, run_id: str, exit_code: int) -> dict[str, Any] | None:
-        """The daemon's end-of-run verdict (see profilerd.client.DaemonClient.run_verdict)."""
+        """The daemon's end-of-run verdict, once the run's recording has closed (see
+        profilerd.client.DaemonClient.run_verdict)."""
         if not self._started.is_set() or self._error is not None:
             return None
-        return self._client.run_verdict(run_id, exit_code, VERDICT_TIMEOUT_S)
+        return self._client.run_verdict(run_id, exit_code, VERDICT_WAIT_S, VERDICT_WAIT_S + VERDICT_TIMEOUT_S)
 
     def send(self, datagram: bytes) -> None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
@@ -616,10 +619,12 @@ def _run(
         # Beside the training, not before it; now, not at its first step: should this process
         # be killed, the daemon is there to record the training to its end.
         handle.start()
+        threading.Thread(target=_preload_http_client, name="profilerd-preload", daemon=True).start()
         marks = boot / "senders"
         if live is not None:
             live = _live_view_once_serving(live, handle)
         code = _wait_for_child(child, handle, job, status, live)
+        ended = time.monotonic()  # the end's phases are logged from here (--log-level debug)
         relay.training_ended = True
         if live is not None:
             live.close()
@@ -632,16 +637,23 @@ def _run(
             print(f"profilerd: {exc}; no verdict", file=sys.stderr)
             return code
         handle.send(wire.encode_json(wire.KIND_RUN_END, {"pid": os.getpid(), "run_id": run_id, "exit_code": code}))
-        recording = wait_for_recording(
-            handle, run_id, config, cancelled=lambda: relay.interrupted, unknown_after_s=UNKNOWN_RUN_GRACE_S
+        document = daemon_verdict(handle, run_id, code)  # the recording's close and the verdict: one call
+        log.debug(
+            "the daemon's verdict: %s %.3f s after the training's exit", document is not None, time.monotonic() - ended
         )
-        if relay.interrupted is not None:  # the user wants out: no verdict
+        if document is None:
+            recording = wait_for_recording(
+                handle, run_id, config, cancelled=lambda: relay.interrupted, unknown_after_s=UNKNOWN_RUN_GRACE_S
+            )
+            if relay.interrupted is not None:  # the user wants out: no verdict
+                return -relay.interrupted
+            if recording is None:
+                return _no_steps(run_id, job, code, cmd, args.json_path)
+            document = local_verdict(run_id, job, recording, code, load_rules)
+        if relay.interrupted is not None:
             return -relay.interrupted
-        if recording is None:
-            return _no_steps(run_id, job, code, cmd, args.json_path)
         from profilerd.report import render_text
 
-        document = final_verdict(handle, run_id, job, recording, code, load_rules)
         print(render_text(document), file=sys.stderr)
         if args.json_path is not None:
             write_json(args.json_path, document)
@@ -653,20 +665,32 @@ def _run(
         shutil.rmtree(boot, ignore_errors=True)
 
 
-def final_verdict(
-    handle: DaemonHandle, run_id: str, job: str, recording: Path, code: int, load_rules: Callable[[], Any]
-) -> dict[str, Any]:
-    """The run's verdict document: the daemon's, which has the recording and the analysis
-    loaded; computed here (pandas, the rules: ~1 s) only when it cannot answer, or judges by
-    other rules than this run's (a daemon already running with its own --rules)."""
+def daemon_verdict(handle: DaemonHandle, run_id: str, code: int) -> dict[str, Any] | None:
+    """The run's verdict document from the daemon, which has the recording and the analysis
+    loaded; None when it cannot give it, or judges by other rules than this run's (a daemon
+    already running with its own --rules): then local_verdict computes it here."""
     answer = handle.run_verdict(run_id, code)
     rules_file = str(handle.config.rules_file) if handle.config.rules_file is not None else None
-    if answer is not None and answer.get("rules_file") == rules_file:
-        return answer["verdict"]
+    if answer is None or answer.get("rules_file") != rules_file:
+        return None
+    document: dict[str, Any] = answer["verdict"]
+    return document
+
+
+def local_verdict(run_id: str, job: str, recording: Path, code: int, load_rules: Callable[[], Any]) -> dict[str, Any]:
+    """The run's verdict computed in this process (pandas, the rules: ~1 s of imports)."""
     from profilerd import runs
 
     verdict = runs.analyse(runs.load(recording), load_rules())
     return verdict.to_json(run_id, job, recording=str(recording), exit_code=code)
+
+
+def _preload_http_client() -> None:
+    """Import urllib's HTTP client while the training runs, at low priority: the run's end asks
+    the daemon for its verdict at once, without paying for the import (~50 ms on a busy box)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # this thread only
+    import urllib.request  # noqa: F401
 
 
 def _live_view_once_serving(live: Any, handle: DaemonHandle) -> Any:

@@ -57,6 +57,8 @@ MAX_HEAD_BYTES = 80 * 1024
 # New connections taken per turn of the loop, so a flood cannot stall reading the heads of
 # connections already accepted.
 ACCEPTS_PER_TURN = 64
+# A verdict request may wait this long for its run's recording to close (it holds a worker).
+MAX_VERDICT_WAIT_MS = 10_000
 _REQUEST_LINE = re.compile(rb"\S+ \S+ HTTP/\d\.\d\r?")
 
 
@@ -125,7 +127,7 @@ class DaemonHttpServer(HTTPServer):
         info: dict[str, Any],
         redactor: ArgvRedactor = DEFAULT_REDACTOR,
         max_connections: int = MAX_CONNECTIONS,
-        run_verdict: Callable[[str, int | None], dict[str, Any]] | None = None,
+        run_verdict: Callable[[str, int | None, float], dict[str, Any]] | None = None,
     ) -> None:
         self.store = store
         # The daemon's end-of-run verdict of a closed run (KeyError: none), for `profilerd run`.
@@ -376,14 +378,16 @@ def route(server: DaemonHttpServer, path: str, query: dict[str, list[str]]) -> A
 
 
 def run_verdict_document(server: DaemonHttpServer, run_id: str, query: dict[str, list[str]]) -> dict[str, Any]:
-    """``runs/<id>/verdict?exit_code=N``: the run's end-of-run verdict (``verdict``, the document
-    `profilerd run` prints and writes with --json) and the rules file it was judged by."""
+    """``runs/<id>/verdict?exit_code=N&wait_ms=M``: the run's end-of-run verdict (``verdict``,
+    the document `profilerd run` prints and writes with --json) and the rules file it was judged
+    by; waits up to M ms for the run's recording to close."""
     if server.run_verdict is None:
         raise ApiError(404, "this daemon computes no run verdicts")
     raw = query.get("exit_code", [""])[-1]
     exit_code = _int_param(query, "exit_code", 0, -255, 255) if raw else None
+    wait_s = _int_param(query, "wait_ms", 0, 0, MAX_VERDICT_WAIT_MS) / 1000
     try:
-        document = server.run_verdict(run_id, exit_code)
+        document = server.run_verdict(run_id, exit_code, wait_s)
     except KeyError:
         raise ApiError(404, f"no closed recording of run {run_id!r} in this daemon") from None
     return {"verdict": document, "rules_file": server.info.get("rules_file")}
