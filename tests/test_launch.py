@@ -172,3 +172,35 @@ def test_a_private_runtime_directory_goes_with_its_runs_daemon(profilerd_env, sh
         while private.exists():  # the run's daemon lingers a moment for a next run, then stops
             assert time.monotonic() < deadline, f"{private} left behind: {sorted(private.iterdir())}"
             time.sleep(0.1)
+
+
+def test_a_daemon_with_other_rules_leaves_the_verdict_to_the_runs_own_rules(profilerd_env, short_tmp):
+    """A daemon the user started with their own --rules judges by those: a run without --rules
+    gets the built-in rules' verdict, computed by the wrapper, not the daemon's."""
+    from profilerd import runs
+    from profilerd.analysis.rules import load_rules
+    from tests.reliability_helpers import Served
+
+    lenient = short_tmp / "lenient.toml"
+    lenient.write_text("[evidence]\nmin_steps = 5\nmin_seconds = 0.0\n")
+    script = short_tmp / "train.py"
+    script.write_text(STEPS)
+    out = short_tmp / "verdict.json"
+    daemon = Served(profilerd_env, "--gpu", "none", "--rules", str(lenient))
+    try:
+        result = run_cli("run", "--no-status", "--json", str(out), "--", sys.executable, str(script), "40",
+                         env=profilerd_env)  # fmt: skip
+    finally:
+        daemon.process.terminate()
+        daemon.process.wait(timeout=30)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(out.read_text())
+    recording = runs.load(Path(document["recording"]))
+
+    def judged_by(rules: Path | None) -> dict:
+        verdict = runs.analyse(recording, load_rules(rules)[0])
+        judged = verdict.to_json(document["run_id"], document["job"], recording=document["recording"], exit_code=0)
+        return json.loads(json.dumps(judged, default=str))
+
+    assert document == judged_by(None)
+    assert document != judged_by(lenient)  # the daemon's rules would have said otherwise
