@@ -204,3 +204,35 @@ def test_a_daemon_with_other_rules_leaves_the_verdict_to_the_runs_own_rules(prof
 
     assert document == judged_by(None)
     assert document != judged_by(lenient)  # the daemon's rules would have said otherwise
+
+
+def test_the_daemon_ingests_before_its_heavy_imports(profilerd_env):
+    """A daemon for runs takes the probes' records (stored and recorded) before it has imported
+    the analysis, HTTP or GPU parts: a short training's records land at once."""
+    probe = textwrap.dedent("""
+        import os, sqlite3, sys, time
+        from profilerd.config import load
+        from profilerd.daemon import Daemon
+        from profilerd.recording import recording_file
+        from profilerd_probes import wire
+        from profilerd_probes.transport import DatagramSender
+
+        config = load(None, {})[0]
+        daemon = Daemon(config)  # no rules yet: they need the analysis
+        daemon.start_ingest()
+        sender = DatagramSender(config.socket_path)
+        sender.send(wire.encode_json(wire.KIND_HELLO, {"pid": os.getpid(), "job": "j"}))
+        sender.send(wire.encode_step(os.getpid(), 0, 1, 1, time.time(), 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0))
+        deadline = time.monotonic() + 30
+        while not daemon.store.ring("j") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        heavy = sorted({"pandas", "numpy", "prometheus_client", "pynvml"} & set(sys.modules))
+        daemon.stop()  # closes the recording as it stands
+        with sqlite3.connect(recording_file(config.runs_dir, "j")) as db:
+            recorded = db.execute("SELECT count(*) FROM steps").fetchone()[0]
+        print("STEPS", recorded, "HEAVY", heavy)
+    """)
+    result = subprocess.run(
+        [sys.executable, "-c", probe], env=profilerd_env, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert "STEPS 1 HEAVY []" in result.stdout, result.stdout + result.stderr
