@@ -233,19 +233,10 @@ def _import_yielding_the_cpu(*modules: str) -> None:
     thread.join()
 
 
-# What the daemon imports once it ingests (profilerd.daemon.Daemon.start_serving).
-DAEMON_HEAVY_MODULES = (
-    "profilerd.analysis.rules",
-    "profilerd.analysis.live",
-    "profilerd.exporters.http",
-    "profilerd.runs",
-)
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     """A daemon for runs ingests first, with light imports only, then imports the rest at low
     priority: the probes' first records land while it does (profilerd.daemon)."""
-    from profilerd.daemon import Daemon, DaemonError
+    from profilerd.daemon import SERVING_MODULES, Daemon, DaemonError
 
     config = _config(args)
     ruleset = None if args.for_runs else _rules(config)  # a bad rules file: refused before anything starts
@@ -254,7 +245,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         daemon.start_ingest()
         if args.for_runs:
-            _import_yielding_the_cpu(*DAEMON_HEAVY_MODULES)
+            _import_yielding_the_cpu(*SERVING_MODULES)
             try:
                 daemon.ruleset = _rules(config)
             except UsageError:

@@ -73,7 +73,17 @@ RUN_DAEMON_CHECK_S = 0.5
 VERDICT_POLL_S = 0.002
 
 
-__all__ = ["Daemon", "DaemonError", "read_running_daemon"]
+# What start_serving and the run verdicts import (the analysis: pandas; HTTP: prometheus-client;
+# the GPU backends): a daemon for runs imports them at low priority once it ingests.
+SERVING_MODULES = (
+    "profilerd.analysis.rules",
+    "profilerd.analysis.live",
+    "profilerd.exporters.http",
+    "profilerd.gpu",
+    "profilerd.runs",
+)
+
+__all__ = ["SERVING_MODULES", "Daemon", "DaemonError", "read_running_daemon"]
 
 
 def _seconds_since_process_start() -> float:

@@ -639,7 +639,7 @@ def _run(
         handle.send(wire.encode_json(wire.KIND_RUN_END, {"pid": os.getpid(), "run_id": run_id, "exit_code": code}))
         document = daemon_verdict(handle, run_id, code)  # the recording's close and the verdict: one call
         log.debug(
-            "the daemon's verdict: %s %.3f s after the training's exit", document is not None, time.monotonic() - ended
+            "the daemon's verdict: %s, %.3f s after the training's exit", document is not None, time.monotonic() - ended
         )
         if document is None:
             recording = wait_for_recording(
