@@ -129,7 +129,8 @@ def _count_rows(path: Path) -> int:
 
 
 def in_process(n: int, repeats: int, with_recorder: bool, tmp: Path, profile: bool) -> dict[str, Any]:
-    from profilerd.recording import Recorder, recording_file
+    from profilerd.recordings.schema import recording_file
+    from profilerd.recordings.writer import Recorder
     from profilerd.store import Store
 
     base = time.time() - n * 0.005
@@ -297,7 +298,7 @@ def _bare_receiver(sock: socket.socket, stop: threading.Event, counter: list[int
 
 
 def end_to_end(duration_s: float, rate: float, receiver: str, tmp: Path, cpus: tuple, tag: str) -> dict[str, Any]:
-    from profilerd.recording import Recorder
+    from profilerd.recordings.writer import Recorder
     from profilerd.samplers.ingest import Ingest, bind_socket
     from profilerd.samplers.sinks import fan_out
     from profilerd.store import Store

@@ -105,14 +105,15 @@ def measure(recording: Path, fmt: str, out_dir: Path) -> dict[str, object]:
 
 def stages(recording: Path) -> dict[str, float]:
     """Where the time of one HTML report goes (run in a child process: a fresh heap)."""
-    from profilerd import report, runs, timeline
+    from profilerd import recordings, report
     from profilerd.analysis.rules import load_rules
-    from profilerd.report_html import render_html
+    from profilerd.recordings import timeline
+    from profilerd.report.html import render_html
 
     ruleset, _ = load_rules()
     timings = {}
     started = time.perf_counter()
-    loaded = runs.load(recording)
+    loaded = recordings.load(recording)
     timings["load_s"] = time.perf_counter() - started
     started = time.perf_counter()
     document = report.verdict_document(loaded, ruleset)

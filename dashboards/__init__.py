@@ -7,6 +7,7 @@ finds them after any install, editable or not, wheel or checkout.
 
 from __future__ import annotations
 
+import sys
 from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,7 +15,10 @@ from typing import TYPE_CHECKING
 from profilerd_dashboards.generate import DOCS_BASE_URL, with_runbook_base
 
 if TYPE_CHECKING:
-    from importlib.resources.abc import Traversable
+    if sys.version_info >= (3, 11):
+        from importlib.resources.abc import Traversable
+    else:  # Python 3.10
+        from importlib.abc import Traversable
 
 __all__ = ["DOCS_BASE_URL", "export"]
 

@@ -39,7 +39,7 @@ import threading
 import time
 import types
 import weakref
-from typing import Any
+from typing import Any, cast
 
 from profilerd_probes import wire
 from profilerd_probes.device import CudaTimer, DeviceClock, DeviceTimer, Marker, step_timing
@@ -154,6 +154,7 @@ class _Step:
         "comm_ops",
         "comm_s",
         "data_wait_s",
+        "ddp_exposed",
         "emitted",
         "end",
         "fallback",
@@ -202,6 +203,9 @@ class _Step:
         self.mark_backward: Marker | None = None
         self.mark_optimizer: Marker | None = None
         self.mark_end: Marker | None = None
+        # DDP: the host seconds moved from backward to exposed communication, and DDP's exposed
+        # share of the backward pass, for redoing that split on the device clock.
+        self.ddp_exposed = (0.0, 0.0)
 
     def absorb(self, later: _Step) -> None:
         """The activity after this step's tentative end belongs to the same iteration after all."""
@@ -306,6 +310,9 @@ class StepProbe:
         # Device timing: set up when the first CUDA loss is seen (or a timer is given), never on CPU.
         self.device: DeviceClock | None = None
         self._device_timing = os.environ.get("PROFILERD_GPU_TIMING", "1") != "0"
+        # First steps sent before their markers were reached: (step, number, end unix s,
+        # step_s, comm_s), for the late device-timing message.
+        self._late: list[tuple[_Step, int, float, float, float]] = []
 
     # ---- step boundaries ---------------------------------------------------------------
     def _absorb_counters(self, step: _Step) -> None:
@@ -390,6 +397,7 @@ class StepProbe:
             comm_total += max(exposed, backward * self._ddp_split.comm_ratio)
             backward -= exposed
             comm += exposed
+            step.ddp_exposed = (exposed, self._ddp_split.exposed_ratio)
         # NCCL ops run asynchronously on the device: their completed durations count as total
         # communication (overlapped or not) of the step in which they were read.
         comm_total += self._nccl.poll(end)
@@ -443,12 +451,14 @@ class StepProbe:
         later batch (in order: the daemon counts losses by sequence number), for at most
         GPU_TIMING_WAIT_S; ``final`` sends everything as it stands.
         """
+        if self.device is not None:
+            try:
+                self.device.poll()
+            except Exception as exc:
+                self._device_failed(exc)
+        if self._late:
+            self._send_late(now, final)
         if self._batch:
-            if self.device is not None:
-                try:
-                    self.device.poll()
-                except Exception as exc:
-                    self._device_failed(exc)
             records = []
             for step in self._batch:
                 if not self._device_timing_settled(step, now, final):
@@ -463,10 +473,31 @@ class StepProbe:
 
     def _device_timing_settled(self, step: _Step, now: float, final: bool) -> bool:
         """Fill the step's device timing into its record if its markers are resolved; False
-        while it may still be worth waiting for them."""
+        while it may still be worth waiting for them.
+
+        The first steps are never held (a crash must not lose them): one whose markers are not
+        reached yet goes out at once, and its device timing follows in a late message.
+        """
         record = step.record
         if record is None or step.mark_start is None or step.mark_end is None or self.device is None:
             return True
+        if self._fill_device_timing(step, record):
+            return True
+        if record[_AT.step] <= EAGER_STEPS and not final:
+            self._late.append((step, record[_AT.step], record[_AT.end_unix_s], record[_AT.step_s], record[_AT.comm_s]))
+            return True
+        end = step.end if step.end is not None else now
+        return final or now - end > GPU_TIMING_WAIT_S or len(self._batch) >= wire.MAX_BATCH_RECORDS
+
+    def _fill_device_timing(self, step: _Step, record: list[Any]) -> bool:
+        """Write the step's device timing (fields, flags, exposed communication) into ``record``
+        if its markers are resolved.
+
+        DDP's exposed all-reduce is a wait of the stream within the backward markers: the
+        markers count it busy. On the device clock it is idle, and exposed communication is
+        DDP's exposed share of the backward pass as the device ran it, not as the host queued it.
+        """
+        assert step.mark_start is not None and step.mark_end is not None
         timing = step_timing(
             step.mark_start,
             step.mark_backward,
@@ -475,14 +506,38 @@ class StepProbe:
             step.data_wait_s,
             record[_AT.step_s],
         )
-        if timing is None:  # the first steps are never held: a crash must not lose them
-            end = step.end if step.end is not None else now
-            late = now - end > GPU_TIMING_WAIT_S or len(self._batch) >= wire.MAX_BATCH_RECORDS
-            return final or late or record[_AT.step] <= EAGER_STEPS
-        record[_GPU_FIRST:_GPU_END] = timing
-        record[_FLAGS] |= wire.FLAG_HAS_GPU_TIMING
+        if timing is None:
+            return False
+        values, lower_bound = timing
+        busy, forward, backward, optimizer, idle, idle_data_wait, ahead = values
+        host_exposed, ratio = step.ddp_exposed
+        if ratio > 0.0:
+            wait = backward * ratio
+            busy, backward = busy - wait, backward - wait
+            idle = max(0.0, record[_AT.step_s] - busy)
+            record[_AT.comm_s] += wait - host_exposed
+        record[_GPU_FIRST:_GPU_END] = busy, forward, backward, optimizer, idle, idle_data_wait, ahead
+        record[_FLAGS] |= wire.FLAG_HAS_GPU_TIMING | (wire.FLAG_GPU_BUSY_LOWER_BOUND if lower_bound else 0)
         step.mark_start = step.mark_end = None  # filled once
         return True
+
+    def _send_late(self, now: float, final: bool) -> None:
+        """Send the device timing of first steps that went out without it, keyed by step, once
+        their markers are reached; give up on those older than GPU_TIMING_WAIT_S (or at exit)."""
+        ready, waiting = [], []
+        for late in self._late:
+            step, number, end_unix_s, step_s, comm_s = late
+            record = _EMPTY_RECORD.copy()
+            record[_AT.step_s], record[_AT.comm_s] = step_s, comm_s
+            if step.mark_start is not None and self._fill_device_timing(step, record):
+                timing = record[_GPU_FIRST:_GPU_END]
+                ready.append([number, end_unix_s, record[_AT.comm_s], record[_FLAGS], *timing])
+            elif not final and step.end is not None and now - step.end <= GPU_TIMING_WAIT_S:
+                waiting.append(late)
+        self._late = waiting
+        if ready:
+            body = {"pid": self._pid, "rank": self._rank, "steps": ready}
+            self.sender.send(wire.encode_json(wire.KIND_STEP_TIMING, body))
 
     # ---- device timing -----------------------------------------------------------------
     def use_device_timer(self, timer: DeviceTimer) -> None:
@@ -504,6 +559,7 @@ class StepProbe:
         device timing off; step timing goes on without it."""
         self.device = None
         self._device_timing = False
+        self._late = []
         log.debug("device timing off after an error: %r", exc)
 
     def flush(self) -> None:
@@ -903,7 +959,7 @@ class StepProbe:
         self._patch(torch.nn.utils, "clip_grad_norm_", _make_clip_grad_norm(torch.nn.utils.clip_grad_norm_))
         scheduler_cls = torch.optim.lr_scheduler.LRScheduler
         self._patch(scheduler_cls, "step", _make_scheduler_step(scheduler_cls.step))
-        torch_dir = os.path.dirname(torch.__file__) + os.sep
+        torch_dir = os.path.dirname(cast(str, torch.__file__)) + os.sep  # a regular package: never None
         for name in SYNC_METHODS:
             original = getattr(torch.Tensor, name)
             wrapped = self.syncs.wrap(name, original, lambda: self.train_thread, torch_dir)
@@ -946,6 +1002,7 @@ class StepProbe:
         self.ident = identity()
         self._pid, self._rank = self.ident["pid"], self.ident["rank"]
         self._batch = []
+        self._late = []
         self._started_unix_s = time.time()
         self.train_thread = threading.get_ident()
         self._seq = 0

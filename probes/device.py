@@ -29,6 +29,9 @@ from typing import Any, Protocol
 # Events alive at most: 16 steps of 4 markers. A device further behind than that gets no new
 # markers (those steps go without device timing) rather than an unbounded pool.
 POOL_SIZE = 64
+# Busy time is reported as exact while the device time the markers cannot see into (the device
+# keeping pace with the host between launches) stays under this share of the step.
+UNSEEN_TOLERANCE = 0.05
 
 
 class DeviceTimer(Protocol):
@@ -143,22 +146,24 @@ class DeviceClock:
         return len(self._pending)
 
 
-def _phase_busy(start: Marker, start_host_s: float, end: Marker) -> float:
-    """Device-busy estimate of the work queued between two resolved markers.
+def _phase_busy(start: Marker, start_host_s: float, end: Marker) -> tuple[float, float]:
+    """Device-busy estimate of the work queued between two resolved markers, and the device time
+    in which the device may have been busy unseen (the estimate is a lower bound by that much).
 
     If the device had not reached ``start`` when the host recorded ``end``, the whole phase was
     queued before the device began it, so it ran back to back: ``d(end) - d(start)``. Otherwise
     the device kept pace with the host for a while, and what it did in that while is known only
     where the host was blocked in a synchronising call (the device was busy then) or after the
-    host's last launch; never more than the span from the phase's possible start to its end.
+    host's last launch; never more than the span from the phase's possible start to its end. The
+    rest of that span is unseen: the device may or may not have been busy in it.
     """
     d_start, d_end = start.device_s, end.device_s
     assert d_start is not None and d_end is not None
     if d_start >= end.host_s:
-        return max(0.0, d_end - d_start)
-    span = d_end - max(d_start, start_host_s)
-    blocked = end.blocked_s - start.blocked_s
-    return max(0.0, min(span, d_end - end.host_s + blocked))
+        return max(0.0, d_end - d_start), 0.0
+    span = max(0.0, d_end - max(d_start, start_host_s))
+    seen = max(0.0, min(span, d_end - end.host_s + end.blocked_s - start.blocked_s))
+    return seen, span - seen
 
 
 def step_timing(
@@ -168,9 +173,11 @@ def step_timing(
     end: Marker | None,
     data_wait_s: float,
     step_s: float,
-) -> tuple[float, float, float, float, float, float, float] | None:
+) -> tuple[tuple[float, float, float, float, float, float, float], bool] | None:
     """(busy, forward, backward, optimizer, idle, idle during the data wait, host ahead) of one
-    step, or None until its start and end markers are resolved.
+    step and whether busy is only a lower bound (idle then an upper bound: more than
+    UNSEEN_TOLERANCE of the step is device time the markers cannot tell busy or idle), or None
+    until its start and end markers are resolved.
 
     The step is taken to begin with its data wait, as steps do behind a DataLoader. A phase
     whose marker is missing (no backward pass, no optimizer) counts in the one before it.
@@ -186,11 +193,14 @@ def step_timing(
     if len(bounds) == 3 and bounds[2][1].host_s < bounds[1][1].host_s:
         bounds[1], bounds[2] = bounds[2], bounds[1]  # an optimizer step before the backward pass
     phases = [0.0, 0.0, 0.0]
+    unseen = 0.0
     for i, (index, marker, host_s) in enumerate(bounds):
         following = bounds[i + 1][1] if i + 1 < len(bounds) else end
-        phases[index] += _phase_busy(marker, host_s, following)
+        busy, phase_unseen = _phase_busy(marker, host_s, following)
+        phases[index] += busy
+        unseen += phase_unseen
     busy = phases[0] + phases[1] + phases[2]
     idle_data_wait = min(data_wait_s, max(0.0, wait_end - start.device_s))
     idle = max(0.0, step_s - busy)
     ahead = max(0.0, end.device_s - end.host_s)
-    return busy, phases[0], phases[1], phases[2], idle, idle_data_wait, ahead
+    return (busy, phases[0], phases[1], phases[2], idle, idle_data_wait, ahead), unseen > UNSEEN_TOLERANCE * step_s

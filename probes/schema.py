@@ -1,7 +1,7 @@
 """The step record's one field table: the wire struct, the recording's columns and the frame's.
 
 Everything that lists a step record's fields is derived from ``STEP_FIELDS``: the probes' binary
-struct (``probes/wire.py``), the SQLite DDL and insert of a recording (``profilerd/recording.py``),
+struct (``probes/wire.py``), the SQLite DDL and insert of a recording (``profilerd/recordings/schema.py``),
 the columns of the analysis frame (``profilerd/analysis/features.py``) and the daemon's
 message-to-record conversion (``profilerd/samplers/ingest.py``). A new field is one new row here
 (appended, so that older positional callers and older recordings keep working) plus its
@@ -13,6 +13,37 @@ Standard library only: this module is imported inside training processes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
+
+
+class Term(str, Enum):
+    """A term of the shared vocabulary: a str that equals, hashes, formats and encodes to JSON as
+    its value, so a document or a frame column is the same with the member or the plain string
+    (``enum.StrEnum`` does this from Python 3.11; the probes run on 3.10)."""
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __format__(self, spec: str) -> str:
+        return str.__format__(self.value, spec)
+
+
+class Phase(Term):
+    """The phases a step is split into; each but ``other`` is a ``<phase>_s`` field of the record
+    (``communication`` is ``comm_s``), ``other`` is the rest of the step."""
+
+    DATA_WAIT = "data_wait"
+    FORWARD = "forward"
+    BACKWARD = "backward"
+    OPTIMIZER = "optimizer"
+    COMMUNICATION = "communication"
+    OTHER = "other"
+
+    @property
+    def column(self) -> str:
+        """The seconds of this phase: its step field, or the analysis frame's ``other_s``."""
+        return "comm_s" if self is Phase.COMMUNICATION else f"{self.value}_s"
+
 
 FLAG_FALLBACK_BOUNDARY = 1  # the step was delimited without optimizer hooks
 FLAG_GRAD_SCALER_SKIPPED = 2  # GradScaler found inf/NaN gradients and skipped optimizer.step()
@@ -25,6 +56,9 @@ FLAG_HAS_SCALE = 32
 FLAG_LOSS_FIRST_NONFINITE = 64
 # The gpu_* and host_ahead_s fields hold device-side timing from CUDA events (see docs/concepts.md).
 FLAG_HAS_GPU_TIMING = 128
+# The device kept pace with the host for part of the step, so gpu_busy_s is a lower bound (and
+# gpu_idle_s an upper bound): kernels run between the host's launches are not seen by the markers.
+FLAG_GPU_BUSY_LOWER_BOUND = 256
 
 
 @dataclass(frozen=True, slots=True)

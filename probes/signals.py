@@ -59,8 +59,8 @@ def _never() -> bool:
     return False
 
 
-_is_compiling: Any = _never  # torch's own predicates once bind_torch() has run
-_is_tracing: Any = _never
+_is_compiling: Callable[[], bool] = _never  # torch's own predicates once bind_torch() has run
+_is_tracing: Callable[[], bool] = _never
 
 
 def compiling() -> bool:
@@ -291,7 +291,7 @@ class CollectiveTimer:
 
         @functools.wraps(original)
         def collective(*args: Any, **kwargs: Any) -> Any:
-            if compiling() or getattr(local, "depth", 0) or get_ident() != train_thread():
+            if compiling() or getattr(local, "depth", False) or get_ident() != train_thread():
                 return original(*args, **kwargs)
             local.depth = 1
             start = perf_counter()

@@ -18,6 +18,7 @@ from typing import Any
 
 from profilerd_probes.schema import (  # noqa: F401  (the flags, as the probes and the daemon know them)
     FLAG_FALLBACK_BOUNDARY,
+    FLAG_GPU_BUSY_LOWER_BOUND,
     FLAG_GRAD_SCALER_SKIPPED,
     FLAG_HAS_GPU_TIMING,
     FLAG_HAS_GRAD_NORM,
@@ -43,8 +44,17 @@ KIND_CONFIG = 3
 KIND_EVENT = 4
 KIND_RUN_END = 5
 KIND_STEP_BATCH = 6  # a u16 count, then that many step records
+# Device timing of steps already sent without it (the first steps, never held): rows of
+# [step, end_unix_s, comm_s, flags, *GPU_TIMING_FIELDS], keyed by the sender's pid and step.
+KIND_STEP_TIMING = 7
 
-JSON_KINDS: dict[int, str] = {KIND_HELLO: "hello", KIND_CONFIG: "config", KIND_EVENT: "event", KIND_RUN_END: "run_end"}
+JSON_KINDS: dict[int, str] = {
+    KIND_HELLO: "hello",
+    KIND_CONFIG: "config",
+    KIND_EVENT: "event",
+    KIND_RUN_END: "run_end",
+    KIND_STEP_TIMING: "step_timing",
+}
 
 # The fields of a step record, in order, are the wire fields of schema.STEP_FIELDS.
 STEP = struct.Struct(WIRE_STEP_FORMAT)

@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -370,7 +371,7 @@ def attach_ruleset(ruleset: RuleSet, duration_s: float) -> RuleSet:
 def probed_verdict(recording: Path, ruleset: RuleSet, seconds: float) -> Verdict:
     """The verdict of an attach whose injected probes (L2) recorded steps: the recording's, as
     `report` gives it, over attach-sized evidence (``attach_ruleset``)."""
-    from profilerd import runs
+    from profilerd import recordings as runs
 
     return runs.analyse(runs.load(recording), attach_ruleset(ruleset, seconds))
 
@@ -382,7 +383,7 @@ def run_attach(
     *,
     use_l1: bool = True,
     rate_hz: int = ATTACH_RATE_HZ,
-    on_tick: Any = None,
+    on_tick: Callable[[L0Summary], None] | None = None,
 ) -> AttachResult:
     """Observe the target for ``duration_s`` (or until it exits) with L0 and, if allowed, L1."""
     target = inspect_target(pid)
@@ -501,7 +502,7 @@ def save_recording(doc: dict[str, Any], target: Target, runs_dir: Path, started_
     import json
 
     from profilerd import __version__
-    from profilerd.recording import open_recording, recording_file
+    from profilerd.recordings.writer import open_recording, recording_file
 
     runs_dir.mkdir(parents=True, exist_ok=True)
     path = recording_file(runs_dir, doc["run_id"])

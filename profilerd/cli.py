@@ -299,7 +299,8 @@ def _write_output(output: str, path: Path | None) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from profilerd import report, runs
+    from profilerd import recordings as runs
+    from profilerd import report
 
     config = _config(args)
     ruleset = _rules(config)
@@ -324,7 +325,8 @@ def _damage_status(*recordings: Any) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from profilerd import report, runs
+    from profilerd import recordings as runs
+    from profilerd import report
 
     config = _config(args)
     ruleset = _rules(config)
@@ -340,7 +342,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from profilerd import catalog as runs  # the listing only: no pandas
+    from profilerd import recordings as runs  # the listing only: no pandas
 
     config = _config(args)
     if args.older_than is not None or args.keep is not None:

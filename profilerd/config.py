@@ -12,7 +12,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from profilerd_probes import paths as probe_paths
 
@@ -172,12 +172,13 @@ def _check(key: str, value: Any, source: str, problems: list[str]) -> bool:
         within = f" between {_range_text(key)}" if key in RANGES else ""
         problems.append(f"{source}: '{key}' must be {names}{within}, got {type(value).__name__} {value!r}")
         return False
+    items = cast("list[object] | tuple[object, ...]", value)  # for the two list keys: their type is checked above
     if key == "allowed_uids" and not all(
-        isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_UID for v in value
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_UID for v in items
     ):
         problems.append(f"{source}: 'allowed_uids' must be a list of user ids (integers 0 to {MAX_UID}), got {value!r}")
         return False
-    if key == "argv_safe_flags" and not all(isinstance(v, str) and _FLAG_NAME.fullmatch(v) for v in value):
+    if key == "argv_safe_flags" and not all(isinstance(v, str) and _FLAG_NAME.fullmatch(v) for v in items):
         problems.append(f"{source}: 'argv_safe_flags' must be a list of flag names (e.g. 'max-tokens'), got {value!r}")
         return False
     return True

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from profilerd import __version__
 from profilerd.config import DaemonConfig
-from profilerd.recording import Recorder
+from profilerd.recordings.writer import Recorder
 from profilerd.redaction import ArgvRedactor
 from profilerd.runtime import (
     INFO_NAME,
@@ -80,7 +80,8 @@ SERVING_MODULES = (
     "profilerd.analysis.live",
     "profilerd.exporters.http",
     "profilerd.gpu",
-    "profilerd.runs",
+    "profilerd.recordings.reader",
+    "profilerd.recordings.offline",
 )
 
 __all__ = ["SERVING_MODULES", "Daemon", "DaemonError", "read_running_daemon"]
@@ -204,7 +205,7 @@ class Daemon:
         cfg = self.config
         store = self.store
         if cfg.retention_days is not None:
-            from profilerd.catalog import prune
+            from profilerd.recordings.retention import prune
 
             prune(cfg.runs_dir, older_than_s=cfg.retention_days * 86400)
         if cfg.record:
@@ -264,7 +265,7 @@ class Daemon:
         for loop in loops:
             loop.start()
         self._threads.extend(loops)
-        info = {
+        info: dict[str, Any] = {
             "socket": str(cfg.socket_path),
             "data_dir": str(cfg.data_dir),
             "rules_file": str(cfg.rules_file) if cfg.rules_file is not None else None,
@@ -304,7 +305,7 @@ class Daemon:
         load the recording and the analysis itself. Waits up to ``wait_s`` for the recording's
         close (the wrapper asks right after its run_end: one call, no polling). KeyError: no
         closed recording of that run."""
-        from profilerd import runs
+        from profilerd import recordings as runs
 
         deadline = time.monotonic() + wait_s
         while True:

@@ -8,14 +8,27 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 from profilerd_probes.schema import STEP_COLUMNS, check_fields
 
-CATEGORIES = ("data", "compute", "communication", "algorithm")
-PRIMARY_VALUES = (*CATEGORIES, "none")
-SEVERITIES = ("ok", "info", "warning", "critical")
-PHASES = ("data_wait", "forward", "backward", "optimizer", "communication", "other")
+
+class GpuContext(TypedDict, total=False):
+    """NVML means over the window of the job's GPUs (``analysis.context.gpu_context``); a key is
+    absent when it was not measured. The verdict document's ``gpu`` object is this record."""
+
+    gpu_count: int
+    gpu_name: str
+    gpu_utilization_ratio: float
+    gpu_tensor_active_ratio: float
+    gpu_sm_active_ratio: float
+    gpu_sm_clock_ratio: float
+    gpu_thermal_throttle: float  # share of samples with a thermal clock event reason
+    gpu_power_throttle: float  # share of samples with a power clock event reason
+    gpu_pcie_bytes_per_second: float
+    gpu_nvlink_bytes_per_second: float
+    gpu_memory_max_ratio: float
+    gpu_idle_while_held_fraction: float  # samples the job held the GPU and it was idle
 
 
 @dataclass(frozen=True, slots=True)

@@ -477,7 +477,7 @@ def wait_for_recording(
 ) -> Path | None:
     """Wait until the daemon has flushed and closed the run's recording; None once the daemon
     still does not know the run ``unknown_after_s`` from now (its messages may be in flight)."""
-    from profilerd.recording import recording_file
+    from profilerd.recordings.schema import recording_file
 
     deadline = time.monotonic() + timeout
     unknown_deadline = time.monotonic() + unknown_after_s
@@ -679,7 +679,7 @@ def daemon_verdict(handle: DaemonHandle, run_id: str, code: int) -> dict[str, An
 
 def local_verdict(run_id: str, job: str, recording: Path, code: int, load_rules: Callable[[], Any]) -> dict[str, Any]:
     """The run's verdict computed in this process (pandas, the rules: ~1 s of imports)."""
-    from profilerd import runs
+    from profilerd import recordings as runs
 
     verdict = runs.analyse(runs.load(recording), load_rules())
     return verdict.to_json(run_id, job, recording=str(recording), exit_code=code)

@@ -7,6 +7,7 @@ allocation-light sections; a reader that needs several parts at once copies them
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import Counter, deque
@@ -15,12 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from profilerd.model import GpuEvent, GpuSample, HostSample, ProbeSession, ProcessSample, StepRecord
+from profilerd.vocabulary import Phase
 
 T = TypeVar("T")
 
 # Step-time histogram buckets (seconds): from fast CPU loops to multi-second LLM steps.
 STEP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-PHASE_FIELDS = ("data_wait_s", "forward_s", "backward_s", "optimizer_s", "comm_s")
+# Late device timing comes for the first steps within about a second: it is looked for among
+# the newest steps of a rank's ring only.
+LATE_TIMING_SEARCH = 256
 
 
 @dataclass
@@ -28,9 +32,7 @@ class RankState:
     session: ProbeSession
     steps: deque[StepRecord]
     steps_total: int = 0
-    phase_seconds_total: dict[str, float] = field(
-        default_factory=lambda: dict.fromkeys((*PHASE_FIELDS, "other_s"), 0.0)
-    )
+    phase_seconds_total: dict[str, float] = field(default_factory=lambda: {phase.column: 0.0 for phase in Phase})
     step_seconds_sum: float = 0.0
     bucket_counts: list[int] = field(default_factory=lambda: [0] * (len(STEP_BUCKETS_S) + 1))
     config: dict[str, Any] | None = None
@@ -46,7 +48,7 @@ class JobState:
     job: str
     run_id: str
     ranks: dict[int, RankState] = field(default_factory=dict)
-    verdict: Any = None  # profilerd.analysis.verdict.Verdict, set by analysis
+    verdict: Any = None  # profilerd.analysis.verdict.Verdict, set by analysis (a layer above)
     first_seen_unix_s: float = field(default_factory=time.time)
 
 
@@ -299,6 +301,24 @@ class Store:
             if run is not None:
                 run.state = run.final_state
                 run.recording_path = recording_path
+
+    def set_step_timing(self, session: ProbeSession, step: int, fields: dict[str, float | int]) -> bool:
+        """Put late device timing into a step the rank's ring holds (the newest few, searched
+        from the end); False when it holds no such step of that process."""
+        with self._lock:
+            job = self.jobs.get(session.job)
+            rank = job.ranks.get(session.rank) if job else None
+            if rank is None:
+                return False
+            steps = rank.steps
+            for index in range(len(steps) - 1, max(-1, len(steps) - 1 - LATE_TIMING_SEARCH), -1):
+                record = steps[index]
+                if record.step == step and record.pid == session.pid:
+                    rank.phase_seconds_total["comm_s"] += float(fields["comm_s"]) - record.comm_s
+                    added = {**fields, "flags": record.flags | int(fields["flags"])}
+                    steps[index] = dataclasses.replace(record, **added)  # type: ignore[arg-type]
+                    return True
+            return False
 
     def mark_process_exited(self, pid: int, clean: bool = False) -> None:
         """A training process is gone; ``clean`` when it said goodbye at interpreter exit."""

@@ -9,7 +9,10 @@ on it: its hook methods are called as the patched DataLoader, autograd and optim
 them, its ``item()`` wrapper is the probe's own, and its datagrams are decoded with the wire
 module and turned into ``StepRecord``s as the daemon's ingest does.
 
-``run_scenario`` returns those records together with the simulation's ground truth per step.
+``run_scenario`` returns those records together with the simulation's ground truth per step,
+and ``SimDevice.nvml_samples`` what NVML would report for the same GPU: the one simulator for
+the probes' device timing and for the analysis on top of it (tests/test_device_timing.py,
+tests/test_gpu_analysis.py).
 """
 
 from __future__ import annotations
@@ -19,18 +22,22 @@ import contextlib
 import itertools
 import math
 import os
+import socket
 import threading
 import time
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from profilerd.model import StepRecord
-from profilerd.samplers.ingest import step_record
-from profilerd_probes import core, signals, wire
+from profilerd.model import GpuProcess, GpuSample, StepRecord
+from profilerd.samplers.ingest import Ingest
+from profilerd.samplers.sinks import fan_out
+from profilerd.store import Store
+from profilerd_probes import core, signals
 from profilerd_probes.device import DeviceTimer
 
 LAUNCH_LATENCY_S = 5e-6  # from a launch call to the earliest start of its kernel
+H100 = "NVIDIA H100 80GB HBM3"
 
 
 class FakeClock:
@@ -80,6 +87,11 @@ class SimDevice:
         self.clock.now = max(self.clock.now, self.free_at)
         return 0.0
 
+    def wait(self, seconds: float) -> None:
+        """The stream waits for work on another stream (DDP's NCCL all-reduce): no kernel of its
+        own runs, yet the markers queued behind the wait are reached only after it."""
+        self.free_at = max(self.free_at, self.clock.now + LAUNCH_LATENCY_S) + seconds
+
     # ---- the probes' DeviceTimer ----------------------------------------------------------------
     def allowed(self) -> bool:
         return True
@@ -105,6 +117,31 @@ class SimDevice:
         """Device seconds spent on kernels within the interval [start, end]."""
         first, last = bisect.bisect_right(self.ends, start), bisect.bisect_left(self.starts, end)
         return sum(min(self.ends[i], end) - max(self.starts[i], start) for i in range(first, last))
+
+    def nvml_samples(
+        self, index: int, pid: int, wall_offset_s: float, interval_s: float = 0.5, name: str = H100
+    ) -> list[GpuSample]:
+        """NVML samples of this GPU over the run (unix seconds = clock + ``wall_offset_s``):
+        utilization is the kernels' busy share of each interval, SM activity a little lower."""
+        samples = []
+        t = (self.starts[0] if self.starts else self.clock.now) + interval_s
+        while t <= self.clock.now:
+            share = self.busy_between(t - interval_s, t) / interval_s
+            samples.append(
+                GpuSample(
+                    ts_unix_s=t + wall_offset_s,
+                    index=index,
+                    uuid=f"GPU-{index}",
+                    name=name,
+                    utilization_gpu_ratio=share,
+                    sm_active_ratio=0.8 * share,
+                    memory_used_bytes=40 << 30,
+                    memory_total_bytes=80 << 30,
+                    processes=(GpuProcess(pid, 30 << 30),),
+                )
+            )
+            t += interval_s
+        return samples
 
     def work_launched(self, start: float, end: float) -> float:
         """Device seconds of the kernels launched within the host interval [start, end)."""
@@ -155,6 +192,10 @@ class Scenario:
     optimizer: Phase = Phase()
     item_every_step: bool = False  # loss.item() after the optimizer step
     max_queue_s: float = math.inf
+    python_s: float = 0.0  # host work per step outside the phases (logging, bookkeeping)
+    # DDP: after backward the stream waits this long for the gradient all-reduce (exposed
+    # communication); DDP's sampled runtime stats tell the probe its share of the backward pass.
+    exposed_comm_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -204,7 +245,15 @@ LAUNCH_BOUND = Scenario(
     backward=Phase(200, 8e-6, launch_s=40e-6),
     optimizer=Phase(100, 3e-6, launch_s=40e-6),
 )
-SCENARIOS = (DATA_STARVED, COMPUTE_BOUND, COMPUTE_BOUND_ITEM, LOADER_OVERLAPPED, LAUNCH_BOUND)
+DDP_COMM_BOUND = Scenario(
+    "DDP communication-bound",
+    forward=Phase(20, 0.0015),
+    backward=Phase(20, 0.003),
+    optimizer=Phase(10, 0.0005),
+    max_queue_s=0.1,
+    exposed_comm_s=0.060,
+)
+SCENARIOS = (DATA_STARVED, COMPUTE_BOUND, COMPUTE_BOUND_ITEM, LOADER_OVERLAPPED, LAUNCH_BOUND, DDP_COMM_BOUND)
 
 
 class _Sender:
@@ -231,6 +280,29 @@ class _Optimizer:
         self.param_groups = [{"lr": 0.01, "params": []}]
 
 
+class _Ddp:
+    """What the probe reads of a DistributedDataParallel module: its sampled runtime stats (ns),
+    here those of the scenario: the backward kernels, then the exposed all-reduce."""
+
+    bucket_bytes_cap = 25 << 20
+    find_unused_parameters = static_graph = gradient_as_bucket_view = False
+
+    def __init__(self, scenario: Scenario) -> None:
+        self.module = types.SimpleNamespace(parameters=list)  # no parameters of its own
+        self.iteration = 0
+        self.compute_ns = int(scenario.backward.kernels * scenario.backward.kernel_s * 1e9)
+        self.comm_ns = int(scenario.exposed_comm_s * 1e9)
+
+    def _get_ddp_logging_data(self) -> dict[str, int]:
+        return {
+            "iteration": self.iteration,
+            "backward_compute_time_start": 1,
+            "backward_compute_time_end": 1 + self.compute_ns,
+            "backward_comm_time_end": 1 + self.compute_ns + self.comm_ns,
+            "backward_comm_time": self.comm_ns,
+        }
+
+
 @contextlib.contextmanager
 def _fake_time(clock: FakeClock) -> Iterator[None]:
     """The probe modules see the fake clock as ``time.perf_counter`` (and the real wall clock)."""
@@ -251,20 +323,42 @@ class Run:
     probe: core.StepProbe
     datagrams: list[bytes]  # everything the probe sent, hello and config included
 
+    def nvml_samples(self, index: int | None = None) -> list[GpuSample]:
+        """NVML's samples of the GPU this rank ran on (GPU ``rank`` unless told)."""
+        probe = self.probe
+        return self.device.nvml_samples(
+            probe.ident["rank"] if index is None else index, probe.ident["pid"], probe._wall_offset
+        )
+
 
 def run_scenario(
-    scenario: Scenario, steps: int = 60, device_timing: bool = True, timer: DeviceTimer | None = None
+    scenario: Scenario,
+    steps: int = 60,
+    device_timing: bool = True,
+    timer: DeviceTimer | None = None,
+    rank: int = 0,
+    pid: int | None = None,
+    job: str = "sim",
+    crash: bool = False,
 ) -> Run:
     """Drive a real StepProbe through ``steps`` iterations of ``scenario`` on a SimDevice (whose
-    markers come from ``timer`` instead, when given)."""
+    markers come from ``timer`` instead, when given), as ``rank`` of a job, under ``pid``; with
+    ``crash`` the process dies after the last step (no flush at exit: what was sent is all)."""
     clock = FakeClock()
     device = SimDevice(clock, max_queue_s=scenario.max_queue_s)
     sender = _Sender()
     truths: list[Truth] = []
     with _fake_time(clock):
         probe = core.StepProbe(sender)  # type: ignore[arg-type]
+        probe._rank = probe.ident["rank"] = rank
+        probe.ident["job"] = probe.ident["run_id"] = job
+        if pid is not None:
+            probe._pid = probe.ident["pid"] = pid
         if device_timing:
             probe.use_device_timer(timer or device)
+        ddp = _Ddp(scenario) if scenario.exposed_comm_s else None
+        if ddp is not None:
+            probe.note_ddp(ddp)
         optimizer = _Optimizer()
         library_dir = os.path.dirname(os.__file__) + "/nowhere/"
         item = probe.syncs.wrap("item", lambda tensor: device.sync(), threading.get_ident, library_dir)
@@ -278,25 +372,37 @@ def run_scenario(
             _launch(device, scenario.forward)
             backward_start = probe.on_backward_start(clock.now, None)
             _launch(device, scenario.backward)
+            if ddp is not None:
+                ddp.iteration += 1
+                device.wait(scenario.exposed_comm_s)
             probe.on_backward_end(backward_start, clock.now)
             probe.on_optimizer_pre(optimizer)
             _launch(device, scenario.optimizer)
             probe.on_optimizer_post(optimizer)
             if scenario.item_every_step:
                 item(object())
+            clock.advance(scenario.python_s)
             truths.append(_truth(device, start, wait_end, clock.now, ahead))
-        probe.flush()
+        if not crash:
+            probe.flush()
     # The step ends where the next one starts (the next batch), so each truth spans to there.
     truths = [
         Truth(t.start_s, n.start_s, device.work_launched(t.start_s, n.start_s), t.idle_data_wait_s, n.host_ahead_s)
         for t, n in itertools.pairwise(truths)
     ]
-    records = []
-    for datagram in sender.datagrams:
-        message = wire.decode(datagram)
-        if isinstance(message, wire.StepBatch):
-            records.extend(step_record(step, "sim", step.pid) for step in message.steps)
+    store = ingest(sender.datagrams)
+    records = [r for steps in store.ring(job).values() for r in steps if r.pid == probe.ident["pid"]]
     return Run(records, truths, device, probe, sender.datagrams)
+
+
+def ingest(datagrams: list[bytes], store: Store | None = None) -> Store:
+    """The datagrams through the daemon's own Ingest into a Store, as the daemon takes them."""
+    store = store if store is not None else Store(window_steps=100_000, window_s=1e12)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        receiver = Ingest(sock, store, fan_out(store, None), threading.Event())
+        for datagram in datagrams:
+            receiver.handle(datagram)
+    return store
 
 
 def _launch(device: SimDevice, phase: Phase) -> None:

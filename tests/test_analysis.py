@@ -378,7 +378,8 @@ def test_a_live_verdict_is_recorded_when_it_changes_and_at_least_every_10_s(tmp_
     import sqlite3
 
     from profilerd.analysis.live import LiveAnalyzer
-    from profilerd.recording import Recorder, recording_file
+    from profilerd.recordings.schema import recording_file
+    from profilerd.recordings.writer import Recorder
     from profilerd.samplers.sinks import RECORD_VERDICT_EVERY_S, RecordingSink, VerdictRecord
 
     store = live_store(500, 120.0, ranks=1)

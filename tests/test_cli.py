@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from profilerd import runs
+from profilerd import recordings as runs
 from profilerd.analysis.rules import load_rules
 from tests.conftest import EXAMPLES, run_cli
 

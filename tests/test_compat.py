@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pytest
 
-from profilerd import runs
+from profilerd import recordings
 from profilerd.analysis.rules import load_rules
 
 pytestmark = pytest.mark.slow
@@ -538,7 +538,7 @@ def test_program_runs_unchanged_under_profilerd(case: str, compat_runs: CompatRu
         profiled_steps = expected_steps(profiled.cwd)
         assert profiled.document is not None, "profilerd run wrote no --json verdict"
         recorded = (
-            sorted(runs.load(Path(profiled.document["recording"])).steps.groupby("pid").size().tolist())
+            sorted(recordings.load(Path(profiled.document["recording"])).steps.groupby("pid").size().tolist())
             if profiled.document.get("recording")
             else []
         )

@@ -42,7 +42,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from profilerd.exporters.gpu_metrics import CLOCK_EVENT_REASONS, describe_gpu_metric_families
 from profilerd.exporters.prometheus import PHASE_LABELS
 from profilerd.gpu.simnvml import GIB, Scenario, build_library
-from profilerd.model import PRIMARY_VALUES
+from profilerd.vocabulary import PRIMARY_VALUES
 from profilerd_dashboards import DOCS_BASE_URL
 from profilerd_probes import wire
 from tests.conftest import REPO

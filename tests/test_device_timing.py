@@ -8,6 +8,7 @@ import socket
 import sqlite3
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,18 +16,20 @@ from simdevice import (
     COMPUTE_BOUND,
     COMPUTE_BOUND_ITEM,
     DATA_STARVED,
+    DDP_COMM_BOUND,
     LAUNCH_BOUND,
     LOADER_OVERLAPPED,
     SCENARIOS,
     ConstantTimer,
     Run,
+    ingest,
     run_scenario,
 )
 
-from profilerd import runs
+from profilerd import recordings
 from profilerd.analysis.features import steps_frame
 from profilerd.model import StepRecord
-from profilerd.recording import Recorder
+from profilerd.recordings.writer import Recorder
 from profilerd.samplers.ingest import Ingest
 from profilerd.samplers.sinks import fan_out
 from profilerd.store import Store
@@ -61,6 +64,12 @@ def test_every_scenario_keeps_the_stream_clean(scenario) -> None:
         assert record.gpu_busy_s + record.gpu_idle_s == pytest.approx(max(record.step_s, record.gpu_busy_s))
         assert 0.0 <= record.gpu_idle_data_wait_s <= record.data_wait_s + 1e-12
         assert record.host_ahead_s == pytest.approx(_truth.host_ahead_s, abs=2e-5)
+        # What the analysis assumes: exposed communication lies within the idle left after the
+        # data wait (DDP's all-reduce is moved there by the probe).
+        assert record.comm_s <= record.gpu_idle_s - record.gpu_idle_data_wait_s + 1e-9
+        # Busy is flagged a lower bound exactly where the device kept pace with the host.
+        lower_bound = bool(record.flags & wire.FLAG_GPU_BUSY_LOWER_BOUND)
+        assert lower_bound == (scenario is LAUNCH_BOUND), record
 
 
 def test_data_starved_the_device_idles_while_the_loader_is_waited_for() -> None:
@@ -100,6 +109,15 @@ def test_a_loader_wait_overlapped_by_device_work_is_not_device_idle() -> None:
         assert record.host_ahead_s > 0.1 and record.host_ahead_s == pytest.approx(truth.host_ahead_s, rel=0.01)
 
 
+def test_ddp_the_exposed_all_reduce_is_idle_and_communication_on_the_device_clock() -> None:
+    """The stream's 60 ms wait for the all-reduce is in the backward markers' span; the probe
+    moves DDP's exposed share of it out of busy and into comm_s."""
+    for record, truth in _steady(run_scenario(DDP_COMM_BOUND)):
+        assert record.gpu_busy_s == pytest.approx(truth.busy_s, rel=0.01)
+        assert record.comm_s == pytest.approx(DDP_COMM_BOUND.exposed_comm_s, rel=0.02)
+        assert record.gpu_busy_s + record.gpu_idle_s == pytest.approx(record.step_s)
+
+
 def test_launch_bound_the_device_idles_between_tiny_kernels() -> None:
     """The busy estimate is a lower bound when the device keeps pace with the host: the
     figures must show a mostly idle device that never falls behind."""
@@ -123,9 +141,98 @@ def test_a_step_is_held_until_its_markers_are_reached_and_sent_in_order() -> Non
     seqs = [r.step for r in run.records]
     assert seqs == sorted(seqs) == list(range(1, 81))
     timed = [r.step for r in run.records if r.gpu_busy_s is not None]
-    assert len(timed) >= 50
-    # The first steps go out at once (a crash must not lose them), resolved or not.
-    assert not any(step <= 20 for step in timed)
+    assert len(timed) >= 75
+
+
+def _sent(run: Run) -> list[tuple[str, list[int]]]:
+    """What the probe sent, in order: ("steps", numbers) per step batch, ("timing", numbers) per
+    late device-timing message."""
+    sent = []
+    for datagram in run.datagrams:
+        message = wire.decode(datagram)
+        if isinstance(message, wire.StepBatch):
+            sent.append(("steps", [m.step for m in message.steps]))
+        elif isinstance(message, wire.JsonMessage) and message.kind == "step_timing":
+            sent.append(("timing", [row[0] for row in message.body["steps"]]))
+    return sent
+
+
+def test_a_short_run_gets_device_timing_for_its_first_steps_sent_late() -> None:
+    """A 20-step run with the host ahead (what users profile first): every step goes out at once,
+    and its device timing follows as soon as the device reaches it; the daemon's records carry it."""
+    run = run_scenario(LOADER_OVERLAPPED, steps=20)
+    sent = _sent(run)
+    batches = [numbers for kind, numbers in sent if kind == "steps"]
+    assert batches == [[n] for n in range(1, 21)]  # one datagram per step, none held
+    late = [n for kind, numbers in sent if kind == "timing" for n in numbers]
+    assert late and late == sorted(late)
+    for number in late:  # the timing comes after the step it completes
+        assert sent.index(("steps", [number])) < next(
+            i for i, (k, ns) in enumerate(sent) if k == "timing" and number in ns
+        )
+    assert [r.step for r in run.records] == list(range(1, 21))
+    timed = [r for r in run.records if r.gpu_busy_s is not None]
+    assert len(timed) >= 15 and {r.step for r in timed} == set(late)
+    for record in timed:
+        assert record.flags & wire.FLAG_HAS_GPU_TIMING
+        if WARMUP < record.step < 20:
+            truth = run.truths[record.step - 1]
+            assert record.gpu_busy_s == pytest.approx(truth.busy_s, rel=0.01)
+            assert record.host_ahead_s == pytest.approx(truth.host_ahead_s, rel=0.01)
+
+
+def test_a_crash_loses_no_step_that_was_reached_only_late_device_timing() -> None:
+    """A process killed after its 12th step (no flush): every step it ended was sent, with or
+    without its device timing."""
+    run = run_scenario(COMPUTE_BOUND, steps=12, crash=True)
+    assert [r.step for r in run.records] == list(range(1, 12))  # the 12th had not ended yet
+    assert any(r.gpu_busy_s is not None for r in run.records)
+
+
+def test_late_device_timing_that_is_malformed_is_refused_and_loses_nothing() -> None:
+    run = run_scenario(COMPUTE_BOUND, steps=8)
+    hello = next(d for d in run.datagrams if wire.decode(d).kind == "hello")  # type: ignore[union-attr]
+    batches = [d for d in run.datagrams if isinstance(wire.decode(d), wire.StepBatch)]
+    pid = run.probe.ident["pid"]
+    timing = [0.01] * len(GPU_TIMING_FIELDS)
+    bad = [
+        [[3, 1.0, -0.5, 0, *timing]],  # a negative duration
+        [[3, 1.0, 0.0, 0, *timing[:-1]]],  # a field short
+        [[3, 1.0, 0.0, 0, float("nan"), *timing[1:]]],
+        [[99, 1.0, 0.0, 0, *timing]],  # a step the daemon does not hold
+        "not rows",
+    ]
+    store = Store()
+    ingest([hello, *batches], store)
+    before = {n: getattr(s, n) for s in store.ring("sim")[0] for n in ("step", "gpu_busy_s")}
+    refused = [wire.encode_json(wire.KIND_STEP_TIMING, {"pid": pid, "rank": 0, "steps": rows}) for rows in bad]
+    ingest(refused, store)
+    assert store.dropped["bad_field"] == len(bad)
+    assert {n: getattr(s, n) for s in store.ring("sim")[0] for n in ("step", "gpu_busy_s")} == before
+    assert len(store.ring("sim")[0]) == 8
+
+
+def test_late_device_timing_reaches_the_recording(tmp_path: Path) -> None:
+    """The daemon's fan-out into a recording: the UPDATE finds the steps written without it."""
+    run = run_scenario(LOADER_OVERLAPPED, steps=20)
+    recorder = Recorder(tmp_path)
+    recorder.start()
+    store = Store()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        receiver = Ingest(sock, store, fan_out(store, recorder), threading.Event())
+        for datagram in run.datagrams:
+            receiver.handle(datagram)
+    recorder.close_run("sim", "finished", 0)
+    recorder.stop()
+    steps = recordings.load(tmp_path / "sim.sqlite").steps.sort_values("step")
+    live = {r.step: r.gpu_busy_s for r in run.records}
+    assert steps["gpu_busy_s"].notna().sum() >= 15
+    for step, busy in zip(steps["step"], steps["gpu_busy_s"], strict=True):
+        assert busy == pytest.approx(live[int(step)], nan_ok=True) if live[int(step)] is not None else busy != busy
+    # The late timing adds its flag bits; the step's own (it carries the learning rate) stay.
+    flags = {r.step: r.flags for r in run.records}
+    assert steps["flags"].astype(int).tolist() == [flags[int(n)] for n in steps["step"]]
+    assert all(f & wire.FLAG_HAS_LR for f in flags.values())
 
 
 def test_the_marker_pool_is_bounded_when_the_device_falls_far_behind() -> None:
@@ -163,7 +270,7 @@ def test_device_timing_travels_to_the_recording_and_the_offline_frame(tmp_path: 
         recorder.step("sim", record)
     recorder.close_run("sim", "finished", 0)
     recorder.stop()
-    loaded = runs.load(tmp_path / "sim.sqlite").steps
+    loaded = recordings.load(tmp_path / "sim.sqlite").steps
     live = steps_frame(run.records)
     assert list(loaded.columns) == list(live.columns)
     for name in GPU_TIMING_FIELDS:
@@ -192,7 +299,7 @@ def test_a_recording_written_before_device_timing_loads_and_takes_new_rows(tmp_p
     )
     conn.commit()
     conn.close()
-    steps = runs.load(path).steps
+    steps = recordings.load(path).steps
     assert len(steps) == 5 and steps["gpu_busy_s"].isna().all() and steps["forward_s"].sum() == pytest.approx(0.15)
 
     recorder = Recorder(tmp_path)
@@ -202,7 +309,7 @@ def test_a_recording_written_before_device_timing_loads_and_takes_new_rows(tmp_p
     recorder.step("old", record)
     recorder.close_run("old", "finished", 0)
     recorder.stop()
-    steps = runs.load(path).steps
+    steps = recordings.load(path).steps
     assert len(steps) == 6
     assert steps["gpu_busy_s"].notna().sum() == 1
     assert float(steps["gpu_busy_s"].dropna().iloc[0]) == pytest.approx(record.gpu_busy_s)
@@ -220,3 +327,24 @@ def test_a_failing_device_turns_device_timing_off_and_step_timing_goes_on() -> N
     assert run.probe.device is None and core.active() is None  # never installed: nothing to disable
     assert [r.step for r in run.records] == list(range(1, 31))
     assert all(r.gpu_busy_s is None for r in run.records)
+
+
+def test_late_device_timing_is_written_after_the_step_it_updates(tmp_path: Path) -> None:
+    """Rows queued in one writer cycle: an update for an earlier step, the step, its update. The
+    inserts go first, so no update is lost to the order in which the rows arrived."""
+    record = run_scenario(COMPUTE_BOUND_ITEM, steps=28).records[-2]
+    assert record.gpu_busy_s is not None
+    untimed = replace(record, **dict.fromkeys(GPU_TIMING_FIELDS))
+    fields = {"comm_s": record.comm_s, "flags": record.flags, **{n: getattr(record, n) for n in GPU_TIMING_FIELDS}}
+    recorder = Recorder(tmp_path)
+    recorder.start_run("sim", {"hostname": "sim"})
+    recorder.step_timing("sim", record.pid, record.step - 1, record.end_unix_s - 1.0, fields)  # a step not here
+    recorder.step("sim", untimed)
+    recorder.step_timing("sim", record.pid, record.step, record.end_unix_s, fields)
+    recorder.start()  # one cycle drains all three
+    recorder.close_run("sim", "finished", 0)
+    recorder.stop()
+    steps = recordings.load(tmp_path / "sim.sqlite").steps
+    assert len(steps) == 1
+    assert float(steps["gpu_busy_s"].iloc[0]) == pytest.approx(record.gpu_busy_s)
+    assert int(steps["flags"].iloc[0]) == record.flags

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from profilerd import diff, report, runs
+from profilerd import recordings, report
 from profilerd.analysis.rules import load_rules
+from profilerd.report import diff
 from tests.conftest import EXAMPLES, run_cli
 from tests.fixtures.make_fixture import Job, Node, write_recording
 
@@ -28,7 +29,7 @@ def _pair(tmp_path: Path, before: Job, after: Job) -> tuple[Path, Path]:
 
 
 def _compare(a: Path, b: Path, applied: list[str] | None = None) -> dict:
-    ra, rb = runs.load(a), runs.load(b)
+    ra, rb = recordings.load(a), recordings.load(b)
     return diff.compare(
         ra, report.verdict_document(ra, RULES), rb, report.verdict_document(rb, RULES), RULES.warmup_steps, applied
     )

@@ -13,11 +13,9 @@ import pytest
 from profilerd_probes import wire
 from tests.probe_helpers import Receiver, run_python, short_socket_dir, write_script
 
-pytestmark = pytest.mark.gpu
-
 torch = pytest.importorskip("torch")
-if not torch.cuda.is_available():
-    pytest.skip("needs CUDA", allow_module_level=True)
+# Skipped, not left out, without CUDA: the tests still collect (`pytest -m gpu --collect-only`).
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 PRELUDE = """
     import os, sys, time, torch

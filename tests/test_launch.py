@@ -127,7 +127,7 @@ def test_the_cli_starts_without_pandas_textual_or_prometheus_client(profilerd_en
 def test_the_run_prints_the_daemons_verdict_and_its_wrapper_never_imports_pandas(profilerd_env, short_tmp):
     """The daemon has the recording and the analysis loaded: it computes the end-of-run verdict,
     and the wrapper only prints it. The verdict is the one the recording gives."""
-    from profilerd import runs
+    from profilerd import recordings as runs
     from profilerd.analysis.rules import load_rules
 
     script = short_tmp / "train.py"
@@ -177,7 +177,7 @@ def test_a_private_runtime_directory_goes_with_its_runs_daemon(profilerd_env, sh
 def test_a_daemon_with_other_rules_leaves_the_verdict_to_the_runs_own_rules(profilerd_env, short_tmp):
     """A daemon the user started with their own --rules judges by those: a run without --rules
     gets the built-in rules' verdict, computed by the wrapper, not the daemon's."""
-    from profilerd import runs
+    from profilerd import recordings as runs
     from profilerd.analysis.rules import load_rules
     from tests.reliability_helpers import Served
 
@@ -213,7 +213,7 @@ def test_the_daemon_ingests_before_its_heavy_imports(profilerd_env):
         import os, sqlite3, sys, time
         from profilerd.config import load
         from profilerd.daemon import Daemon
-        from profilerd.recording import recording_file
+        from profilerd.recordings.schema import recording_file
         from profilerd_probes import wire
         from profilerd_probes.transport import DatagramSender
 

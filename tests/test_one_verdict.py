@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from profilerd import attach, runs
+from profilerd import attach, recordings
 from profilerd.analysis.document import headline_of, straggler_of
 from profilerd.analysis.live import LiveAnalyzer
 from profilerd.analysis.rules import load_rules
 from profilerd.config import DaemonConfig
 from profilerd.model import GpuProcess, GpuSample, HostSample, ProbeSession, ProcessSample, StepRecord
-from profilerd.recording import read_gpu_samples
+from profilerd.recordings.reader import read_gpu_samples
 from profilerd.store import Store
 from profilerd_tui.sources import ReplaySource
-from profilerd_tui.testing import make_fixture_recording
 from tests.conftest import run_cli
+from tests.tui_helpers import make_fixture_recording
 
 RULES, _ = load_rules()
 
@@ -32,7 +32,7 @@ def recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def daemon_store(path: Path) -> tuple[Store, str, float]:
     """A daemon's store holding what it received during the recorded run: the hellos, the steps in
     arrival order, the configuration and every host, process and GPU sample."""
-    rec = runs.load(path)
+    rec = recordings.load(path)
     defaults = DaemonConfig()
     store = Store(defaults.window_steps, defaults.window_s)
     for s in rec.sessions.itertuples():
@@ -113,7 +113,7 @@ def test_live_report_replay_and_attach_give_one_verdict(recording: Path, profile
         flagged = [r.rank for r in snapshot.ranks if r.straggler]
         return snapshot.primary, snapshot.headline, flagged[0] if flagged else None, snapshot.summary
 
-    seconds = end - float(runs.load(recording).steps["end_unix_s"].min())
+    seconds = end - float(recordings.load(recording).steps["end_unix_s"].min())
     probed = attach.probed_verdict(recording, RULES, seconds).to_json("attach")
     attach_says = (probed["primary"], headline_of(probed), straggler_of(probed))
 

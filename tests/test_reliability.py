@@ -432,16 +432,16 @@ def test_recorder_keeps_every_row_and_the_run_metadata_through_a_failed_commit(
 ) -> None:
     """A commit that fails after the file was opened (here: a broken statement standing in for
     the disk filling up mid-transaction) must keep the run's metadata and rows for the retry."""
-    from profilerd import recording
     from profilerd.model import StepRecord
+    from profilerd.recordings import schema, writer
 
-    monkeypatch.setattr(recording, "RETRY_INTERVAL_S", 0.1)
+    monkeypatch.setattr(writer, "RETRY_INTERVAL_S", 0.1)
     states: list[str | None] = []
-    recorder = recording.Recorder(tmp_path, on_status=states.append)
+    recorder = writer.Recorder(tmp_path, on_status=states.append)
     recorder.start()
     try:
-        broken = dict(recording.INSERTS, steps="INSERT INTO no_such_table VALUES (?)")
-        monkeypatch.setattr(recording, "INSERTS", broken)
+        broken = dict(writer.INSERTS, steps="INSERT INTO no_such_table VALUES (?)")
+        monkeypatch.setattr(writer, "INSERTS", broken)
         recorder.start_run("r", {"job": "j", "hostname": "h"})
         for i in range(50):
             recorder.step("r", StepRecord("j", 0, 1, i, 1.0 + i, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0))
@@ -451,6 +451,6 @@ def test_recorder_keeps_every_row_and_the_run_metadata_through_a_failed_commit(
     finally:
         recorder.stop()
     assert states[0] and "no_such_table" in states[0] and states[-1] is None
-    conn = sqlite3.connect(recording.recording_file(tmp_path, "r"))
+    conn = sqlite3.connect(schema.recording_file(tmp_path, "r"))
     assert conn.execute("SELECT COUNT(*) FROM steps").fetchone()[0] == 50
     assert dict(conn.execute("SELECT key, value FROM meta").fetchall())["job"] == "j"

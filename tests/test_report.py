@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from profilerd import report, runs
+from profilerd import recordings, report
 from profilerd.analysis.rules import load_rules
 from tests.browser_helpers import chromium, ink, layout_boxes, page_fetches, read_png, screenshot
 from tests.conftest import REPO, run_cli
@@ -79,7 +79,7 @@ def test_json_report_of_the_fixture_matches_the_golden_file(profilerd_env: dict[
 
 def test_the_fixture_script_reproduces_the_committed_fixture(tmp_path: Path) -> None:
     path = write_recording(tmp_path / "again.sqlite", Job(), FIXTURE_NODE)
-    document = _without_path(report.verdict_document(runs.load(path), RULES))
+    document = _without_path(report.verdict_document(recordings.load(path), RULES))
     assert _matches(document, json.loads(GOLDEN.read_text())) == []
 
 
@@ -245,7 +245,7 @@ def test_damaged_or_unfinished_recordings_get_a_partial_report(
     path = make(tmp_path)
     html = _html_report(profilerd_env, tmp_path, str(path), exit_code=exit_code)
     assert "Partial report" in html and note in html
-    recording = runs.load(path)
+    recording = recordings.load(path)
     for fmt in ("json", "text", "md"):
         output = report.build_report([path], RULES, fmt)
         assert note in output, fmt
@@ -255,7 +255,7 @@ def test_damaged_or_unfinished_recordings_get_a_partial_report(
 
 
 def test_the_killed_run_report_includes_the_rows_only_in_the_wal(tmp_path: Path) -> None:
-    recording = runs.load(_killed(tmp_path))
+    recording = recordings.load(_killed(tmp_path))
     assert recording.state == "running"
     assert recording.steps["step"].max() > 1000  # inserted after the last checkpoint
 
@@ -284,7 +284,7 @@ def _two_nodes(tmp_path: Path, skew_s: float = 1.7, job: Job | None = None) -> t
 
 def test_nodes_of_one_job_merge_with_their_clocks_aligned(tmp_path: Path) -> None:
     a, b = _two_nodes(tmp_path)
-    merged = runs.merge([runs.load(b), runs.load(a)])  # the order given does not matter
+    merged = recordings.merge([recordings.load(b), recordings.load(a)])  # the order given does not matter
     assert [s.run_id for s in merged.sources] == ["run-node-a", "run-node-b"]
     offset = merged.sources[1].clock_offset_s
     assert offset == pytest.approx(-1.7, abs=0.002)  # the synthetic ranks jitter by 0.2 ms
@@ -296,7 +296,9 @@ def test_nodes_of_one_job_merge_with_their_clocks_aligned(tmp_path: Path) -> Non
         assert document["fractions"][key] == pytest.approx(value, abs=0.002)
     assert document["data_quality"]["clock"]["aligned"] is True
     # Aligned, the GPU timelines of both nodes start where the steps do.
-    data = __import__("profilerd.timeline", fromlist=["report_data"]).report_data(merged, document, RULES.warmup_steps)
+    from profilerd.recordings.timeline import report_data
+
+    data = report_data(merged, document, RULES.warmup_steps)
     assert set(data.gpus["gpu"]) == {"node-a:0", "node-a:1", "node-b:0", "node-b:1"}
     assert data.gpus["start_s"].min() < 2.0
 
@@ -414,7 +416,7 @@ def test_garbage_anywhere_gives_a_report_or_a_clear_error(where: float, tmp_path
     for fmt in ("json", "text", "md", "html"):
         try:
             output = report.build_report([path], RULES, fmt)
-        except runs.RecordingError as exc:
+        except recordings.RecordingError as exc:
             assert str(exc)  # the CLI prints it and exits 2
         else:
             assert output
@@ -423,7 +425,7 @@ def test_garbage_anywhere_gives_a_report_or_a_clear_error(where: float, tmp_path
 def test_a_lost_gpu_is_listed_once_whether_recorded_as_an_event_or_only_seen_in_samples() -> None:
     import pandas as pd
 
-    from profilerd.timeline import event_table
+    from profilerd.recordings.timeline import event_table
 
     gpus = pd.DataFrame(
         {"node": ["n1"] * 4, "gpu_index": [0, 0, 1, 1], "ts_unix_s": [10.0, 11.0, 10.0, 11.0], "lost": [0, 1, 0, 1]}

@@ -359,7 +359,7 @@ def test_a_run_killed_with_sigkill_is_recorded_to_the_end_and_not_listed_running
 
 
 def test_a_running_recording_without_a_writer_is_listed_aborted(profilerd_env: dict[str, str]) -> None:
-    from profilerd.recording import open_recording
+    from profilerd.recordings.writer import open_recording
 
     runs_dir = Path(profilerd_env["PROFILERD_DATA_DIR"]) / "runs"
     runs_dir.mkdir(parents=True)

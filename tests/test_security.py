@@ -22,7 +22,7 @@ from profilerd.analysis.rules import load_rules
 from profilerd.config import load
 from profilerd.daemon import Daemon, DaemonError
 from profilerd.gpu import NoGpuBackend
-from profilerd.recording import recording_file
+from profilerd.recordings.schema import recording_file
 from profilerd.redaction import MASK, redact_argv
 from profilerd_probes import wire
 from tests.conftest import REPO

@@ -15,8 +15,8 @@ from profilerd_tui.app import ProfilerdApp, make_app
 from profilerd_tui.model import RankRow, fmt_duration, mark_straggler
 from profilerd_tui.screens import DetailsScreen, HelpScreen
 from profilerd_tui.sources import DaemonSource, PrometheusSource, ReplaySource, SourceError
-from profilerd_tui.testing import JsonServer, daemon_documents, make_fixture_recording, run_async, wait_for
 from profilerd_tui.widgets import StatusBar
+from tests.tui_helpers import JsonServer, daemon_documents, make_fixture_recording, run_async, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -119,13 +119,13 @@ async def test_replay_steps_speeds_and_seeks(recording: Path) -> None:
 
 
 def test_replay_at_the_end_matches_the_recorded_run(recording: Path) -> None:
-    from profilerd import runs
+    from profilerd import recordings
     from profilerd.analysis.rules import load_rules
 
     snapshot = ReplaySource(recording, playing=False).fetch()
     assert snapshot.job == "resnet-ddp" and snapshot.state == "finished"
     # The replay ends on the whole run's verdict, the one `report` gives (GPU samples included).
-    report = runs.analyse(runs.load(recording), load_rules()[0])
+    report = recordings.analyse(recordings.load(recording), load_rules()[0])
     assert (snapshot.primary, snapshot.severity, snapshot.summary) == (report.primary, report.severity, report.summary)
     assert snapshot.primary == "compute" and "power throttling" in snapshot.summary
     assert snapshot.fractions is not None and abs(sum(snapshot.fractions.values()) - 1) < 0.01

@@ -251,7 +251,7 @@ def test_largest_datagram_is_accepted_and_fits_an_af_unix_socket():
         (b"PF" + bytes([wire.VERSION + 1, wire.KIND_HELLO]) + b'{"pid":1}', "bad_version"),
         (b"PF\x00" + bytes([wire.KIND_HELLO]) + b'{"pid":1}', "bad_version"),
         (b"PF" + bytes([wire.VERSION, 0]) + b'{"pid":1}', "unknown_kind"),
-        (b"PF" + bytes([wire.VERSION, 7]) + b'{"pid":1}', "unknown_kind"),
+        (b"PF" + bytes([wire.VERSION, 8]) + b'{"pid":1}', "unknown_kind"),
         (b"PF" + bytes([wire.VERSION, 255]) + b'{"pid":1}', "unknown_kind"),
         (json_datagram(wire.KIND_HELLO, b""), "malformed"),
         (json_datagram(wire.KIND_HELLO, b'{"pid": 1'), "malformed"),
@@ -405,7 +405,7 @@ def test_a_record_type_that_disagrees_with_the_table_fails_at_import() -> None:
 
 
 def test_the_recordings_steps_table_has_the_tables_columns(tmp_path) -> None:
-    from profilerd.recording import open_recording
+    from profilerd.recordings.writer import open_recording
     from profilerd_probes.schema import STEP_COLUMNS
 
     conn = open_recording(tmp_path / "r.sqlite")

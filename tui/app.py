@@ -28,8 +28,8 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, OptionList
 
+from profilerd.vocabulary import Fraction, Phase
 from profilerd_tui.model import (
-    FRACTION_KEYS,
     GpuRow,
     ProcessRow,
     RankRow,
@@ -391,7 +391,7 @@ def breakdown_body(snap: Snapshot) -> RenderableType:
     mean = snap.step_mean_s
     rows: list[tuple[str, Any]] = []
     phases = snap.phases or {}
-    for key in ("data_wait", "forward", "backward", "optimizer", "communication", "other"):
+    for key in Phase:
         share = phases.get(key)
         per_step = f"  {fmt_duration(share * mean)} per step" if share is not None and mean else ""
         rows.append((key.replace("_", " "), f"{fmt_ratio(share)}{per_step}"))
@@ -402,7 +402,7 @@ def breakdown_body(snap: Snapshot) -> RenderableType:
         ("steps/s", f"{snap.steps_per_s:.2f}" if snap.steps_per_s else "–"),
         ("steps", f"{snap.steps_total:,}"),
     ]
-    shares = ", ".join(f"{k} {fmt_ratio((snap.fractions or {}).get(k))}" for k in FRACTION_KEYS)
+    shares = ", ".join(f"{k} {fmt_ratio((snap.fractions or {}).get(k))}" for k in Fraction)
     return Group(_table(*rows), Text(f"\nshares of step time: {shares}"))
 
 

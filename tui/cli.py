@@ -29,11 +29,11 @@ def build_source(args: argparse.Namespace, config: DaemonConfig) -> Source:
             raise TuiUsageError("--prometheus needs --job: the job to show")
         return PrometheusSource(args.prometheus, args.job)
     if args.replay:
-        from profilerd import runs
+        from profilerd import recordings
 
         try:
-            path = runs.resolve(config.runs_dir, args.replay)
-        except runs.RecordingError as exc:
+            path = recordings.resolve(config.runs_dir, args.replay)
+        except recordings.RecordingError as exc:
             raise TuiUsageError(str(exc)) from None
         try:
             return ReplaySource(

@@ -9,13 +9,12 @@ tested, and benchmarked, without a terminal. Units are in field names and ``None
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from profilerd.analysis.document import headline
 
-SEVERITY_ORDER = ("ok", "info", "warning", "critical")
-FRACTION_KEYS = ("data_wait", "compute", "communication", "other")
 FRACTION_LABELS = {"data_wait": "data", "compute": "compute", "communication": "comm", "other": "other"}
 # Without a verdict document (Prometheus carries numbers only), a rank is taken for the
 # straggler when its own work (step time less exposed communication, which in a synchronous
@@ -108,6 +107,45 @@ class ReplayState:
     playing: bool
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceView:
+    """What the GPU did with the steps, on its own clock (the verdict's ``device`` section)."""
+
+    busy_ratio: float
+    idle_ratio: float
+    idle_data_wait_ratio: float  # idle while the loop waited for batches
+    host_ahead_s: float | None  # how far the host ran ahead of the device at a step's end (median)
+    steps_timed: int
+    steps: int
+    busy_is_lower_bound: bool = False  # the GPU kept pace with the host: busy "at least", idle "up to"
+
+    def line(self) -> str:
+        """One line for the step-time panel (the step count last: it is what an ellipsis may cut):
+        "GPU clock: busy 61% · idle 39% (data 0%) · host ahead 12 ms · 198/200 steps": idle,
+        and the part of it while the loop waited for batches."""
+        at_least, up_to = ("≥", "≤") if self.busy_is_lower_bound else ("", "")
+        ahead = f" · host ahead {fmt_duration(self.host_ahead_s)}" if self.host_ahead_s is not None else ""
+        return (
+            f"GPU clock: busy {at_least}{self.busy_ratio:.0%} · idle {up_to}{self.idle_ratio:.0%} "
+            f"(data {self.idle_data_wait_ratio:.0%}){ahead} · {self.steps_timed}/{self.steps} steps"
+        )
+
+
+def device_view(document: Mapping[str, Any] | None) -> DeviceView | None:
+    """The device section of a verdict document, or None where the steps carried no device timing."""
+    if not document or document.get("busy_fraction") is None:
+        return None
+    return DeviceView(
+        busy_ratio=float(document["busy_fraction"]),
+        idle_ratio=float(document.get("idle_fraction") or 0.0),
+        idle_data_wait_ratio=float(document.get("idle_data_wait_fraction") or 0.0),
+        host_ahead_s=document.get("host_ahead_s_p50"),
+        steps_timed=int(document.get("steps_timed") or 0),
+        steps=int(document.get("steps") or 0),
+        busy_is_lower_bound=bool(document.get("busy_is_lower_bound")),
+    )
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Everything one screen shows, at one instant."""
@@ -123,6 +161,7 @@ class Snapshot:
     straggler: int | None = None  # the rank the verdict names the straggler
     fractions: dict[str, float] | None = None
     phases: dict[str, float] | None = None
+    device: DeviceView | None = None  # the shares above are then the device's
     step_p50_s: float | None = None
     step_p95_s: float | None = None
     step_mean_s: float | None = None
@@ -149,16 +188,6 @@ class Snapshot:
         """The sentence under the headline: the verdict's statement, or the whole summary of a
         snapshot without a verdict (waiting, a job that is gone)."""
         return self.statement if self.statement is not None else self.summary
-
-
-def fractions_from_phases(phases: dict[str, float]) -> dict[str, float]:
-    """The four shown shares from the six phases (compute = forward + backward + optimizer)."""
-    return {
-        "data_wait": phases.get("data_wait", 0.0),
-        "compute": phases.get("forward", 0.0) + phases.get("backward", 0.0) + phases.get("optimizer", 0.0),
-        "communication": phases.get("communication", 0.0),
-        "other": phases.get("other", 0.0),
-    }
 
 
 def flag_straggler(rows: Sequence[RankRow], straggler: int | None) -> tuple[RankRow, ...]:

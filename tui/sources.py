@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import sqlite3
 import statistics
 import threading
 import time
@@ -26,8 +25,8 @@ if TYPE_CHECKING:
 from profilerd.analysis.document import headline, statement_of, straggler_of
 from profilerd.client import ClientError, NotFound, get_json
 from profilerd.client import origin as _origin
+from profilerd.vocabulary import FRACTION_OF_CATEGORY, Fraction, Severity, fractions_from_phases
 from profilerd_tui.model import (
-    SEVERITY_ORDER,
     FindingRow,
     GpuRow,
     HostView,
@@ -36,8 +35,8 @@ from profilerd_tui.model import (
     RecommendationRow,
     ReplayState,
     Snapshot,
+    device_view,
     flag_straggler,
-    fractions_from_phases,
     mark_straggler,
     percentile,
 )
@@ -100,6 +99,7 @@ def verdict_fields(verdict: Mapping[str, Any] | None) -> dict[str, Any]:
         "straggler": straggler_of(verdict),
         "fractions": dict(verdict["fractions"]) if steps and verdict.get("fractions") else None,
         "phases": dict(verdict["phases"]) if steps and verdict.get("phases") else None,
+        "device": device_view(verdict.get("device")) if steps else None,
         "step_p50_s": step_time.get("p50") if steps else None,
         "step_p95_s": step_time.get("p95") if steps else None,
         "step_mean_s": step_time.get("mean") if steps else None,
@@ -341,7 +341,7 @@ class ReplaySource:
         playing: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        from profilerd import runs
+        from profilerd import recordings as runs
         from profilerd.analysis.rules import load_rules
 
         ruleset, problems = load_rules(rules_file)
@@ -374,30 +374,14 @@ class ReplaySource:
         self._gpu_samples: pd.DataFrame | None = None
 
     def _read_extra(self, path: Path) -> None:
-        """What ``runs.load`` leaves out and the screens show: per-core CPU, memory, GPUs, RSS."""
-        from profilerd.runs import connect_readonly
+        """What ``recordings.load`` leaves out and the screens show: per-core CPU, memory, GPUs, RSS."""
+        from profilerd.recordings import RecordingError, read_sample_rows
 
-        conn = connect_readonly(path)
         try:
-            self._hosts = conn.execute(
-                "SELECT ts_unix_s, cpu_count, cpu_ratio, memory_used_bytes, memory_total_bytes, cpu_per_core "
-                "FROM host_samples ORDER BY ts_unix_s"
-            ).fetchall()
-            self._processes = conn.execute(
-                "SELECT ts_unix_s, pid, rank, alive, cpu_ratio, rss_bytes, num_workers, workers_cpu_ratio "
-                "FROM process_samples ORDER BY ts_unix_s"
-            ).fetchall()
-            self._gpus = conn.execute(
-                "SELECT ts_unix_s, gpu_index, sample FROM gpu_samples ORDER BY ts_unix_s"
-            ).fetchall()
-            self._sessions = {
-                int(rank): (int(pid), hostname)
-                for pid, rank, hostname in conn.execute("SELECT pid, rank, hostname FROM sessions").fetchall()
-            }
-        except sqlite3.DatabaseError as exc:
-            raise SourceError(f"{path}: {exc}") from None
-        finally:
-            conn.close()
+            rows = read_sample_rows(path)
+        except RecordingError as exc:
+            raise SourceError(str(exc)) from None
+        self._hosts, self._processes, self._gpus, self._sessions = rows.hosts, rows.processes, rows.gpus, rows.sessions
 
     # ---- controls (UI thread) --------------------------------------------------------------
     def _advance(self) -> None:
@@ -500,7 +484,7 @@ class ReplaySource:
     def _verdict_at(self, at_unix_s: float, done: pd.DataFrame, finished: bool) -> dict[str, Any]:
         """At the end, the whole run's verdict, the one `report` gives; before it, what the live
         analysis would have shown: the daemon's window, with the loss evidence of the run so far."""
-        from profilerd import runs
+        from profilerd import recordings as runs
         from profilerd.analysis.diagnosis import Observation, diagnose
         from profilerd.analysis.history import summarize_losses
         from profilerd.config import DaemonConfig
@@ -681,12 +665,12 @@ class PrometheusSource:
             key = (labels.get("instance", ""), labels.get("rank", "0"))
             phases_by_rank.setdefault(key, {})[labels.get("phase", "other")] = _value(series)
         job_phases: dict[str, float] = {}
-        for phases in phases_by_rank.values():
-            for phase, rate in phases.items():
-                job_phases[phase] = job_phases.get(phase, 0.0) + rate
+        for rank_rates in phases_by_rank.values():
+            for name, rate in rank_rates.items():
+                job_phases[name] = job_phases.get(name, 0.0) + rate
         total = sum(job_phases.values())
-        phases = {k: v / total for k, v in job_phases.items()} if total > 0 else None
-        fractions = fractions_from_phases(phases) if phases else None
+        shares = {k: v / total for k, v in job_phases.items()} if total > 0 else None
+        fractions = fractions_from_phases(shares) if shares else None
 
         sums = {_rank_key(x): _value(x) for x in step_sum_rates}
         rates = {_rank_key(x): _value(x) for x in step_count_rates}
@@ -697,9 +681,9 @@ class PrometheusSource:
             instance, rank = key
             rate = rates.get(key, 0.0)
             mean = sums.get(key, 0.0) / rate if rate > 0 else None
-            phase = phases_by_rank.get(key, {})
-            busy = sum(phase.values())
-            comm = phase.get("communication", 0.0)
+            rank_phase = phases_by_rank.get(key, {})
+            busy = sum(rank_phase.values())
+            comm = rank_phase.get("communication", 0.0)
             ranks.append(
                 RankRow(
                     rank=int(rank) if rank.isdigit() else 0,
@@ -709,7 +693,7 @@ class PrometheusSource:
                     steps_total=totals[key],
                     step_p50_s=mean,
                     step_p95_s=None,
-                    data_wait_ratio=phase.get("data_wait", 0.0) / busy if busy > 0 else None,
+                    data_wait_ratio=rank_phase.get("data_wait", 0.0) / busy if busy > 0 else None,
                     comm_ratio=comm / busy if busy > 0 else None,
                     own_s=(mean * (1 - comm / busy)) if mean is not None and busy > 0 else mean,
                 )
@@ -717,7 +701,7 @@ class PrometheusSource:
 
         primary = verdict[0]["metric"].get("category", "none") if verdict else "none"
         level = max((int(_value(x)) for x in severity), default=0)
-        severity_name = SEVERITY_ORDER[min(max(level, 0), len(SEVERITY_ORDER) - 1)]
+        severity_name = str(list(Severity)[min(max(level, 0), len(Severity) - 1)])
         best: dict[str, float] = {}
         for series in speedups:
             rid = series["metric"].get("recommendation", "?")
@@ -744,7 +728,7 @@ class PrometheusSource:
             summary=f"{headline(primary)}: {statement}",
             statement=statement,
             fractions=fractions,
-            phases=phases,
+            phases=shares,
             step_p50_s=quantiles[0.5],
             step_p95_s=quantiles[0.95],
             step_mean_s=sum(sums.values()) / total_rate if total_rate > 0 else None,
@@ -803,8 +787,7 @@ def _prometheus_statement(primary: str, fractions: dict[str, float] | None, rank
     """The sentence under the headline, from the numbers Prometheus has (no evidence sentences)."""
     if not fractions:
         return "no steps in the last minute"
-    key = {"data": "data_wait", "compute": "compute", "communication": "communication", "algorithm": "other"}
-    share = fractions.get(key.get(primary, "compute"), 0.0)
+    share = fractions.get(FRACTION_OF_CATEGORY.get(primary, Fraction.COMPUTE), 0.0)
     what = {
         "data": "waiting for batches",
         "compute": "in forward, backward and optimizer",

@@ -20,8 +20,8 @@ from textual.widget import Widget
 from textual.widgets import DataTable, OptionList
 from textual.widgets.option_list import Option
 
+from profilerd.vocabulary import COMPUTE_PHASES, PRIMARY_NONE, Fraction, Severity
 from profilerd_tui.model import (
-    FRACTION_KEYS,
     GpuRow,
     HostView,
     RecommendationRow,
@@ -207,7 +207,7 @@ class VerdictBanner(Panel):
 
     def show(self, snapshot: Snapshot) -> None:
         level = snapshot.severity if snapshot.primary != "none" else "none"
-        for severity in ("ok", "info", "warning", "critical", "none"):
+        for severity in (*Severity, PRIMARY_NONE):
             self.set_class(severity == level, f"-{severity}")
         super().show(snapshot)
 
@@ -231,6 +231,11 @@ class Breakdown(Panel):
 
     PANEL_TITLE = "Step time"
 
+    def show(self, snapshot: Snapshot) -> None:
+        # One row taller with device timing: its line, and the sparkline keeps its row.
+        self.set_class(snapshot.device is not None, "-device")
+        super().show(snapshot)
+
     def render(self) -> RenderableType:
         snap = self.snapshot
         colours = palette(self)
@@ -240,12 +245,14 @@ class Breakdown(Panel):
             note = snap.summary if snap else "waiting for data…"
             return Text(note, style=colours["muted"])
         lines: list[Text] = [self._bar(snap.fractions, width, colours), self._legend(snap, width, colours)]
+        if snap.device is not None:  # the shares are the device's: say what it did
+            lines.append(Text(snap.device.line(), style=colours["muted"], no_wrap=True, overflow="ellipsis"))
         stats = Text()
         stats.append("p50 ", style=colours["muted"])
         stats.append(fmt_duration(snap.step_p50_s), style="bold")
         stats.append("  p95 ", style=colours["muted"])
         stats.append(fmt_duration(snap.step_p95_s), style=f"bold {colours['warning']}")
-        spark_rows = max(1, height - 2)
+        spark_rows = max(1, height - len(lines))
         spark_width = max(0, width - len(stats.plain) - 2)
         values = list(snap.step_times_s)
         rows = sparkline(values, spark_width, spark_rows, colours["primary"], colours["warning"], snap.step_p95_s)
@@ -264,7 +271,7 @@ class Breakdown(Panel):
     def _bar(fractions: dict[str, float], width: int, colours: dict[str, str]) -> Text:
         text = Text()
         used = 0
-        keys = [k for k in FRACTION_KEYS if fractions.get(k, 0.0) > 0.0005]
+        keys = [k for k in Fraction if fractions.get(k, 0.0) > 0.0005]
         for index, key in enumerate(keys):
             cells = width - used if index == len(keys) - 1 else round(fractions[key] * width)
             cells = max(0, min(cells, width - used))
@@ -276,7 +283,7 @@ class Breakdown(Panel):
     def _legend(snap: Snapshot, width: int, colours: dict[str, str]) -> Text:
         fractions = snap.fractions or {}
         parts = []
-        for key in FRACTION_KEYS:
+        for key in Fraction:
             part = Text()
             part.append("■ ", style=colours[PHASE_COLOURS[key]])
             part.append(f"{PHASE_NAMES[key]} ")
@@ -285,7 +292,7 @@ class Breakdown(Panel):
         text = Text("  ").join(parts)
         if snap.phases:
             p = snap.phases
-            split = (p.get("forward", 0), p.get("backward", 0), p.get("optimizer", 0))
+            split = tuple(p.get(phase, 0) for phase in COMPUTE_PHASES)
             detail = "   compute = fwd {:.0%} · bwd {:.0%} · opt {:.0%}".format(*split)
             if len(text.plain) + len(detail) <= width:
                 text.append(detail, style=colours["muted"])

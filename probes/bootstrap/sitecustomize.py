@@ -13,6 +13,7 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
+import types
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -27,7 +28,7 @@ def _chain_to_next_sitecustomize() -> None:
     """Import the sitecustomize that would have run without us, as `site` would have."""
     ours = sys.modules.pop("sitecustomize", None)
     try:
-        import sitecustomize  # noqa: F401  (the next one on the path, if any)
+        import sitecustomize  # type: ignore[import-not-found]  # noqa: F401  (the next one on the path, if any)
     except ImportError as exc:
         if exc.name != "sitecustomize":
             _report_like_site(exc)
@@ -47,7 +48,7 @@ def _report_like_site(exc: BaseException) -> None:
         sys.stderr.write(f"Error in sitecustomize; set PYTHONVERBOSE for traceback:\n{type(exc).__name__}: {exc}\n")
 
 
-def _import_probes():  # type: ignore[no-untyped-def]
+def _import_probes() -> types.ModuleType:
     """The probes package from our directory, which is no longer on sys.path."""
     module = sys.modules.get("profilerd_probes")
     if module is not None:

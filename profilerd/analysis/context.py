@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 
 from profilerd.analysis.features import Context
-from profilerd.model import HostSample, ProcessSample
+from profilerd.model import GpuContext, HostSample, ProcessSample
+from profilerd.vocabulary import POWER_REASONS, THERMAL_REASONS
 
 HOST_COLUMNS = ["ts_unix_s", "cpu_count", "cpu_ratio"]
 PROCESS_COLUMNS = [
@@ -81,13 +82,9 @@ def build_context(
         workers_cpu_cores=workers,
         worker_cpu_max_ratio=worker_max,
         workers_seen=workers_seen,
-        gpu=gpu_context(gpus, since_unix_s) if gpus is not None else {},
+        gpu=gpu_context(gpus, since_unix_s) if gpus is not None else GpuContext(),
         gpu_by_pid=gpu_by_pid(gpus, since_unix_s) if gpus is not None else {},
     )
-
-
-THERMAL_REASONS = {"sw_thermal", "hw_thermal"}
-POWER_REASONS = {"sw_power_cap", "hw_power_brake", "hw_slowdown"}
 
 
 def gpu_frame(samples: Iterable[dict[str, Any]], job_pids: set[int]) -> pd.DataFrame:
@@ -153,12 +150,12 @@ def _sum_or_none(a: float | None, b: float | None) -> float | None:
     return None if a is None and b is None else (a or 0.0) + (b or 0.0)
 
 
-def gpu_context(frame: pd.DataFrame, since_unix_s: float | None = None) -> dict[str, Any]:
+def gpu_context(frame: pd.DataFrame, since_unix_s: float | None = None) -> GpuContext:
     """Means over the window of the job's GPUs; absent keys mean "not measured"."""
     if since_unix_s is not None and not frame.empty:
         frame = frame[frame["ts_unix_s"] >= since_unix_s]
     if frame.empty:
-        return {}
+        return GpuContext()
     means = (
         frame[
             [
@@ -175,10 +172,9 @@ def gpu_context(frame: pd.DataFrame, since_unix_s: float | None = None) -> dict[
         .astype(float)
         .mean()
     )
-    result: dict[str, Any] = {"gpu_count": int(frame["gpu_index"].nunique())}
-    for key, value in means.items():
-        if pd.notna(value):
-            result[f"gpu_{key}"] = float(value)
+    result = GpuContext(gpu_count=int(frame["gpu_index"].nunique()))
+    measured = {f"gpu_{key}": float(value) for key, value in means.items() if pd.notna(value)}
+    result.update(cast(GpuContext, measured))  # the keys are GpuContext's: gpu_ and the columns above
     names = frame["name"].dropna()
     if not names.empty:
         result["gpu_name"] = str(names.mode().iloc[0])

@@ -2,7 +2,7 @@
 
 Every path that shows a verdict builds an :class:`Observation` and calls :func:`diagnose`: the
 daemon's live analysis and a replay over the window the live analysis uses (:meth:`Observation.window`),
-`report`, `run --json` and `diff` over a whole recording (``runs.analyse``), and `attach` over what
+`report`, `run --json` and `diff` over a whole recording (``recordings.analyse``), and `attach` over what
 it can see of a process without probes (stack samples, thread CPU). The verdict document is
 built once, by ``Verdict.to_json``.
 """
@@ -17,8 +17,6 @@ import pandas as pd
 
 from profilerd.analysis.context import GPU_COLUMNS, HOST_COLUMNS, PROCESS_COLUMNS, build_context
 from profilerd.analysis.features import (
-    FRACTION_KEYS,
-    PHASE_KEYS,
     STEP_COLUMNS,
     Context,
     Features,
@@ -28,6 +26,7 @@ from profilerd.analysis.history import LossSummary
 from profilerd.analysis.rules import RuleSet
 from profilerd.analysis.verdict import Verdict, evaluate
 from profilerd.model import Finding
+from profilerd.vocabulary import Fraction, Phase, fractions_from_phases
 
 # A live window aims at this many steps per rank (it reacts within that many steps when the
 # cause of a bottleneck goes away); faster jobs get more, so that it still spans min_seconds.
@@ -170,15 +169,10 @@ def sampled_features(sampled: SampledPhases, context: Context) -> Features:
     step boundaries to count), and step times stay zero rather than mix samples with steps."""
     if sampled.phases is not None:
         total = sum(sampled.phases.values()) or 1.0
-        phases = {key: float(sampled.phases.get(key, 0.0)) / total for key in PHASE_KEYS}
-        fractions = {
-            "data_wait": phases["data_wait"],
-            "compute": phases["forward"] + phases["backward"] + phases["optimizer"],
-            "communication": phases["communication"],
-            "other": phases["other"],
-        }
+        phases = {str(key): float(sampled.phases.get(key, 0.0)) / total for key in Phase}
+        fractions = fractions_from_phases(phases)
     else:
-        fractions = {key: float((sampled.fractions or {}).get(key, 0.0)) for key in FRACTION_KEYS}
+        fractions = {str(key): float((sampled.fractions or {}).get(key, 0.0)) for key in Fraction}
         phases = {}  # thread CPU does not tell forward from backward
     return Features(
         steps=sampled.samples,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from profilerd.analysis.rules import RATIONALE, REGISTRY, load_rules
+from profilerd.vocabulary import Category
 
 
 def render() -> str:
@@ -37,12 +38,14 @@ def render() -> str:
         "**On a GPU, device truth.** When steps carry device timing (CUDA events at the phase "
         "boundaries), the shares the rules judge are the device's, over those steps: `compute` is "
         "the GPU busy, `data_wait` the GPU idle while the loop waited for a batch, `communication` "
-        "the exposed collective time, `other` the rest of the GPU's idle (waiting for the host to "
-        "launch work). Steps without device timing are judged on the host's clock as before. "
-        "The GPU path is verified only on a simulated device so far (see concepts.md).",
+        "the exposed collective time (within the GPU's idle), `other` the rest of the GPU's idle "
+        "(waiting for the host to launch work). Where the GPU kept pace with the host, its busy "
+        "time is only a lower bound: the evidence then says busy *at least* and idle *up to*. "
+        "Steps without device timing are judged on the host's clock as before. The GPU path is "
+        "verified only on a simulated device so far (see concepts.md).",
         "",
     ]
-    for category in ("data", "compute", "communication", "algorithm"):
+    for category in Category:
         lines += [f"# Category `{category}`", ""]
         for rule_id, rule in REGISTRY.items():
             if rule.category != category:

@@ -14,15 +14,20 @@ import pandas as pd
 
 from profilerd.analysis.history import LossSummary, loss_readings, summarize_losses
 from profilerd.analysis.peaks import Mfu, estimate_mfu
-from profilerd.model import StepRecord
+from profilerd.model import GpuContext, StepRecord
+from profilerd.vocabulary import COMPUTE_PHASES, Fraction, Phase
 from profilerd_probes import schema
-from profilerd_probes.wire import FLAG_GRAD_SCALER_SKIPPED, FLAG_HAS_GRAD_NORM, FLAG_HAS_LR, FLAG_HAS_SCALE
+from profilerd_probes.wire import (
+    FLAG_GPU_BUSY_LOWER_BOUND,
+    FLAG_GRAD_SCALER_SKIPPED,
+    FLAG_HAS_GRAD_NORM,
+    FLAG_HAS_LR,
+    FLAG_HAS_SCALE,
+)
 
 # Device timing per step (CUDA events); NaN for a step without it (CPU, events not complete yet).
 DEVICE_COLUMNS = tuple(f.name for f in schema.STEP_FIELDS if f.flag == schema.FLAG_HAS_GPU_TIMING)
 STEP_COLUMNS = list(schema.STEP_COLUMNS)
-FRACTION_KEYS = ("data_wait", "compute", "communication", "other")
-PHASE_KEYS = ("data_wait", "forward", "backward", "optimizer", "communication", "other")
 
 
 def steps_frame(records: Iterable[StepRecord]) -> pd.DataFrame:
@@ -52,10 +57,18 @@ def on_device(frame: pd.DataFrame) -> pd.DataFrame:
     data = frame["gpu_idle_data_wait_s"].fillna(0.0).clip(lower=0.0)
     data = data.where(data <= idle, idle)
     out["data_wait_s"] = data
-    out["compute_s"] = frame["gpu_busy_s"].clip(lower=0.0)
-    for phase in ("forward", "backward", "optimizer"):
+    # A step's device work can outlast its host span while a backlog drains; a share of the
+    # step is at most all of it.
+    out["compute_s"] = (
+        frame["gpu_busy_s"].clip(lower=0.0).where(frame["gpu_busy_s"] <= frame["step_s"], frame["step_s"])
+    )
+    for phase in COMPUTE_PHASES:
         out[f"{phase}_s"] = frame[f"gpu_{phase}_s"].fillna(0.0).clip(lower=0.0)
-    out["other_s"] = (idle - data - frame["comm_s"]).clip(lower=0.0)
+    # Exposed communication is time the GPU waited for a collective: it lies within the idle
+    # time left after the data wait (a host-timed collective also counts the device's drain).
+    comm = frame["comm_s"].clip(lower=0.0)
+    out["comm_s"] = comm.where(comm <= idle - data, idle - data)
+    out["other_s"] = idle - data - out["comm_s"]
     return out
 
 
@@ -80,7 +93,7 @@ class Context:
     workers_cpu_cores: float | None = None  # mean cores used by all DataLoader workers
     worker_cpu_max_ratio: float | None = None  # the busiest worker, 1.0 = one full core
     workers_seen: int | None = None
-    gpu: dict[str, Any] = field(default_factory=dict)  # see analysis.context.gpu_context
+    gpu: GpuContext = field(default_factory=GpuContext)
     # NVML means per training process on the GPU it uses (the rank-GPU attribution), by PID.
     gpu_by_pid: dict[int, dict[str, float]] = field(default_factory=dict)
 
@@ -147,6 +160,19 @@ class DeviceTiming:
     nvml_utilization_ratio: float | None = None  # NVML, the job's GPUs over the same window
     nvml_sm_active_ratio: float | None = None  # GPM (Hopper+), where available
     per_rank: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # Most timed steps say their busy time is a lower bound (FLAG_GPU_BUSY_LOWER_BOUND: the GPU
+    # kept pace with the host, its work between launches unseen); idle is then an upper bound.
+    busy_is_lower_bound: bool = False
+
+    @property
+    def at_least(self) -> str:
+        """The qualifier a busy share is stated with."""
+        return "at least " if self.busy_is_lower_bound else ""
+
+    @property
+    def up_to(self) -> str:
+        """The qualifier an idle share (and what is cut from it) is stated with."""
+        return "up to " if self.busy_is_lower_bound else ""
 
     def to_json(self) -> dict[str, Any]:
         def rounded(value: float | None) -> float | None:
@@ -164,6 +190,7 @@ class DeviceTiming:
             "host_ahead_s_p50": rounded(self.host_ahead_s_p50),
             "nvml_utilization_ratio": rounded(self.nvml_utilization_ratio),
             "nvml_sm_active_ratio": rounded(self.nvml_sm_active_ratio),
+            "busy_is_lower_bound": self.busy_is_lower_bound,
         }
         if not self.per_rank.empty:
             document["per_rank"] = [
@@ -202,7 +229,7 @@ def device_timing(host: pd.DataFrame, device: pd.DataFrame, steps: int, context:
         steps_timed=len(device),
         steps=steps,
         busy_fraction=_share(device, "compute_s"),
-        phase_busy_fractions={p: _share(device, f"{p}_s") for p in ("forward", "backward", "optimizer")},
+        phase_busy_fractions={str(p): _share(device, f"{p}_s") for p in COMPUTE_PHASES},
         idle_fraction=_share(device, "gpu_idle_s"),
         idle_data_wait_fraction=_share(device, "data_wait_s"),
         host_data_wait_fraction=_share(host, "data_wait_s"),
@@ -210,6 +237,7 @@ def device_timing(host: pd.DataFrame, device: pd.DataFrame, steps: int, context:
         nvml_utilization_ratio=context.gpu.get("gpu_utilization_ratio"),
         nvml_sm_active_ratio=context.gpu.get("gpu_sm_active_ratio"),
         per_rank=pd.DataFrame(rows),
+        busy_is_lower_bound=bool(((host["flags"] & FLAG_GPU_BUSY_LOWER_BOUND) != 0).mean() > 0.5),
     )
 
 
@@ -235,13 +263,13 @@ class Features:
 
 
 def empty_features(context: Context | None = None, losses: LossSummary | None = None) -> Features:
-    zero = dict.fromkeys(FRACTION_KEYS, 0.0)
+    zero = {str(key): 0.0 for key in Fraction}
     return Features(
         0,
         0,
         0.0,
         zero,
-        dict.fromkeys(PHASE_KEYS, 0.0),
+        {str(phase): 0.0 for phase in Phase},
         0.0,
         0.0,
         0.0,
@@ -272,25 +300,13 @@ def compute_features(
     # Device truth where the steps carry it, over those steps; the host's timers otherwise.
     timed = device_timed(frame)
     phased = on_device(frame[timed]) if timed.any() else frame
-    sums = phased[["data_wait_s", "compute_s", "comm_s", "other_s", "forward_s", "backward_s", "optimizer_s"]].sum()
+    sums = phased[[f.column for f in Fraction] + [p.column for p in COMPUTE_PHASES]].sum()
     # Normalise by the attributed sum so the four fractions add up to exactly 1 even when the
     # probes' phases overlap a little (nested timers, clock granularity).
     attributed = float(sums["data_wait_s"] + sums["compute_s"] + sums["comm_s"] + sums["other_s"])
     scale = attributed if attributed > 0 else total
-    fractions = {
-        "data_wait": float(sums["data_wait_s"]) / scale,
-        "compute": float(sums["compute_s"]) / scale,
-        "communication": float(sums["comm_s"]) / scale,
-        "other": float(sums["other_s"]) / scale,
-    }
-    phases = {
-        "data_wait": fractions["data_wait"],
-        "forward": float(sums["forward_s"]) / scale,
-        "backward": float(sums["backward_s"]) / scale,
-        "optimizer": float(sums["optimizer_s"]) / scale,
-        "communication": fractions["communication"],
-        "other": fractions["other"],
-    }
+    fractions = {str(f): float(sums[f.column]) / scale for f in Fraction}
+    phases = {str(p): float(sums[p.column]) / scale for p in Phase}
     span = float(frame["end_unix_s"].max() - (frame["end_unix_s"] - frame["step_s"]).min())
     ranks = int(frame["rank"].nunique())
     median_wait = float(phased["data_wait_s"].median())
@@ -385,11 +401,6 @@ def per_rank_summary(frame: pd.DataFrame) -> pd.DataFrame:
         other_s_total=("other_s", "sum"),
         own_s_mean=("own_s", "mean"),
     )
-    for name, column in (
-        ("data_wait", "data_wait_s_total"),
-        ("compute", "compute_s_total"),
-        ("communication", "comm_s_total"),
-        ("other", "other_s_total"),
-    ):
-        summary[f"{name}_fraction"] = summary[column] / summary["step_s_total"]
+    for fraction in Fraction:
+        summary[f"{fraction}_fraction"] = summary[f"{fraction.column}_total"] / summary["step_s_total"]
     return summary.reset_index()

@@ -86,7 +86,8 @@ class LossHistory:
         self._early: list[float] = []
         self._tail = np.empty(0)  # the last finite readings, to continue the rolling median
         self._peak: tuple[float, int] | None = None
-        self._low = self._high = None
+        self._low: float | None = None
+        self._high: float | None = None
         self._lr_max: float | None = None
         self._steps_seen = 0
         self._first_step: int | None = None

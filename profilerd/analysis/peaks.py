@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from profilerd.model import GpuContext
+
 # Dense (no structured sparsity) tensor-core peaks in TFLOP/s from NVIDIA's datasheets; fp32 is
 # the non-tensor-core figure. The first pattern that matches the NVML device name wins, so the
 # more specific names come first (GH200 before H200, L40S before L4, H100 PCIe before H100).
@@ -103,7 +105,7 @@ def flops_per_step(config: dict[str, Any]) -> float | None:
     return float(value)
 
 
-def estimate_mfu(config: dict[str, Any] | None, gpu: dict[str, Any], step_time_mean_s: float) -> Mfu | None:
+def estimate_mfu(config: dict[str, Any] | None, gpu: GpuContext, step_time_mean_s: float) -> Mfu | None:
     """MFU from the mean step time; None unless the FLOPs, the GPU and the dtype are all known."""
     config = config or {}
     flops = flops_per_step(config)

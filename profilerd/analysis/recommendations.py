@@ -223,8 +223,8 @@ def host_work(features: Features, gain: float) -> Recommendation:
             "time outside data loading, forward, backward and optimizer: logging, .item(), "
             "checkpoints or Python work between steps"
             if features.device is None
-            else f"the GPU is idle {features.fractions['other']:.0%} of step time waiting for the host "
-            "(device clock): logging, .item(), checkpoints or Python work between launches"
+            else f"the GPU is idle {features.device.up_to}{features.fractions['other']:.0%} of step time "
+            "waiting for the host (device clock): logging, .item(), checkpoints or Python work between launches"
         ),
     )
 
@@ -238,7 +238,10 @@ def cuda_graphs(features: Features, gain: float) -> Recommendation:
         title='Compile with mode="reduce-overhead" (CUDA graphs) to cut launch overhead',
         estimated_speedup=removed(idle * gain),
         how='model = torch.compile(model, mode="reduce-overhead")',
-        why=f"the GPU is idle {idle:.0%} of step time waiting for the host to launch work (device clock)",
+        why=(
+            f"the GPU is idle {features.device.up_to if features.device else ''}{idle:.0%} of step time "
+            "waiting for the host to launch work (device clock)"
+        ),
     )
 
 

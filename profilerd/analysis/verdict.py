@@ -14,15 +14,15 @@ from typing import Any
 from profilerd.analysis.document import SCHEMA, headline
 from profilerd.analysis.features import Features
 from profilerd.analysis.rules import REGISTRY, RuleSet
-from profilerd.model import SEVERITIES, Finding
+from profilerd.model import Finding
+from profilerd.vocabulary import FRACTION_OF_CATEGORY, Severity
 
-_SEVERITY_RANK = {name: i for i, name in enumerate(SEVERITIES)}
-_COST_KEY = {
-    "data": "data_wait",
-    "compute": "compute",
-    "communication": "communication",
-    "algorithm": "other",
-}
+
+def _cost_key(category: str) -> str:
+    """The fraction of step time that a finding of this category costs."""
+    return FRACTION_OF_CATEGORY[category]
+
+
 FULL_EVIDENCE_STEPS = 200  # with this many steps and min_seconds of them, evidence is complete
 
 
@@ -60,7 +60,7 @@ class Verdict:
             rule = REGISTRY.get(finding.rule)
             correctness = bool(rule and rule.correctness)
             for rec in finding.recommendations:
-                if correctness and _SEVERITY_RANK[finding.severity] >= _SEVERITY_RANK["warning"]:
+                if correctness and Severity(finding.severity).rank >= Severity.WARNING.rank:
                     urgent.add(rec.id)
                 if rec.id not in seen or rec.estimated_speedup > seen[rec.id]["estimated_speedup"]:
                     seen[rec.id] = dict(rec.to_json(), rule=finding.rule, correctness=correctness)
@@ -163,7 +163,7 @@ def evaluate(features: Features, ruleset: RuleSet, estimates: Sequence[Finding] 
     if not enough and not findings:
         summary = f"Not enough evidence yet: {features.steps} of {ruleset.min_steps} steps observed"
         return Verdict("none", "ok", summary, features, min_speedup=ruleset.min_speedup)
-    findings.sort(key=lambda f: (-_SEVERITY_RANK[f.severity], -(f.cost or features.fractions[_COST_KEY[f.category]])))
+    findings.sort(key=lambda f: (-Severity(f.severity).rank, -(f.cost or features.fractions[_cost_key(f.category)])))
     primary, severity = _choose_primary(features, findings)
     summary = _summary(primary, features, findings)
     confidence = _verdict_confidence(features, ruleset, primary, findings)
@@ -198,10 +198,10 @@ def _level(confidence: float) -> str:
 def _choose_primary(features: Features, findings: list[Finding]) -> tuple[str, str]:
     """The most severe warning-or-worse finding wins, ties going to the larger share of time;
     without one, the job is bound by whatever takes the largest share (usually compute)."""
-    actionable = [f for f in findings if _SEVERITY_RANK[f.severity] >= _SEVERITY_RANK["warning"]]
+    actionable = [f for f in findings if Severity(f.severity).rank >= Severity.WARNING.rank]
     if actionable:
         return actionable[0].category, actionable[0].severity
-    shares = {category: features.fractions[key] for category, key in _COST_KEY.items()}
+    shares = {str(category): features.fractions[key] for category, key in FRACTION_OF_CATEGORY.items()}
     primary = max(shares, key=lambda c: shares[c])
     severities = [f.severity for f in findings if f.category == primary]
     return primary, severities[0] if severities else "ok"
@@ -211,7 +211,7 @@ def _summary(primary: str, features: Features, findings: list[Finding]) -> str:
     for finding in findings:
         if finding.category == primary:
             return f"{headline(primary)}: {finding.evidence}"
-    share = features.fractions[_COST_KEY[primary]]
+    share = features.fractions[_cost_key(primary)]
     return f"{headline(primary)}: {share:.0%} of step time; no inefficiency found"
 
 

@@ -16,23 +16,14 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 
 from profilerd.model import GpuSample
+from profilerd.vocabulary import ClockEventReason
 
 PREFIX = "profilerd_gpu_"
 GPU_LABELS = ("gpu", "uuid")
 
 # The clock event (throttle) reasons profilerd.gpu.nvml decodes; each is exported as a 0/1 series so
 # that a reason that clears goes to 0 instead of vanishing. A test keeps this in step with nvml.
-CLOCK_EVENT_REASONS: tuple[str, ...] = (
-    "idle",
-    "applications_clocks",
-    "sw_power_cap",
-    "hw_slowdown",
-    "sync_boost",
-    "sw_thermal",
-    "hw_thermal",
-    "hw_power_brake",
-    "display_clocks",
-)
+CLOCK_EVENT_REASONS: tuple[str, ...] = tuple(ClockEventReason)
 
 
 @dataclass(frozen=True, slots=True)

@@ -234,7 +234,7 @@ class DaemonHttpServer(HTTPServer):
         try:
             pending.sock.setblocking(True)
             pending.sock.settimeout(SOCKET_TIMEOUT_S)
-            self.RequestHandlerClass(pending, pending.address, self)
+            self.RequestHandlerClass(pending, pending.address, self)  # type: ignore[arg-type]  # typeshed: Self
         except Exception:  # a client that went away mid-answer is not the daemon's error
             log.debug("http: answering %s failed", pending.address, exc_info=True)
         finally:

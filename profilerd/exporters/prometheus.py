@@ -7,7 +7,7 @@ by hand. Labels stay low-cardinality: job and rank for training series, never pi
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -19,24 +19,38 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from profilerd import __version__
-from profilerd.model import CATEGORIES, SEVERITIES, GpuSample, HostSample, ProcessSample
-from profilerd.store import STEP_BUCKETS_S, Store
+from profilerd.model import GpuSample, HostSample, ProcessSample
+from profilerd.store import STEP_BUCKETS_S, RankState, Store
+from profilerd.vocabulary import PRIMARY_VALUES, Phase, Severity
 
-PHASE_LABELS = {
-    "data_wait_s": "data_wait",
-    "forward_s": "forward",
-    "backward_s": "backward",
-    "optimizer_s": "optimizer",
-    "comm_s": "communication",
-    "other_s": "other",
-}
+if TYPE_CHECKING:
+    from profilerd.analysis.verdict import Verdict
+
+PHASE_LABELS = {phase.column: str(phase) for phase in Phase}  # the store's phase totals -> the phase label
+
+
+class _RankCopy(NamedTuple):
+    """What the training families need of one rank (``RankState``), copied under the lock."""
+
+    rank: int
+    bucket_counts: list[int]
+    steps_total: int
+    step_seconds_sum: float
+    phase_seconds_total: dict[str, float]
+    last_step_unix_s: float
+
+
+class _JobCopy(NamedTuple):
+    job: str
+    ranks: list[_RankCopy]
+    verdict: Verdict | None
 
 
 class _Scrape(NamedTuple):
     """What one scrape needs of the store, copied under its lock."""
 
     daemon: list[Metric]
-    training: list[tuple[str, list[tuple[Any, ...]], Any]]
+    training: list[_JobCopy]
     host: HostSample | None
     processes: list[ProcessSample]
     gpus: list[GpuSample]
@@ -49,7 +63,7 @@ class _Scrape(NamedTuple):
     def copy(store: Store) -> _Scrape:
         return _Scrape(
             list(ProfilerdCollector.daemon_metrics(store)),
-            [(job.job, _rank_copies(job.ranks), job.verdict) for job in store.jobs.values()],
+            [_JobCopy(job.job, _rank_copies(job.ranks), job.verdict) for job in store.jobs.values()],
             store.host,
             list(store.processes.values()),
             list(store.gpus),
@@ -69,9 +83,9 @@ class ProfilerdCollector(Collector):
         from profilerd.exporters.gpu_metrics import describe_gpu_metric_families
 
         for family in self.collect():
-            yield (
-                type(family)(family.name, family.documentation) if not isinstance(family, InfoMetricFamily) else family
-            )
+            # every family but the info one is a *MetricFamily(name, documentation): one of its kind, empty
+            empty: Any = type(family)
+            yield family if isinstance(family, InfoMetricFamily) else empty(family.name, family.documentation)
         yield from describe_gpu_metric_families()
 
     def collect(self) -> Iterator[Metric]:
@@ -135,16 +149,16 @@ class ProfilerdCollector(Collector):
         )
 
 
-def _rank_copies(ranks: dict[int, Any]) -> list[tuple[Any, ...]]:
+def _rank_copies(ranks: dict[int, RankState]) -> list[_RankCopy]:
     """What the training families need of each rank, copied (call with the store's lock held)."""
     return [
-        (rank_id, list(r.bucket_counts), r.steps_total, r.step_seconds_sum, dict(r.phase_seconds_total),
-         r.last_step_unix_s)
+        _RankCopy(rank_id, list(r.bucket_counts), r.steps_total, r.step_seconds_sum, dict(r.phase_seconds_total),
+                  r.last_step_unix_s)
         for rank_id, r in sorted(ranks.items())
     ]  # fmt: skip
 
 
-def _training_metrics(jobs: list[tuple[str, list[tuple[Any, ...]], Any]]) -> Iterator[Metric]:
+def _training_metrics(jobs: list[_JobCopy]) -> Iterator[Metric]:
     """The training families from ``collect``'s copy: (job, ranks, verdict) per job."""
     steps = HistogramMetricFamily("profilerd_step_duration_seconds", "Training step time", labels=["job", "rank"])
     phase_total = CounterMetricFamily(
@@ -198,9 +212,9 @@ def _training_metrics(jobs: list[tuple[str, list[tuple[Any, ...]], Any]]) -> Ite
         for phase, value in current.features.phase_fractions.items():
             if current.features.steps:
                 phase_ratio.add_metric([job, phase], value)
-        for category in (*CATEGORIES, "none"):
+        for category in PRIMARY_VALUES:
             verdict.add_metric([job, category], 1.0 if current.primary == category else 0.0)
-        severity.add_metric([job], float(SEVERITIES.index(current.severity)))
+        severity.add_metric([job], float(Severity(current.severity).rank))
         for rec in current.recommendations():
             speedup.add_metric([job, rec["id"]], rec["estimated_speedup"])
         if current.features.device is not None:
@@ -238,7 +252,7 @@ def _host_metrics(host: HostSample | None, processes: list[ProcessSample]) -> It
     yield workers
 
 
-def _rank_gpu_families(gpus: list[Any], owners: dict[int, tuple[str, int]]) -> Iterator[Metric]:
+def _rank_gpu_families(gpus: list[GpuSample], owners: dict[int, tuple[str, int]]) -> Iterator[Metric]:
     """Which GPU each training rank runs on, and its memory there: the join of NVML's process
     list with the probes' hellos, so GPU panels can be grouped by job and rank."""
     info = GaugeMetricFamily(

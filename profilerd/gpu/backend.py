@@ -68,17 +68,3 @@ class NoGpuBackend:
 
     def close(self) -> None:
         return None
-
-
-def open_backend(kind: str = "auto") -> GpuBackend:
-    """The best backend available: NVML when a driver answers, otherwise no-GPU mode.
-
-    ``kind`` is "auto", "nvml" or "none" (from the config).
-    """
-    if kind == "none":
-        return NoGpuBackend("GPU sampling disabled by configuration")
-    try:
-        from profilerd.gpu import nvml
-    except ImportError as exc:
-        return NoGpuBackend(f"NVML backend unavailable: {exc}")
-    return nvml.open_backend()

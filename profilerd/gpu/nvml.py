@@ -30,6 +30,7 @@ import pynvml
 
 from profilerd.gpu.backend import GpuBackend, NoGpuBackend
 from profilerd.model import GpuEvent, GpuProcess, GpuSample
+from profilerd.vocabulary import ClockEventReason
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +69,16 @@ _GPM_METRICS: tuple[tuple[int, str], ...] = (
 )
 
 # nvmlClocksEventReason* bits (the same bits as the older ThrottleReason names).
-_CLOCK_EVENT_REASONS: tuple[tuple[int, str], ...] = (
-    (0x001, "idle"),
-    (0x002, "applications_clocks"),
-    (0x004, "sw_power_cap"),
-    (0x008, "hw_slowdown"),
-    (0x010, "sync_boost"),
-    (0x020, "sw_thermal"),
-    (0x040, "hw_thermal"),
-    (0x080, "hw_power_brake"),
-    (0x100, "display_clocks"),
+_CLOCK_EVENT_REASONS: tuple[tuple[int, ClockEventReason], ...] = (
+    (0x001, ClockEventReason.IDLE),
+    (0x002, ClockEventReason.APPLICATIONS_CLOCKS),
+    (0x004, ClockEventReason.SW_POWER_CAP),
+    (0x008, ClockEventReason.HW_SLOWDOWN),
+    (0x010, ClockEventReason.SYNC_BOOST),
+    (0x020, ClockEventReason.SW_THERMAL),
+    (0x040, ClockEventReason.HW_THERMAL),
+    (0x080, ClockEventReason.HW_POWER_BRAKE),
+    (0x100, ClockEventReason.DISPLAY_CLOCKS),
 )
 CLOCK_EVENT_REASON_NAMES: tuple[str, ...] = tuple(name for _, name in _CLOCK_EVENT_REASONS)
 

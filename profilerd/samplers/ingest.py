@@ -21,10 +21,10 @@ from typing import Any, NamedTuple
 
 from profilerd.model import ProbeSession, StepRecord
 from profilerd.runtime import prepare_runtime_dir
-from profilerd.samplers.sinks import EndedRun, Sinks
+from profilerd.samplers.sinks import EndedRun, LateDeviceTiming, Sinks
 from profilerd.store import Store
 from profilerd_probes import wire
-from profilerd_probes.schema import STORED_STEP_FIELDS
+from profilerd_probes.schema import GPU_TIMING_FIELDS, STORED_STEP_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +234,19 @@ class Ingest:
         )
         self.sinks.session(session, self.store.session_for(session.pid))
 
+    def _on_step_timing(self, body: dict[str, Any]) -> None:
+        """Late device timing of steps sent without it; a bad row rejects the message."""
+        pid = int(body["pid"])
+        session = self.store.session_for(pid)
+        if session is None or session.rank != int(body.get("rank", session.rank)):
+            raise ValueError("device timing from an unknown sender")
+        rows = body["steps"]
+        if not isinstance(rows, list) or len(rows) > wire.MAX_BATCH_RECORDS:
+            raise ValueError("steps must be a list of at most a batch")
+        updates = [late_device_timing(pid, row) for row in rows]
+        for update in updates:
+            self.sinks.step_timing(session, update)
+
     def _on_config(self, body: dict[str, Any]) -> None:
         pid = int(body["pid"])
         session = self.store.session_for(pid)
@@ -264,8 +277,30 @@ _STORED = tuple((f.name, f.flag) for f in STORED_STEP_FIELDS if f.name != "pid")
 def step_record(message: wire.StepMessage, job: str, pid: int) -> StepRecord:
     """The record of a step message: the stored fields, each None where its flag says unknown."""
     flags = message.flags
-    values = {name: getattr(message, name) if not flag or flags & flag else None for name, flag in _STORED}
+    values: dict[str, Any] = {
+        name: getattr(message, name) if not flag or flags & flag else None for name, flag in _STORED
+    }
     return StepRecord(job=job, pid=pid, **values)
+
+
+def late_device_timing(pid: int, row: Any) -> LateDeviceTiming:
+    """One row of a step_timing message: [step, end_unix_s, comm_s, flags, *GPU_TIMING_FIELDS],
+    seconds finite and within what a step record may hold."""
+    if not isinstance(row, list) or len(row) != 4 + len(GPU_TIMING_FIELDS):
+        raise ValueError("a step_timing row has the wrong length")
+    step, end_unix_s, comm_s, flags, *timing = row
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (step, flags)):
+        raise TypeError("step and flags must be non-negative integers")
+    seconds = [comm_s, *timing]
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and 0.0 <= v <= 1e6 for v in seconds):
+        raise ValueError("negative, NaN or absurd duration")
+    if not isinstance(end_unix_s, int | float) or not end_unix_s > 0:
+        raise ValueError("bad end_unix_s")
+    # Only the device-timing bits are the message's to add; the step keeps its other flags.
+    added = (flags & wire.FLAG_GPU_BUSY_LOWER_BOUND) | wire.FLAG_HAS_GPU_TIMING
+    fields: dict[str, float | int] = {"comm_s": float(comm_s), "flags": added}
+    fields.update(zip(GPU_TIMING_FIELDS, map(float, timing), strict=True))
+    return LateDeviceTiming(pid, step, float(end_unix_s), fields)
 
 
 def _text(value: Any, limit: int = 512) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from profilerd.model import GpuEvent, GpuSample, HostSample, ProbeSession, ProcessSample, StepRecord
-from profilerd.recording import Recorder
+from profilerd.recordings.writer import Recorder
 from profilerd.store import RunState, Store
 
 if TYPE_CHECKING:  # the analysis (pandas) is not loaded by what only ingests
@@ -55,6 +55,19 @@ class VerdictRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class LateDeviceTiming:
+    """Device timing of a step already received without it (the probes' first steps are sent
+    at once, their device timing once the device has reached them). ``fields`` holds comm_s,
+    the gpu_* fields and ``flags``, the bits to add to the step's; ``end_unix_s`` with pid and
+    step finds the step."""
+
+    pid: int
+    step: int
+    end_unix_s: float
+    fields: dict[str, float | int]
+
+
+@dataclass(frozen=True, slots=True)
 class EndedRun:
     """A run that ended (run_end, or all its processes gone); ``recorded``: it has a recording
     to close (a run_end for a run this daemon never saw has none)."""
@@ -70,6 +83,8 @@ class Sink(Protocol):
     def session(self, session: ProbeSession, previous: ProbeSession | None) -> None: ...
 
     def step(self, session: ProbeSession, step: StepRecord, seq: int, sender_dropped: int) -> None: ...
+
+    def step_timing(self, session: ProbeSession, timing: LateDeviceTiming) -> None: ...
 
     def config(self, session: ProbeSession, config: dict[str, Any]) -> None: ...
 
@@ -97,6 +112,10 @@ class Sinks:
     def step(self, session: ProbeSession, step: StepRecord, seq: int, sender_dropped: int) -> None:
         for sink in self._sinks:
             sink.step(session, step, seq, sender_dropped)
+
+    def step_timing(self, session: ProbeSession, timing: LateDeviceTiming) -> None:
+        for sink in self._sinks:
+            sink.step_timing(session, timing)
 
     def config(self, session: ProbeSession, config: dict[str, Any]) -> None:
         for sink in self._sinks:
@@ -148,6 +167,10 @@ class StoreSink:
     def step(self, session: ProbeSession, step: StepRecord, seq: int, sender_dropped: int) -> None:
         self._store.add_step(step, seq, sender_dropped)
 
+    def step_timing(self, session: ProbeSession, timing: LateDeviceTiming) -> None:
+        if not self._store.set_step_timing(session, timing.step, timing.fields):
+            raise Refused("device timing of a step the daemon does not hold")
+
     def config(self, session: ProbeSession, config: dict[str, Any]) -> None:
         if not self._store.set_config(session.pid, config):
             raise Refused("config from an unknown sender")
@@ -177,7 +200,7 @@ class StoreSink:
 
 
 class RecordingSink:
-    """Records into each run's recording (``profilerd.recording``).
+    """Records into each run's recording (``profilerd.recordings.writer``).
 
     Node-wide records (host, GPU, GPU events) go into every running run; the store says which
     runs are running and whose a process is.
@@ -199,6 +222,9 @@ class RecordingSink:
 
     def step(self, session: ProbeSession, step: StepRecord, seq: int, sender_dropped: int) -> None:
         self._recorder.step(session.run_id, step)
+
+    def step_timing(self, session: ProbeSession, timing: LateDeviceTiming) -> None:
+        self._recorder.step_timing(session.run_id, timing.pid, timing.step, timing.end_unix_s, timing.fields)
 
     def config(self, session: ProbeSession, config: dict[str, Any]) -> None:
         self._recorder.config(session.run_id, session.pid, session.rank, config)

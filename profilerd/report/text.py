@@ -1,26 +1,11 @@
-"""Rendering a verdict for people (text) and programs (JSON), and building every report format.
-
-The HTML and Markdown renderers live in report_html and report_md; this module chooses among
-them, so the CLI only parses flags and prints.
-"""
+"""The verdict for people in a terminal: headline, fraction bar, findings, device, timeline, data quality."""
 
 from __future__ import annotations
 
-import json
 import textwrap
-from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from profilerd.analysis.rules import RuleSet
-    from profilerd.runs import Recording
+from typing import Any
 
 BAR_WIDTH = 40
-# `report` and `diff` exit with this when a recording is damaged (cut short, corrupt pages):
-# the output shows what could be read, and scripts can tell it from a clean report (0) and
-# from a file that is no recording at all, or a newer schema (2).
-EXIT_DAMAGED = 3
 _BAR_CHARS = {"data_wait": "D", "compute": "C", "communication": "N", "other": "o"}
 
 
@@ -116,16 +101,20 @@ def render_findings(document: dict[str, Any]) -> str:
 
 def device_summary(document: dict[str, Any]) -> str | None:
     """What the GPU did, on its own clock, and the MFU estimate: one line, None without either."""
+    from profilerd.units import fmt_seconds
+
     device = document.get("device") or {}
     mfu = document.get("mfu") or {}
     parts = []
     if device.get("busy_fraction") is not None:
         ahead = device.get("host_ahead_s_p50")
+        # A lower bound on busy (the GPU kept pace with the host) is stated as one.
+        at_least, up_to = ("at least ", "up to ") if device.get("busy_is_lower_bound") else ("", "")
         parts.append(
             f"on the GPU's clock ({device['steps_timed']:,} of {device['steps']:,} steps): busy "
-            f"{device['busy_fraction']:.0%}, idle {device['idle_fraction']:.0%} "
+            f"{at_least}{device['busy_fraction']:.0%}, idle {up_to}{device['idle_fraction']:.0%} "
             f"({device['idle_data_wait_fraction']:.0%} while the loop waited for batches)"
-            + (f", host {ahead * 1e3:.1f} ms ahead" if ahead is not None else "")
+            + (f", host {fmt_seconds(ahead) if ahead > 0 else '0 µs'} ahead" if ahead is not None else "")
         )
     if mfu:
         parts.append(
@@ -142,7 +131,7 @@ def render_device(document: dict[str, Any]) -> str:
 
 def render_timeline(document: dict[str, Any]) -> str:
     """Step time and data-wait share over the run as sparklines (from the ``timeseries`` summary)."""
-    from profilerd.charts import fmt_duration, sparkline
+    from profilerd.report.charts import fmt_duration, sparkline  # numpy: only when there is a timeline
 
     timeseries = document.get("timeseries") or {}
     series = timeseries.get("series") or {}
@@ -196,112 +185,3 @@ def render_quality(document: dict[str, Any]) -> str:
 
 
 # ---- the `report` and `diff` commands' work, kept out of the CLI module ------------------------------
-FORMATS = ("text", "html", "md", "json")
-_SUFFIX_FORMATS = {".html": "html", ".htm": "html", ".md": "md", ".markdown": "md", ".json": "json", ".txt": "text"}
-
-
-def output_format(requested: str | None, output: Path | None) -> str:
-    """--format if given, else what the output file's suffix says, else text."""
-    if requested:
-        return requested
-    if output is not None:
-        return _SUFFIX_FORMATS.get(output.suffix.lower(), "text")
-    return "text"
-
-
-def verdict_document(recording: Recording, ruleset: RuleSet) -> dict[str, Any]:
-    """The verdict JSON of a recording, exactly as `profilerd run --json` writes it for that run."""
-    from profilerd import runs
-
-    attached = recording.meta.get("attach_verdict")
-    if attached and recording.steps.empty:  # `attach` without probes: its verdict rests on samples, not steps
-        return json.loads(attached)
-    verdict = runs.analyse(recording, ruleset)
-    exit_code = recording.meta.get("exit_code")
-    damaged = (
-        {"damaged": list(recording.damage)} if recording.damage else {}
-    )  # only then: clean documents keep their shape
-    return verdict.to_json(
-        recording.run_id,
-        recording.job,
-        recording=str(recording.path),
-        exit_code=int(exit_code) if exit_code not in (None, "None", "") and exit_code.lstrip("-").isdigit() else None,
-        **damaged,
-    )
-
-
-def exit_status(*recordings: Recording) -> int:
-    """0, or EXIT_DAMAGED when any recording a report or diff read is damaged."""
-    return EXIT_DAMAGED if any(recording.damage for recording in recordings) else 0
-
-
-def load_merged(paths: Sequence[Path]) -> Recording:
-    """One recording, or several nodes of one job merged with aligned clocks (RecordingError if not)."""
-    from profilerd import runs
-
-    recordings = [runs.load(path) for path in paths]
-    return runs.merge(recordings) if len(recordings) > 1 else recordings[0]
-
-
-def build_report(paths: Sequence[Path], ruleset: RuleSet, fmt: str) -> str:
-    """`profilerd report` in any format; raises RecordingError for what is not a recording."""
-    return render_report(load_merged(paths), ruleset, fmt)
-
-
-def render_report(recording: Recording, ruleset: RuleSet, fmt: str) -> str:
-    """The report of a loaded recording in any format."""
-    from profilerd import timeline
-
-    document = verdict_document(recording, ruleset)
-    if fmt == "json":
-        return json.dumps(document, indent=2) + "\n"
-    if fmt == "text":
-        return (
-            render_text(document)
-            + render_device(document)
-            + render_findings(document)
-            + render_timeline(document)
-            + render_quality(document)
-            + "\n"
-        )
-    data = timeline.report_data(recording, document, ruleset.warmup_steps)
-    if fmt == "md":
-        from profilerd.report_md import render_markdown
-
-        return render_markdown(data)
-    from profilerd.report_html import render_html
-
-    return render_html(data)
-
-
-def build_diff(
-    path_a: Path, path_b: Path, ruleset: RuleSet, fmt: str, applied: Sequence[str] = (), force: bool = False
-) -> str:
-    """`profilerd diff` in any format; raises RecordingError for what is not a recording."""
-    from profilerd import runs
-
-    return render_diff(runs.load(path_a), runs.load(path_b), ruleset, fmt, applied, force)
-
-
-def render_diff(
-    a: Recording, b: Recording, ruleset: RuleSet, fmt: str, applied: Sequence[str] = (), force: bool = False
-) -> str:
-    """The diff of two loaded recordings in any format."""
-    from profilerd import diff
-
-    document = diff.compare(
-        a,
-        verdict_document(a, ruleset),
-        b,
-        verdict_document(b, ruleset),
-        ruleset.warmup_steps,
-        list(applied) or None,
-        force,
-    )
-    if fmt == "json":
-        return json.dumps(document, indent=2) + "\n"
-    if fmt == "md":
-        return diff.render_markdown(document)
-    if fmt == "html":
-        return diff.render_html(document)
-    return diff.render_text(document)

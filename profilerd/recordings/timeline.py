@@ -1,6 +1,6 @@
 """Time series, per-rank and data-quality analyses of a recording, for reports and diffs.
 
-Pure functions over the frames of :class:`profilerd.runs.Recording`: vectorised (numpy
+Pure functions over the frames of :class:`profilerd.recordings.reader.Recording`: vectorised (numpy
 ``bincount`` and pandas ``groupby``, never a row-wise ``apply``), units in column names, time
 as seconds since the start of the analysed window. Nothing here draws or prints: the report
 renderers turn these frames into documents.
@@ -15,17 +15,15 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-if TYPE_CHECKING:
-    from profilerd.runs import Recording
+from profilerd.recordings.reader import Recording
+from profilerd.vocabulary import SLOWING_REASONS, Phase
 
-PHASE_COLUMNS = ("data_wait_s", "forward_s", "backward_s", "optimizer_s", "comm_s", "other_s")
-# Clock-event reasons that slow a GPU down; "idle" and "applications_clocks" are normal states.
-THROTTLE_REASONS = ("sw_power_cap", "hw_slowdown", "sw_thermal", "hw_thermal", "hw_power_brake")
+PHASE_COLUMNS = tuple(phase.column for phase in Phase)
 _NICE_BUCKETS_S = (0.01, 0.02, 0.05, 0.1, 0.2, 0.25, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600)
 GAP_MIN_S = 0.5  # uncovered time shorter than this is never called a gap
 GAP_STEP_MULTIPLE = 5.0  # ... nor shorter than this many median steps
@@ -190,7 +188,7 @@ def _throttle_names(raw: pd.Series) -> pd.Series:
             reasons = json.loads(value)
         except ValueError:
             reasons = []
-        slowing = [r for r in reasons if r in THROTTLE_REASONS] if isinstance(reasons, list) else []
+        slowing = [r for r in reasons if r in SLOWING_REASONS] if isinstance(reasons, list) else []
         names[value] = ", ".join(slowing)
     return text.map(names)
 

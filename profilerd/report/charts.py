@@ -15,6 +15,8 @@ from html import escape
 
 import numpy as np
 
+from profilerd.units import fmt_seconds
+
 WIDTH = 1120
 LEFT = 68
 RIGHT = 18
@@ -81,21 +83,6 @@ def fmt_duration(seconds: float) -> str:
     hours, rest = divmod(int(seconds), 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-def fmt_seconds(value: float) -> str:
-    """A duration for people: 850 µs, 85 ms, 1.35 s, 2.5 min."""
-    if not math.isfinite(value):
-        return "–"
-    if value == 0:
-        return "0"
-    if value < 1e-3:
-        return f"{value * 1e6:.0f} µs"
-    if value < 1.0:
-        return f"{value * 1e3:.3g} ms"
-    if value < 120:
-        return f"{value:.3g} s"
-    return f"{value / 60:.3g} min"
 
 
 def fmt_bytes(value: float) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import re
 import sqlite3
 import threading
 import time
@@ -24,80 +23,16 @@ from typing import Any
 
 from profilerd import __version__
 from profilerd.model import GpuSample, HostSample, ProbeSession, ProcessSample, StepRecord
+from profilerd.recordings.schema import GPU_SAMPLE_FIELDS, INSERTS, SCHEMA, SCHEMA_VERSION, recording_file
 from profilerd_probes import schema
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 COMMIT_INTERVAL_S = 0.25
 RETRY_INTERVAL_S = 2.0
 # Beyond this many rows waiting for a paused recording (~600 bytes each, so ~300 MB), rows are
 # dropped and counted: a long outage must not take the node's memory with it.
 MAX_PENDING_ROWS = 500_000
-
-# The gpu_samples table: (column, GpuSample field, SQL type), then ``sample``, the whole sample as
-# JSON (every field, for the offline GPU analysis). The columns are for SQL queries and the frame.
-GPU_SAMPLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("ts_unix_s", "ts_unix_s", "REAL"),
-    ("gpu_index", "index", "INTEGER"),
-    ("uuid", "uuid", "TEXT"),
-    ("name", "name", "TEXT"),
-    ("lost", "lost", "INTEGER"),
-    ("utilization_gpu_ratio", "utilization_gpu_ratio", "REAL"),
-    ("memory_used_bytes", "memory_used_bytes", "INTEGER"),
-    ("memory_total_bytes", "memory_total_bytes", "INTEGER"),
-    ("power_watts", "power_watts", "REAL"),
-    ("power_limit_watts", "power_limit_watts", "REAL"),
-    ("temperature_celsius", "temperature_celsius", "REAL"),
-    ("sm_active_ratio", "sm_active_ratio", "REAL"),
-    ("tensor_active_ratio", "tensor_active_ratio", "REAL"),
-)
-_GPU_FIELDS = [sample_field for _, sample_field, _ in GPU_SAMPLE_COLUMNS]
-
-
-def _gpu_samples_ddl() -> str:
-    columns = ", ".join(f"{column} {sql}" for column, _, sql in GPU_SAMPLE_COLUMNS)
-    return f"CREATE TABLE IF NOT EXISTS gpu_samples ({columns}, sample TEXT)"
-
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
-CREATE TABLE IF NOT EXISTS sessions (
-    pid INTEGER, rank INTEGER, local_rank INTEGER, world_size INTEGER, hostname TEXT,
-    argv TEXT, started_unix_s REAL, probe_version TEXT);
-{steps}
-CREATE TABLE IF NOT EXISTS configs (ts_unix_s REAL, pid INTEGER, rank INTEGER, config TEXT);
-CREATE TABLE IF NOT EXISTS host_samples (
-    ts_unix_s REAL, cpu_count INTEGER, cpu_ratio REAL, iowait_ratio REAL,
-    memory_used_bytes INTEGER, memory_total_bytes INTEGER, load1 REAL, cpu_per_core TEXT);
-CREATE TABLE IF NOT EXISTS process_samples (
-    ts_unix_s REAL, pid INTEGER, rank INTEGER, alive INTEGER, cpu_ratio REAL, rss_bytes INTEGER,
-    num_workers INTEGER, workers_cpu_ratio REAL, worker_cpu_max_ratio REAL);
-{gpu_samples}
-CREATE TABLE IF NOT EXISTS verdicts (ts_unix_s REAL, job TEXT, primary_category TEXT,
-    severity TEXT, verdict TEXT);
-CREATE TABLE IF NOT EXISTS events (ts_unix_s REAL, kind TEXT, detail TEXT);
-CREATE INDEX IF NOT EXISTS steps_by_time ON steps (end_unix_s);
-""".replace("{steps}", schema.steps_ddl() + ";").replace("{gpu_samples}", _gpu_samples_ddl() + ";")
-
-INSERTS = {
-    "sessions": "INSERT INTO sessions VALUES (?,?,?,?,?,?,?,?)",
-    "steps": schema.steps_insert(),
-    "configs": "INSERT INTO configs VALUES (?,?,?,?)",
-    "host_samples": "INSERT INTO host_samples VALUES (?,?,?,?,?,?,?,?)",
-    "process_samples": "INSERT INTO process_samples VALUES (?,?,?,?,?,?,?,?,?)",
-    "gpu_samples": f"INSERT INTO gpu_samples VALUES ({','.join('?' * (len(GPU_SAMPLE_COLUMNS) + 1))})",
-    "verdicts": "INSERT INTO verdicts VALUES (?,?,?,?,?)",
-    "events": "INSERT INTO events VALUES (?,?,?)",
-}
-
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def recording_file(runs_dir: Path, run_id: str) -> Path:
-    """The file of a run; run ids are sanitised so a hostile id cannot escape the directory."""
-    safe = _SAFE_NAME.sub("_", run_id).strip("._") or "run"
-    return runs_dir / f"{safe[:120]}.sqlite"
 
 
 def open_recording(path: Path) -> sqlite3.Connection:
@@ -164,6 +99,11 @@ class Recorder:
     def step(self, run_id: str, step: StepRecord) -> None:
         self._queue.put((run_id, "steps", step_row(step)))
 
+    def step_timing(self, run_id: str, pid: int, step: int, end_unix_s: float, fields: dict[str, float | int]) -> None:
+        """Late device timing of a step queued earlier (the UPDATE follows its INSERT)."""
+        values = [fields["comm_s"], fields["flags"], *(fields[name] for name in schema.GPU_TIMING_FIELDS)]
+        self._queue.put((run_id, "step_timing", (*values, end_unix_s, pid, step)))
+
     def session(self, session: ProbeSession) -> None:
         row = (
             session.pid,
@@ -210,7 +150,7 @@ class Recorder:
         self._queue.put((run_id, "process_samples", row))
 
     def gpu(self, run_ids: list[str], sample: GpuSample) -> None:
-        row = (*(getattr(sample, name) for name in _GPU_FIELDS), json.dumps(asdict(sample), default=str))
+        row = (*(getattr(sample, name) for name in GPU_SAMPLE_FIELDS), json.dumps(asdict(sample), default=str))
         for run_id in run_ids:
             self._queue.put((run_id, "gpu_samples", row))
 
@@ -306,7 +246,8 @@ class Recorder:
                         "INSERT OR REPLACE INTO meta VALUES (?, ?)",
                         [(k, str(v)) for k, v in meta.items()],
                     )
-                for table, rows in tables.items():
+                # Late device timing updates steps: after the inserts it may refer to.
+                for table, rows in sorted(tables.items(), key=lambda item: item[0] == "step_timing"):
                     if table != "_start":
                         conn.executemany(INSERTS[table], rows)
                 conn.execute("COMMIT")
@@ -381,35 +322,3 @@ class Recorder:
         if self._on_closed:
             self._on_closed(run_id, str(path))
         return True
-
-
-def read_gpu_samples(paths: list[Path]) -> list[dict[str, Any]]:
-    """Every recorded GPU sample as a dict (the fields of GpuSample); unreadable rows are skipped."""
-    samples: list[dict[str, Any]] = []
-    for path in paths:
-        try:
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        except sqlite3.Error:
-            continue
-        try:
-            columns = ", ".join(column for column, _, _ in GPU_SAMPLE_COLUMNS)
-            cursor = conn.execute(f"SELECT {columns}, sample FROM gpu_samples ORDER BY ts_unix_s")
-            for *row, text in cursor:
-                try:
-                    sample = json.loads(text)
-                except (TypeError, ValueError):
-                    continue
-                if not isinstance(sample, dict):
-                    continue
-                # The row's own columns fill what the JSON lacks (a sample written without its
-                # timestamp or index is still that row's sample).
-                for key, value in zip(_GPU_FIELDS, row, strict=True):
-                    if sample.get(key) is None and value is not None:
-                        sample[key] = bool(value) if key == "lost" else value
-                if isinstance(sample.get("ts_unix_s"), int | float) and isinstance(sample.get("index"), int):
-                    samples.append(sample)
-        except sqlite3.Error as exc:
-            log.debug("gpu samples of %s unreadable: %s", path, exc)
-        finally:
-            conn.close()
-    return samples

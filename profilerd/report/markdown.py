@@ -10,9 +10,9 @@ import json
 from typing import Any
 
 from profilerd.analysis.document import STRAGGLER_RULE, headline_of, statement_of, straggler_of
-from profilerd.charts import fmt_duration, fmt_seconds, sparkline
-from profilerd.report import device_summary
-from profilerd.timeline import ReportData
+from profilerd.recordings.timeline import ReportData
+from profilerd.report.charts import fmt_duration, fmt_seconds, sparkline
+from profilerd.report.text import device_summary
 
 
 def _cell(value: Any) -> str:

@@ -1,4 +1,5 @@
-"""Reading recordings back: list, resolve, prune, load into frames, merge nodes, and analyse offline.
+"""Loading a recording into frames for the analysis and the report: steps, samples, configs,
+sessions and events, and the GPU samples as the analysis reads them.
 
 Recordings are read defensively. A file cut short (disk full, copied while being written), a
 run whose daemon was killed mid-way, or a recording from an older schema still loads as far as
@@ -13,9 +14,10 @@ the memory of a pandas ``read_sql`` of the same table.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,29 +25,20 @@ import numpy as np
 import pandas as pd
 
 from profilerd.analysis.context import HOST_COLUMNS, PROCESS_COLUMNS, gpu_frame
-from profilerd.analysis.diagnosis import Observation, diagnose
 from profilerd.analysis.features import STEP_COLUMNS
-from profilerd.analysis.rules import RuleSet
-from profilerd.analysis.verdict import Verdict
-from profilerd.catalog import (  # noqa: F401  (the listing's names, as callers know them)
+from profilerd.recordings.salvage import (
     CHUNK_ROWS,
     Damage,
     RecordingError,
-    RunSummary,
-    _chunks,
-    _open,
-    _read_meta,
-    _tables,
-    _truncation,
     connect_readonly,
-    list_runs,
-    prune,
-    resolve,
+    open_readonly,
+    read_chunks,
+    read_meta,
     schema_problem,
-    select_for_pruning,
-    summarize,
+    table_names,
+    truncation_damage,
 )
-from profilerd.recording import GPU_SAMPLE_COLUMNS, read_gpu_samples
+from profilerd.recordings.schema import GPU_SAMPLE_COLUMNS, GPU_SAMPLE_FIELDS
 from profilerd_probes.schema import INTEGER_STEP_COLUMNS
 
 # Integer columns; every other numeric column is float64 and NaN where the value is unknown.
@@ -73,6 +66,8 @@ _INT32_COLUMNS = {
     "gpu_index",
     "lost",
 }
+log = logging.getLogger(__name__)
+
 GPU_COLUMNS = [column for column, _, _ in GPU_SAMPLE_COLUMNS]
 _GPU_NUMERIC = [column for column, _, sql in GPU_SAMPLE_COLUMNS if sql != "TEXT"]
 EVENT_COLUMNS = ["ts_unix_s", "kind", "detail"]
@@ -230,7 +225,7 @@ def _numeric_table(
                 sql = f"SELECT {', '.join(columns)} FROM {table}"
         del first
         arrays = {name: np.empty(max(expected, CHUNK_ROWS)) for name in columns}
-        for rows in _chunks(conn, sql, table, notes):
+        for rows in read_chunks(conn, sql, table, notes):
             chunk = _to_floats(rows, len(columns), columns)
             if filled + len(chunk) > len(next(iter(arrays.values()))):  # rows written since the count
                 arrays = {name: np.resize(values, 2 * (filled + len(chunk))) for name, values in arrays.items()}
@@ -271,7 +266,7 @@ def _mixed_table(
     if query is None:
         return _empty(names)
     columns, sql = query
-    parts = [pd.DataFrame.from_records(rows, columns=columns) for rows in _chunks(conn, sql, table, notes)]
+    parts = [pd.DataFrame.from_records(rows, columns=columns) for rows in read_chunks(conn, sql, table, notes)]
     frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
     for name in names:
         if name not in frame:
@@ -286,7 +281,7 @@ def _read_configs(conn: sqlite3.Connection, notes: list[str]) -> list[dict[str, 
     configs = []
     bad = 0
     sql = "SELECT ts_unix_s, rank, config FROM configs ORDER BY ts_unix_s"
-    for rows in _chunks(conn, sql, "configs", notes):
+    for rows in read_chunks(conn, sql, "configs", notes):
         for _ts, rank, config in rows:
             try:
                 document = json.loads(config)
@@ -308,7 +303,7 @@ def _read_sessions(conn: sqlite3.Connection, notes: list[str]) -> pd.DataFrame:
     if query is None:
         return _empty(wanted)
     columns, sql = query
-    rows = [row for chunk in _chunks(conn, sql, "sessions", notes) for row in chunk]
+    rows = [row for chunk in read_chunks(conn, sql, "sessions", notes) for row in chunk]
     frame = pd.DataFrame.from_records(rows, columns=columns)
     for name in wanted:
         if name not in frame:
@@ -320,16 +315,16 @@ def _read_sessions(conn: sqlite3.Connection, notes: list[str]) -> pd.DataFrame:
 
 def load(path: Path) -> Recording:
     """Everything in a recording as frames; damaged or missing parts become ``notes``."""
-    conn, wal_note = _open(path)
+    conn, wal_note = open_readonly(path)
     notes: list[str] = [wal_note] if wal_note else []
     try:
         try:
-            tables = _tables(conn)
+            tables = table_names(conn)
         except sqlite3.DatabaseError as exc:
             raise RecordingError(f"{path} is not a readable profilerd recording: {exc}") from None
         if not tables & {"meta", "steps"}:
             raise RecordingError(f"{path} is not a profilerd recording (no meta or steps table)")
-        meta = _read_meta(conn, notes) if "meta" in tables else {}
+        meta = read_meta(conn, notes) if "meta" in tables else {}
         if "meta" not in tables:
             notes.append(Damage("table meta is missing: the run's identity and state are unknown"))
         newer = schema_problem(path, meta)
@@ -338,7 +333,7 @@ def load(path: Path) -> Recording:
         version = meta.get("schema_version")
         if version is not None and not version.strip().isdigit():
             notes.append(Damage(f"the schema version {version!r} is not a number"))
-        cut = _truncation(path)
+        cut = truncation_damage(path)
         if cut:
             notes.append(cut)
         steps = _numeric_table(conn, "steps", STEP_COLUMNS, "end_unix_s", notes)
@@ -359,113 +354,6 @@ def load(path: Path) -> Recording:
     return Recording(path, meta, steps, configs, hosts, processes, sessions, gpus, events, tuple(notes), (source,))
 
 
-# ---- several nodes of one job ----------------------------------------------------------------------
-def estimate_clock_offset(reference: pd.DataFrame, other: pd.DataFrame) -> tuple[float, float] | None:
-    """Seconds to add to ``other``'s clock to match ``reference``'s, and the alignment's spread.
-
-    Synchronous data-parallel ranks finish step N together (the gradient all-reduce is a
-    barrier), so the median difference of per-step end times over the steps both recordings
-    saw is the offset between the two nodes' clocks; the median absolute deviation around it
-    says how well the steps lined up. None when they share fewer than 3 steps.
-    """
-    a = reference.groupby("step")["end_unix_s"].median()
-    b = other.groupby("step")["end_unix_s"].median()
-    common = a.index.intersection(b.index)
-    if len(common) < 3:
-        return None
-    differences = a.loc[common].to_numpy() - b.loc[common].to_numpy()
-    offset = float(np.median(differences))
-    return offset, float(np.median(np.abs(differences - offset)))
-
-
-def _shift(frame: pd.DataFrame, column: str, offset: float) -> pd.DataFrame:
-    if offset == 0.0 or frame.empty:
-        return frame
-    return frame.assign(**{column: frame[column] + offset})
-
-
-def merge(recordings: Sequence[Recording]) -> Recording:
-    """Recordings of one job from several nodes as one, with every clock aligned to rank 0's node.
-
-    Refuses recordings of different jobs or with ranks in common: those are not the nodes of
-    one run, and aligning their clocks by step would produce a confident-looking fiction.
-    """
-    if len(recordings) == 1:
-        return recordings[0]
-    jobs = sorted({r.job for r in recordings})
-    if len(jobs) > 1:
-        raise RecordingError(
-            f"these recordings belong to different jobs ({', '.join(jobs)}): `report` merges the nodes of one job "
-            "(give every node the same PROFILERD_JOB_ID, as torchrun's TORCHELASTIC_RUN_ID does)"
-        )
-    seen: dict[int, str] = {}
-    for recording in recordings:
-        for rank in recording.sources[0].ranks if recording.sources else ():
-            if rank in seen:
-                raise RecordingError(
-                    f"rank {rank} is in both {seen[rank]} and {recording.run_id}: these are not different nodes of "
-                    "one run (a restarted job is reported one recording at a time)"
-                )
-            seen[rank] = recording.run_id
-    ordered = sorted(recordings, key=lambda r: min(r.sources[0].ranks) if r.sources and r.sources[0].ranks else 1 << 30)
-    reference = ordered[0]
-    notes: list[str] = []
-    sources: list[Source] = []
-    parts: dict[str, list[pd.DataFrame]] = {
-        k: [] for k in ("steps", "hosts", "processes", "sessions", "gpus", "events")
-    }
-    configs: list[dict[str, Any]] = []
-    for index, recording in enumerate(ordered):
-        source = recording.sources[0] if recording.sources else Source(recording.run_id, recording.path, "", "", ())
-        offset, residual = 0.0, None
-        if index > 0:
-            estimate = estimate_clock_offset(reference.steps, recording.steps)
-            if estimate is None:
-                notes.append(
-                    f"{recording.run_id}: no steps in common with {reference.run_id}, so its clock could not be "
-                    "aligned; its timestamps are used as recorded"
-                )
-            else:
-                offset, residual = estimate
-        else:
-            residual = 0.0
-        sources.append(replace(source, clock_offset_s=offset, clock_residual_s=residual))
-        notes.extend(type(note)(f"{recording.run_id}: {note}") for note in recording.notes)
-        node = source.hostname or f"node{index}"
-        parts["steps"].append(_shift(recording.steps, "end_unix_s", offset))
-        parts["hosts"].append(_shift(recording.hosts, "ts_unix_s", offset))
-        parts["processes"].append(_shift(recording.processes, "ts_unix_s", offset))
-        parts["sessions"].append(_shift(recording.sessions, "started_unix_s", offset))
-        parts["gpus"].append(_shift(recording.gpus, "ts_unix_s", offset).assign(node=node))
-        parts["events"].append(_shift(recording.events, "ts_unix_s", offset).assign(node=node))
-        configs.extend(recording.configs)
-
-    def joined(name: str, sort_by: str | None) -> pd.DataFrame:
-        frames = [f for f in parts[name] if not f.empty]
-        if not frames:
-            return parts[name][0]
-        frame = pd.concat(frames, ignore_index=True)
-        return frame.sort_values(sort_by, kind="stable", ignore_index=True) if sort_by else frame
-
-    meta = dict(reference.meta)
-    meta["merged_run_ids"] = ",".join(r.run_id for r in ordered)
-    states = {r.state for r in ordered}
-    meta["state"] = reference.state if len(states) == 1 else ",".join(sorted(states))
-    return Recording(
-        path=reference.path,
-        meta=meta,
-        steps=joined("steps", "end_unix_s"),
-        configs=configs,
-        hosts=joined("hosts", "ts_unix_s"),
-        processes=joined("processes", "ts_unix_s"),
-        sessions=joined("sessions", None),
-        gpus=joined("gpus", "ts_unix_s"),
-        events=joined("events", "ts_unix_s"),
-        notes=tuple(notes),
-        sources=tuple(sources),
-    )
-
-
 def gpu_samples(recording: Recording) -> pd.DataFrame:
     """The job's GPU samples as the analysis reads them (``context.gpu_frame``), from every
     recording merged into this one."""
@@ -474,41 +362,71 @@ def gpu_samples(recording: Recording) -> pd.DataFrame:
     return gpu_frame(read_gpu_samples(paths), pids)
 
 
-# ---- analysis ----------------------------------------------------------------------------------
+def read_gpu_samples(paths: list[Path]) -> list[dict[str, Any]]:
+    """Every recorded GPU sample as a dict (the fields of GpuSample); unreadable rows are skipped."""
+    samples: list[dict[str, Any]] = []
+    for path in paths:
+        try:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        except sqlite3.Error:
+            continue
+        try:
+            columns = ", ".join(column for column, _, _ in GPU_SAMPLE_COLUMNS)
+            cursor = conn.execute(f"SELECT {columns}, sample FROM gpu_samples ORDER BY ts_unix_s")
+            for *row, text in cursor:
+                try:
+                    sample = json.loads(text)
+                except (TypeError, ValueError):
+                    continue
+                if not isinstance(sample, dict):
+                    continue
+                # The row's own columns fill what the JSON lacks (a sample written without its
+                # timestamp or index is still that row's sample).
+                for key, value in zip(GPU_SAMPLE_FIELDS, row, strict=True):
+                    if sample.get(key) is None and value is not None:
+                        sample[key] = bool(value) if key == "lost" else value
+                if isinstance(sample.get("ts_unix_s"), int | float) and isinstance(sample.get("index"), int):
+                    samples.append(sample)
+        except sqlite3.Error as exc:
+            log.debug("gpu samples of %s unreadable: %s", path, exc)
+        finally:
+            conn.close()
+    return samples
+
+
 @dataclass(frozen=True)
-class RunVerdict(Verdict):
-    """A whole-run verdict, with the time-series and data-quality summaries of the recording.
+class SampleRows:
+    """The sample tables as stored rows, oldest first: what a replay steps through by time,
+    with what the frames leave out (per-core CPU, the whole GPU sample as JSON)."""
 
-    ``to_json`` adds them to the verdict document, so `run --json` and `report --format json`
-    (which both analyse through :func:`analyse`) write the same extended document.
-    """
-
-    timeseries: dict[str, Any] = field(default_factory=dict)
-    data_quality: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self, run_id: str, job: str | None = None, **extra: Any) -> dict[str, Any]:
-        return super().to_json(run_id, job, timeseries=self.timeseries, data_quality=self.data_quality, **extra)
+    hosts: list[tuple[Any, ...]]  # ts_unix_s, cpu_count, cpu_ratio, memory_used_bytes, memory_total_bytes, cpu_per_core
+    processes: list[
+        tuple[Any, ...]
+    ]  # ts_unix_s, pid, rank, alive, cpu_ratio, rss_bytes, num_workers, workers_cpu_ratio
+    gpus: list[tuple[Any, ...]]  # ts_unix_s, gpu_index, sample
+    sessions: dict[int, tuple[int, str]]  # rank: (pid, hostname)
 
 
-def analyse(recording: Recording, ruleset: RuleSet) -> RunVerdict:
-    """The whole-run verdict: every recorded step after warm-up, one evaluation; the loss
-    evidence from every step, warm-up included (a loss that is NaN from step 1 counts)."""
-    from profilerd import timeline
-
-    steps = recording.steps
-    observation = Observation.whole_run(
-        steps,
-        config=recording.config(),
-        hosts=recording.hosts,
-        processes=recording.processes,
-        gpus=gpu_samples(recording),
-    )
-    verdict = diagnose(observation, ruleset)
-    # Stamp it with the last recorded step, so the same recording always gives the same JSON.
-    last = float(steps["end_unix_s"].max()) if not steps.empty else 0.0
-    base = {f.name: getattr(verdict, f.name) for f in fields(Verdict)}
-    return RunVerdict(
-        **{**base, "evaluated_unix_s": last},
-        timeseries=timeline.summaries(recording, ruleset.warmup_steps),
-        data_quality=timeline.data_quality(recording),
-    )
+def read_sample_rows(path: Path) -> SampleRows:
+    """The sample rows of one recording; RecordingError when a table cannot be read."""
+    conn = connect_readonly(path)
+    try:
+        return SampleRows(
+            hosts=conn.execute(
+                "SELECT ts_unix_s, cpu_count, cpu_ratio, memory_used_bytes, memory_total_bytes, cpu_per_core "
+                "FROM host_samples ORDER BY ts_unix_s"
+            ).fetchall(),
+            processes=conn.execute(
+                "SELECT ts_unix_s, pid, rank, alive, cpu_ratio, rss_bytes, num_workers, workers_cpu_ratio "
+                "FROM process_samples ORDER BY ts_unix_s"
+            ).fetchall(),
+            gpus=conn.execute("SELECT ts_unix_s, gpu_index, sample FROM gpu_samples ORDER BY ts_unix_s").fetchall(),
+            sessions={
+                int(rank): (int(pid), hostname)
+                for pid, rank, hostname in conn.execute("SELECT pid, rank, hostname FROM sessions").fetchall()
+            },
+        )
+    except sqlite3.DatabaseError as exc:
+        raise RecordingError(f"{path}: {exc}") from None
+    finally:
+        conn.close()

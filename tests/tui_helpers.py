@@ -1,14 +1,13 @@
 """Helpers for testing the TUI (used by tests/test_tui*.py): the fixture recording, a fake JSON
 server that can be taken away and brought back, canned daemon documents, and waiting on the app.
 
-Shipped in the package, as Textual ships its Pilot, so tests elsewhere can drive the app too.
+They live with the tests, beside the fixture they build, not in the installed package.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import importlib.util
 import json
 import threading
 import time
@@ -18,16 +17,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-REPO = Path(__file__).resolve().parents[1]  # the checkout, when run from one
+from tests.fixtures.tui_make_recording import make_recording
 
 
 def make_fixture_recording(directory: Path) -> Path:
-    """tests/fixtures/tui_make_recording.py, loaded by path (``fixtures`` is also a PyPI name)."""
-    spec = importlib.util.spec_from_file_location("tui_make_recording", REPO / "tests/fixtures/tui_make_recording.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_recording(directory)
+    """The TUI's fixture recording (tests/fixtures/tui_make_recording.py), made in ``directory``."""
+    return make_recording(directory)
 
 
 def run_async(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:

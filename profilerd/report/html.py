@@ -1,6 +1,6 @@
 """The HTML report: one self-contained file to read, share and act on.
 
-Everything is inline: CSS in a <style> element, charts as SVG drawn by :mod:`profilerd.charts`.
+Everything is inline: CSS in a <style> element, charts as SVG drawn by :mod:`profilerd.report.charts`.
 There is no script and no external resource, and a Content-Security-Policy that forbids both,
 so the file opens offline, in a mail attachment or a CI artifact viewer, and never calls home.
 """
@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from profilerd import __version__, charts
+from profilerd import __version__
 from profilerd.analysis.document import STRAGGLER_RULE, headline_of, statement_of, straggler_of
-from profilerd.charts import Band, Layer, Line, Mark, fmt_duration, fmt_ratio, fmt_seconds
-from profilerd.report import device_summary
-from profilerd.timeline import ReportData
+from profilerd.recordings.timeline import ReportData
+from profilerd.report import charts
+from profilerd.report.charts import Band, Layer, Line, Mark, fmt_duration, fmt_ratio, fmt_seconds
+from profilerd.report.text import device_summary
 
 PHASES = (
     ("data_wait_s", "data wait", "#e4572e"),
@@ -611,7 +612,7 @@ def _config(data: ReportData) -> str:
 
 
 def _differing_ranks(data: ReportData) -> str:
-    from profilerd.timeline import changed_settings
+    from profilerd.recordings.timeline import changed_settings
 
     base = data.config or {}
     ignore = ("rank", "distributed.rank")

@@ -26,15 +26,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from profilerd.timeline import changed_settings
+from profilerd.recordings.timeline import changed_settings
+from profilerd.vocabulary import Fraction
 
 if TYPE_CHECKING:
-    from profilerd.runs import Recording
+    from profilerd.recordings.reader import Recording
 
 SCHEMA = "profilerd.diff/v1"
 MAX_BLOCKS = 30
 MIN_STEPS_PER_BLOCK = 20
-FRACTIONS = ("data_wait", "compute", "communication", "other")
+FRACTIONS = tuple(str(key) for key in Fraction)
 # Which configuration keys a recommendation changes: (key prefix, key suffix) pairs.
 APPLIED_BY: dict[str, tuple[tuple[str, str], ...]] = {
     "dataloader.num_workers": (("dataloader.num_workers", ""),),
@@ -175,6 +176,7 @@ def job_shape(recording: Recording, doc: dict[str, Any]) -> JobShape:
     counts = [m.get("parameters") for m in config.get("models") or [] if isinstance(m, dict)]
     parameters = sum(int(n) for n in counts if isinstance(n, int | float)) or None
     sizes = recording.sessions["world_size"].dropna() if "world_size" in recording.sessions else []
+    world: int | None
     if len(sizes):
         world = int(max(sizes))
     elif isinstance(config.get("world_size"), int):
@@ -532,8 +534,8 @@ def render_html(diff: dict[str, Any]) -> str:
     """A one-page HTML comparison with the report's styling: per-step phase times of A and B."""
     from html import escape
 
-    from profilerd import charts
-    from profilerd.report_html import CSP, CSS, FRACTION_COLORS
+    from profilerd.report import charts
+    from profilerd.report.html import CSP, CSS, FRACTION_COLORS
 
     a, b = diff["a"], diff["b"]
     layers = [
