@@ -41,9 +41,12 @@ from benchmarks.machine import LoadWatch, isolated_env, machine_info  # noqa: E4
 TARGET_ADDED_EMPTY_S = 0.1
 TARGET_RATIO_EXAMPLES = 1.03
 
-# N steps of a tiny model (~0.3 ms a step: the per-step cost shows) or of a ~4.5 ms one.
+# N steps of a tiny model (~0.3 ms a step: the per-step cost shows) or of a ~4.5 ms one. It
+# notes when its training is done (END_STAMP_ENV): what follows until the launcher sees it
+# exit is the end of a run (the probes' flush, the interpreter's teardown; the verdict).
+END_STAMP_ENV = "BENCH_END_STAMP"
 STEPS_JOB = textwrap.dedent("""
-    import sys, torch
+    import os, sys, time, torch
     torch.set_num_threads(1)
     steps, width = int(sys.argv[1]), int(sys.argv[2])
     model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, 1))
@@ -53,6 +56,8 @@ STEPS_JOB = textwrap.dedent("""
         opt.zero_grad()
         model(x).sum().backward()
         opt.step()
+    if os.environ.get("BENCH_END_STAMP"):
+        open(os.environ["BENCH_END_STAMP"], "w").write(repr(time.time()))
 """)
 GPUPROF_WRAPPER = textwrap.dedent("""
     import runpy, sys, gpuprof
@@ -63,16 +68,36 @@ GPUPROF_WRAPPER = textwrap.dedent("""
 
 
 def _timed(argv: list[str], env: dict[str, str], cwd: Path) -> dict[str, float]:
+    stamp = cwd / "end.stamp"
+    stamp.unlink(missing_ok=True)
     started = time.monotonic()
-    process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        argv, env={**env, END_STAMP_ENV: str(stamp)}, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     assert process.stderr is not None
     errors = process.stderr.read()
     _, status, usage = os.wait4(process.pid, 0)
+    ended_unix_s = time.time()
     process.returncode = os.waitstatus_to_exitcode(status)
     wall = time.monotonic() - started
     if process.returncode != 0:
         raise RuntimeError(f"{argv} exited {process.returncode}: {errors.decode(errors='replace')[-2000:]}")
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime}
+    timed = {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime}
+    if stamp.exists():  # from the training's last step done to the launcher seeing the exit
+        timed["end_s"] = ended_unix_s - float(stamp.read_text())
+    started_in = _daemon_start_phases(cwd / "run")
+    if started_in:
+        timed["daemon_start_phases"] = started_in
+    return timed
+
+
+def _daemon_start_phases(runtime: Path) -> dict[str, float] | None:
+    """When the run's daemon (still lingering) ingested, had imported the rest, and served:
+    seconds since its process started (profilerd.daemon.Daemon.start_phases)."""
+    from profilerd.runtime import read_running_daemon
+
+    running = read_running_daemon(runtime / "profilerd")
+    return running.get("start_phases") if running else None
 
 
 def _wait_daemon_gone(runtime: Path, limit_s: float = 15.0) -> None:
@@ -193,8 +218,22 @@ def summarize(job: str, tool: str, pairs: list[dict[str, Any]]) -> dict[str, Any
         "cpu_added_s": median([p["wrapped"]["cpu_s"] - p["plain"]["cpu_s"] for p in pairs]),
         "ratio_range": [min(ratios), max(ratios)],
         "others_cpu": median([p["others_cpu"] for p in pairs]),
+        **_end_medians(pairs),
         "pairs": pairs,
     }
+
+
+def _end_medians(pairs: list[dict[str, Any]]) -> dict[str, float]:
+    """The run's end on each side and the wrapped run's daemon start phases, where every pair has them."""
+    found = {}
+    for side in ("plain", "wrapped"):
+        if all("end_s" in p[side] for p in pairs):
+            found[f"{side}_end_s"] = statistics.median(p[side]["end_s"] for p in pairs)
+    for phase in ("ingesting", "imported", "serving"):
+        phases = [p["wrapped"].get("daemon_start_phases", {}).get(phase) for p in pairs]
+        if phases and None not in phases:
+            found[f"daemon_{phase}_s"] = statistics.median(phases)
+    return found
 
 
 def per_step_lines(rows: list[dict[str, Any]]) -> list[str]:
@@ -226,6 +265,12 @@ def format_row(row: dict[str, Any]) -> str:
         f"{row['job']:34} {row['tool']:17} plain {row['plain_wall_s']:6.2f} s  wrapped {row['wrapped_wall_s']:6.2f} s  "
         f"wall {row['wall_ratio']:.3f}x ({row['wall_added_s']:+.2f} s, {low:.2f}-{high:.2f})  "
         f"cpu {row['cpu_ratio']:.3f}x ({row['cpu_added_s']:+.2f} s)  others {row['others_cpu']:.2f} CPU"
+        + (f"  end {row['plain_end_s']:.2f} -> {row['wrapped_end_s']:.2f} s" if "wrapped_end_s" in row else "")
+        + (
+            f"  daemon ingests at {row['daemon_ingesting_s']:.2f} s, serves at {row['daemon_serving_s']:.2f} s"
+            if "daemon_serving_s" in row
+            else ""
+        )
     )
 
 

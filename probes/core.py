@@ -274,7 +274,9 @@ class StepProbe:
         self.optimizer_steps = 0
         self._in_loader = 0
         self._backward_depth = 0
-        self._optimizer_depth = 0
+        # The optimizers (by id) whose step is running, outermost first: one that steps another
+        # inside its step (a wrapper like Lookahead) makes one span.
+        self._stepping: list[int] = []
         self._optimizer_start = 0.0
         self._optimizer_inner = 0.0  # forward + backward + comm inside the optimizer span so far
         self._mark: float | None = None  # where the next forward window starts
@@ -789,12 +791,20 @@ class StepProbe:
         step.backward_seen = True
         self._mark = end  # a second forward (accumulation, a closure evaluated again) starts here
         self._mark_comm = self.collectives.seconds
-        if not self.optimizer_exists and not self._optimizer_depth:
+        if not self.optimizer_exists and not self._stepping:
             self._end_tentatively(end, fallback=True)
 
     def on_optimizer_pre(self, optimizer: Any) -> None:
-        self._optimizer_depth += 1
-        if self._optimizer_depth > 1:
+        key = id(optimizer)
+        if key in self._stepping:
+            # Its last step never returned: an exception left it (a Ctrl-C's KeyboardInterrupt
+            # the program caught, a closure's error), and the post hook never ran. That step is
+            # over, and the steps it nested; its time goes into this one.
+            del self._stepping[self._stepping.index(key) :]
+            if not self._stepping:
+                self.syncs.suspended = max(0, self.syncs.suspended - 1)
+        self._stepping.append(key)
+        if len(self._stepping) > 1:
             return  # an optimizer stepping another one inside its step: one span
         self.syncs.suspended += 1  # the optimizer's own .item() calls are not the user's
         now = time.perf_counter()
@@ -832,8 +842,12 @@ class StepProbe:
         self._mark_comm = self.collectives.seconds
 
     def on_optimizer_post(self, optimizer: Any) -> None:
-        self._optimizer_depth = max(0, self._optimizer_depth - 1)
-        if self._optimizer_depth:
+        key = id(optimizer)
+        if key in self._stepping:
+            del self._stepping[self._stepping.index(key) :]
+        elif self._stepping:
+            self._stepping.pop()
+        if self._stepping:
             return
         now = time.perf_counter()
         step = self.current
@@ -997,7 +1011,7 @@ class StepProbe:
         self._said_goodbye = False
         self._loss_nonfinite = False
         self._backward_depth = 0
-        self._optimizer_depth = 0
+        self._stepping = []
         self._mark = None
         self._loss = DeferredScalar(self._torch)
         self._grad_norm = DeferredScalar(self._torch)

@@ -19,7 +19,6 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -210,14 +209,14 @@ def _duration_s(text: str) -> float:
 
 
 # ---- serve -------------------------------------------------------------------------------------
-def _import_yielding_the_cpu(module: str) -> None:
-    """Import ``module`` in a thread at low priority (nice 10), waiting for it.
+def _import_yielding_the_cpu(*modules: str) -> None:
+    """Import ``modules`` in a thread at low priority (nice 10), waiting for them.
 
-    A daemon started for runs comes up beside a training that is starting too: its imports
-    (pandas, prometheus-client: most of its start) should not take the CPU from the training's
-    own (on a small or busy box they did: bench_launch.py). A thread, because an unprivileged
-    process cannot raise its priority back: the threads the daemon starts afterwards (ingest,
-    HTTP) are made by the main thread, at the normal priority.
+    A daemon started for runs comes up beside a training that is starting too: its heavy
+    imports (pandas, prometheus-client: most of its start) should not take the CPU from the
+    training's own (on a small or busy box they did: bench_launch.py). A thread, because an
+    unprivileged process cannot raise its priority back: the threads the daemon starts
+    afterwards (HTTP, samplers) are made by the main thread, at the normal priority.
     """
     import importlib
     import threading
@@ -225,8 +224,9 @@ def _import_yielding_the_cpu(module: str) -> None:
     def load() -> None:
         with contextlib.suppress(OSError, AttributeError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-        with contextlib.suppress(ImportError):  # raised again, with its traceback, by the caller
-            importlib.import_module(module)
+        for module in modules:
+            with contextlib.suppress(ImportError):  # raised again, with its traceback, by the caller
+                importlib.import_module(module)
 
     thread = threading.Thread(target=load, name="profilerd-imports")
     thread.start()
@@ -234,24 +234,24 @@ def _import_yielding_the_cpu(module: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    if args.for_runs:
-        _import_yielding_the_cpu("profilerd.daemon")
-    from profilerd.daemon import Daemon, DaemonError
+    """A daemon for runs ingests first, with light imports only, then imports the rest at low
+    priority: the probes' first records land while it does (profilerd.daemon)."""
+    from profilerd.daemon import SERVING_MODULES, Daemon, DaemonError
 
     config = _config(args)
-    ruleset = _rules(config)
+    ruleset = None if args.for_runs else _rules(config)  # a bad rules file: refused before anything starts
     daemon = Daemon(config, ruleset)
     daemon.catch_signals()  # a SIGTERM from here on still flushes and exits 0
     try:
-        try:
-            daemon.start()
-        except DaemonError as exc:
-            if not (args.for_runs and "cannot listen" in str(exc)):
+        daemon.start_ingest()
+        if args.for_runs:
+            _import_yielding_the_cpu(*SERVING_MODULES)
+            try:
+                daemon.ruleset = _rules(config)
+            except UsageError:
+                daemon.stop()
                 raise
-            # The port is taken by something else: any free port will do for runs.
-            daemon = Daemon(replace(config, http_port=0), ruleset)
-            daemon.catch_signals()
-            daemon.start()
+        daemon.start_serving(any_port_fallback=args.for_runs)
     except DaemonError as exc:
         print(f"profilerd: {exc}", file=sys.stderr)
         return 1

@@ -88,3 +88,13 @@ class DaemonClient:
             return get_json(self.base_url + path, timeout_s)
         except ClientError:
             return None
+
+    def run_verdict(self, run_id: str, exit_code: int, wait_s: float, timeout_s: float) -> dict[str, Any] | None:
+        """The daemon's end-of-run verdict of a run, ``{"verdict": ..., "rules_file": ...}``, once
+        its recording has closed (the daemon waits up to ``wait_s`` for that); None when it
+        cannot give one (an older daemon, no closed recording, an error, no answer)."""
+        query = urllib.parse.urlencode({"exit_code": exit_code, "wait_ms": round(wait_s * 1000)})
+        answer = self.get(f"/api/v1/runs/{urllib.parse.quote(run_id, safe='')}/verdict?{query}", timeout_s)
+        if answer is None or not isinstance(answer.get("verdict"), dict):
+            return None
+        return answer

@@ -21,7 +21,9 @@ import fcntl
 import json
 import os
 import secrets
+import shutil
 import stat
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,8 +36,11 @@ INFO_NAME = "daemon.json"
 LEASES_DIR = "leases"
 LEASES_LOCK = "leases.lock"
 DAEMON_LOG_NAME = "daemon-for-runs.log"
+# In a private runtime directory that one `profilerd run` made (its usual one was another
+# user's): the directory is removed with the run's daemon (remove_private_runtime_dir).
+PRIVATE_MARK = "private-to-one-run"
 # What a daemon keeps in its runtime directory: each must be the user's before anyone reads it.
-RUNTIME_ENTRIES = (LOCK_NAME, INFO_NAME, LEASES_DIR, LEASES_LOCK, DAEMON_LOG_NAME, SOCKET_NAME)
+RUNTIME_ENTRIES = (LOCK_NAME, INFO_NAME, LEASES_DIR, LEASES_LOCK, DAEMON_LOG_NAME, SOCKET_NAME, PRIVATE_MARK)
 
 
 def runtime_dir_problem(runtime_dir: Path) -> str | None:
@@ -46,6 +51,20 @@ def runtime_dir_problem(runtime_dir: Path) -> str | None:
 
 class IngestError(RuntimeError):
     """The socket (or its directory) cannot be used safely; the message says what to do."""
+
+
+def make_private_runtime_dir() -> Path:
+    """A fresh runtime directory for one run (mode 0700), marked to go with its daemon."""
+    directory = Path(tempfile.mkdtemp(prefix=f"profilerd-{os.getuid()}-"))
+    (directory / PRIVATE_MARK).touch(mode=0o600)
+    return directory
+
+
+def remove_private_runtime_dir(runtime_dir: Path) -> None:
+    """Remove ``runtime_dir`` if make_private_runtime_dir made it: nothing else uses it once its
+    run's daemon has stopped (or never started). A shared runtime directory is left alone."""
+    if (runtime_dir / PRIVATE_MARK).is_file():
+        shutil.rmtree(runtime_dir, ignore_errors=True)
 
 
 def prepare_runtime_dir(directory: Path, shared: bool = False) -> None:

@@ -2,9 +2,10 @@
 
 The session: check the flags -> take a lease on the shared daemon -> start the training with
 our bootstrap on PYTHONPATH at once, and the daemon beside it if none runs (the probes hold
-their first messages until it answers); when the first message is made, import the analysis
-in a thread -> the live view (or a status line) until it exits -> the verdict -> exit as the
-training did (its code, or its death by the same signal).
+their first messages until it answers) -> the live view (or a status line) until it exits ->
+the verdict, computed by the daemon (it has the recording and the analysis loaded: this
+process imports no pandas unless the daemon cannot answer) -> exit as the training did (its
+code, or its death by the same signal).
 Nothing here waits on a fixed sleep: see benchmarks/bench_launch.py.
 
 Signals (docs/concepts.md, "Signals under `profilerd run`"): the training runs in our process
@@ -46,8 +47,10 @@ from profilerd.runtime import (
     IngestError,
     Lease,
     leases_locked,
+    make_private_runtime_dir,
     prepare_runtime_dir,
     read_running_daemon,
+    remove_private_runtime_dir,
     runtime_dir_problem,
 )
 from profilerd_probes import transport, wire
@@ -73,6 +76,11 @@ DAEMON_START_TIMEOUT_S = 30.0
 # The daemon reads the run's messages (the last ones, the run_end) in a thread: it may
 # answer "no such run" just before it has; a run with senders is not given up on before this.
 UNKNOWN_RUN_GRACE_S = 3.0
+# The verdict is asked for right after the run_end: the daemon waits up to VERDICT_WAIT_S for
+# the recording's close (milliseconds, usually), then analyses it (seconds for the longest
+# runs: past VERDICT_TIMEOUT_S, or when it cannot answer, the verdict is computed here).
+VERDICT_WAIT_S = 2.0
+VERDICT_TIMEOUT_S = 60.0
 # A test and debugging aid: make the live view fail "start" (before it opens) or "running"
 # (from inside the app, after it has drawn), to see `run` fall back to the status line.
 LIVE_VIEW_FAULT_ENV = "PROFILERD_LIVE_VIEW_FAULT"
@@ -235,7 +243,7 @@ class DaemonHandle:
         flags = list(flags or [])
         problem = runtime_dir_problem(config.runtime_dir)
         if problem is not None:
-            private = Path(tempfile.mkdtemp(prefix=f"profilerd-{os.getuid()}-"))  # 0700, ours
+            private = make_private_runtime_dir()  # 0700, ours; removed with the run's daemon
             print(
                 f"profilerd: {untrusted_line(config.runtime_dir, problem)}; this run uses {private} instead",
                 file=sys.stderr,
@@ -322,6 +330,13 @@ class DaemonHandle:
             return None
         return self._client.get(path, timeout)
 
+    def run_verdict(self, run_id: str, exit_code: int) -> dict[str, Any] | None:
+        """The daemon's end-of-run verdict, once the run's recording has closed (see
+        profilerd.client.DaemonClient.run_verdict)."""
+        if not self._started.is_set() or self._error is not None:
+            return None
+        return self._client.run_verdict(run_id, exit_code, VERDICT_WAIT_S, VERDICT_WAIT_S + VERDICT_TIMEOUT_S)
+
     def send(self, datagram: bytes) -> None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             try:
@@ -331,6 +346,8 @@ class DaemonHandle:
 
     def close(self) -> None:
         self.lease.release()
+        if not self._starting or self._error is not None:  # no daemon of ours there to remove it
+            remove_private_runtime_dir(self.config.runtime_dir)
 
 
 def _spawn_daemon(config: DaemonConfig, flags: list[str]) -> subprocess.Popen[bytes]:
@@ -553,51 +570,11 @@ def training_has_senders(marks: Path) -> bool:
         return False
 
 
-class Analysis:
-    """What waits for the training's first message: then the verdict's imports (pandas) and
-    rules are loaded, in this thread at low priority, so that the run's end does not wait for
-    them. A job that never steps does not pay for them."""
-
-    POLL_S = 0.02  # a listdir of a near-empty folder: microseconds
-
-    def __init__(self, marks: Path, on_first_message: Callable[[], None], load_rules: Callable[[], Any]) -> None:
-        self._marks = marks
-        self._on_first_message = on_first_message
-        self._load_rules = load_rules
-        self._go = threading.Event()
-        self._result: tuple[Any, BaseException | None] = (None, None)
-        self._thread = threading.Thread(target=self._run, name="profilerd-analysis", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not training_has_senders(self._marks):
-            if self._go.wait(self.POLL_S):
-                break
-        self._on_first_message()
-        with contextlib.suppress(OSError, AttributeError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # this thread only
-        try:
-            import profilerd.recordings.offline
-            import profilerd.report  # noqa: F401
-
-            self._result = (self._load_rules(), None)
-        except BaseException as exc:  # re-raised in the main thread, by ruleset()
-            self._result = (None, exc)
-
-    def ruleset(self) -> Any:
-        self._go.set()
-        self._thread.join()
-        ruleset, error = self._result
-        if error is not None:
-            raise error
-        return ruleset
-
-
 # ---- the session -----------------------------------------------------------------------------
 def run_command(cmd: list[str], args: argparse.Namespace, config: DaemonConfig, load_rules: Callable[[], Any]) -> int:
     """Run ``cmd`` under the probes; returns its exit code, or -N when it died by signal N.
 
-    ``load_rules`` gives the verdict's rules; it is called in a thread while the training runs.
+    ``load_rules`` gives the verdict's rules, for a verdict computed here (the daemon could not).
     """
     check_output_path(args.json_path)
     show_status = not args.no_status and sys.stderr.isatty()
@@ -642,11 +619,12 @@ def _run(
         # Beside the training, not before it; now, not at its first step: should this process
         # be killed, the daemon is there to record the training to its end.
         handle.start()
+        threading.Thread(target=_preload_http_client, name="profilerd-preload", daemon=True).start()
         marks = boot / "senders"
-        analysis = Analysis(marks, handle.start, load_rules)
         if live is not None:
             live = _live_view_once_serving(live, handle)
         code = _wait_for_child(child, handle, job, status, live)
+        ended = time.monotonic()  # the end's phases are logged from here (--log-level debug)
         relay.training_ended = True
         if live is not None:
             live.close()
@@ -659,18 +637,23 @@ def _run(
             print(f"profilerd: {exc}; no verdict", file=sys.stderr)
             return code
         handle.send(wire.encode_json(wire.KIND_RUN_END, {"pid": os.getpid(), "run_id": run_id, "exit_code": code}))
-        recording = wait_for_recording(
-            handle, run_id, config, cancelled=lambda: relay.interrupted, unknown_after_s=UNKNOWN_RUN_GRACE_S
+        document = daemon_verdict(handle, run_id, code)  # the recording's close and the verdict: one call
+        log.debug(
+            "the daemon's verdict: %s, %.3f s after the training's exit", document is not None, time.monotonic() - ended
         )
-        if relay.interrupted is not None:  # the user wants out: no verdict
+        if document is None:
+            recording = wait_for_recording(
+                handle, run_id, config, cancelled=lambda: relay.interrupted, unknown_after_s=UNKNOWN_RUN_GRACE_S
+            )
+            if relay.interrupted is not None:  # the user wants out: no verdict
+                return -relay.interrupted
+            if recording is None:
+                return _no_steps(run_id, job, code, cmd, args.json_path)
+            document = local_verdict(run_id, job, recording, code, load_rules)
+        if relay.interrupted is not None:
             return -relay.interrupted
-        if recording is None:
-            return _no_steps(run_id, job, code, cmd, args.json_path)
-        from profilerd import recordings as runs
         from profilerd.report import render_text
 
-        verdict = runs.analyse(runs.load(recording), analysis.ruleset())
-        document = verdict.to_json(run_id, job, recording=str(recording), exit_code=code)
         print(render_text(document), file=sys.stderr)
         if args.json_path is not None:
             write_json(args.json_path, document)
@@ -680,6 +663,34 @@ def _run(
             live.close()
         handle.close()
         shutil.rmtree(boot, ignore_errors=True)
+
+
+def daemon_verdict(handle: DaemonHandle, run_id: str, code: int) -> dict[str, Any] | None:
+    """The run's verdict document from the daemon, which has the recording and the analysis
+    loaded; None when it cannot give it, or judges by other rules than this run's (a daemon
+    already running with its own --rules): then local_verdict computes it here."""
+    answer = handle.run_verdict(run_id, code)
+    rules_file = str(handle.config.rules_file) if handle.config.rules_file is not None else None
+    if answer is None or answer.get("rules_file") != rules_file:
+        return None
+    document: dict[str, Any] = answer["verdict"]
+    return document
+
+
+def local_verdict(run_id: str, job: str, recording: Path, code: int, load_rules: Callable[[], Any]) -> dict[str, Any]:
+    """The run's verdict computed in this process (pandas, the rules: ~1 s of imports)."""
+    from profilerd import recordings as runs
+
+    verdict = runs.analyse(runs.load(recording), load_rules())
+    return verdict.to_json(run_id, job, recording=str(recording), exit_code=code)
+
+
+def _preload_http_client() -> None:
+    """Import urllib's HTTP client while the training runs, at low priority: the run's end asks
+    the daemon for its verdict at once, without paying for the import (~50 ms on a busy box)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # this thread only
+    import urllib.request  # noqa: F401
 
 
 def _live_view_once_serving(live: Any, handle: DaemonHandle) -> Any:

@@ -131,6 +131,7 @@ CASES = [
         rounds=3,
         same_saved_contents=False,
     ),
+    Case("ctrl_c_inside_optimizer_step", (_program("interrupted_optimizer_step.py"),)),
     Case("sigterm_handler", (_program("signal_handler.py"), "TERM"), send=signal.SIGTERM, same_saved_contents=False),
     Case("sighup_handler", (_program("signal_handler.py"), "HUP"), send=signal.SIGHUP, same_saved_contents=False),
     Case("sigusr1_handler", (_program("signal_handler.py"), "USR1"), send=signal.SIGUSR1, same_saved_contents=False),

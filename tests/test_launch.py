@@ -122,3 +122,117 @@ def test_the_cli_starts_without_pandas_textual_or_prometheus_client(profilerd_en
         [sys.executable, "-c", probe], env=profilerd_env, cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert "HEAVY []" in result.stderr, result.stderr
+
+
+def test_the_run_prints_the_daemons_verdict_and_its_wrapper_never_imports_pandas(profilerd_env, short_tmp):
+    """The daemon has the recording and the analysis loaded: it computes the end-of-run verdict,
+    and the wrapper only prints it. The verdict is the one the recording gives."""
+    from profilerd import recordings as runs
+    from profilerd.analysis.rules import load_rules
+
+    script = short_tmp / "train.py"
+    script.write_text(STEPS)
+    out = short_tmp / "verdict.json"
+    argv = ["run", "--no-status", "--json", str(out), "--", sys.executable, str(script), "40"]
+    probe = textwrap.dedent(f"""
+        import sys
+        from profilerd.cli import main
+        code = main({argv!r})
+        heavy = sorted({{"pandas", "numpy", "textual", "prometheus_client"}} & set(sys.modules))
+        print("HEAVY", heavy, file=sys.stderr)
+        sys.exit(code)
+    """)
+    result = subprocess.run(
+        [sys.executable, "-c", probe], env=profilerd_env, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY []" in result.stderr, result.stderr
+    document = json.loads(out.read_text())
+    recording = Path(document["recording"])
+    local = runs.analyse(runs.load(recording), load_rules()[0]).to_json(
+        document["run_id"], document["job"], recording=str(recording), exit_code=0
+    )
+    assert document == json.loads(json.dumps(local, default=str))
+    assert f"run {document['run_id']}" in result.stderr  # the verdict was printed
+
+
+def test_a_private_runtime_directory_goes_with_its_runs_daemon(profilerd_env, short_tmp):
+    """A runtime directory others can write in is replaced by a private one for the run; it is
+    removed when the run's daemon stops (or at once when the run started none)."""
+    taken = Path(profilerd_env["XDG_RUNTIME_DIR"]) / "profilerd"
+    taken.mkdir()
+    taken.chmod(0o777)
+    script = short_tmp / "train.py"
+    script.write_text(STEPS)
+    for cmd in ([sys.executable, str(script), "5"], [sys.executable, "-c", "pass"]):
+        result = run_cli("run", "--no-status", "--", *cmd, env=profilerd_env)
+        assert result.returncode == 0, result.stderr
+        private = Path(result.stderr.split("this run uses ", 1)[1].split()[0])
+        deadline = time.monotonic() + 60
+        while private.exists():  # the run's daemon lingers a moment for a next run, then stops
+            assert time.monotonic() < deadline, f"{private} left behind: {sorted(private.iterdir())}"
+            time.sleep(0.1)
+
+
+def test_a_daemon_with_other_rules_leaves_the_verdict_to_the_runs_own_rules(profilerd_env, short_tmp):
+    """A daemon the user started with their own --rules judges by those: a run without --rules
+    gets the built-in rules' verdict, computed by the wrapper, not the daemon's."""
+    from profilerd import recordings as runs
+    from profilerd.analysis.rules import load_rules
+    from tests.reliability_helpers import Served
+
+    lenient = short_tmp / "lenient.toml"
+    lenient.write_text("[evidence]\nmin_steps = 5\nmin_seconds = 0.0\n")
+    script = short_tmp / "train.py"
+    script.write_text(STEPS)
+    out = short_tmp / "verdict.json"
+    daemon = Served(profilerd_env, "--gpu", "none", "--rules", str(lenient))
+    try:
+        result = run_cli("run", "--no-status", "--json", str(out), "--", sys.executable, str(script), "40",
+                         env=profilerd_env)  # fmt: skip
+    finally:
+        daemon.process.terminate()
+        daemon.process.wait(timeout=30)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(out.read_text())
+    recording = runs.load(Path(document["recording"]))
+
+    def judged_by(rules: Path | None) -> dict:
+        verdict = runs.analyse(recording, load_rules(rules)[0])
+        judged = verdict.to_json(document["run_id"], document["job"], recording=document["recording"], exit_code=0)
+        return json.loads(json.dumps(judged, default=str))
+
+    assert document == judged_by(None)
+    assert document != judged_by(lenient)  # the daemon's rules would have said otherwise
+
+
+def test_the_daemon_ingests_before_its_heavy_imports(profilerd_env):
+    """A daemon for runs takes the probes' records (stored and recorded) before it has imported
+    the analysis, HTTP or GPU parts: a short training's records land at once."""
+    probe = textwrap.dedent("""
+        import os, sqlite3, sys, time
+        from profilerd.config import load
+        from profilerd.daemon import Daemon
+        from profilerd.recordings.schema import recording_file
+        from profilerd_probes import wire
+        from profilerd_probes.transport import DatagramSender
+
+        config = load(None, {})[0]
+        daemon = Daemon(config)  # no rules yet: they need the analysis
+        daemon.start_ingest()
+        sender = DatagramSender(config.socket_path)
+        sender.send(wire.encode_json(wire.KIND_HELLO, {"pid": os.getpid(), "job": "j"}))
+        sender.send(wire.encode_step(os.getpid(), 0, 1, 1, time.time(), 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0))
+        deadline = time.monotonic() + 30
+        while not daemon.store.ring("j") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        heavy = sorted({"pandas", "numpy", "prometheus_client", "pynvml"} & set(sys.modules))
+        daemon.stop()  # closes the recording as it stands
+        with sqlite3.connect(recording_file(config.runs_dir, "j")) as db:
+            recorded = db.execute("SELECT count(*) FROM steps").fetchone()[0]
+        print("STEPS", recorded, "HEAVY", heavy)
+    """)
+    result = subprocess.run(
+        [sys.executable, "-c", probe], env=profilerd_env, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert "STEPS 1 HEAVY []" in result.stdout, result.stdout + result.stderr

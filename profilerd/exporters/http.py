@@ -15,6 +15,7 @@ import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -56,6 +57,8 @@ MAX_HEAD_BYTES = 80 * 1024
 # New connections taken per turn of the loop, so a flood cannot stall reading the heads of
 # connections already accepted.
 ACCEPTS_PER_TURN = 64
+# A verdict request may wait this long for its run's recording to close (it holds a worker).
+MAX_VERDICT_WAIT_MS = 10_000
 _REQUEST_LINE = re.compile(rb"\S+ \S+ HTTP/\d\.\d\r?")
 
 
@@ -124,8 +127,11 @@ class DaemonHttpServer(HTTPServer):
         info: dict[str, Any],
         redactor: ArgvRedactor = DEFAULT_REDACTOR,
         max_connections: int = MAX_CONNECTIONS,
+        run_verdict: Callable[[str, int | None, float], dict[str, Any]] | None = None,
     ) -> None:
         self.store = store
+        # The daemon's end-of-run verdict of a closed run (KeyError: none), for `profilerd run`.
+        self.run_verdict = run_verdict
         self.info = info
         self.redactor = redactor
         self.max_connections = max_connections
@@ -350,6 +356,8 @@ def route(server: DaemonHttpServer, path: str, query: dict[str, list[str]]) -> A
         return job_document(store, segments[1], steps, server.redactor)
     if segments == ["runs"]:
         return {"runs": store.read(lambda s: [asdict(run) for run in s.runs.values()])}
+    if len(segments) == 3 and segments[0] == "runs" and segments[2] == "verdict":
+        return run_verdict_document(server, segments[1], query)
     if len(segments) == 2 and segments[0] == "runs":
         run = store.read(lambda s: asdict(s.runs[segments[1]]) if segments[1] in s.runs else None)
         if run is None:
@@ -367,6 +375,22 @@ def route(server: DaemonHttpServer, path: str, query: dict[str, list[str]]) -> A
             }
         )
     raise ApiError(404, f"no such API path: {API_PREFIX}{path}")
+
+
+def run_verdict_document(server: DaemonHttpServer, run_id: str, query: dict[str, list[str]]) -> dict[str, Any]:
+    """``runs/<id>/verdict?exit_code=N&wait_ms=M``: the run's end-of-run verdict (``verdict``,
+    the document `profilerd run` prints and writes with --json) and the rules file it was judged
+    by; waits up to M ms for the run's recording to close."""
+    if server.run_verdict is None:
+        raise ApiError(404, "this daemon computes no run verdicts")
+    raw = query.get("exit_code", [""])[-1]
+    exit_code = _int_param(query, "exit_code", 0, -255, 255) if raw else None
+    wait_s = _int_param(query, "wait_ms", 0, 0, MAX_VERDICT_WAIT_MS) / 1000
+    try:
+        document = server.run_verdict(run_id, exit_code, wait_s)
+    except KeyError:
+        raise ApiError(404, f"no closed recording of run {run_id!r} in this daemon") from None
+    return {"verdict": document, "rules_file": server.info.get("rules_file")}
 
 
 def status_document(server: DaemonHttpServer) -> dict[str, Any]:

@@ -84,6 +84,9 @@ class Recorder:
         self.rows_written = 0
         self.rows_dropped = 0
         self._stop = threading.Event()
+        # Set by close_run and stop: a run's end is written now, not at the next commit, since
+        # its `profilerd run` waits for the closed recording to print the verdict.
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="profilerd-recorder", daemon=True)
 
     # ---- producers (any thread) --------------------------------------------------------
@@ -157,6 +160,7 @@ class Recorder:
 
     def close_run(self, run_id: str, state: str, exit_code: int | None) -> None:
         self._queue.put((run_id, "_close", {"state": state, "exit_code": exit_code}))
+        self._wake.set()
 
     # ---- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -166,6 +170,7 @@ class Recorder:
     def stop(self, timeout: float = 5.0) -> None:
         """Write what is queued, close every open run as it stands, and stop."""
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout)
 
     @property
@@ -175,7 +180,9 @@ class Recorder:
     # ---- writer thread -----------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            stopping = self._stop.wait(COMMIT_INTERVAL_S)
+            self._wake.wait(COMMIT_INTERVAL_S)
+            self._wake.clear()
+            stopping = self._stop.is_set()
             self._drain()
             if stopping:
                 self._next_retry = 0.0  # one last attempt, even while paused
