@@ -20,12 +20,13 @@ from simdevice import Run, Scenario, run_scenario
 
 from profilerd.analysis.context import gpu_frame
 from profilerd.analysis.diagnosis import Observation, diagnose
-from profilerd.analysis.features import DEVICE_COLUMNS, steps_frame
+from profilerd.analysis.features import steps_frame
 from profilerd.analysis.peaks import dtype_in_use, peak_tflops
 from profilerd.analysis.recommendations import removed
 from profilerd.analysis.rules import load_rules
 from profilerd.analysis.verdict import Verdict
 from profilerd.model import GpuSample, ProbeSession, StepRecord
+from profilerd_probes.schema import GPU_TIMING_FIELDS
 from tests.conftest import run_cli
 from tests.test_diagnosis import BASE_CONFIG
 
@@ -58,7 +59,7 @@ def verdict_of(records: list[StepRecord], samples: list[GpuSample], config: dict
 
 def host_only(records: list[StepRecord]) -> list[StepRecord]:
     """The same steps as a probe without device timing reports them."""
-    return [replace(r, **dict.fromkeys(DEVICE_COLUMNS)) for r in records]
+    return [replace(r, **dict.fromkeys(GPU_TIMING_FIELDS)) for r in records]
 
 
 def finding(verdict: Verdict, rule: str) -> Any:
@@ -198,7 +199,7 @@ def test_ddp_job_waiting_for_collectives_is_communication_bound_per_rank() -> No
 
 def test_steps_without_device_timing_are_judged_on_the_host_clock_exactly_as_before() -> None:
     records, samples = scenario(sim.COMPUTE_BOUND_ITEM)[:2]
-    mixed = [r if r.step % 2 else replace(r, **dict.fromkeys(DEVICE_COLUMNS)) for r in records]
+    mixed = [r if r.step % 2 else replace(r, **dict.fromkeys(GPU_TIMING_FIELDS)) for r in records]
     verdict = verdict_of(mixed, samples)
     assert verdict.primary == "compute"  # the timed half decides, on the device's clock
     assert verdict.features.device is not None

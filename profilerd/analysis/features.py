@@ -26,13 +26,12 @@ from profilerd_probes.wire import (
 )
 
 # Device timing per step (CUDA events); NaN for a step without it (CPU, events not complete yet).
-DEVICE_COLUMNS = tuple(f.name for f in schema.STEP_FIELDS if f.flag == schema.FLAG_HAS_GPU_TIMING)
 STEP_COLUMNS = list(schema.STEP_COLUMNS)
 
 
 def steps_frame(records: Iterable[StepRecord]) -> pd.DataFrame:
     frame = pd.DataFrame([s.as_row() for s in records], columns=STEP_COLUMNS)
-    frame[list(DEVICE_COLUMNS)] = frame[list(DEVICE_COLUMNS)].astype(float)  # None -> NaN
+    frame[list(schema.GPU_TIMING_FIELDS)] = frame[list(schema.GPU_TIMING_FIELDS)].astype(float)  # None -> NaN
     return frame
 
 

@@ -19,8 +19,9 @@ from profilerd import __version__
 from profilerd.analysis.document import STRAGGLER_RULE, headline_of, statement_of, straggler_of
 from profilerd.recordings.timeline import ReportData
 from profilerd.report import charts
-from profilerd.report.charts import Band, Layer, Line, Mark, fmt_duration, fmt_ratio, fmt_seconds
+from profilerd.report.charts import Band, Layer, Line, Mark, fmt_duration, fmt_ratio
 from profilerd.report.text import device_summary
+from profilerd.units import fmt_seconds
 
 PHASES = (
     ("data_wait_s", "data wait", "#e4572e"),

@@ -11,8 +11,9 @@ from typing import Any
 
 from profilerd.analysis.document import STRAGGLER_RULE, headline_of, statement_of, straggler_of
 from profilerd.recordings.timeline import ReportData
-from profilerd.report.charts import fmt_duration, fmt_seconds, sparkline
+from profilerd.report.charts import fmt_duration, sparkline
 from profilerd.report.text import device_summary
+from profilerd.units import fmt_seconds
 
 
 def _cell(value: Any) -> str:
