@@ -8,6 +8,7 @@ allocation-light sections; a reader that needs several parts at once copies them
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import time
 from collections import Counter, deque
@@ -37,8 +38,10 @@ class RankState:
     bucket_counts: list[int] = field(default_factory=lambda: [0] * (len(STEP_BUCKETS_S) + 1))
     config: dict[str, Any] | None = None
     last_step_unix_s: float = 0.0
-    last_seq: int = 0
-    sender_dropped: int = 0
+    # Per process: a rank may be fed by several live processes at once (hogwild workers and
+    # other torch.multiprocessing children that are not distributed ranks all say rank 0).
+    seq_by_pid: dict[int, tuple[int, int]] = field(default_factory=dict)  # pid: (last seq, sender dropped)
+    live_pids: set[int] = field(default_factory=set)
     alive: bool = True
     clean_exit: bool = False
 
@@ -114,12 +117,20 @@ class Store:
                 self._forget_old_runs()
             self.sessions[session.pid] = session
             rank = job.ranks.get(session.rank)
-            if rank is None or rank.session.pid != session.pid:
-                if rank is not None and self.sessions.get(rank.session.pid) is rank.session:
-                    del self.sessions[rank.session.pid]  # the rank's previous process
-                job.ranks[session.rank] = RankState(session, deque(maxlen=self.window_steps))
+            if rank is not None and rank.session.pid != session.pid and _shares_rank(rank, session.pid):
+                rank.session = session  # the newest hello names the rank; the others keep sending
+                rank.live_pids.add(session.pid)
+                rank.alive = True
+            elif rank is None or rank.session.pid != session.pid:
+                if rank is not None:  # a restarted rank: its previous process is gone
+                    for pid in rank.live_pids | {rank.session.pid}:
+                        previous = self.sessions.get(pid)
+                        if previous is not None and previous.job == session.job and previous.rank == session.rank:
+                            del self.sessions[pid]
+                job.ranks[session.rank] = RankState(session, deque(maxlen=self.window_steps), live_pids={session.pid})
             else:
                 rank.session = session
+                rank.live_pids.add(session.pid)
                 rank.alive = True
             return True
 
@@ -153,13 +164,13 @@ class Store:
             # Messages the sender could not send show up twice: as its own drop count and as a
             # gap in the sequence. Count them once, as sender_side; a gap beyond what the
             # sender admits to was lost on the way.
-            admitted = max(0, sender_dropped - rank.sender_dropped)
+            last_seq, last_dropped = rank.seq_by_pid.get(step.pid, (0, 0))
+            admitted = max(0, sender_dropped - last_dropped)
             if admitted:
                 self.dropped["sender_side"] += admitted
-            if rank.last_seq and seq > rank.last_seq + 1 + admitted:
-                self.dropped["sequence_gap"] += seq - rank.last_seq - 1 - admitted
-            rank.last_seq = seq
-            rank.sender_dropped = sender_dropped
+            if last_seq and seq > last_seq + 1 + admitted:
+                self.dropped["sequence_gap"] += seq - last_seq - 1 - admitted
+            rank.seq_by_pid[step.pid] = (seq, sender_dropped)
             rank.steps.append(step)
             rank.steps_total += 1
             rank.last_step_unix_s = step.end_unix_s
@@ -327,9 +338,10 @@ class Store:
             if session is None:
                 return
             job = self.jobs.get(session.job)
-            if job and session.rank in job.ranks and job.ranks[session.rank].session.pid == pid:
-                rank = job.ranks[session.rank]
-                rank.alive = False
+            rank = job.ranks.get(session.rank) if job else None
+            if rank is not None and pid in rank.live_pids | {rank.session.pid}:
+                rank.live_pids.discard(pid)
+                rank.alive = bool(rank.live_pids)
                 rank.clean_exit = rank.clean_exit or clean
 
     # ---- readers -----------------------------------------------------------------------
@@ -382,3 +394,24 @@ class Store:
         builds its answer from the copies after the lock is released."""
         with self._lock:
             return copy(self)
+
+
+def _shares_rank(rank: RankState, pid: int) -> bool:
+    """Whether a hello from ``pid`` joins the rank's live processes rather than replacing them:
+    true while one of them still runs (two processes with one rank at once), false for a
+    restart (the previous process is gone, or said goodbye)."""
+    if pid in rank.live_pids:
+        return True
+    return rank.alive and any(_process_exists(other) for other in rank.live_pids)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process: it exists
+    except OSError:
+        return False
+    return True

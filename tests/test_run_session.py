@@ -329,6 +329,66 @@ def test_concurrent_runs_share_one_daemon_and_are_each_recorded_completely(
     wait_until(lambda: not (runtime / "daemon.json").exists(), "the shared daemon to leave", timeout=30)
 
 
+# Two torch.multiprocessing workers of one program (hogwild), neither a distributed rank: both
+# say rank 0. Their steps interleave in a fixed order: A steps, B steps (its hello reaches the
+# daemon), then A steps again.
+SAME_RANK_WORKERS = textwrap.dedent("""
+    import torch, torch.multiprocessing as mp
+
+    def steps(model, n):
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        for _ in range(n):
+            opt.zero_grad()
+            model(torch.ones(4, 8)).sum().backward()
+            opt.step()
+
+    def worker_a(model, a_done, b_done):
+        steps(model, 5)
+        a_done.set()
+        b_done.wait(60)
+        steps(model, 5)
+
+    def worker_b(model, a_done, b_done):
+        a_done.wait(60)
+        steps(model, 5)
+        b_done.set()
+
+    if __name__ == "__main__":
+        model = torch.nn.Linear(8, 1)
+        model.share_memory()
+        a_done, b_done = mp.Event(), mp.Event()
+        workers = [mp.Process(target=f, args=(model, a_done, b_done)) for f in (worker_a, worker_b)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        print("PIDS", *(w.pid for w in workers), flush=True)
+""")
+
+
+def test_two_live_processes_with_one_rank_are_both_recorded_to_the_end(
+    profilerd_env: dict[str, str], short_tmp: Path, fast_rules: Path
+) -> None:
+    """A second process saying the same rank while the first still trains joins it: the first
+    keeps being recorded (a restarted rank, whose previous process is gone, replaces it)."""
+    from profilerd import recordings
+
+    script = short_tmp / "same_rank.py"
+    script.write_text(SAME_RANK_WORKERS)
+    document = short_tmp / "run.json"
+    done = subprocess.run(
+        [*PROFILERD, "run", "--rules", str(fast_rules), "--json", str(document), "--", sys.executable, str(script)],
+        env=profilerd_env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr
+    pid_a, pid_b = (int(p) for p in done.stdout.split("PIDS", 1)[1].split())
+    recorded = recordings.load(Path(json.loads(document.read_text())["recording"])).steps
+    assert recorded.groupby("pid").size().to_dict() == {pid_a: 10, pid_b: 5}
+
+
 def test_a_run_killed_with_sigkill_is_recorded_to_the_end_and_not_listed_running(
     profilerd_env: dict[str, str], short_tmp: Path, fast_rules: Path
 ) -> None:
