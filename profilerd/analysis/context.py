@@ -8,41 +8,21 @@ from typing import Any, cast
 import pandas as pd
 
 from profilerd.analysis.features import Context
-from profilerd.model import GpuContext, HostSample, ProcessSample
+from profilerd.model import HOST_TABLE, PROCESS_TABLE, GpuContext, HostSample, ProcessSample
 from profilerd.vocabulary import POWER_REASONS, THERMAL_REASONS
 
-HOST_COLUMNS = ["ts_unix_s", "cpu_count", "cpu_ratio"]
-PROCESS_COLUMNS = [
-    "ts_unix_s",
-    "pid",
-    "rank",
-    "alive",
-    "cpu_ratio",
-    "num_workers",
-    "workers_cpu_ratio",
-    "worker_cpu_max_ratio",
-]
+# The frames' columns are the recorded tables' (``profilerd.model``): live samples and a
+# recording's rows make the same frame.
+HOST_COLUMNS = HOST_TABLE.frame_columns
+PROCESS_COLUMNS = PROCESS_TABLE.frame_columns
 
 
 def host_frame(samples: Iterable[HostSample]) -> pd.DataFrame:
-    return pd.DataFrame([(s.ts_unix_s, s.cpu_count, s.cpu_ratio) for s in samples], columns=HOST_COLUMNS)
+    return pd.DataFrame([HOST_TABLE.frame_row(s) for s in samples], columns=HOST_COLUMNS)
 
 
 def process_frame(samples: Iterable[ProcessSample]) -> pd.DataFrame:
-    rows = [
-        (
-            s.ts_unix_s,
-            s.pid,
-            s.rank,
-            int(s.alive),
-            s.cpu_ratio,
-            len(s.worker_pids),
-            s.workers_cpu_ratio,
-            max(s.worker_cpu_ratios) if s.worker_cpu_ratios else None,
-        )
-        for s in samples
-    ]
-    return pd.DataFrame(rows, columns=PROCESS_COLUMNS)
+    return pd.DataFrame([PROCESS_TABLE.frame_row(s) for s in samples], columns=PROCESS_COLUMNS)
 
 
 def build_context(
