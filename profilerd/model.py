@@ -379,6 +379,10 @@ class Table:
     def attributes(self) -> tuple[str, ...]:
         return tuple(column.attribute for column in self.columns)
 
+    def column(self, attribute: str) -> Column:
+        """The column that holds the record's ``attribute``."""
+        return next(column for column in self.columns if column.attribute == attribute)
+
     @property
     def frame_columns(self) -> list[str]:
         """The analysis frame's columns, in the table's order."""

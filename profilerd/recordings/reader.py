@@ -415,18 +415,20 @@ def _records(conn: sqlite3.Connection, table: Table) -> list[dict[str, Any]]:
 
 
 def read_sample_rows(path: Path) -> SampleRows:
-    """The sample rows of one recording; RecordingError when a table cannot be read."""
+    """The sample rows of one recording (a table it lacks has none); RecordingError when a table
+    cannot be read."""
     conn = connect_readonly(path)
     try:
+        tables = table_names(conn)
+        gpus = f"SELECT ts_unix_s, gpu_index, {GPU_SAMPLE_JSON} FROM {GPU_TABLE.name} ORDER BY ts_unix_s"
+        sessions = "SELECT pid, rank, hostname FROM sessions"
         return SampleRows(
             hosts=[HostSample(**values) for values in _records(conn, HOST_TABLE)],
             processes=[RecordedProcess(**values) for values in _records(conn, PROCESS_TABLE)],
-            gpus=conn.execute(
-                f"SELECT ts_unix_s, gpu_index, {GPU_SAMPLE_JSON} FROM {GPU_TABLE.name} ORDER BY ts_unix_s"
-            ).fetchall(),
+            gpus=conn.execute(gpus).fetchall() if GPU_TABLE.name in tables else [],
             sessions={
                 int(rank): (int(pid), hostname)
-                for pid, rank, hostname in conn.execute("SELECT pid, rank, hostname FROM sessions").fetchall()
+                for pid, rank, hostname in (conn.execute(sessions).fetchall() if "sessions" in tables else [])
             },
         )
     except sqlite3.DatabaseError as exc:
