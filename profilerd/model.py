@@ -358,7 +358,7 @@ class Column:
             return json.dumps([round(ratio, 4) for ratio in value])
         if self.kind is Kind.DOCUMENT:
             return json.dumps(value)
-        return value  # type: ignore[no-any-return]
+        return value
 
     def decode(self, value: SqlValue) -> Any:
         return _DECODE[self.kind](value)
