@@ -17,9 +17,9 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from profilerd import __version__
 from profilerd.model import (
@@ -32,6 +32,7 @@ from profilerd.model import (
     ProbeSession,
     ProcessSample,
     RecordedVerdict,
+    SqlValue,
     StepRecord,
 )
 from profilerd.recordings.schema import INSERTS, RECORD_TABLES, SCHEMA, SCHEMA_VERSION, recording_file
@@ -66,6 +67,25 @@ def _add_missing_columns(conn: sqlite3.Connection, table: str, columns: list[tup
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {sql}")
 
 
+class RunMeta(TypedDict, total=False):
+    """What a run's first hello says about it, kept in its recording's meta table."""
+
+    job: str
+    hostname: str
+    started_unix_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class RunClose:
+    """A run's end, written into its recording's meta table once its rows are."""
+
+    state: str
+    exit_code: int | None
+
+
+Row = tuple[SqlValue, ...]
+
+
 class Recorder:
     """Queues rows per run and commits them from one thread."""
 
@@ -80,11 +100,11 @@ class Recorder:
         # What of a command line is recorded: the redacted form unless the user opted in
         # (config record_full_argv), so a copied or shared recording carries no secrets.
         self._argv_filter = argv_filter
-        self._queue: queue.SimpleQueue[tuple[str, str, Any]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[str, str, Row | RunMeta | RunClose]] = queue.SimpleQueue()
         self._conns: dict[str, sqlite3.Connection] = {}
         self._pending: dict[str, dict[str, list[Any]]] = defaultdict(lambda: defaultdict(list))
         self._pending_rows = 0
-        self._closing: dict[str, dict[str, Any]] = {}
+        self._closing: dict[str, RunClose] = {}
         self._on_closed = on_closed
         self._on_status = on_status
         self._paused_reason: str | None = None
@@ -99,7 +119,7 @@ class Recorder:
         self._thread = threading.Thread(target=self._run, name="profilerd-recorder", daemon=True)
 
     # ---- producers (any thread) --------------------------------------------------------
-    def start_run(self, run_id: str, meta: dict[str, Any]) -> None:
+    def start_run(self, run_id: str, meta: RunMeta) -> None:
         self._queue.put((run_id, "_start", meta))
 
     def step(self, run_id: str, step: StepRecord) -> None:
@@ -147,7 +167,7 @@ class Recorder:
         self._queue.put((run_id, "events", (stamp, kind, json.dumps(detail, default=str))))
 
     def close_run(self, run_id: str, state: str, exit_code: int | None) -> None:
-        self._queue.put((run_id, "_close", {"state": state, "exit_code": exit_code}))
+        self._queue.put((run_id, "_close", RunClose(state, exit_code)))
         self._wake.set()
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -192,7 +212,7 @@ class Recorder:
                 run_id, table, payload = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if table == "_close":
+            if isinstance(payload, RunClose):
                 self._closing[run_id] = payload
                 continue
             if self._pending_rows >= MAX_PENDING_ROWS and table != "_start":
@@ -286,7 +306,7 @@ class Recorder:
             if self._on_status:
                 self._on_status(None)
 
-    def _finish(self, run_id: str, close: dict[str, Any]) -> bool:
+    def _finish(self, run_id: str, close: RunClose) -> bool:
         """Mark the run's recording closed and checkpoint it; False (and still closing) on error."""
         path = recording_file(self.runs_dir, run_id)
         try:
@@ -294,8 +314,8 @@ class Recorder:
             conn.executemany(
                 "INSERT OR REPLACE INTO meta VALUES (?, ?)",
                 [
-                    ("state", close["state"]),
-                    ("exit_code", str(close["exit_code"])),
+                    ("state", close.state),
+                    ("exit_code", str(close.exit_code)),
                     ("ended_unix_s", str(time.time())),
                 ],
             )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from profilerd.model import GpuEvent, GpuSample, HostSample, ProbeSession, ProcessSample, RecordedVerdict, StepRecord
-from profilerd.recordings.writer import Recorder
+from profilerd.recordings.writer import Recorder, RunMeta
 from profilerd.store import RunState, Store
 
 if TYPE_CHECKING:  # the analysis (pandas) is not loaded by what only ingests
@@ -215,7 +215,7 @@ class RecordingSink:
         if previous == session:
             return  # the same hello again (a probe reconnecting)
         if previous is None or previous.run_id != session.run_id:
-            meta = {"job": session.job, "hostname": session.hostname, "started_unix_s": session.started_unix_s}
+            meta: RunMeta = {"job": session.job, "hostname": session.hostname, "started_unix_s": session.started_unix_s}
             self._recorder.start_run(session.run_id, meta)
         self._recorder.session(session)
 
