@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any, TypedDict
@@ -192,6 +192,30 @@ class GpuSample:
     fp64_active_ratio: float | None = None
     processes: tuple[GpuProcess, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> GpuSample:
+        """A sample from the JSON a recording keeps of it (``asdict``): the fields it lacks are
+        unknown, the ones this version does not know are left out."""
+        values = {name: document[name] for name in _GPU_SAMPLE_FIELDS if name in document}
+        reasons = document.get("clock_event_reasons")
+        extra = document.get("extra")
+        return cls(
+            **{"uuid": "", "name": "", **values},
+            clock_event_reasons=tuple(str(r) for r in reasons) if isinstance(reasons, list | tuple) else None,
+            processes=tuple(
+                GpuProcess(p["pid"], p.get("used_memory_bytes"), p.get("sm_utilization_ratio"))
+                for p in document.get("processes") or ()
+                if isinstance(p, dict) and isinstance(p.get("pid"), int)
+            ),
+            extra=dict(extra) if isinstance(extra, dict) else {},
+        )
+
+
+# What GpuSample.from_json takes as it is; the rest are containers it rebuilds.
+_GPU_SAMPLE_FIELDS = frozenset(
+    f.name for f in fields(GpuSample) if f.name not in ("clock_event_reasons", "processes", "extra")
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from profilerd.model import (
     HOST_TABLE,
     PROCESS_TABLE,
     VERDICT_TABLE,
+    GpuProcess,
     GpuSample,
     HostSample,
     Kind,
@@ -127,21 +128,34 @@ def test_a_recordings_frames_equal_the_live_frames_of_the_same_samples(tmp_path:
         assert {name for name in frame if frame[name].dtype.kind == "i"} == integers
 
 
-def test_gpu_sample_columns_fill_what_the_samples_json_lacks(tmp_path: Path) -> None:
-    sample = GpuSample(T0, 1, "GPU-x", "NVIDIA H100", lost=True, memory_used_bytes=3 << 30, power_watts=250.0)
+def test_gpu_samples_read_back_equal_and_their_columns_fill_what_the_json_lacks(tmp_path: Path) -> None:
+    full = GpuSample(
+        T0,
+        0,
+        "GPU-a",
+        "NVIDIA H100",
+        utilization_gpu_ratio=0.5,
+        memory_used_bytes=3 << 30,
+        memory_total_bytes=80 << 30,
+        power_watts=250.0,
+        clock_event_reasons=("sw_power_cap",),
+        sm_active_ratio=0.25,
+        processes=(GpuProcess(4242, 1 << 30, 0.5), GpuProcess(4243, None)),
+    )
+    lost = GpuSample(T0 + 1, 1, "GPU-b", "NVIDIA H100", lost=True, memory_used_bytes=2 << 30, power_watts=90.0)
     recorder = Recorder(tmp_path)
     recorder.start()
-    recorder.gpu([RUN], sample)
+    for sample in (full, lost):
+        recorder.gpu([RUN], sample)
     recorder.stop()
     path = recording_file(tmp_path, RUN)
+    assert recordings.read_gpu_samples([path]) == [full, lost]
     conn = sqlite3.connect(path)
-    conn.execute("UPDATE gpu_samples SET sample = '{}'")  # as the committed fixture's samples lack fields
+    conn.execute("UPDATE gpu_samples SET sample = '{}' WHERE gpu_index = 1")  # as the committed fixture's lack fields
     conn.commit()
     conn.close()
-    [back] = recordings.read_gpu_samples([path])
-    assert {c.attribute: back.get(c.attribute) for c in GPU_TABLE.columns} == {
-        c.attribute: getattr(sample, c.attribute) for c in GPU_TABLE.columns
-    }
+    back = recordings.read_gpu_samples([path])[1]
+    assert [getattr(back, a) for a in GPU_TABLE.attributes] == [getattr(lost, a) for a in GPU_TABLE.attributes]
 
 
 def test_the_committed_fixture_written_by_earlier_code_still_loads() -> None:

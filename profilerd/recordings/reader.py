@@ -32,6 +32,7 @@ from profilerd.model import (
     HOST_TABLE,
     PROCESS_TABLE,
     VERDICT_TABLE,
+    GpuSample,
     HostSample,
     RecordedProcess,
     RecordedVerdict,
@@ -359,9 +360,9 @@ def gpu_samples(recording: Recording) -> pd.DataFrame:
     return gpu_frame(read_gpu_samples(paths), pids)
 
 
-def read_gpu_samples(paths: list[Path]) -> list[dict[str, Any]]:
-    """Every recorded GPU sample as a dict (the fields of GpuSample); unreadable rows are skipped."""
-    samples: list[dict[str, Any]] = []
+def read_gpu_samples(paths: list[Path]) -> list[GpuSample]:
+    """Every recorded GPU sample, oldest first in each recording; unreadable rows are skipped."""
+    samples: list[GpuSample] = []
     for path in paths:
         try:
             conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
@@ -373,18 +374,21 @@ def read_gpu_samples(paths: list[Path]) -> list[dict[str, Any]]:
             )
             for *row, text in cursor:
                 try:
-                    sample = json.loads(text)
+                    document = json.loads(text)
                 except (TypeError, ValueError):
                     continue
-                if not isinstance(sample, dict):
+                if not isinstance(document, dict):
                     continue
                 # The row's own columns fill what the JSON lacks (a sample written without its
                 # timestamp or index is still that row's sample).
                 for column, value in zip(GPU_TABLE.columns, row, strict=True):
-                    if sample.get(column.attribute) is None and value is not None:
-                        sample[column.attribute] = column.decode(value)
-                if isinstance(sample.get("ts_unix_s"), int | float) and isinstance(sample.get("index"), int):
-                    samples.append(sample)
+                    if document.get(column.attribute) is None and value is not None:
+                        document[column.attribute] = column.decode(value)
+                if isinstance(document.get("ts_unix_s"), int | float) and isinstance(document.get("index"), int):
+                    try:
+                        samples.append(GpuSample.from_json(document))
+                    except TypeError:  # a sample that is not one (a field of the wrong shape)
+                        continue
         except sqlite3.Error as exc:
             log.debug("gpu samples of %s unreadable: %s", path, exc)
         finally:
