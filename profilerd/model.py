@@ -357,6 +357,14 @@ _DECODE: dict[Kind, Callable[[SqlValue], Any]] = {
 }
 
 
+# How a record's value is stored, for the kinds not stored as they are (None is always NULL).
+_ENCODE: dict[Kind, Callable[[Any], SqlValue]] = {
+    Kind.FLAG: lambda v: int(bool(v)),
+    Kind.RATIOS: lambda v: json.dumps([round(ratio, 4) for ratio in v]),
+    Kind.DOCUMENT: json.dumps,
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Column:
     """One column of a recorded table: ``name`` in SQL and in the frame, how it is stored, the
@@ -372,28 +380,41 @@ class Column:
     def sql(self) -> str:
         return self.kind.sql
 
-    def encode(self, record: object) -> SqlValue:
-        value = getattr(record, self.attribute)
-        if value is None:
-            return None
-        if self.kind is Kind.FLAG:
-            return int(bool(value))
-        if self.kind is Kind.RATIOS:
-            return json.dumps([round(ratio, 4) for ratio in value])
-        if self.kind is Kind.DOCUMENT:
-            return json.dumps(value)
-        return value
-
     def decode(self, value: SqlValue) -> Any:
         return _DECODE[self.kind](value)
 
 
-@dataclass(frozen=True, slots=True)
+def _encoder(columns: tuple[Column, ...]) -> Callable[[object], tuple[SqlValue, ...]]:
+    """The stored values of ``columns`` from a record: one attrgetter, then the few that are encoded."""
+    if not columns:
+        return lambda record: ()
+    read = operator.attrgetter(*(column.attribute for column in columns))
+    encoded = [(i, _ENCODE[column.kind]) for i, column in enumerate(columns) if column.kind in _ENCODE]
+    single = len(columns) == 1  # attrgetter of one name returns the value, not a tuple
+
+    def encode(record: object) -> tuple[SqlValue, ...]:
+        values: list[Any] = [read(record)] if single else list(read(record))
+        for i, encode_value in encoded:
+            if values[i] is not None:
+                values[i] = encode_value(values[i])
+        return tuple(values)
+
+    return encode
+
+
+@dataclass(frozen=True)
 class Table:
     """The columns of one recorded record, in their stored order."""
 
     name: str
     columns: tuple[Column, ...]
+    # Built once: rows and frame rows are made per sample, in the writer and each analysis tick.
+    _row: Callable[[object], tuple[SqlValue, ...]] = field(init=False, repr=False, compare=False)
+    _frame_row: Callable[[object], tuple[SqlValue, ...]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_row", _encoder(self.columns))
+        object.__setattr__(self, "_frame_row", _encoder(tuple(c for c in self.columns if c.frame)))
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -422,10 +443,12 @@ class Table:
         return f"INSERT INTO {self.name} ({', '.join(names)}) VALUES ({','.join('?' * len(names))})"
 
     def row(self, record: object) -> tuple[SqlValue, ...]:
-        return tuple(column.encode(record) for column in self.columns)
+        """The record as the table's row, ready for its insert."""
+        return self._row(record)
 
     def frame_row(self, record: object) -> tuple[SqlValue, ...]:
-        return tuple(column.encode(record) for column in self.columns if column.frame)
+        """The record as a row of the analysis frame (``frame_columns``)."""
+        return self._frame_row(record)
 
     def values(self, present: tuple[str, ...], row: tuple[SqlValue, ...]) -> dict[str, Any]:
         """A stored row (of the ``present`` columns: older recordings lack some) as the record's
@@ -508,7 +531,7 @@ PROCESS_TABLE = Table(
 VERDICT_TABLE = Table(
     "verdicts",
     (
-        Column("ts_unix_s", Kind.REAL, "evaluated_unix_s"),
+        Column("ts_unix_s", Kind.REAL, "evaluated_unix_s", frame=False),
         Column("job", Kind.TEXT, "job", frame=False),
         Column("primary_category", Kind.TEXT, "primary", frame=False),
         Column("severity", Kind.TEXT, "severity", frame=False),
