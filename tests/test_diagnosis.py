@@ -13,7 +13,7 @@ from profilerd.analysis.features import Context, compute_features, steps_frame
 from profilerd.analysis.recommendations import removed
 from profilerd.analysis.rules import RATIONALE, REGISTRY, load_rules
 from profilerd.analysis.verdict import evaluate
-from profilerd.model import StepRecord
+from profilerd.model import GpuSample, StepRecord
 from profilerd_probes import wire
 
 RULES, _ = load_rules()
@@ -262,7 +262,7 @@ def gpu_samples(n: int = 60, pid: int = 10, **fields: Any) -> list[dict[str, Any
 def gpu_findings(samples: list[dict[str, Any]]) -> dict[str, Any]:
     from profilerd.analysis.context import gpu_context, gpu_frame
 
-    gpu = gpu_context(gpu_frame(samples, {10}))
+    gpu = gpu_context(gpu_frame(map(GpuSample.from_json, samples), {10}))
     return findings(stream(), cfg(device_type="cuda"), gpu=gpu)
 
 
@@ -284,7 +284,7 @@ def test_gpus_of_other_jobs_are_not_blamed() -> None:
 
     mine = gpu_samples()
     theirs = [dict(s, index=1, utilization_gpu_ratio=0.0, processes=[{"pid": 999}]) for s in gpu_samples()]
-    gpu = gpu_context(gpu_frame(mine + theirs, {10}))
+    gpu = gpu_context(gpu_frame(map(GpuSample.from_json, mine + theirs), {10}))
     assert gpu["gpu_count"] == 1
     assert gpu["gpu_idle_while_held_fraction"] == 0.0
 
@@ -294,13 +294,15 @@ def test_pcie_only_collectives_recommend_the_nccl_topology_fix() -> None:
 
     samples = gpu_samples(pcie_tx_bytes_per_second=8e9, pcie_rx_bytes_per_second=8e9, nvlink_tx_bytes_per_second=0.0)
     samples += [dict(s, index=1) for s in samples]
-    gpu = gpu_context(gpu_frame(samples, {10}))
+    gpu = gpu_context(gpu_frame(map(GpuSample.from_json, samples), {10}))
     found = findings(stream(comm_s=0.04, backward_s=0.02), cfg(device_type="cuda"), gpu=gpu)
     ids = {r.id for r in found["communication.exposed"].recommendations}
     assert "nccl.topology" in ids
     nvlinked = [dict(s, nvlink_tx_bytes_per_second=50e9) for s in samples]
     found = findings(
-        stream(comm_s=0.04, backward_s=0.02), cfg(device_type="cuda"), gpu=gpu_context(gpu_frame(nvlinked, {10}))
+        stream(comm_s=0.04, backward_s=0.02),
+        cfg(device_type="cuda"),
+        gpu=gpu_context(gpu_frame(map(GpuSample.from_json, nvlinked), {10})),
     )
     assert "nccl.topology" not in {r.id for r in found["communication.exposed"].recommendations}
 

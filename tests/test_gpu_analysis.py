@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 import json
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ def scenario(loop: Scenario, ranks: int = 1, steps: int = 120) -> tuple[list[Ste
 
 def verdict_of(records: list[StepRecord], samples: list[GpuSample], config: dict[str, Any] | None = None) -> Verdict:
     pids = {r.pid for r in records}
-    gpus = gpu_frame((asdict(s) for s in samples), pids)
+    gpus = gpu_frame(samples, pids)
     return diagnose(Observation.whole_run(steps_frame(records), config=config or CONFIG, gpus=gpus), RULES)
 
 

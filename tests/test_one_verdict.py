@@ -13,7 +13,7 @@ from profilerd.analysis.document import headline_of, straggler_of
 from profilerd.analysis.live import LiveAnalyzer
 from profilerd.analysis.rules import load_rules
 from profilerd.config import DaemonConfig
-from profilerd.model import GpuProcess, GpuSample, HostSample, ProbeSession, ProcessSample, StepRecord
+from profilerd.model import HostSample, ProbeSession, ProcessSample, StepRecord
 from profilerd.recordings.reader import read_gpu_samples
 from profilerd.store import Store
 from profilerd_tui.sources import ReplaySource
@@ -78,17 +78,7 @@ def daemon_store(path: Path) -> tuple[Store, str, float]:
             ]
         )
     for sample in read_gpu_samples([path]):
-        processes = tuple(GpuProcess(**proc) for proc in sample.pop("processes", None) or ())
-        reasons = sample.pop("clock_event_reasons", None)
-        store.set_gpus(
-            [
-                GpuSample(
-                    **sample, processes=processes, clock_event_reasons=tuple(reasons) if reasons is not None else None
-                )
-            ],
-            [],
-            0,
-        )
+        store.set_gpus([sample], [], 0)
     return store, rec.job, float(rec.steps["end_unix_s"].max())
 
 

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import pandas as pd
 
+    from profilerd.model import RecordedProcess
+
 from profilerd.analysis.document import headline, statement_of, straggler_of
 from profilerd.client import ClientError, NotFound, get_json
 from profilerd.client import origin as _origin
@@ -512,25 +514,32 @@ class ReplaySource:
         return diagnose(observation, self.ruleset).to_json(rec.run_id, rec.job)
 
     def _host_at(self, at_unix_s: float) -> tuple[HostView, ...]:
-        row = _latest(self._hosts, at_unix_s)
-        if row is None:
+        host = None
+        for sample in self._hosts:
+            if (sample.ts_unix_s or 0.0) > at_unix_s:
+                break
+            host = sample
+        if host is None:
             return ()
-        _ts, cpu_count, cpu_ratio, used, total, per_core = row
-        cores = tuple(json.loads(per_core)) if per_core else ()
-        return (HostView(cpu_count, cores, cpu_ratio, used, total),)
+        return (
+            HostView(
+                host.cpu_count, host.cpu_per_core_ratio, host.cpu_ratio, host.memory_used_bytes, host.memory_total_bytes
+            ),
+        )
 
     def _processes_at(self, at_unix_s: float) -> tuple[ProcessRow, ...]:
-        latest: dict[int, tuple[Any, ...]] = {}
-        for row in self._processes:
-            if row[0] > at_unix_s:
+        latest: dict[int, RecordedProcess] = {}
+        for process in self._processes:
+            if (process.ts_unix_s or 0.0) > at_unix_s:
                 break
-            latest[row[1]] = row
+            latest[process.pid] = process
         rows: list[ProcessRow] = []
-        for ts, pid, rank, alive, cpu, rss, workers, workers_cpu in sorted(latest.values(), key=lambda r: (r[2], r[1])):
-            gone = not alive or at_unix_s - ts > 5.0
-            rows.append(ProcessRow(pid, int(rank), "trainer", cpu, rss, alive=not gone))
-            if workers:
-                rows.append(ProcessRow(None, int(rank), "workers", workers_cpu, alive=not gone, count=int(workers)))
+        for p in sorted(latest.values(), key=lambda p: (p.rank, p.pid)):
+            gone = not p.alive or at_unix_s - (p.ts_unix_s or 0.0) > 5.0
+            rows.append(ProcessRow(p.pid, p.rank, "trainer", p.cpu_ratio, p.rss_bytes, alive=not gone))
+            if p.num_workers:
+                workers = ProcessRow(None, p.rank, "workers", p.workers_cpu_ratio, alive=not gone, count=p.num_workers)
+                rows.append(workers)
         return tuple(rows)
 
     def _gpus_at(self, at_unix_s: float) -> tuple[GpuRow, ...]:
@@ -543,15 +552,6 @@ class ReplaySource:
 
     def close(self) -> None:
         """The recording was read whole at start; nothing stays open."""
-
-
-def _latest(rows: Sequence[tuple[Any, ...]], at_unix_s: float) -> tuple[Any, ...] | None:
-    found = None
-    for row in rows:
-        if row[0] > at_unix_s:
-            break
-        found = row
-    return found
 
 
 # ---- Prometheus -----------------------------------------------------------------------------------

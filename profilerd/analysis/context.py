@@ -8,41 +8,21 @@ from typing import Any, cast
 import pandas as pd
 
 from profilerd.analysis.features import Context
-from profilerd.model import GpuContext, HostSample, ProcessSample
+from profilerd.model import HOST_TABLE, PROCESS_TABLE, GpuContext, GpuSample, HostSample, ProcessSample
 from profilerd.vocabulary import POWER_REASONS, THERMAL_REASONS
 
-HOST_COLUMNS = ["ts_unix_s", "cpu_count", "cpu_ratio"]
-PROCESS_COLUMNS = [
-    "ts_unix_s",
-    "pid",
-    "rank",
-    "alive",
-    "cpu_ratio",
-    "num_workers",
-    "workers_cpu_ratio",
-    "worker_cpu_max_ratio",
-]
+# The frames' columns are the recorded tables' (``profilerd.model``): live samples and a
+# recording's rows make the same frame.
+HOST_COLUMNS = HOST_TABLE.frame_columns
+PROCESS_COLUMNS = PROCESS_TABLE.frame_columns
 
 
 def host_frame(samples: Iterable[HostSample]) -> pd.DataFrame:
-    return pd.DataFrame([(s.ts_unix_s, s.cpu_count, s.cpu_ratio) for s in samples], columns=HOST_COLUMNS)
+    return pd.DataFrame([HOST_TABLE.frame_row(s) for s in samples], columns=HOST_COLUMNS)
 
 
 def process_frame(samples: Iterable[ProcessSample]) -> pd.DataFrame:
-    rows = [
-        (
-            s.ts_unix_s,
-            s.pid,
-            s.rank,
-            int(s.alive),
-            s.cpu_ratio,
-            len(s.worker_pids),
-            s.workers_cpu_ratio,
-            max(s.worker_cpu_ratios) if s.worker_cpu_ratios else None,
-        )
-        for s in samples
-    ]
-    return pd.DataFrame(rows, columns=PROCESS_COLUMNS)
+    return pd.DataFrame([PROCESS_TABLE.frame_row(s) for s in samples], columns=PROCESS_COLUMNS)
 
 
 def build_context(
@@ -87,38 +67,39 @@ def build_context(
     )
 
 
-def gpu_frame(samples: Iterable[dict[str, Any]], job_pids: set[int]) -> pd.DataFrame:
+def gpu_frame(samples: Iterable[GpuSample], job_pids: set[int]) -> pd.DataFrame:
     """One row per GPU sample of the GPUs the job uses (all GPUs if none can be attributed).
 
-    Takes GPU samples as dicts (``asdict(GpuSample)`` live, the recorded JSON offline) so both
-    paths share this code.
+    Live samples come from the store, offline ones from the recording (``GpuSample.from_json``),
+    so both paths share this code.
     """
     rows = []
     for s in samples:
-        if s.get("lost"):
+        if s.lost:
             continue
-        pids = {p.get("pid") for p in s.get("processes") or ()}
-        reasons = set(s.get("clock_event_reasons") or ())
-        total = s.get("memory_total_bytes")
-        used = s.get("memory_used_bytes")
-        sm = s.get("sm_clock_hertz")
-        sm_max = s.get("sm_clock_max_hertz")
+        pids = {p.pid for p in s.processes}
+        reasons = set(s.clock_event_reasons or ())
+        total = s.memory_total_bytes
+        used = s.memory_used_bytes
+        sm = s.sm_clock_hertz
+        sm_max = s.sm_clock_max_hertz
+        throttle_known = s.clock_event_reasons is not None
         rows.append(
             (
-                s["ts_unix_s"],
-                s["index"],
-                s.get("name"),
+                s.ts_unix_s,
+                s.index,
+                s.name,
                 bool(pids & job_pids),
                 tuple(sorted(pids & job_pids)),
-                s.get("utilization_gpu_ratio"),
+                s.utilization_gpu_ratio,
                 used / total if used is not None and total else None,
-                s.get("tensor_active_ratio"),
-                s.get("sm_active_ratio"),
+                s.tensor_active_ratio,
+                s.sm_active_ratio,
                 sm / sm_max if sm and sm_max else None,
-                float(bool(reasons & THERMAL_REASONS)) if s.get("clock_event_reasons") is not None else None,
-                float(bool(reasons & POWER_REASONS)) if s.get("clock_event_reasons") is not None else None,
-                _sum_or_none(s.get("pcie_tx_bytes_per_second"), s.get("pcie_rx_bytes_per_second")),
-                _sum_or_none(s.get("nvlink_tx_bytes_per_second"), s.get("nvlink_rx_bytes_per_second")),
+                float(bool(reasons & THERMAL_REASONS)) if throttle_known else None,
+                float(bool(reasons & POWER_REASONS)) if throttle_known else None,
+                _sum_or_none(s.pcie_tx_bytes_per_second, s.pcie_rx_bytes_per_second),
+                _sum_or_none(s.nvlink_tx_bytes_per_second, s.nvlink_rx_bytes_per_second),
             )
         )
     frame = pd.DataFrame(rows, columns=GPU_COLUMNS)

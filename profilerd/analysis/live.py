@@ -7,7 +7,6 @@ them to the fan-out, which writes the store and the recording.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict
 
 from profilerd.analysis.context import gpu_frame, host_frame, process_frame
 from profilerd.analysis.diagnosis import Observation, diagnose
@@ -43,7 +42,7 @@ class LiveAnalyzer:
             config=store.job_config(job),
             hosts=host_frame(hosts),
             processes=process_frame(processes),
-            gpus=gpu_frame((asdict(s) for s in store.gpu_window()), store.job_pids(job)),
+            gpus=gpu_frame(store.gpu_window(), store.job_pids(job)),
         )
         return diagnose(observation, self.ruleset)
 

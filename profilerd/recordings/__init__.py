@@ -7,7 +7,8 @@ else reads it through the names below, which this package imports on first use, 
 - :mod:`.schema`: the tables, the schema version, where a run's file lives;
 - :mod:`.salvage`: opening a file defensively, reading rows up to the damage (``RecordingError``);
 - :mod:`.catalog`: listing and resolving runs; :mod:`.retention`: pruning them;
-- :mod:`.reader`: loading one into frames (``load``, ``Recording``); :mod:`.multinode`: ``merge``;
+- :mod:`.reader`: loading one into frames (``load``, ``Recording``), its rows as typed records
+  (``read_sample_rows``, ``read_verdicts``); :mod:`.multinode`: ``merge``;
 - :mod:`.timeline`: time series and data quality; :mod:`.offline`: the whole-run verdict (``analyse``).
 """
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
         load,
         read_gpu_samples,
         read_sample_rows,
+        read_verdicts,
     )
     from profilerd.recordings.retention import prune, select_for_pruning
     from profilerd.recordings.salvage import Damage, RecordingError, connect_readonly, schema_problem
@@ -50,6 +52,7 @@ __all__ = [
     "prune",
     "read_gpu_samples",
     "read_sample_rows",
+    "read_verdicts",
     "resolve",
     "schema_problem",
     "select_for_pruning",
@@ -62,7 +65,17 @@ _HOME = {
     **dict.fromkeys(("RunSummary", "list_runs", "resolve", "summarize"), "catalog"),
     **dict.fromkeys(("prune", "select_for_pruning"), "retention"),
     **dict.fromkeys(
-        ("Recording", "SampleRows", "Source", "gpu_samples", "load", "read_gpu_samples", "read_sample_rows"), "reader"
+        (
+            "Recording",
+            "SampleRows",
+            "Source",
+            "gpu_samples",
+            "load",
+            "read_gpu_samples",
+            "read_sample_rows",
+            "read_verdicts",
+        ),
+        "reader",
     ),
     **dict.fromkeys(("estimate_clock_offset", "merge"), "multinode"),
     **dict.fromkeys(("RunVerdict", "analyse"), "offline"),

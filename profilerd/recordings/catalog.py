@@ -12,12 +12,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from profilerd.model import VERDICT_TABLE
 from profilerd.recordings.salvage import RecordingError, connect_readonly, read_meta, schema_problem, truncation_damage
 
 # A daemon writes every running recording at least once per host sample (at most 60 s apart):
 # one marked 'running' and untouched for longer lost its writer (a killed daemon), and is
 # listed 'aborted'. Pruning waits longer (retention.STALE_RUNNING_S), in case the daemon is only stuck.
 WRITER_GONE_S = 120.0
+
+
+_LATEST_PRIMARY = (
+    f"SELECT {VERDICT_TABLE.column('primary').name} FROM {VERDICT_TABLE.name}"
+    f" ORDER BY {VERDICT_TABLE.column('evaluated_unix_s').name} DESC LIMIT 1"
+)
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,7 @@ def summarize(path: Path) -> RunSummary:
             steps, first, last = 0, None, None
             notes.append("steps unreadable")
         try:
-            row = conn.execute("SELECT primary_category FROM verdicts ORDER BY ts_unix_s DESC LIMIT 1").fetchone()
+            row = conn.execute(_LATEST_PRIMARY).fetchone()
         except sqlite3.DatabaseError:
             row = None
     finally:

@@ -26,6 +26,18 @@ import pandas as pd
 
 from profilerd.analysis.context import HOST_COLUMNS, PROCESS_COLUMNS, gpu_frame
 from profilerd.analysis.features import STEP_COLUMNS
+from profilerd.model import (
+    GPU_SAMPLE_JSON,
+    GPU_TABLE,
+    HOST_TABLE,
+    PROCESS_TABLE,
+    VERDICT_TABLE,
+    GpuSample,
+    HostSample,
+    RecordedProcess,
+    RecordedVerdict,
+    Table,
+)
 from profilerd.recordings.salvage import (
     CHUNK_ROWS,
     Damage,
@@ -38,38 +50,24 @@ from profilerd.recordings.salvage import (
     table_names,
     truncation_damage,
 )
-from profilerd.recordings.schema import GPU_SAMPLE_COLUMNS, GPU_SAMPLE_FIELDS
 from profilerd_probes.schema import INTEGER_STEP_COLUMNS
 
-# Integer columns; every other numeric column is float64 and NaN where the value is unknown.
-_INT_COLUMNS = {
-    *INTEGER_STEP_COLUMNS,
-    "cpu_count",
-    "alive",
-    "num_workers",
-    "gpu_index",
-    "lost",
+# The samples' integer columns that are always known (int32 in their frames).
+_SAMPLE_INT32_COLUMNS = {
+    column.name
+    for table in (HOST_TABLE, PROCESS_TABLE, GPU_TABLE)
+    for column in table.columns
+    if column.kind.frame_dtype == "int32"
 }
+# Integer columns; every other numeric column is float64 and NaN where the value is unknown.
+_INT_COLUMNS = {*INTEGER_STEP_COLUMNS, *_SAMPLE_INT32_COLUMNS}
 # Small integers kept as int32: a 10-hour, 8-rank run has millions of step rows, and the
 # analysis copies its frame a few times.
-_INT32_COLUMNS = {
-    "rank",
-    "pid",
-    "step",
-    "flags",
-    "sync_count",
-    "graph_compiles",
-    "comm_ops",
-    "cpu_count",
-    "alive",
-    "num_workers",
-    "gpu_index",
-    "lost",
-}
+_INT32_COLUMNS = {"rank", "pid", "step", "flags", "sync_count", "graph_compiles", "comm_ops", *_SAMPLE_INT32_COLUMNS}
 log = logging.getLogger(__name__)
 
-GPU_COLUMNS = [column for column, _, _ in GPU_SAMPLE_COLUMNS]
-_GPU_NUMERIC = [column for column, _, sql in GPU_SAMPLE_COLUMNS if sql != "TEXT"]
+GPU_COLUMNS = list(GPU_TABLE.names)
+_GPU_NUMERIC = [column.name for column in GPU_TABLE.columns if column.kind.sql != "TEXT"]
 EVENT_COLUMNS = ["ts_unix_s", "kind", "detail"]
 
 
@@ -362,31 +360,35 @@ def gpu_samples(recording: Recording) -> pd.DataFrame:
     return gpu_frame(read_gpu_samples(paths), pids)
 
 
-def read_gpu_samples(paths: list[Path]) -> list[dict[str, Any]]:
-    """Every recorded GPU sample as a dict (the fields of GpuSample); unreadable rows are skipped."""
-    samples: list[dict[str, Any]] = []
+def read_gpu_samples(paths: list[Path]) -> list[GpuSample]:
+    """Every recorded GPU sample, oldest first in each recording; unreadable rows are skipped."""
+    samples: list[GpuSample] = []
     for path in paths:
         try:
             conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         except sqlite3.Error:
             continue
         try:
-            columns = ", ".join(column for column, _, _ in GPU_SAMPLE_COLUMNS)
-            cursor = conn.execute(f"SELECT {columns}, sample FROM gpu_samples ORDER BY ts_unix_s")
+            cursor = conn.execute(
+                f"SELECT {', '.join(GPU_TABLE.names)}, {GPU_SAMPLE_JSON} FROM {GPU_TABLE.name} ORDER BY ts_unix_s"
+            )
             for *row, text in cursor:
                 try:
-                    sample = json.loads(text)
+                    document = json.loads(text)
                 except (TypeError, ValueError):
                     continue
-                if not isinstance(sample, dict):
+                if not isinstance(document, dict):
                     continue
                 # The row's own columns fill what the JSON lacks (a sample written without its
                 # timestamp or index is still that row's sample).
-                for key, value in zip(GPU_SAMPLE_FIELDS, row, strict=True):
-                    if sample.get(key) is None and value is not None:
-                        sample[key] = bool(value) if key == "lost" else value
-                if isinstance(sample.get("ts_unix_s"), int | float) and isinstance(sample.get("index"), int):
-                    samples.append(sample)
+                for column, value in zip(GPU_TABLE.columns, row, strict=True):
+                    if document.get(column.attribute) is None and value is not None:
+                        document[column.attribute] = column.decode(value)
+                if isinstance(document.get("ts_unix_s"), int | float) and isinstance(document.get("index"), int):
+                    try:
+                        samples.append(GpuSample.from_json(document))
+                    except TypeError:  # a sample that is not one (a field of the wrong shape)
+                        continue
         except sqlite3.Error as exc:
             log.debug("gpu samples of %s unreadable: %s", path, exc)
         finally:
@@ -397,35 +399,54 @@ def read_gpu_samples(paths: list[Path]) -> list[dict[str, Any]]:
 @dataclass(frozen=True)
 class SampleRows:
     """The sample tables as stored rows, oldest first: what a replay steps through by time,
-    with what the frames leave out (per-core CPU, the whole GPU sample as JSON)."""
+    with what the frames leave out (per-core CPU, memory, the whole GPU sample as JSON)."""
 
-    hosts: list[tuple[Any, ...]]  # ts_unix_s, cpu_count, cpu_ratio, memory_used_bytes, memory_total_bytes, cpu_per_core
-    processes: list[
-        tuple[Any, ...]
-    ]  # ts_unix_s, pid, rank, alive, cpu_ratio, rss_bytes, num_workers, workers_cpu_ratio
-    gpus: list[tuple[Any, ...]]  # ts_unix_s, gpu_index, sample
+    hosts: list[HostSample]
+    processes: list[RecordedProcess]
+    gpus: list[tuple[float, int, str]]  # ts_unix_s, gpu_index, the sample as JSON
     sessions: dict[int, tuple[int, str]]  # rank: (pid, hostname)
 
 
+def _records(conn: sqlite3.Connection, table: Table) -> list[dict[str, Any]]:
+    """A record table's rows, oldest first, as its record's attribute values; the columns an older
+    recording lacks read as unknown, and a recording without the table has no rows."""
+    stored = set(_columns(conn, table.name))
+    present = tuple(name for name in table.names if name in stored)
+    if not present:
+        return []
+    sql = f"SELECT {', '.join(present)} FROM {table.name} ORDER BY {table.columns[0].name}"
+    return [table.values(present, row) for row in conn.execute(sql)]
+
+
 def read_sample_rows(path: Path) -> SampleRows:
-    """The sample rows of one recording; RecordingError when a table cannot be read."""
+    """The sample rows of one recording (a table it lacks has none); RecordingError when a table
+    cannot be read."""
     conn = connect_readonly(path)
     try:
+        tables = table_names(conn)
+        gpus = f"SELECT ts_unix_s, gpu_index, {GPU_SAMPLE_JSON} FROM {GPU_TABLE.name} ORDER BY ts_unix_s"
+        sessions = "SELECT pid, rank, hostname FROM sessions"
         return SampleRows(
-            hosts=conn.execute(
-                "SELECT ts_unix_s, cpu_count, cpu_ratio, memory_used_bytes, memory_total_bytes, cpu_per_core "
-                "FROM host_samples ORDER BY ts_unix_s"
-            ).fetchall(),
-            processes=conn.execute(
-                "SELECT ts_unix_s, pid, rank, alive, cpu_ratio, rss_bytes, num_workers, workers_cpu_ratio "
-                "FROM process_samples ORDER BY ts_unix_s"
-            ).fetchall(),
-            gpus=conn.execute("SELECT ts_unix_s, gpu_index, sample FROM gpu_samples ORDER BY ts_unix_s").fetchall(),
+            hosts=[HostSample(**values) for values in _records(conn, HOST_TABLE)],
+            processes=[RecordedProcess(**values) for values in _records(conn, PROCESS_TABLE)],
+            gpus=conn.execute(gpus).fetchall() if GPU_TABLE.name in tables else [],
             sessions={
                 int(rank): (int(pid), hostname)
-                for pid, rank, hostname in conn.execute("SELECT pid, rank, hostname FROM sessions").fetchall()
+                for pid, rank, hostname in (conn.execute(sessions).fetchall() if "sessions" in tables else [])
             },
         )
+    except sqlite3.DatabaseError as exc:
+        raise RecordingError(f"{path}: {exc}") from None
+    finally:
+        conn.close()
+
+
+def read_verdicts(path: Path) -> list[RecordedVerdict]:
+    """The verdicts the daemon recorded during the run (when one changed, and every few seconds),
+    oldest first; RecordingError when the table cannot be read."""
+    conn = connect_readonly(path)
+    try:
+        return [RecordedVerdict(**values) for values in _records(conn, VERDICT_TABLE)]
     except sqlite3.DatabaseError as exc:
         raise RecordingError(f"{path}: {exc}") from None
     finally:

@@ -1,4 +1,5 @@
-"""The recording file: its tables (one per record type, from the records' field tables), the
+"""The recording file: its tables (one per record type, from the records' field tables: the
+step's in ``probes/schema.py``, the samples' and the verdict's in ``profilerd/model.py``), the
 schema version readers check, and where a run's file lives."""
 
 from __future__ import annotations
@@ -6,63 +7,37 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from profilerd.model import GPU_SAMPLE_JSON, GPU_TABLE, HOST_TABLE, PROCESS_TABLE, VERDICT_TABLE, Table
 from profilerd_probes import schema
 
 SCHEMA_VERSION = 1
 
-# The gpu_samples table: (column, GpuSample field, SQL type), then ``sample``, the whole sample as
-# JSON (every field, for the offline GPU analysis). The columns are for SQL queries and the frame.
-GPU_SAMPLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("ts_unix_s", "ts_unix_s", "REAL"),
-    ("gpu_index", "index", "INTEGER"),
-    ("uuid", "uuid", "TEXT"),
-    ("name", "name", "TEXT"),
-    ("lost", "lost", "INTEGER"),
-    ("utilization_gpu_ratio", "utilization_gpu_ratio", "REAL"),
-    ("memory_used_bytes", "memory_used_bytes", "INTEGER"),
-    ("memory_total_bytes", "memory_total_bytes", "INTEGER"),
-    ("power_watts", "power_watts", "REAL"),
-    ("power_limit_watts", "power_limit_watts", "REAL"),
-    ("temperature_celsius", "temperature_celsius", "REAL"),
-    ("sm_active_ratio", "sm_active_ratio", "REAL"),
-    ("tensor_active_ratio", "tensor_active_ratio", "REAL"),
-)
-GPU_SAMPLE_FIELDS = [sample_field for _, sample_field, _ in GPU_SAMPLE_COLUMNS]
-
-
-def _gpu_samples_ddl() -> str:
-    columns = ", ".join(f"{column} {sql}" for column, _, sql in GPU_SAMPLE_COLUMNS)
-    return f"CREATE TABLE IF NOT EXISTS gpu_samples ({columns}, sample TEXT)"
-
-
-SCHEMA = """
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS sessions (
     pid INTEGER, rank INTEGER, local_rank INTEGER, world_size INTEGER, hostname TEXT,
     argv TEXT, started_unix_s REAL, probe_version TEXT);
-{steps}
+{schema.steps_ddl()};
 CREATE TABLE IF NOT EXISTS configs (ts_unix_s REAL, pid INTEGER, rank INTEGER, config TEXT);
-CREATE TABLE IF NOT EXISTS host_samples (
-    ts_unix_s REAL, cpu_count INTEGER, cpu_ratio REAL, iowait_ratio REAL,
-    memory_used_bytes INTEGER, memory_total_bytes INTEGER, load1 REAL, cpu_per_core TEXT);
-CREATE TABLE IF NOT EXISTS process_samples (
-    ts_unix_s REAL, pid INTEGER, rank INTEGER, alive INTEGER, cpu_ratio REAL, rss_bytes INTEGER,
-    num_workers INTEGER, workers_cpu_ratio REAL, worker_cpu_max_ratio REAL);
-{gpu_samples}
-CREATE TABLE IF NOT EXISTS verdicts (ts_unix_s REAL, job TEXT, primary_category TEXT,
-    severity TEXT, verdict TEXT);
+{HOST_TABLE.ddl()};
+{PROCESS_TABLE.ddl()};
+{GPU_TABLE.ddl(f", {GPU_SAMPLE_JSON} TEXT")};
+{VERDICT_TABLE.ddl()};
 CREATE TABLE IF NOT EXISTS events (ts_unix_s REAL, kind TEXT, detail TEXT);
 CREATE INDEX IF NOT EXISTS steps_by_time ON steps (end_unix_s);
-""".replace("{steps}", schema.steps_ddl() + ";").replace("{gpu_samples}", _gpu_samples_ddl() + ";")
+"""
+
+# The records' tables, for the writer's migration of an older recording and the reader.
+RECORD_TABLES: tuple[Table, ...] = (HOST_TABLE, PROCESS_TABLE, GPU_TABLE, VERDICT_TABLE)
 
 INSERTS = {
     "sessions": "INSERT INTO sessions VALUES (?,?,?,?,?,?,?,?)",
     "steps": schema.steps_insert(),
     "configs": "INSERT INTO configs VALUES (?,?,?,?)",
-    "host_samples": "INSERT INTO host_samples VALUES (?,?,?,?,?,?,?,?)",
-    "process_samples": "INSERT INTO process_samples VALUES (?,?,?,?,?,?,?,?,?)",
-    "gpu_samples": f"INSERT INTO gpu_samples VALUES ({','.join('?' * (len(GPU_SAMPLE_COLUMNS) + 1))})",
-    "verdicts": "INSERT INTO verdicts VALUES (?,?,?,?,?)",
+    HOST_TABLE.name: HOST_TABLE.insert(),
+    PROCESS_TABLE.name: PROCESS_TABLE.insert(),
+    GPU_TABLE.name: GPU_TABLE.insert((GPU_SAMPLE_JSON,)),
+    VERDICT_TABLE.name: VERDICT_TABLE.insert(),
     "events": "INSERT INTO events VALUES (?,?,?)",
     # Late device timing of a step already written (the probes' first steps); end_unix_s
     # reaches the row through the steps_by_time index, pid and step make it the one.

@@ -17,13 +17,25 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from profilerd import __version__
-from profilerd.model import GpuSample, HostSample, ProbeSession, ProcessSample, StepRecord
-from profilerd.recordings.schema import GPU_SAMPLE_FIELDS, INSERTS, SCHEMA, SCHEMA_VERSION, recording_file
+from profilerd.model import (
+    GPU_TABLE,
+    HOST_TABLE,
+    PROCESS_TABLE,
+    VERDICT_TABLE,
+    GpuSample,
+    HostSample,
+    ProbeSession,
+    ProcessSample,
+    RecordedVerdict,
+    SqlValue,
+    StepRecord,
+)
+from profilerd.recordings.schema import INSERTS, RECORD_TABLES, SCHEMA, SCHEMA_VERSION, recording_file
 from profilerd_probes import schema
 
 log = logging.getLogger(__name__)
@@ -40,21 +52,38 @@ def open_recording(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.executescript(SCHEMA)
-    _add_missing_step_columns(conn)
+    _add_missing_columns(conn, "steps", [(f.name, str(f.sql)) for f in schema.STORED_STEP_FIELDS])
+    for table in RECORD_TABLES:
+        _add_missing_columns(conn, table.name, [(column.name, column.sql) for column in table.columns])
     return conn
 
 
-def _add_missing_step_columns(conn: sqlite3.Connection) -> None:
+def _add_missing_columns(conn: sqlite3.Connection, table: str, columns: list[tuple[str, str]]) -> None:
     """A recording begun by an older profilerd (a daemon restarted on it) gains the newer
     nullable columns; its rows keep NULL there, which readers take as unknown."""
-    present = {row[1] for row in conn.execute("PRAGMA table_info(steps)")}
-    for step_field in schema.STORED_STEP_FIELDS:
-        if step_field.name not in present:
-            conn.execute(f"ALTER TABLE steps ADD COLUMN {step_field.name} {step_field.sql}")
+    present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+    for name, sql in columns:
+        if name not in present:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {sql}")
 
 
-def step_row(step: StepRecord) -> tuple[Any, ...]:
-    return step.as_row()
+class RunMeta(TypedDict, total=False):
+    """What a run's first hello says about it, kept in its recording's meta table."""
+
+    job: str
+    hostname: str
+    started_unix_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class RunClose:
+    """A run's end, written into its recording's meta table once its rows are."""
+
+    state: str
+    exit_code: int | None
+
+
+Row = tuple[SqlValue, ...]
 
 
 class Recorder:
@@ -71,11 +100,11 @@ class Recorder:
         # What of a command line is recorded: the redacted form unless the user opted in
         # (config record_full_argv), so a copied or shared recording carries no secrets.
         self._argv_filter = argv_filter
-        self._queue: queue.SimpleQueue[tuple[str, str, Any]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[str, str, Row | RunMeta | RunClose]] = queue.SimpleQueue()
         self._conns: dict[str, sqlite3.Connection] = {}
         self._pending: dict[str, dict[str, list[Any]]] = defaultdict(lambda: defaultdict(list))
         self._pending_rows = 0
-        self._closing: dict[str, dict[str, Any]] = {}
+        self._closing: dict[str, RunClose] = {}
         self._on_closed = on_closed
         self._on_status = on_status
         self._paused_reason: str | None = None
@@ -90,14 +119,11 @@ class Recorder:
         self._thread = threading.Thread(target=self._run, name="profilerd-recorder", daemon=True)
 
     # ---- producers (any thread) --------------------------------------------------------
-    def start_run(self, run_id: str, meta: dict[str, Any]) -> None:
+    def start_run(self, run_id: str, meta: RunMeta) -> None:
         self._queue.put((run_id, "_start", meta))
 
-    def add(self, run_id: str, table: str, row: tuple[Any, ...]) -> None:
-        self._queue.put((run_id, table, row))
-
     def step(self, run_id: str, step: StepRecord) -> None:
-        self._queue.put((run_id, "steps", step_row(step)))
+        self._queue.put((run_id, "steps", step.as_row()))
 
     def step_timing(self, run_id: str, pid: int, step: int, end_unix_s: float, fields: dict[str, float | int]) -> None:
         """Late device timing of a step queued earlier (the UPDATE follows its INSERT)."""
@@ -121,45 +147,27 @@ class Recorder:
         self._queue.put((run_id, "configs", (time.time(), pid, rank, json.dumps(config))))
 
     def host(self, run_ids: list[str], sample: HostSample) -> None:
-        row = (
-            sample.ts_unix_s,
-            sample.cpu_count,
-            sample.cpu_ratio,
-            sample.iowait_ratio,
-            sample.memory_used_bytes,
-            sample.memory_total_bytes,
-            sample.load1,
-            json.dumps([round(c, 4) for c in sample.cpu_per_core_ratio]),
-        )
+        row = HOST_TABLE.row(sample)
         for run_id in run_ids:
-            self._queue.put((run_id, "host_samples", row))
+            self._queue.put((run_id, HOST_TABLE.name, row))
 
     def process(self, run_id: str, sample: ProcessSample) -> None:
-        ratios = sample.worker_cpu_ratios
-        row = (
-            sample.ts_unix_s,
-            sample.pid,
-            sample.rank,
-            int(sample.alive),
-            sample.cpu_ratio,
-            sample.rss_bytes,
-            len(sample.worker_pids),
-            sample.workers_cpu_ratio,
-            max(ratios) if ratios else None,
-        )
-        self._queue.put((run_id, "process_samples", row))
+        self._queue.put((run_id, PROCESS_TABLE.name, PROCESS_TABLE.row(sample)))
 
     def gpu(self, run_ids: list[str], sample: GpuSample) -> None:
-        row = (*(getattr(sample, name) for name in GPU_SAMPLE_FIELDS), json.dumps(asdict(sample), default=str))
+        row = (*GPU_TABLE.row(sample), json.dumps(asdict(sample), default=str))
         for run_id in run_ids:
-            self._queue.put((run_id, "gpu_samples", row))
+            self._queue.put((run_id, GPU_TABLE.name, row))
+
+    def verdict(self, run_id: str, verdict: RecordedVerdict) -> None:
+        self._queue.put((run_id, VERDICT_TABLE.name, VERDICT_TABLE.row(verdict)))
 
     def event(self, run_id: str, kind: str, detail: dict[str, Any], ts_unix_s: float | None = None) -> None:
         stamp = time.time() if ts_unix_s is None else ts_unix_s
         self._queue.put((run_id, "events", (stamp, kind, json.dumps(detail, default=str))))
 
     def close_run(self, run_id: str, state: str, exit_code: int | None) -> None:
-        self._queue.put((run_id, "_close", {"state": state, "exit_code": exit_code}))
+        self._queue.put((run_id, "_close", RunClose(state, exit_code)))
         self._wake.set()
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -204,7 +212,7 @@ class Recorder:
                 run_id, table, payload = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if table == "_close":
+            if isinstance(payload, RunClose):
                 self._closing[run_id] = payload
                 continue
             if self._pending_rows >= MAX_PENDING_ROWS and table != "_start":
@@ -298,7 +306,7 @@ class Recorder:
             if self._on_status:
                 self._on_status(None)
 
-    def _finish(self, run_id: str, close: dict[str, Any]) -> bool:
+    def _finish(self, run_id: str, close: RunClose) -> bool:
         """Mark the run's recording closed and checkpoint it; False (and still closing) on error."""
         path = recording_file(self.runs_dir, run_id)
         try:
@@ -306,8 +314,8 @@ class Recorder:
             conn.executemany(
                 "INSERT OR REPLACE INTO meta VALUES (?, ?)",
                 [
-                    ("state", close["state"]),
-                    ("exit_code", str(close["exit_code"])),
+                    ("state", close.state),
+                    ("exit_code", str(close.exit_code)),
                     ("ended_unix_s", str(time.time())),
                 ],
             )

@@ -9,14 +9,13 @@ never holds what the daemon itself does not know.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from profilerd.model import GpuEvent, GpuSample, HostSample, ProbeSession, ProcessSample, StepRecord
-from profilerd.recordings.writer import Recorder
+from profilerd.model import GpuEvent, GpuSample, HostSample, ProbeSession, ProcessSample, RecordedVerdict, StepRecord
+from profilerd.recordings.writer import Recorder, RunMeta
 from profilerd.store import RunState, Store
 
 if TYPE_CHECKING:  # the analysis (pandas) is not loaded by what only ingests
@@ -216,7 +215,7 @@ class RecordingSink:
         if previous == session:
             return  # the same hello again (a probe reconnecting)
         if previous is None or previous.run_id != session.run_id:
-            meta = {"job": session.job, "hostname": session.hostname, "started_unix_s": session.started_unix_s}
+            meta: RunMeta = {"job": session.job, "hostname": session.hostname, "started_unix_s": session.started_unix_s}
             self._recorder.start_run(session.run_id, meta)
         self._recorder.session(session)
 
@@ -275,8 +274,8 @@ class RecordingSink:
             return
         self._last_verdict[record.job] = (verdict.primary, verdict.severity, now)
         document = verdict.to_json(record.run_id, record.job)
-        row = (verdict.evaluated_unix_s, record.job, verdict.primary, verdict.severity, json.dumps(document))
-        self._recorder.add(record.run_id, "verdicts", row)
+        recorded = RecordedVerdict(verdict.evaluated_unix_s, record.job, verdict.primary, verdict.severity, document)
+        self._recorder.verdict(record.run_id, recorded)
 
     def runs_ended(self, ended: Sequence[EndedRun]) -> None:
         for end in ended:
