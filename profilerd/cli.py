@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 # Only what every command needs: `--help`, `runs`, `doctor` and the `run` wrapper must start fast,
 # so the analysis (pandas), the TUI (textual) and the exporters are imported by the commands
@@ -29,6 +29,7 @@ from profilerd.session import UsageError, check_output_path
 
 if TYPE_CHECKING:
     from profilerd.analysis.rules import RuleSet
+    from profilerd.recordings.reader import Recording
 
 log = logging.getLogger("profilerd")
 
@@ -311,7 +312,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     return _damage_status(recording)
 
 
-def _damage_status(*recordings: Any) -> int:
+def _damage_status(*recordings: Recording) -> int:
     """Exit 3, with one line on stderr, when a recording read is damaged (docs/reports.md)."""
     from profilerd import report
 

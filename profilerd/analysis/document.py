@@ -9,7 +9,7 @@ TUI can read a daemon's verdict without loading pandas.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypedDict
 
 SCHEMA = "profilerd.verdict/v1"
 STRAGGLER_RULE = "communication.straggler"
@@ -25,12 +25,29 @@ HEADLINES = {
 NO_STEPS_ERROR = "no training steps were recorded"
 
 
-def head(run_id: str, job: str | None, primary: str) -> dict[str, Any]:
-    """The fields every verdict document starts with, in this order (``job`` defaults to the run)."""
+class Head(TypedDict):
+    """The fields every verdict document starts with, in this order."""
+
+    schema: str
+    run_id: str
+    job: str
+    primary: str
+
+
+class NoStepsDocument(Head):
+    """The whole document of a run that recorded no step."""
+
+    steps: int
+    error: str
+    exit_code: int
+
+
+def head(run_id: str, job: str | None, primary: str) -> Head:
+    """The head of a verdict document (``job`` defaults to the run)."""
     return {"schema": SCHEMA, "run_id": run_id, "job": job or run_id, "primary": primary}
 
 
-def no_steps(run_id: str, job: str, exit_code: int) -> dict[str, Any]:
+def no_steps(run_id: str, job: str, exit_code: int) -> NoStepsDocument:
     """The document of a run that recorded no step: nothing was judged, and it says why. Built
     here, without the analysis, so that `run` writes it without importing pandas."""
     return {**head(run_id, job, "none"), "steps": 0, "error": NO_STEPS_ERROR, "exit_code": exit_code}

@@ -19,7 +19,7 @@ import psutil
 
 from profilerd.analysis.rules import RuleSet
 from profilerd.attach.target import PTRACE_HELP, AttachError, Target
-from profilerd.attach.verdict import AttachResult, probed_verdict, with_attach_fields
+from profilerd.attach.verdict import AttachResult, Layers, probed_verdict, with_attach_fields
 from profilerd.config import DaemonConfig
 from profilerd.session import DaemonHandle, bootstrap_dir, wait_for_recording
 from profilerd_probes import wire
@@ -154,7 +154,10 @@ class Injection:
             document["layers"]["L2"] = {"available": False, "why": f"only {verdict.features.steps} steps observed"}
             return document
         result.layer = "L2"
-        layers = {**document["layers"], "L2": {"available": True, "steps": verdict.features.steps, "detached": True}}
+        layers: Layers = {
+            **document["layers"],
+            "L2": {"available": True, "steps": verdict.features.steps, "detached": True},
+        }
         injected = verdict.to_json(self.run_id, f"pid-{self.target.pid}", recording=str(recording))
         # Not the L1 note that steps need probes: here they are.
         return with_attach_fields(injected, result, layers, list(result.notes))

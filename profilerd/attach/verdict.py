@@ -6,7 +6,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 import pandas as pd
 
@@ -17,6 +17,24 @@ from profilerd.analysis.verdict import Verdict
 from profilerd.attach.sampling import L0Summary
 from profilerd.attach.target import Target
 from profilerd.model import Finding
+
+Layer = Literal["L0", "L1", "L2"]
+
+
+class LayerReport(TypedDict, total=False):
+    """What one layer contributed, in the document's ``layers``: available, and then what it saw
+    (L0's means, L1's stack samples per phase, L2's steps), or why not."""
+
+    available: bool
+    saw: dict[str, float | int | bool | None]
+    samples: dict[str, int]
+    steps: int
+    detached: bool
+    why: str
+
+
+Layers = dict[str, LayerReport]  # keyed by Layer
+
 
 L0_RULE = "attach.thread_cpu"  # the estimate's finding: not a rule of the rules file
 L0_CONFIDENCE = 0.5  # thread CPU alone cannot see phases: at best a medium-low confidence
@@ -59,7 +77,7 @@ def classify_l0(s: L0Summary) -> tuple[Finding, dict[str, float]]:
 @dataclass
 class AttachResult:
     target: Target
-    layer: str
+    layer: Layer
     l0: L0Summary
     l1_counts: Counter[str] | None = None
     l1_note: str | None = None
@@ -132,7 +150,7 @@ def observed(summary: L0Summary) -> Observation:
 
 def document(result: AttachResult, run_id: str) -> dict[str, Any]:
     """The verdict contract of `profilerd run`, plus attach_layer and what each layer saw."""
-    layers: dict[str, Any] = {"L0": {"available": True, "saw": result.l0.to_json()}}
+    layers: Layers = {"L0": {"available": True, "saw": result.l0.to_json()}}
     layers["L1"] = (
         {"available": True, "samples": dict(result.l1_counts)}
         if result.l1_counts
@@ -155,9 +173,7 @@ def document(result: AttachResult, run_id: str) -> dict[str, Any]:
     return with_attach_fields(doc, result, layers, notes)
 
 
-def with_attach_fields(
-    doc: dict[str, Any], result: AttachResult, layers: dict[str, Any], notes: list[str]
-) -> dict[str, Any]:
+def with_attach_fields(doc: dict[str, Any], result: AttachResult, layers: Layers, notes: list[str]) -> dict[str, Any]:
     """The fields an attach adds to the verdict document: which layer decided, what each saw."""
     doc["attach_layer"] = result.layer
     doc["layers"] = layers
