@@ -114,26 +114,20 @@ class Injection:
     def start(self) -> None:
         """Install the probes; a refusal is kept as L2's reason, the attach goes on with L0/L1."""
         try:
-            inject(
-                self.target.pid,
-                injection_code(self.boot, self.handle.socket_path, self.run_id, True),
-                self.target.python_version,
-                self.experimental,
-            )
+            self._inject(install=True)
         except AttachError as exc:
             self.error = str(exc)
+
+    def _inject(self, install: bool) -> None:
+        code = injection_code(self.boot, self.handle.socket_path, self.run_id, install)
+        inject(self.target.pid, code, self.target.python_version, self.experimental)
 
     def finish(self, document: dict[str, Any], result: AttachResult) -> dict[str, Any]:
         """Remove the probes and end their run; the document of their steps when there are
         enough, else ``document`` with L2's reason for not deciding."""
         try:
             if self.error is None:
-                inject(
-                    self.target.pid,
-                    injection_code(self.boot, self.handle.socket_path, self.run_id, False),
-                    self.target.python_version,
-                    self.experimental,
-                )
+                self._inject(install=False)
         except AttachError as exc:
             document["notes"].append(f"could not remove the probes: {exc}")
         finally:
