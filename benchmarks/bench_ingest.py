@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import inspect
 import json
 import os
 import platform
@@ -79,8 +78,7 @@ def hello_body(pid: int) -> dict[str, Any]:
 def _signal_fields() -> tuple[dict[str, Any], int]:
     """The training signals a current probe sends along (loss, lr, grad norm), where the wire has them."""
     wanted = {"loss": 2.3, "lr": 1e-3, "grad_norm": 1.7, "sync_count": 1, "sync_s": 1e-5}
-    params = inspect.signature(wire.encode_step).parameters
-    extras = {k: v for k, v in wanted.items() if k in params}
+    extras = {k: v for k, v in wanted.items() if k in wire.WIRE_STEP_INDEX}
     flags = 0
     for name in ("FLAG_HAS_LOSS", "FLAG_HAS_LR", "FLAG_HAS_GRAD_NORM"):
         flags |= getattr(wire, name, 0)
@@ -92,7 +90,7 @@ SIGNALS, SIGNAL_FLAGS = _signal_fields()
 
 def step_datagram(pid: int, seq: int, end_unix_s: float, sender_dropped: int = 0) -> bytes:
     step_s = STEP_TIMES_S[seq % len(STEP_TIMES_S)]
-    return wire.encode_step(
+    record = wire.pack_step_record(
         pid,
         0,
         seq,
@@ -108,6 +106,7 @@ def step_datagram(pid: int, seq: int, end_unix_s: float, sender_dropped: int = 0
         SIGNAL_FLAGS,
         **SIGNALS,
     )
+    return wire.encode_step_batch([record])  # one step per datagram: the most datagrams per step a probe sends
 
 
 # ---- (a) in-process decode + store ---------------------------------------------------------

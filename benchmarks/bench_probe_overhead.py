@@ -280,6 +280,11 @@ def _loop_s(fn: Callable[..., Any], args: tuple, n: int, repeats: int) -> float:
     return best
 
 
+def _one_step_datagram(*values: float) -> bytes:
+    """A step as the probes send it: one packed record in a batch."""
+    return wire.encode_step_batch([wire.pack_step_record(*values)])
+
+
 def _cost_us(
     fn: Callable[..., Any],
     base: Callable[..., Any],
@@ -422,8 +427,8 @@ def hook_costs(paths: dict[str, Path], n: int, close_n: int, training_optimizer:
             }
             if where == "daemon":
                 step_args = (1, 0, 1, 1, time.time(), 0.005, 0.001, 0.001, 0.002, 0.001, 0.0, 0, 0)
-                parts = {"wire.encode_step": _cost_us(wire.encode_step, _noop_any, step_args, n)}
-                datagram = wire.encode_step(*step_args)
+                parts = {"wire: one record packed and batched": _cost_us(_one_step_datagram, _noop_any, step_args, n)}
+                datagram = _one_step_datagram(*step_args)
                 send_mean, send_median = _paced_us(_send, (sender, datagram), close_n, 100e-6)
                 parts["DatagramSender.send, mean"] = send_mean
                 parts["DatagramSender.send, median"] = send_median

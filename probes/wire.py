@@ -6,7 +6,8 @@ processes.
 
 Every datagram starts with a 4-byte header: the magic ``b"PF"``, the format version and the
 message kind. Step records, the hot path, are a fixed binary struct (cheap to pack and to
-unpack, ~0.3 µs each); rarer messages (hello, configuration, events) carry a JSON object.
+unpack, ~0.3 µs each), sent in batches (one or more records of one sender per datagram);
+rarer messages (hello, configuration, events) carry a JSON object.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ VERSION = 3  # 2: step records carry the training signals; 3: and device-side ti
 HEADER = struct.Struct("<2sBB")
 
 KIND_HELLO = 1
-KIND_STEP = 2
+# 2 was a single step record; steps travel only in batches (KIND_STEP_BATCH). Not reused.
 KIND_CONFIG = 3
 KIND_EVENT = 4
 KIND_RUN_END = 5
@@ -58,7 +59,6 @@ JSON_KINDS: dict[int, str] = {
 
 # The fields of a step record, in order, are the wire fields of schema.STEP_FIELDS.
 STEP = struct.Struct(WIRE_STEP_FORMAT)
-STEP_SIZE = HEADER.size + STEP.size
 BATCH_COUNT = struct.Struct("<H")
 _ZEROS = (0,) * len(WIRE_STEP_NAMES)
 
@@ -144,11 +144,6 @@ def pack_step_record(*values: float, **named: float) -> bytes:
 _WRAPPED = {WIRE_STEP_INDEX["pid"], WIRE_STEP_INDEX["seq"]}  # identities wrap, counters saturate
 
 
-def encode_step(*values: float, **named: float) -> bytes:
-    """A single-record datagram (tests and tools; the probes send batches)."""
-    return HEADER.pack(MAGIC, VERSION, KIND_STEP) + pack_step_record(*values, **named)
-
-
 def encode_step_batch(records: list[bytes]) -> bytes:
     """Header, count, then records made with ``pack_step_record``."""
     return HEADER.pack(MAGIC, VERSION, KIND_STEP_BATCH) + BATCH_COUNT.pack(len(records)) + b"".join(records)
@@ -172,7 +167,7 @@ def encode_json(kind: int, body: dict[str, Any]) -> bytes:
     return HEADER.pack(MAGIC, VERSION, kind) + payload
 
 
-def decode(datagram: bytes) -> StepMessage | StepBatch | JsonMessage:
+def decode(datagram: bytes) -> StepBatch | JsonMessage:
     """Decode one datagram or raise WireError with a reason label."""
     if len(datagram) < HEADER.size:
         raise WireError("truncated", f"{len(datagram)} bytes is shorter than the header")
@@ -183,10 +178,6 @@ def decode(datagram: bytes) -> StepMessage | StepBatch | JsonMessage:
         raise WireError("bad_magic", repr(magic))
     if version != VERSION:
         raise WireError("bad_version", f"version {version}, expected {VERSION}")
-    if kind == KIND_STEP:
-        if len(datagram) != STEP_SIZE:
-            raise WireError("truncated", f"step record of {len(datagram)} bytes")
-        return _step(datagram, HEADER.size)
     if kind == KIND_STEP_BATCH:
         if len(datagram) < HEADER.size + BATCH_COUNT.size:
             raise WireError("truncated", "batch without a count")

@@ -14,24 +14,22 @@ import json
 import logging
 import os
 import re
-import shutil
-import sqlite3
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 # Only what every command needs: `--help`, `runs`, `doctor` and the `run` wrapper must start fast,
 # so the analysis (pandas), the TUI (textual) and the exporters are imported by the commands
 # that use them (issue 17; tests/test_launch.py checks `--help`).
 from profilerd import __version__, session
 from profilerd.config import ATTACH_RATE_HZ, DaemonConfig, load
-from profilerd.session import DaemonHandle, UsageError, bootstrap_dir, check_output_path, wait_for_recording, write_json
-from profilerd_probes import wire
+from profilerd.session import UsageError, check_output_path
 
 if TYPE_CHECKING:
     from profilerd.analysis.rules import RuleSet
+    from profilerd.recordings.reader import Recording
 
 log = logging.getLogger("profilerd")
 
@@ -314,7 +312,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     return _damage_status(recording)
 
 
-def _damage_status(*recordings: Any) -> int:
+def _damage_status(*recordings: Recording) -> int:
     """Exit 3, with one line on stderr, when a recording read is damaged (docs/reports.md)."""
     from profilerd import report
 
@@ -420,7 +418,7 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
-    from profilerd import attach
+    from profilerd.attach import command
 
     config = _config(args)
     ruleset = _rules(config)
@@ -429,184 +427,20 @@ def cmd_attach(args: argparse.Namespace) -> int:
         raise UsageError("--duration must be positive")
     if not 1 <= args.rate <= 100:
         raise UsageError("--rate must be between 1 and 100 samples per second")
-    try:
-        target = attach.inspect_target(args.pid)
-    except attach.AttachError as exc:
-        raise UsageError(str(exc)) from exc
-    started_unix_s = time.time()
-    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-attach-{args.pid}"
-    wants_inject = (args.inject or args.inject_experimental) and not args.no_inject
-    show_status = sys.stderr.isatty() and not args.once
-    width = shutil.get_terminal_size((100, 20)).columns - 1
-
-    def status(summary: Any) -> None:
-        if show_status:
-            line = (
-                f"profilerd attach {args.pid} ▸ {summary.seconds:.0f}/{args.duration:.0f} s · training thread "
-                f"{min(1.0, summary.main_thread_cores):.0%} busy · {summary.workers} workers"
-            )
-            sys.stderr.write("\r\x1b[2K" + line[:width])
-            sys.stderr.flush()
-
-    if _wants_tui(args) and not args.once and not wants_inject:
-        return _attach_live_view(args, config, ruleset, target, run_id, started_unix_s)
-    print(
-        f"profilerd: attaching to pid {args.pid} (Python {target.python_version}) for {args.duration:.0f} s…",
-        file=sys.stderr,
+    options = command.AttachOptions(
+        pid=args.pid,
+        duration_s=args.duration,
+        rate_hz=args.rate,
+        once=args.once,
+        json_path=args.json_path,
+        use_stacks=not args.no_stacks,
+        inject=args.inject,
+        inject_experimental=args.inject_experimental,
+        no_inject=args.no_inject,
+        no_tui=args.no_tui,
+        daemon_flags=tuple(session.daemon_flags(args)),
     )
-    injected = None
-    if wants_inject:
-        injected = _attach_inject(args, config, ruleset, target, run_id)
-    try:
-        result = attach.run_attach(
-            args.pid, args.duration, ruleset, use_l1=not args.no_stacks, rate_hz=args.rate, on_tick=status
-        )
-    except attach.AttachError as exc:
-        raise UsageError(str(exc)) from exc
-    finally:
-        if show_status:
-            sys.stderr.write("\r\x1b[2K")
-    if args.no_inject:
-        result.l2_note = "forbidden by --no-inject"
-    document = attach.document(result, run_id)
-    if injected is not None:
-        document = injected.finish(document, result)
-    document = _record_attach(document, config, target, started_unix_s)
-    from profilerd.report import render_text
-
-    print(render_text(document), file=sys.stderr)
-    for note in document.get("notes", []):
-        print(f"note: {note}", file=sys.stderr)
-    layer = document["attach_layer"]
-    why = {k: v.get("why") for k, v in document["layers"].items() if not v.get("available")}
-    print(f"attach layer {layer}" + "".join(f"; {k} unavailable: {v}" for k, v in why.items()), file=sys.stderr)
-    if args.json_path is not None:
-        write_json(args.json_path, document)
-    return 0
-
-
-def _wants_tui(args: argparse.Namespace) -> bool:
-    streams = (sys.stdin, sys.stdout, sys.stderr)
-    return not getattr(args, "no_tui", False) and all(s is not None and s.isatty() for s in streams)
-
-
-def _record_attach(document: dict[str, Any], config: DaemonConfig, target: Any, started_s: float) -> dict[str, Any]:
-    """An attach without probes leaves a recording of its verdict (L2's steps are recorded by the daemon)."""
-    from profilerd import attach
-
-    if document.get("recording") or not config.record:
-        return document
-    try:
-        path = attach.save_recording(document, target, config.runs_dir, started_s)
-    except (OSError, sqlite3.Error) as exc:
-        return {**document, "notes": [*document["notes"], f"could not record the verdict: {exc}"]}
-    return {**document, "recording": str(path)}
-
-
-def _attach_live_view(
-    args: argparse.Namespace, config: DaemonConfig, ruleset: RuleSet, target: Any, run_id: str, started_unix_s: float
-) -> int:
-    """On a terminal, attach shows the TUI over rolling L0/L1 verdicts until `q` or the target exits."""
-    from profilerd import attach
-    from profilerd_tui.app import make_app
-    from profilerd_tui.sources import AttachSource
-
-    try:
-        live = attach.LiveAttach(args.pid, ruleset, run_id, use_l1=not args.no_stacks, rate_hz=args.rate)
-    except attach.AttachError as exc:
-        raise UsageError(str(exc)) from exc
-    live.start()
-    source = AttachSource(live)
-    try:
-        make_app(source, exit_when=lambda: live.exited and live.document is not None).run()
-    finally:
-        live.stop()
-    if live.document is not None:
-        from profilerd.report import render_text
-
-        document = _record_attach(live.document, config, target, started_unix_s)
-        print(render_text(document), file=sys.stderr)
-        if args.json_path is not None:
-            write_json(args.json_path, document)
-    return 0
-
-
-class _Injected:
-    """Probes injected into the target (L2): removed on detach; their steps decide the verdict."""
-
-    def __init__(
-        self,
-        handle: DaemonHandle,
-        config: DaemonConfig,
-        boot: Path,
-        pid: int,
-        run_id: str,
-        python: str | None,
-        experimental: bool,
-        ruleset: RuleSet,
-    ) -> None:
-        self.handle, self.config, self.boot, self.pid, self.run_id = handle, config, boot, pid, run_id
-        self.python, self.experimental, self.ruleset = python, experimental, ruleset
-        self.error: str | None = None
-
-    def finish(self, document: dict[str, Any], result: Any) -> dict[str, Any]:
-        from profilerd import attach
-
-        try:
-            if self.error is None:
-                attach.inject(
-                    self.pid,
-                    attach.injection_code(self.boot, self.handle.socket_path, self.run_id, False),
-                    self.python,
-                    self.experimental,
-                )
-        except attach.AttachError as exc:
-            document["notes"].append(f"could not remove the probes: {exc}")
-        finally:
-            self.handle.send(
-                wire.encode_json(wire.KIND_RUN_END, {"pid": os.getpid(), "run_id": self.run_id, "exit_code": None})
-            )
-            recording = wait_for_recording(self.handle, self.run_id, self.config, timeout=10)
-            self.handle.close()
-            shutil.rmtree(self.boot, ignore_errors=True)
-        if self.error is not None:
-            document["layers"]["L2"] = {"available": False, "why": self.error}
-            return document
-        if recording is None:
-            document["layers"]["L2"] = {"available": False, "why": "probes injected but no training step arrived"}
-            return document
-        verdict = attach.probed_verdict(recording, self.ruleset, result.l0.seconds)
-        if verdict.features.steps < 5:
-            document["layers"]["L2"] = {"available": False, "why": f"only {verdict.features.steps} steps observed"}
-            return document
-        result.layer = "L2"
-        layers = {**document["layers"], "L2": {"available": True, "steps": verdict.features.steps, "detached": True}}
-        injected = verdict.to_json(self.run_id, f"pid-{self.pid}", recording=str(recording))
-        # Not the L1 note that steps need probes: here they are.
-        return attach.with_attach_fields(injected, result, layers, list(result.notes))
-
-
-def _attach_inject(
-    args: argparse.Namespace, config: DaemonConfig, ruleset: RuleSet, target: Any, run_id: str
-) -> _Injected | None:
-    from profilerd import attach
-
-    handle = DaemonHandle(config, session.daemon_flags(args))
-    boot = bootstrap_dir()
-    os.chmod(boot, 0o755)  # the target may run as another user than the one reading its files
-    injected = _Injected(
-        handle, config, boot, args.pid, run_id, target.python_version, args.inject_experimental, ruleset
-    )
-    try:
-        attach.inject(
-            args.pid,
-            attach.injection_code(boot, handle.socket_path, run_id, True),
-            target.python_version,
-            args.inject_experimental,
-        )
-    except attach.AttachError as exc:
-        injected.error = str(exc)
-    return injected
+    return command.run(options, config, ruleset)
 
 
 COMMANDS = {

@@ -35,11 +35,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from profilerd.analysis import document as verdict_document  # standard library only: no pandas
 from profilerd.client import DaemonClient, untrusted_line
 from profilerd.config import DaemonConfig
 from profilerd.runtime import (
@@ -459,7 +460,7 @@ def check_output_path(path: Path | None, flag: str = "--json") -> None:
         raise UsageError(f"{flag} {path}: cannot create files in {ancestor}")
 
 
-def write_json(path: Path, document: dict[str, Any]) -> None:
+def write_json(path: Path, document: Mapping[str, Any]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(document, indent=2) + "\n")
@@ -712,20 +713,8 @@ def _no_steps(run_id: str, job: str, code: int, cmd: list[str], json_path: Path 
         file=sys.stderr,
     )
     if json_path is not None:
-        write_json(json_path, _no_steps_document(run_id, job, code))
+        write_json(json_path, verdict_document.no_steps(run_id, job, code))
     return code
-
-
-def _no_steps_document(run_id: str, job: str, code: int) -> dict[str, Any]:
-    return {
-        "schema": "profilerd.verdict/v1",
-        "run_id": run_id,
-        "job": job,
-        "primary": "none",
-        "steps": 0,
-        "error": "no training steps were recorded",
-        "exit_code": code,
-    }
 
 
 def exit_status(code: int) -> int:

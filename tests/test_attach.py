@@ -273,7 +273,7 @@ def test_no_inject_forbids_injection(spawn, profilerd_env, short_tmp: Path) -> N
 
 def test_stack_phases_from_py_spy_frames() -> None:
     """Real frame shapes from py-spy on torch 2.13 / Python 3.11."""
-    from profilerd.attach import phase_of
+    from profilerd.attach.sampling import phase_of
 
     loop = "<module> (train.py:42);main (train.py:29)"
     loader = "_BaseDataLoaderIter.__next__ (torch/utils/data/dataloader.py:741);_next_data (x.py:1)"
@@ -293,12 +293,14 @@ def test_thread_cpu_and_stack_samples_are_decided_by_the_one_diagnosis() -> None
     document as a probed run: the estimate is a finding, its confidence is low (no step is seen)."""
     from collections import Counter
 
-    from profilerd import attach
     from profilerd.analysis.rules import load_rules
+    from profilerd.attach.sampling import L0Summary
+    from profilerd.attach.target import Target
+    from profilerd.attach.verdict import L0_RULE, conclude, document
 
     rules, _ = load_rules()
-    target = attach.Target(1, ("train.py",), "3.11", True)
-    starved = attach.L0Summary(
+    target = Target(1, ("train.py",), "3.11", True)
+    starved = L0Summary(
         seconds=5.0,
         samples=10,
         main_thread_cores=0.2,
@@ -309,16 +311,16 @@ def test_thread_cpu_and_stack_samples_are_decided_by_the_one_diagnosis() -> None
         host_busy_cores=2.5,
         cpu_count=8,
     )
-    l0 = attach.document(attach.conclude(target, starved, None, None, rules, 5.0), "r0")
+    l0 = document(conclude(target, starved, None, None, rules, 5.0), "r0")
     assert (l0["attach_layer"], l0["primary"], l0["severity"]) == ("L0", "data", "warning")
     assert l0["summary"] == (
         "DATA-BOUND: 2 DataLoader workers run at 97% of a core while the training thread is busy only 20% of the time"
     )
-    assert [f["rule"] for f in l0["findings"]] == [attach.L0_RULE]
+    assert [f["rule"] for f in l0["findings"]] == [L0_RULE]
     assert l0["evidence"]["level"] == "low" and l0["l0_estimate"]["primary"] == "data"
     assert l0["fractions"] == {"data_wait": 0.8, "compute": 0.2, "communication": 0.0, "other": 0.0}
 
     counts = Counter(forward=40, backward=50, optimizer=10)
-    l1 = attach.document(attach.conclude(target, starved, counts, None, rules, 5.0), "r1")
+    l1 = document(conclude(target, starved, counts, None, rules, 5.0), "r1")
     assert (l1["attach_layer"], l1["primary"], l1["stack_samples"], l1["steps"]) == ("L1", "compute", 100, 0)
     assert l1["l0_estimate"]["primary"] == "data"  # what thread CPU alone would have said, kept beside it

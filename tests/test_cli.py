@@ -14,7 +14,7 @@ import pytest
 
 from profilerd import recordings as runs
 from profilerd.analysis.rules import load_rules
-from tests.conftest import EXAMPLES, run_cli
+from tests.conftest import EXAMPLES, REPO, run_cli
 
 RULES, _ = load_rules()
 
@@ -83,6 +83,37 @@ def test_run_returns_the_childs_exit_code(profilerd_env) -> None:
     missing = run_cli("run", "--", "no-such-program-xyz", env=profilerd_env, timeout=60)
     assert missing.returncode == 127
     assert "cannot run 'no-such-program-xyz'" in missing.stderr
+
+
+def test_a_run_without_steps_writes_a_verdict_that_says_so_without_the_analysis(profilerd_env, short_tmp) -> None:
+    """`run --json` of a command that never trains: the profilerd.verdict/v1 document says that
+    nothing was judged and why, with the command's exit code; the wrapper builds it without pandas."""
+    out = short_tmp / "verdict.json"
+    argv = ["run", "--no-status", "--json", str(out), "--", sys.executable, "-c", "import sys; sys.exit(3)"]
+    probe = textwrap.dedent(f"""
+        import sys
+        from profilerd.cli import main
+        code = main({argv!r})
+        print("HEAVY", sorted({{"pandas", "numpy"}} & set(sys.modules)), file=sys.stderr)
+        sys.exit(code)
+    """)
+    env = {k: v for k, v in profilerd_env.items() if k != "PROFILERD_JOB_ID"}
+    result = subprocess.run(
+        [sys.executable, "-c", probe], env=env, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 3, result.stderr
+    assert "HEAVY []" in result.stderr, result.stderr
+    document = json.loads(out.read_text())
+    run_id = document["run_id"]
+    assert list(document.items()) == [
+        ("schema", "profilerd.verdict/v1"),
+        ("run_id", run_id),
+        ("job", run_id),
+        ("primary", "none"),
+        ("steps", 0),
+        ("error", "no training steps were recorded"),
+        ("exit_code", 3),
+    ]
 
 
 def test_demo_reports_data_bound_with_num_workers_and_report_agrees(profilerd_env, short_tmp: Path) -> None:

@@ -26,6 +26,7 @@ from profilerd.daemon import Daemon, DaemonError
 from profilerd.gpu import NoGpuBackend
 from profilerd.recordings.schema import recording_file
 from profilerd_probes import wire
+from tests.wire_helpers import step_datagram
 
 RULES, _ = load_rules()
 
@@ -78,7 +79,18 @@ def steps(n: int, pid: int | None = None, rank: int = 0, data: float = 0.06, ste
     pid = os.getpid() if pid is None else pid
     start = time.time() - n * step_s
     return [
-        wire.encode_step(pid, rank, i + 1, i + 1, start + (i + 1) * step_s, step_s, data, 0.01, 0.02, 0.005, 0.0, 0)
+        step_datagram(
+            pid=pid,
+            rank=rank,
+            seq=i + 1,
+            step=i + 1,
+            end_unix_s=start + (i + 1) * step_s,
+            step_s=step_s,
+            data_wait_s=data,
+            forward_s=0.01,
+            backward_s=0.02,
+            optimizer_s=0.005,
+        )
         for i in range(n)
     ]
 

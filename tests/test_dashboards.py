@@ -46,6 +46,7 @@ from profilerd.vocabulary import PRIMARY_VALUES
 from profilerd_dashboards import DOCS_BASE_URL
 from profilerd_probes import wire
 from tests.conftest import REPO
+from tests.wire_helpers import step_datagram
 
 DASHBOARDS = REPO / "dashboards"
 GRAFANA = DASHBOARDS / "grafana"
@@ -362,19 +363,18 @@ class StandInRank:
     def _step(self, end_unix_s: float) -> bytes:
         self._seq += 1
         busy = self.step_s - self.data_wait_s - self.comm_s
-        return wire.encode_step(
-            os.getpid(),
-            self.rank,
-            self._seq,
-            self._seq,
-            end_unix_s,
-            self.step_s,
-            self.data_wait_s,
-            0.3 * busy,
-            0.5 * busy,
-            0.1 * busy,
-            self.comm_s,
-            0,
+        return step_datagram(
+            pid=os.getpid(),
+            rank=self.rank,
+            seq=self._seq,
+            step=self._seq,
+            end_unix_s=end_unix_s,
+            step_s=self.step_s,
+            data_wait_s=self.data_wait_s,
+            forward_s=0.3 * busy,
+            backward_s=0.5 * busy,
+            optimizer_s=0.1 * busy,
+            comm_s=self.comm_s,
         )
 
     def start(self) -> StandInRank:

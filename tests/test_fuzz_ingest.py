@@ -101,8 +101,6 @@ def fuzzed_steps(draw: st.DrawFn) -> bytes:
         dropped, flags = draw(st.integers(0, 2**32 - 1)), draw(st.integers(0, 2**32 - 1))
         signals = (0.0, 0.0, 0.0, 0.0, 0, floats[6], 0.0, 0, 0, 0)
         records.append(wire.pack_step_record(*identity, end_unix_s, *floats[:6], dropped, flags, *signals))
-    if len(records) == 1 and draw(st.booleans()):
-        return wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.KIND_STEP) + records[0]
     return wire.encode_step_batch(records)
 
 

@@ -20,6 +20,22 @@ import pytest
 from profilerd.gpu.simnvml import GIB, Scenario, build_library
 from profilerd_probes import wire
 from tests.conftest import run_cli
+from tests.wire_helpers import step_datagram
+
+
+def gpu_step(pid: int, i: int, now: float) -> bytes:
+    """Step i + 1 of a 0.1 s step, ending in the last 3 seconds."""
+    return step_datagram(
+        pid=pid,
+        seq=i + 1,
+        step=i + 1,
+        end_unix_s=now - 3 + 0.1 * i,
+        step_s=0.1,
+        data_wait_s=0.01,
+        forward_s=0.03,
+        backward_s=0.05,
+        optimizer_s=0.01,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +99,7 @@ def test_gpu_metrics_and_rank_attribution(gpu_daemon: str, gpu_env: dict[str, st
         sock.sendto(wire.encode_json(wire.KIND_HELLO, hello), str(sock_path))
         now = time.time()
         for i in range(30):
-            sock.sendto(
-                wire.encode_step(pid, 0, i + 1, i + 1, now - 3 + 0.1 * i, 0.1, 0.01, 0.03, 0.05, 0.01, 0.0, 0),
-                str(sock_path),
-            )
+            sock.sendto(gpu_step(pid, i, now), str(sock_path))
     text = wait_for_text(
         gpu_daemon,
         [
@@ -136,8 +149,7 @@ def test_gpu_events_are_recorded_in_the_run_and_reported(
             sock.sendto(wire.encode_json(wire.KIND_HELLO, hello), str(sock_path))
             now = time.time()
             for i in range(30):
-                step = wire.encode_step(pid, 0, i + 1, i + 1, now - 3 + 0.1 * i, 0.1, 0.01, 0.03, 0.05, 0.01, 0.0, 0)
-                sock.sendto(step, str(sock_path))
+                sock.sendto(gpu_step(pid, i, now), str(sock_path))
         wait_for_text(url, ['profilerd_gpu_events_total{gpu="1"'], timeout=20)
         time.sleep(0.6)  # past the recorder's next commit (every 0.25 s)
     finally:

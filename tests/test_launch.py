@@ -17,6 +17,7 @@ import pytest
 from profilerd_probes import transport, wire
 from profilerd_probes.transport import MAX_HELD_DATAGRAMS, DatagramSender
 from tests.conftest import REPO, run_cli
+from tests.wire_helpers import step_datagram
 
 # N optimizer steps of a tiny model, the first at once: nothing waits for a daemon.
 STEPS = textwrap.dedent("""
@@ -51,7 +52,7 @@ def test_a_run_with_no_daemon_records_every_step_from_the_first(profilerd_env, s
 
 
 def _step(seq: int) -> bytes:
-    return wire.encode_step(1, 0, seq, seq, time.time(), 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0)
+    return step_datagram(pid=1, seq=seq, step=seq, end_unix_s=time.time(), step_s=0.1)
 
 
 def _hello() -> bytes:
@@ -95,7 +96,7 @@ def test_held_records_go_out_in_order_hello_first_once_the_daemon_answers(short_
             except BlockingIOError:
                 break
     assert isinstance(received[0], wire.JsonMessage) and received[0].kind == "hello"
-    assert [m.seq for m in received[1:]] == [1, 2, 3, 4, 5, 6]
+    assert [step.seq for batch in received[1:] for step in batch.steps] == [1, 2, 3, 4, 5, 6]
     assert sender.held == 0 and sender.dropped_total == 0
 
 
@@ -222,7 +223,8 @@ def test_the_daemon_ingests_before_its_heavy_imports(profilerd_env):
         daemon.start_ingest()
         sender = DatagramSender(config.socket_path)
         sender.send(wire.encode_json(wire.KIND_HELLO, {"pid": os.getpid(), "job": "j"}))
-        sender.send(wire.encode_step(os.getpid(), 0, 1, 1, time.time(), 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0))
+        record = wire.pack_step_record(pid=os.getpid(), seq=1, step=1, end_unix_s=time.time(), step_s=0.1)
+        sender.send(wire.encode_step_batch([record]))
         deadline = time.monotonic() + 30
         while not daemon.store.ring("j") and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from profilerd import attach, recordings
+from profilerd import recordings
 from profilerd.analysis.document import headline_of, straggler_of
 from profilerd.analysis.live import LiveAnalyzer
 from profilerd.analysis.rules import load_rules
+from profilerd.attach.verdict import probed_verdict
 from profilerd.config import DaemonConfig
 from profilerd.model import HostSample, ProbeSession, ProcessSample, StepRecord
 from profilerd.recordings.reader import read_gpu_samples
@@ -104,7 +105,7 @@ def test_live_report_replay_and_attach_give_one_verdict(recording: Path, profile
         return snapshot.primary, snapshot.headline, flagged[0] if flagged else None, snapshot.summary
 
     seconds = end - float(recordings.load(recording).steps["end_unix_s"].min())
-    probed = attach.probed_verdict(recording, RULES, seconds).to_json("attach")
+    probed = probed_verdict(recording, RULES, seconds).to_json("attach")
     attach_says = (probed["primary"], headline_of(probed), straggler_of(probed))
 
     # The fixture's straggler (rank 1) holds back a job on a power-capped GPU.

@@ -34,6 +34,7 @@ from probe_helpers import (
 
 from profilerd_probes import wire
 from profilerd_probes.transport import MAX_HELD_DATAGRAMS, RECONNECT_INTERVAL_S, DatagramSender
+from tests.wire_helpers import step_datagram
 
 # Shared by the training scripts: no `import probes`, so bootstrap scripts stay unmodified.
 COMMON = """
@@ -1306,7 +1307,7 @@ def test_hello_precedes_first_step_soon_after_boot(zygote, tmp_path, receiver):
 
 # ---- the datagram sender (in-process: it installs no hooks) -------------------------------------
 def _step_datagram(seq: int) -> bytes:
-    return wire.encode_step(1, 0, seq, seq, time.time(), 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0)
+    return step_datagram(pid=1, seq=seq, step=seq, end_unix_s=time.time(), step_s=0.1)
 
 
 def test_sender_drops_and_counts_once_the_daemon_it_had_is_gone(sock_dir):
@@ -1338,7 +1339,7 @@ def test_sender_never_blocks_on_a_daemon_that_does_not_read(sock_dir):
             seqs = []
             with contextlib.suppress(BlockingIOError):
                 while True:
-                    seqs.append(wire.decode(busy.recv(wire.MAX_DATAGRAM_BYTES)).seq)
+                    seqs.extend(step.seq for step in wire.decode(busy.recv(wire.MAX_DATAGRAM_BYTES)).steps)
             return seqs
 
         queued = drain()

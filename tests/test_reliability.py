@@ -35,6 +35,7 @@ from profilerd_probes import wire
 from profilerd_probes.transport import RECONNECT_INTERVAL_S
 from tests.conftest import REPO, run_cli
 from tests.reliability_helpers import Served, get_json, hello, metrics, send, send_as, step_batch, wait_for
+from tests.wire_helpers import step_datagram
 
 pytestmark = pytest.mark.slow
 
@@ -244,7 +245,8 @@ def test_kill_9_loses_at_most_about_the_last_second(profilerd_env: dict[str, str
                 seq += 1
                 now = time.time()
                 with contextlib.suppress(OSError):  # the daemon is gone at the end
-                    sock.sendto(wire.encode_step(os.getpid(), 0, seq, seq, now, 0.005, 0, 0, 0, 0, 0, 0), str(path))
+                    step = step_datagram(pid=os.getpid(), seq=seq, step=seq, end_unix_s=now, step_s=0.005)
+                    sock.sendto(step, str(path))
                     sent.append(now)
                 time.sleep(0.005)
 

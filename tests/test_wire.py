@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from profilerd_probes import wire
 
-HEADER_STEP = wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.KIND_STEP)
+HEADER_BATCH = wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.KIND_STEP_BATCH)
+BATCH_OF_ONE_SIZE = wire.HEADER.size + wire.BATCH_COUNT.size + wire.STEP.size
 DURATION_FIELDS = (
     "step_s",
     "data_wait_s",
@@ -68,7 +69,14 @@ def encode(**kwargs) -> bytes:
             "flags",
         )
     ]
-    return wire.encode_step(*positional, **kw)
+    return wire.encode_step_batch([wire.pack_step_record(*positional, **kw)])  # as the probes send a step
+
+
+def only_step(datagram: bytes) -> wire.StepMessage:
+    """The one step record of a batch of one."""
+    message = wire.decode(datagram)
+    assert isinstance(message, wire.StepBatch) and len(message.steps) == 1, message
+    return message.steps[0]
 
 
 def same(a: float, b: float) -> bool:
@@ -88,8 +96,7 @@ def reason_of(datagram: bytes) -> str:
 # ---- round trips ----------------------------------------------------------------------------------
 def test_step_round_trip():
     kwargs = step_kwargs()
-    message = wire.decode(encode(**kwargs))
-    assert isinstance(message, wire.StepMessage)
+    message = only_step(encode(**kwargs))
     for name, value in kwargs.items():
         assert getattr(message, name) == value, name
 
@@ -98,8 +105,20 @@ def test_step_header_layout_is_magic_version_kind():
     datagram = encode(**step_kwargs())
     assert datagram[:2] == b"PF"
     assert datagram[2] == wire.VERSION
-    assert datagram[3] == wire.KIND_STEP
-    assert len(datagram) == wire.STEP_SIZE
+    assert datagram[3] == wire.KIND_STEP_BATCH
+    assert wire.BATCH_COUNT.unpack_from(datagram, wire.HEADER.size) == (1,)
+    assert len(datagram) == BATCH_OF_ONE_SIZE
+
+
+def test_a_batch_keeps_its_records_in_order_and_the_largest_fits_a_datagram():
+    """The probes send up to MAX_BATCH_RECORDS steps of one sender per datagram."""
+    records = [wire.pack_step_record(**step_kwargs(seq=seq, step=seq)) for seq in range(wire.MAX_BATCH_RECORDS)]
+    datagram = wire.encode_step_batch(records)
+    message = wire.decode(datagram)
+    assert isinstance(message, wire.StepBatch)
+    assert [step.seq for step in message.steps] == list(range(wire.MAX_BATCH_RECORDS))
+    assert len(datagram) <= wire.MAX_DATAGRAM_BYTES
+    assert reason_of(datagram[:-1]) == "truncated"  # a record cut short loses the whole batch, named
 
 
 def test_step_signals_round_trip_and_may_be_nan_or_inf():
@@ -116,15 +135,14 @@ def test_step_signals_round_trip_and_may_be_nan_or_inf():
         "comm_bytes": 2**40,
     }
     flags = wire.FLAG_HAS_LOSS | wire.FLAG_HAS_GRAD_NORM | wire.FLAG_HAS_LR | wire.FLAG_HAS_SCALE
-    message = wire.decode(encode(**step_kwargs(flags=flags), **signals))
-    assert isinstance(message, wire.StepMessage)
+    message = only_step(encode(**step_kwargs(flags=flags), **signals))
     assert message.flags == flags
     for name, value in signals.items():
         assert same(getattr(message, name), value), name
 
 
 def test_counters_wrap_or_saturate_instead_of_failing_the_probe():
-    message = wire.decode(encode(**step_kwargs(pid=2**32 + 5, seq=2**32 + 9, sender_dropped=2**40)))
+    message = only_step(encode(**step_kwargs(pid=2**32 + 5, seq=2**32 + 9, sender_dropped=2**40)))
     assert message.pid == 5
     assert message.seq == 9  # the daemon detects gaps modulo 2**32
     assert message.sender_dropped == 2**32 - 1
@@ -162,8 +180,7 @@ u32 = st.integers(0, 2**32 - 1)
     comm_bytes=st.integers(0, 2**64 - 1),
 )
 def test_any_valid_step_round_trips(**kwargs):
-    message = wire.decode(encode(**kwargs))
-    assert isinstance(message, wire.StepMessage)
+    message = only_step(encode(**kwargs))
     for name, value in kwargs.items():
         got = getattr(message, name)
         assert same(got, value) if isinstance(value, float) else got == value, name
@@ -198,7 +215,7 @@ def test_json_values_that_json_cannot_encode_are_sent_as_text():
 
 def test_encode_json_refuses_the_step_kind():
     with pytest.raises(ValueError):
-        wire.encode_json(wire.KIND_STEP, {"pid": 1})
+        wire.encode_json(wire.KIND_STEP_BATCH, {"pid": 1})
 
 
 @settings(max_examples=100, deadline=None)
@@ -243,8 +260,11 @@ def test_largest_datagram_is_accepted_and_fits_an_af_unix_socket():
     [
         (b"", "truncated"),
         (b"PF\x01", "truncated"),
-        (HEADER_STEP, "truncated"),
-        (HEADER_STEP + b"\x00" * 40, "truncated"),
+        (HEADER_BATCH, "truncated"),
+        (HEADER_BATCH + wire.BATCH_COUNT.pack(1) + b"\x00" * 40, "truncated"),
+        (HEADER_BATCH + wire.BATCH_COUNT.pack(0), "truncated"),
+        # Kind 2 was a single step record: retired, not read as anything.
+        (b"PF" + bytes([wire.VERSION, 2]) + wire.pack_step_record(**step_kwargs()), "unknown_kind"),
         (b"PF\x01\x03" + b" " * wire.MAX_DATAGRAM_BYTES, "oversized"),
         (b"XX" + bytes([wire.VERSION, wire.KIND_HELLO]) + b'{"pid":1}', "bad_magic"),
         (b"pf" + bytes([wire.VERSION, wire.KIND_HELLO]) + b'{"pid":1}', "bad_magic"),
@@ -317,12 +337,13 @@ def _check_decoded(datagram: bytes) -> None:
     except wire.WireError as exc:
         assert isinstance(exc.reason, str) and exc.reason
         return
-    if isinstance(message, wire.StepMessage):
-        assert len(datagram) == wire.STEP_SIZE
-        for name in DURATION_FIELDS:
-            value = getattr(message, name)
-            assert 0.0 <= value <= 1e6, name
-        assert message.end_unix_s > 0
+    if isinstance(message, wire.StepBatch):
+        assert len(datagram) == wire.HEADER.size + wire.BATCH_COUNT.size + len(message.steps) * wire.STEP.size
+        for step in message.steps:
+            for name in DURATION_FIELDS:
+                value = getattr(step, name)
+                assert 0.0 <= value <= 1e6, name
+            assert step.end_unix_s > 0
     else:
         assert isinstance(message, wire.JsonMessage)
         assert message.kind in wire.JSON_KINDS.values()
@@ -343,7 +364,7 @@ json_texts = st.recursive(
 step_records = st.builds(
     lambda record, flips: bytes(b ^ f for b, f in zip(record, flips + bytes(len(record)), strict=False)),
     st.just(encode(**step_kwargs())),
-    st.binary(max_size=wire.STEP_SIZE),
+    st.binary(max_size=BATCH_OF_ONE_SIZE),
 )
 datagrams = st.one_of(
     st.binary(max_size=256),
@@ -363,7 +384,7 @@ def test_decode_returns_a_message_or_raises_wire_error(datagram):
 def test_step_message_fields_match_the_struct():
     """Every field of the record is a field of StepMessage, in order (one definition, one format)."""
     names = [f.name for f in fields(wire.StepMessage)]
-    values = wire.STEP.unpack_from(encode(**step_kwargs()), wire.HEADER.size)
+    values = wire.STEP.unpack_from(encode(**step_kwargs()), wire.HEADER.size + wire.BATCH_COUNT.size)
     assert len(names) == len(values)
     assert names[:13] == [
         "pid",
@@ -385,8 +406,7 @@ def test_every_field_of_the_table_round_trips_by_name() -> None:
 
     values = {f.name: (i + 1) * (0.25 if f.wire == "d" else 1) for i, f in enumerate(WIRE_STEP_FIELDS)}
     values["end_unix_s"] = 1.7e9
-    message = wire.decode(wire.encode_step(**values))
-    assert isinstance(message, wire.StepMessage)
+    message = only_step(wire.encode_step_batch([wire.pack_step_record(**values)]))
     assert {name: getattr(message, name) for name in values} == values
 
 

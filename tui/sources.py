@@ -890,7 +890,7 @@ def _hosts_from_series(result: list[dict[str, Any]]) -> tuple[HostView, ...]:
 
 
 class AttachSource:
-    """The live view of `profilerd attach`: verdicts from a ``profilerd.attach.LiveAttach``."""
+    """The live view of `profilerd attach`: verdicts from a ``profilerd.attach.watch.LiveAttach``."""
 
     refresh_s = 1.0
 

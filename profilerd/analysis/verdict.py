@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from profilerd.analysis.document import SCHEMA, headline
+from profilerd.analysis.document import head, headline
 from profilerd.analysis.features import Features
 from profilerd.analysis.rules import REGISTRY, RuleSet
 from profilerd.model import Finding
@@ -86,10 +86,7 @@ class Verdict:
     def to_json(self, run_id: str, job: str | None = None, **extra: Any) -> dict[str, Any]:
         f = self.features
         document: dict[str, Any] = {
-            "schema": SCHEMA,
-            "run_id": run_id,
-            "job": job or run_id,
-            "primary": self.primary,
+            **head(run_id, job, self.primary),
             "severity": self.severity,
             "summary": self.summary,
             "fractions": {k: round(v, 4) for k, v in f.fractions.items()},

@@ -165,9 +165,8 @@ class Ingest:
         except wire.WireError as exc:
             self.store.count_dropped(exc.reason)
             return
-        if isinstance(message, wire.StepMessage | wire.StepBatch):
-            steps = message.steps if isinstance(message, wire.StepBatch) else (message,)
-            for step in steps:
+        if isinstance(message, wire.StepBatch):
+            for step in message.steps:
                 pid = self._verified_pid(step.pid, sender) if checked else step.pid
                 if pid is None:
                     self.store.count_dropped("pid_mismatch")
