@@ -13,6 +13,7 @@ from typing import Any
 from profilerd import __version__
 from profilerd.attach.target import Target
 from profilerd.config import DaemonConfig
+from profilerd.model import VERDICT_TABLE, RecordedVerdict
 from profilerd.recordings.writer import open_recording, recording_file
 
 
@@ -43,10 +44,8 @@ def save_recording(doc: dict[str, Any], target: Target, runs_dir: Path, started_
                 "INSERT INTO sessions VALUES (?,?,?,?,?,?,?,?)",
                 (target.pid, 0, 0, 1, os.uname().nodename, json.dumps(list(target.cmdline)), started_unix_s, None),
             )
-            conn.execute(
-                "INSERT INTO verdicts VALUES (?,?,?,?,?)",
-                (ended, doc["job"], doc["primary"], doc["severity"], json.dumps(doc)),
-            )
+            verdict = RecordedVerdict(ended, doc["job"], doc["primary"], doc["severity"], doc)
+            conn.execute(VERDICT_TABLE.insert(), VERDICT_TABLE.row(verdict))
     finally:
         conn.close()
     return path
