@@ -450,8 +450,18 @@ def _noop_cycle(probe: Any, optimizer: Any) -> None:
     probe.ended = None
 
 
+class _LoaderIterator:
+    """What the loader wrapper reads from a DataLoader iterator (it keeps a weak reference: a
+    bare object() would make the probe disable itself and every later hook time a no-op)."""
+
+    _num_workers = 0
+    _pin_memory = False
+    _persistent_workers = False
+    _dataset = None
+
+
 def _hook_components(costs: dict[str, Any], probe: Any, module: Any, optimizer: Any, loss: Any, n: int) -> None:
-    obj = object()
+    obj = _LoaderIterator()
     loader_next = core._make_loader_next(_noop1)
     backward = core._make_backward(_noop1, reads_loss=True)
     probe.optimizer_exists = True  # steps end at optimizer steps, not at each backward
@@ -508,6 +518,8 @@ def hook_costs(paths: dict[str, Path], n: int, close_n: int, training_optimizer:
                 parts["DatagramSender.send, mean"] = send_mean
                 parts["DatagramSender.send, median"] = send_median
                 results["close_parts_us"] = parts
+            if core.active() is not probe:
+                raise RuntimeError("the probe disabled itself while its hooks were timed")
         finally:
             core.set_active(None)
             sender.close()
