@@ -140,12 +140,17 @@ def test_allowed_uids_admits_exactly_the_configured_users(make_daemon: DaemonFac
     assert "colleague" in daemon.store.jobs and "stranger" not in daemon.store.jobs
 
 
-def test_a_message_claiming_another_process_pid_is_rejected(make_daemon: DaemonFactory) -> None:
+def victim(make_daemon: DaemonFactory, steps: int) -> tuple[Daemon, Path, int]:
+    """A daemon that holds ``steps`` steps of this process's job "victim"; its socket; our pid."""
     daemon = make_daemon()
     path = daemon.config.socket_path
-    me = os.getpid()
-    send(path, hello(job="victim", run_id="victim"), step_batch(1, 3))
-    wait_for(lambda: counts(daemon)[0].get("step") == 3)
+    send(path, hello(job="victim", run_id="victim"), step_batch(1, steps))
+    wait_for(lambda: counts(daemon)[0].get("step") == steps)
+    return daemon, path, os.getpid()
+
+
+def test_a_message_claiming_another_process_pid_is_rejected(make_daemon: DaemonFactory) -> None:
+    daemon, path, me = victim(make_daemon, 3)
 
     def impostor(own_pid: int) -> list[bytes]:
         # a same-user process speaking for this one: steps into its rank, a new hello, run_end
@@ -171,11 +176,7 @@ def test_a_batch_mixing_the_senders_steps_with_another_process_steps_keeps_only_
 ) -> None:
     """The daemon checks a batch's sender once per claimed pid, not per step: a pid that changes
     inside the datagram is checked again."""
-    daemon = make_daemon()
-    path = daemon.config.socket_path
-    me = os.getpid()
-    send(path, hello(job="victim", run_id="victim"), step_batch(1, 2))
-    wait_for(lambda: counts(daemon)[0].get("step") == 2)
+    daemon, path, me = victim(make_daemon, 2)
 
     def mixed(own_pid: int) -> list[bytes]:
         records = step_records(1, 2, own_pid) + step_records(3, 3, me) + step_records(3, 2, own_pid)
