@@ -57,6 +57,11 @@ MODES = ("plain", "daemon", "absent")
 # wall: mean step wall time; median: median step wall time; cpu: median step CPU time of the
 # training thread; cpu_mean: mean step CPU time (includes the work done every Nth step).
 CLOCKS = ("wall", "median", "cpu", "cpu_mean")
+# Each instrumented segment starts a fresh probe; the steps it times are those a long training
+# run spends its time in, past the probe's start-up (the loss read at every step at first).
+STEADY_WARMUP = core.LOSS_EVERY_STEP_STEPS + 10
+PLAIN_WARMUP = 25
+NOMINAL_STEP_US = 5000.0  # the step the ratio target is set for
 
 
 # ---- receiver process: the daemon's ingest, nothing else -------------------------------------
@@ -81,6 +86,59 @@ def receiver_main(path: str, cpu: int | None) -> None:
     print(json.dumps({"received": dict(store.received), "dropped": dict(store.dropped)}), flush=True)
 
 
+def _schedstat_s(path: str) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) of a task, in nanoseconds' precision
+    (/proc/.../schedstat; 0.0, 0.0 where the kernel has no schedstats)."""
+    try:
+        with open(path) as f:
+            run_ns, wait_ns, *_ = f.read().split()
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    return int(run_ns) / 1e9, int(wait_ns) / 1e9
+
+
+def _context_switches() -> tuple[int, int]:
+    """(voluntary, involuntary) context switches of the calling thread so far."""
+    counts = {}
+    with contextlib.suppress(OSError), open("/proc/thread-self/status") as f:
+        for line in f:
+            if line.endswith("ctxt_switches:\t" + line.rsplit("\t", 1)[-1]):
+                name, value = line.split(":")
+                counts[name] = int(value)
+    return counts.get("voluntary_ctxt_switches", 0), counts.get("nonvoluntary_ctxt_switches", 0)
+
+
+class SchedWatch:
+    """What the scheduler did to the training thread during a segment, and how much CPU the
+    receiver (the daemon's side) used meanwhile: the two ways a daemon can cost a training
+    process beyond the probe's own code."""
+
+    def __init__(self, receiver_pid: int | None) -> None:
+        self.receiver_pid = receiver_pid
+        self.thread0 = _schedstat_s("/proc/thread-self/schedstat")
+        self.switches0 = _context_switches()
+        self.receiver0 = self._receiver_cpu_s()
+
+    def _receiver_cpu_s(self) -> float:
+        if self.receiver_pid is None:
+            return 0.0
+        tasks = Path(f"/proc/{self.receiver_pid}/task")
+        with contextlib.suppress(OSError):
+            return sum(_schedstat_s(str(task / "schedstat"))[0] for task in tasks.iterdir())
+        return 0.0
+
+    def result(self, steps: int) -> dict[str, float]:
+        run_s, wait_s = _schedstat_s("/proc/thread-self/schedstat")
+        voluntary, involuntary = _context_switches()
+        return {
+            "train_run_s_per_step": (run_s - self.thread0[0]) / steps,
+            "train_wait_s_per_step": (wait_s - self.thread0[1]) / steps,  # runnable, preempted
+            "train_voluntary_switches": voluntary - self.switches0[0],
+            "train_involuntary_switches": involuntary - self.switches0[1],
+            "receiver_cpu_s": self._receiver_cpu_s() - self.receiver0,
+        }
+
+
 class Receiver:
     def __init__(self, path: Path, cpu: int | None) -> None:
         cmd = [sys.executable, __file__, "--_receiver", str(path)]
@@ -88,6 +146,7 @@ class Receiver:
             cmd += ["--_cpu", str(cpu)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None and self.proc.stdin is not None
+        self.pid = self.proc.pid
         line = self.proc.stdout.readline().strip()
         if line != "ready":
             raise RuntimeError(f"receiver did not start: {line!r}")
@@ -166,14 +225,21 @@ class Workload:
         return wall, cpu
 
 
-def run_segment(work: Workload, mode: str, paths: dict[str, Path], warmup: int, steps: int) -> dict[str, Any]:
+def run_segment(
+    work: Workload, mode: str, paths: dict[str, Path], warmup: int, steps: int, receiver_pid: int | None = None
+) -> dict[str, Any]:
     os.environ["PROFILERD_GPU_TIMING"] = "0" if mode == "events_off" else "1"  # read by install()
     if mode != "plain" and not probes.install(paths[mode]):
         raise RuntimeError("probes.install() failed")
     try:
-        work.run(warmup)  # includes the first config snapshots and the eagerly sent first steps
-        watch = LoadWatch()
+        # Untimed: the first config snapshots, the eagerly sent first steps and the start-up
+        # regime of the loss read (every step for the first LOSS_EVERY_STEP_STEPS); the plain
+        # loop only needs its caches warm.
+        work.run(min(warmup, PLAIN_WARMUP) if mode == "plain" else warmup)
+        watch, sched = LoadWatch(), SchedWatch(receiver_pid)
+        sent_before = probe.sender.sent if (probe := core.active()) is not None else 0
         wall, cpu = work.run(steps)
+        scheduler = sched.result(steps)
         if work.device != "cpu":
             work.torch.cuda.synchronize()  # the benchmark's own: no segment's work spills into the next
         others = watch.others()
@@ -181,6 +247,7 @@ def run_segment(work: Workload, mode: str, paths: dict[str, Path], warmup: int, 
         sender = {"sent": 0, "dropped": {}}
         if probe is not None:
             sender = {"sent": probe.sender.sent, "dropped": dict(probe.sender.dropped), "steps": probe.step_index}
+            sender["sent_timed"] = probe.sender.sent - sent_before
             sender["device_timing"] = probe.device is not None
         elif mode != "plain":
             raise RuntimeError("the probe disabled itself during the segment")
@@ -188,12 +255,14 @@ def run_segment(work: Workload, mode: str, paths: dict[str, Path], warmup: int, 
         probes.uninstall()
     return {
         "mode": mode,
+        "steps": steps,
         "wall_s_per_step": statistics.mean(wall),  # includes every preemption by other processes
         "median_s_per_step": statistics.median(wall),  # robust to preemption and to rare slow steps
         "cpu_s_per_step": statistics.median(cpu),  # training-thread CPU time, median step
         "cpu_mean_s_per_step": statistics.mean(cpu),  # includes the periodic work (grad norm, config)
         "others_cpu_ratio": others,
         "sender": sender,
+        "scheduler": scheduler,
     }
 
 
@@ -205,15 +274,16 @@ def alternate(
     steps: int,
     seed: int,
     modes: tuple[str, ...] = MODES,
+    receiver_pid: int | None = None,
 ) -> list[list[dict[str, Any]]]:
     rng = random.Random(seed)
     for mode in modes:  # one untimed pass of each: caches, allocator, first-call costs
-        run_segment(work, mode, paths, warmup, max(10, steps // 10))
+        run_segment(work, mode, paths, warmup, max(10, steps // 10), receiver_pid)
     out = []
     for _ in range(rounds):
         order = list(modes)
         rng.shuffle(order)
-        out.append([run_segment(work, mode, paths, warmup, steps) for mode in order])
+        out.append([run_segment(work, mode, paths, warmup, steps, receiver_pid) for mode in order])
     return out
 
 
@@ -244,6 +314,16 @@ def summarise(rounds: list[list[dict[str, Any]]], quiet_threshold: float) -> dic
             for k, v in r[mode]["sender"]["dropped"].items():
                 dropped[k] = dropped.get(k, 0) + v
         summary[f"{mode}_sender_dropped"] = dropped
+    for mode in MODES:
+        sched = [r[mode]["scheduler"] for r in by_round]
+        summary[f"{mode}_scheduler"] = {
+            "train_wait_us_per_step": statistics.median(1e6 * s["train_wait_s_per_step"] for s in sched),
+            "train_involuntary_switches": statistics.median(s["train_involuntary_switches"] for s in sched),
+            "train_voluntary_switches": statistics.median(s["train_voluntary_switches"] for s in sched),
+            "receiver_cpu_us_per_step": statistics.median(
+                1e6 * s["receiver_cpu_s"] / r[mode]["steps"] for s, r in zip(sched, by_round, strict=True)
+            ),
+        }
     return summary
 
 
@@ -375,8 +455,18 @@ def _noop_cycle(probe: Any, optimizer: Any) -> None:
     probe.ended = None
 
 
+class _LoaderIterator:
+    """What the loader wrapper reads from a DataLoader iterator (it keeps a weak reference: a
+    bare object() would make the probe disable itself and every later hook time a no-op)."""
+
+    _num_workers = 0
+    _pin_memory = False
+    _persistent_workers = False
+    _dataset = None
+
+
 def _hook_components(costs: dict[str, Any], probe: Any, module: Any, optimizer: Any, loss: Any, n: int) -> None:
-    obj = object()
+    obj = _LoaderIterator()
     loader_next = core._make_loader_next(_noop1)
     backward = core._make_backward(_noop1, reads_loss=True)
     probe.optimizer_exists = True  # steps end at optimizer steps, not at each backward
@@ -433,6 +523,8 @@ def hook_costs(paths: dict[str, Path], n: int, close_n: int, training_optimizer:
                 parts["DatagramSender.send, mean"] = send_mean
                 parts["DatagramSender.send, median"] = send_median
                 results["close_parts_us"] = parts
+            if core.active() is not probe:
+                raise RuntimeError("the probe disabled itself while its hooks were timed")
         finally:
             core.set_active(None)
             sender.close()
@@ -532,18 +624,54 @@ def estimate(res: dict[str, Any]) -> dict[str, float]:
     measurement even on a busy machine) plus the grad-norm sample's extra cost on the larger model."""
     grad = res["hooks"]["grad_norm"]
     extra = (grad["training model"]["per_step_us"] or 0.0) - (grad["trivial model"]["per_step_us"] or 0.0)
-    plain_us = 1e3 * res["training"]["summary"]["plain_ms_per_step"]
+    training = res["training"]["summary"]
+    plain_us = 1e3 * training["plain_ms_per_step"]
     out = {}
     for mode in ("daemon", "absent"):
         per_step = res["trivial"]["summary"][f"{mode}_cpu_mean_us_per_step"] + extra
         out[f"{mode}_us_per_step"] = per_step
         out[f"{mode}_ratio"] = 1.0 + per_step / plain_us
+        out[f"{mode}_ratio_at_5ms"] = 1.0 + per_step / NOMINAL_STEP_US  # a busy machine's step is longer
+    # The daemon's side: the receiver's CPU per training step beyond its idle wake-ups (what a
+    # daemon on the training's own core would take from it; pinned elsewhere here).
+    receiver = training["daemon_scheduler"]["receiver_cpu_us_per_step"]
+    out["receiver_us_per_step"] = max(0.0, receiver - training["plain_scheduler"]["receiver_cpu_us_per_step"])
     return out
 
 
 # ---- report -----------------------------------------------------------------------------------
 def _mark(ok: bool) -> str:
     return "PASS" if ok else "MISS"
+
+
+def print_loop(res: dict[str, Any], name: str) -> None:
+    """One loop's ratios per clock, and what the scheduler and the receiver did per mode."""
+    s = res[name]["summary"]
+    cfg = res[name]["config"]
+    print(
+        f"\n[{name}] {cfg['rounds']} rounds x {cfg['steps']} steps per segment, "
+        f"plain step {s['plain_ms_per_step']:.3f} ms; medians over {s['rounds_used']} rounds "
+        f"({s['rounds_quiet']} of {s['rounds_total']} quiet)"
+    )
+    print(f"{'mode':<8}{'clock':<10}{'ratio':>9}{'(min-max)':>19}{'us/step':>10}{'sent':>9}  dropped by sender")
+    for mode in ("daemon", "absent"):
+        for clock in CLOCKS:
+            lo, hi = s[f"{mode}_{clock}_ratio_range"]
+            extra = f"{s[f'{mode}_sent']:>9}  {s[f'{mode}_sender_dropped']}" if clock == "wall" else ""
+            print(
+                f"{mode:<8}{clock:<10}{s[f'{mode}_{clock}_ratio']:>9.4f}{f'{lo:.4f}-{hi:.4f}':>19}"
+                f"{s[f'{mode}_{clock}_us_per_step']:>10.1f}{extra}"
+            )
+    print(
+        f"{'mode':<8}{'runnable, waiting us/step':>27}{'involuntary':>13}{'voluntary':>11}"
+        f"{'receiver CPU us/step':>22}   (medians per segment)"
+    )
+    for mode in MODES:
+        sched = s[f"{mode}_scheduler"]
+        print(
+            f"{mode:<8}{sched['train_wait_us_per_step']:>27.1f}{sched['train_involuntary_switches']:>13.0f}"
+            f"{sched['train_voluntary_switches']:>11.0f}{sched['receiver_cpu_us_per_step']:>22.2f}"
+        )
 
 
 def print_report(res: dict[str, Any]) -> None:
@@ -555,22 +683,7 @@ def print_report(res: dict[str, Any]) -> None:
         "cpu / cpu_mean = median / mean step CPU time of the training thread"
     )
     for name in ("training", "trivial"):
-        s = res[name]["summary"]
-        cfg = res[name]["config"]
-        print(
-            f"\n[{name}] {cfg['rounds']} rounds x {cfg['steps']} steps per segment, "
-            f"plain step {s['plain_ms_per_step']:.3f} ms; medians over {s['rounds_used']} rounds "
-            f"({s['rounds_quiet']} of {s['rounds_total']} quiet)"
-        )
-        print(f"{'mode':<8}{'clock':<10}{'ratio':>9}{'(min-max)':>19}{'us/step':>10}{'sent':>9}  dropped by sender")
-        for mode in ("daemon", "absent"):
-            for clock in CLOCKS:
-                lo, hi = s[f"{mode}_{clock}_ratio_range"]
-                extra = f"{s[f'{mode}_sent']:>9}  {s[f'{mode}_sender_dropped']}" if clock == "wall" else ""
-                print(
-                    f"{mode:<8}{clock:<10}{s[f'{mode}_{clock}_ratio']:>9.4f}{f'{lo:.4f}-{hi:.4f}':>19}"
-                    f"{s[f'{mode}_{clock}_us_per_step']:>10.1f}{extra}"
-                )
+        print_loop(res, name)
     hooks = res["hooks"]
     print("\n[hook bodies] timed directly in tight loops, us per step (no-op baseline subtracted)")
     for where in ("daemon", "absent"):
@@ -608,6 +721,12 @@ def print_report(res: dict[str, Any]) -> None:
         ratio = est[f"{mode}_ratio"]
         label = f"ratio predicted from trivial loop ({mode})"
         print(f"  {label:<44}{ratio:9.4f}    target <= {TARGET_RATIO}  {_mark(ratio <= TARGET_RATIO)}")
+    for mode in ("daemon", "absent"):
+        ratio = est[f"{mode}_ratio_at_5ms"]
+        label = f"the same at a 5 ms step ({mode})"
+        print(f"  {label:<44}{ratio:9.4f}    target <= {TARGET_RATIO}  {_mark(ratio <= TARGET_RATIO)}")
+    label = "receiver (daemon) CPU per training step"
+    print(f"  {label:<44}{est['receiver_us_per_step']:9.1f} us (on another CPU here; not in the ratios)")
     for label, us in (
         ("probe CPU per step, in situ (training loop)", situ["sum_us"]),
         ("probe CPU per step, hook bodies (tight loops)", direct),
@@ -650,7 +769,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=20, help="(plain, daemon, absent) rounds, >= 5")
     parser.add_argument("--steps", type=int, default=120, help="timed steps per training segment")
-    parser.add_argument("--warmup", type=int, default=25, help="untimed steps at the start of each segment")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=STEADY_WARMUP,
+        help="untimed steps at the start of each instrumented segment (default: past the probe's start-up)",
+    )
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--hidden", type=int, default=768)
@@ -668,6 +792,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-pin", action="store_true", help="do not pin trainer and receiver to CPUs")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--gpu", action="store_true", help="CUDA training loop: device timing on vs off")
+    parser.add_argument("--training-only", action="store_true", help="the training loop's rounds only (quick)")
     parser.add_argument("--_receiver", help=argparse.SUPPRESS)
     parser.add_argument("--_cpu", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -710,7 +835,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         try:
             work = Workload(False, args.batch, args.width, args.hidden)
-            rounds = alternate(work, paths, args.rounds, args.warmup, args.steps, args.seed)
+            rounds = alternate(work, paths, args.rounds, args.warmup, args.steps, args.seed, receiver_pid=receiver.pid)
             results["training"] = {
                 "config": {
                     "rounds": args.rounds,
@@ -722,8 +847,17 @@ def main(argv: list[str] | None = None) -> int:
                 "summary": summarise(rounds, args.quiet_threshold),
                 "rounds": rounds,
             }
+            if args.training_only:
+                results["load"] = load.result()
+                print_loop(results, "training")
+                print(f"other processes used {results['load']['other_processes_cpu_ratio']:.2f} CPUs meanwhile")
+                if args.json:
+                    args.json.write_text(json.dumps(results, indent=2, default=str))
+                return 0
             trivial = Workload(True, 0, 0, 0)
-            rounds = alternate(trivial, paths, args.trivial_rounds, 200, args.trivial_steps, args.seed + 1)
+            rounds = alternate(
+                trivial, paths, args.trivial_rounds, 200, args.trivial_steps, args.seed + 1, receiver_pid=receiver.pid
+            )
             results["trivial"] = {
                 "config": {"rounds": args.trivial_rounds, "steps": args.trivial_steps, "model": "Linear(8, 1)"},
                 "summary": summarise(rounds, args.quiet_threshold),

@@ -26,7 +26,7 @@ from profilerd.recordings.schema import recording_file
 from profilerd.redaction import MASK, redact_argv
 from profilerd_probes import wire
 from tests.conftest import REPO
-from tests.reliability_helpers import get_json, hello, http_get, send, send_as, step_batch, wait_for
+from tests.reliability_helpers import get_json, hello, http_get, send, send_as, step_batch, step_records, wait_for
 
 RULES, _ = load_rules()
 OTHER_UID = 12345
@@ -140,12 +140,17 @@ def test_allowed_uids_admits_exactly_the_configured_users(make_daemon: DaemonFac
     assert "colleague" in daemon.store.jobs and "stranger" not in daemon.store.jobs
 
 
-def test_a_message_claiming_another_process_pid_is_rejected(make_daemon: DaemonFactory) -> None:
+def victim(make_daemon: DaemonFactory, steps: int) -> tuple[Daemon, Path, int]:
+    """A daemon that holds ``steps`` steps of this process's job "victim"; its socket; our pid."""
     daemon = make_daemon()
     path = daemon.config.socket_path
-    me = os.getpid()
-    send(path, hello(job="victim", run_id="victim"), step_batch(1, 3))
-    wait_for(lambda: counts(daemon)[0].get("step") == 3)
+    send(path, hello(job="victim", run_id="victim"), step_batch(1, steps))
+    wait_for(lambda: counts(daemon)[0].get("step") == steps)
+    return daemon, path, os.getpid()
+
+
+def test_a_message_claiming_another_process_pid_is_rejected(make_daemon: DaemonFactory) -> None:
+    daemon, path, me = victim(make_daemon, 3)
 
     def impostor(own_pid: int) -> list[bytes]:
         # a same-user process speaking for this one: steps into its rank, a new hello, run_end
@@ -164,6 +169,24 @@ def test_a_message_claiming_another_process_pid_is_rejected(make_daemon: DaemonF
     assert daemon.store.runs["victim"].state == "running"
     assert daemon.store.session_for(me).job == "victim"  # type: ignore[union-attr]
     assert "honest" in daemon.store.jobs
+
+
+def test_a_batch_mixing_the_senders_steps_with_another_process_steps_keeps_only_its_own(
+    make_daemon: DaemonFactory,
+) -> None:
+    """The daemon checks a batch's sender once per claimed pid, not per step: a pid that changes
+    inside the datagram is checked again."""
+    daemon, path, me = victim(make_daemon, 2)
+
+    def mixed(own_pid: int) -> list[bytes]:
+        records = step_records(1, 2, own_pid) + step_records(3, 3, me) + step_records(3, 2, own_pid)
+        return [hello(own_pid, job="mixed", run_id="mixed"), wire.encode_step_batch(records)]
+
+    assert send_as(os.getuid(), path, mixed) == 0
+    wait_for(lambda: counts(daemon)[1].get("pid_mismatch") == 3, what="the other process's steps refused")
+    wait_for(lambda: counts(daemon)[0].get("step") == 6, what="the sender's own steps")
+    assert daemon.store.jobs["mixed"].ranks[0].steps_total == 4
+    assert daemon.store.jobs["victim"].ranks[0].steps_total == 2
 
 
 def test_run_end_from_the_run_command_with_its_own_pid_closes_the_run(make_daemon: DaemonFactory) -> None:

@@ -10,7 +10,9 @@ parsed with ``json`` (never pickle, eval or import), and the kernel truncates a 
 
 from __future__ import annotations
 
+import functools
 import logging
+import operator
 import os
 import socket
 import struct
@@ -166,12 +168,7 @@ class Ingest:
             self.store.count_dropped(exc.reason)
             return
         if isinstance(message, wire.StepBatch):
-            for step in message.steps:
-                pid = self._verified_pid(step.pid, sender) if checked else step.pid
-                if pid is None:
-                    self.store.count_dropped("pid_mismatch")
-                else:
-                    self._on_step(step, pid)
+            self._on_steps(message.steps, sender, checked)
             return
         body = message.body
         if checked:
@@ -210,13 +207,23 @@ class Ingest:
         self._ns_pids[sender.pid] = inner
         return sender.pid
 
-    def _on_step(self, message: wire.StepMessage, pid: int) -> None:
-        session = self.store.session_for(pid)
-        if session is None or session.rank != message.rank:
-            self.store.count_dropped("unknown_sender")
-            return
-        step = step_record(message, session.job, pid)
-        self.sinks.step(session, step, message.seq, message.sender_dropped)
+    def _on_steps(self, steps: tuple[wire.StepMessage, ...], sender: Credentials | None, checked: bool) -> None:
+        """A datagram's steps. A batch comes from one process: its sender is checked and its
+        session looked up once per claimed pid, not per step (the receiver's cost is per datagram)."""
+        claimed: int | None = None
+        pid: int | None = None
+        session: ProbeSession | None = None
+        for message in steps:
+            if message.pid != claimed:
+                claimed = message.pid
+                pid = self._verified_pid(claimed, sender) if checked else claimed
+                session = self.store.session_for(pid) if pid is not None else None
+            if pid is None:
+                self.store.count_dropped("pid_mismatch")
+            elif session is None or session.rank != message.rank:
+                self.store.count_dropped("unknown_sender")
+            else:
+                self.sinks.step(session, step_record(message, session.job, pid), message.seq, message.sender_dropped)
 
     def _on_hello(self, body: dict[str, Any]) -> None:
         session = ProbeSession(
@@ -270,16 +277,30 @@ class Ingest:
         self.sinks.runs_ended([EndedRun(run, exit_code, recorded=known)])
 
 
-_STORED = tuple((f.name, f.flag) for f in STORED_STEP_FIELDS if f.name != "pid")
+# StepRecord's fields after job, rank and pid, in its order: read from a message in one call.
+_RECORD_HEAD, _RECORD_TAIL = tuple(StepRecord.__dataclass_fields__)[:3], tuple(StepRecord.__dataclass_fields__)[3:]
+if _RECORD_HEAD != ("job", "rank", "pid") or not set(_RECORD_TAIL) <= set(wire.WIRE_STEP_NAMES):
+    raise RuntimeError("StepRecord must start with job, rank, pid, then fields of the wire record")
+_read_tail = operator.attrgetter(*_RECORD_TAIL)
+_FIELD_FLAG = {f.name: f.flag for f in STORED_STEP_FIELDS}
+_FLAG_BITS = functools.reduce(operator.or_, (flag for flag in _FIELD_FLAG.values() if flag), 0)
+
+
+@functools.lru_cache(maxsize=256)
+def _unknown_positions(flags: int) -> tuple[int, ...]:
+    """Where in _RECORD_TAIL a step with these flags has no value (its flag is not set)."""
+    return tuple(i for i, name in enumerate(_RECORD_TAIL) if _FIELD_FLAG[name] and not flags & _FIELD_FLAG[name])
 
 
 def step_record(message: wire.StepMessage, job: str, pid: int) -> StepRecord:
-    """The record of a step message: the stored fields, each None where its flag says unknown."""
-    flags = message.flags
-    values: dict[str, Any] = {
-        name: getattr(message, name) if not flag or flags & flag else None for name, flag in _STORED
-    }
-    return StepRecord(job=job, pid=pid, **values)
+    """The record of a step message: the stored fields, each None where its flag says unknown.
+
+    Built positionally, the unknown positions cached per combination of flags: this runs for
+    every step every process sends."""
+    values = list(_read_tail(message))
+    for i in _unknown_positions(message.flags & _FLAG_BITS):
+        values[i] = None
+    return StepRecord(job, message.rank, pid, *values)
 
 
 def late_device_timing(pid: int, row: Any) -> LateDeviceTiming:
