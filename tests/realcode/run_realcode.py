@@ -242,9 +242,10 @@ def run(name, mode):
     env["PATH"] = str(Path(PY).parent) + os.pathsep + env["PATH"]
     argv = list(spec["argv"])
     if mode == "profiled":
-        runtime = Path(f"/tmp/rc-{name[:8]}-rt")
+        # Under ROOT, so two scratch folders (two engineers) never share a daemon; short for AF_UNIX.
+        runtime = ROOT / "rt" / name[:8]
         shutil.rmtree(runtime, ignore_errors=True)
-        runtime.mkdir(mode=0o700)
+        runtime.mkdir(mode=0o700, parents=True)
         env.update(XDG_RUNTIME_DIR=str(runtime), PROFILERD_DATA_DIR=str(base / "pd-data"), PROFILERD_HTTP_PORT="0")
         argv = [PROFILERD, "run", "--no-status", "--json", str(base / "verdict.json"), "--", *argv]
     started = time.monotonic()
