@@ -163,8 +163,8 @@ def evaluate(features: Features, ruleset: RuleSet, estimates: Sequence[Finding] 
     if not enough and not findings:
         summary = f"Not enough evidence yet: {features.steps} of {ruleset.min_steps} steps observed"
         return Verdict("none", "ok", summary, features, min_speedup=ruleset.min_speedup)
-    findings.sort(key=lambda f: _rank(features, f))
-    primary, severity = _choose_primary(features, findings)
+    findings.sort(key=lambda f: _rank(features, f, ruleset.min_speedup))
+    primary, severity = _choose_primary(features, findings, ruleset.min_speedup)
     summary = _summary(primary, features, findings)
     confidence = _verdict_confidence(features, ruleset, primary, findings)
     return Verdict(
@@ -209,15 +209,16 @@ def step_cost(features: Features, finding: Finding) -> float:
     return finding.cost or features.fractions[_cost_key(finding.category)]
 
 
-def gain(finding: Finding) -> float:
+def gain(finding: Finding, min_speedup: float) -> float:
     """The share of step time the finding's best speed fix would give back, estimated as its
     recommendation is (bounded by the measured share it can change: Amdahl); 0 for a finding
-    with nothing to do about it (a compiled bf16 model, a memory warning)."""
+    with nothing worth doing about it (a compiled bf16 model, syncs on a CPU), i.e. whose fixes
+    are all details under ``min_speedup``."""
     best = max((r.estimated_speedup for r in finding.recommendations), default=1.0)
-    return 1.0 - 1.0 / max(best, 1.0)
+    return 1.0 - 1.0 / best if best >= min_speedup and best > 1.0 else 0.0
 
 
-def _rank(features: Features, finding: Finding) -> tuple[int, float, float, float]:
+def _rank(features: Features, finding: Finding, min_speedup: float) -> tuple[int, float, float, float]:
     """The order of the findings; the first one decides the primary class.
 
     A broken training comes first, the most severe first: a diverging run is called that
@@ -239,15 +240,15 @@ def _rank(features: Features, finding: Finding) -> tuple[int, float, float, floa
     if rule is not None and rule.correctness:
         # Advice about the result (Adam's weight decay, a plateau), not about where time goes.
         return 2, 0.0, 0.0, severity
-    return 1, -gain(finding), -step_cost(features, finding), severity
+    return 1, -gain(finding, min_speedup), -step_cost(features, finding), severity
 
 
-def _choose_primary(features: Features, findings: list[Finding]) -> tuple[str, str]:
+def _choose_primary(features: Features, findings: list[Finding], min_speedup: float) -> tuple[str, str]:
     """The class of the first finding in ``_rank`` order that breaks the training or has a
     speed fix, with the worst severity among that class's findings (a compute-bound job whose
     GPU throttles is as bad as the throttling). Without one, the job is bound by whatever takes
     the largest share: usually compute, where a healthy job should be."""
-    lead = next((f for f in findings if breaks_training(f) or gain(f) > 0), None)
+    lead = next((f for f in findings if breaks_training(f) or gain(f, min_speedup) > 0), None)
     if lead is not None:
         primary = lead.category
     else:
