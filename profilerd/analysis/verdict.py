@@ -259,9 +259,13 @@ def _choose_primary(features: Features, findings: list[Finding], min_speedup: fl
 
 
 def _summary(primary: str, features: Features, findings: list[Finding]) -> str:
-    for finding in findings:
-        if finding.category == primary:
-            return f"{headline(primary)}: {finding.evidence}"
+    """The headline with the evidence of the class: the broken training that decided it, else
+    the finding that holds the most of the step (compute-bound says the compute share, not its
+    optimizer's 15%; the best fix leads the recommendations)."""
+    mine = [f for f in findings if f.category == primary]
+    if mine:
+        lead = mine[0] if breaks_training(mine[0]) else max(mine, key=lambda f: step_cost(features, f))
+        return f"{headline(primary)}: {lead.evidence}"
     share = features.fractions[_cost_key(primary)]
     return f"{headline(primary)}: {share:.0%} of step time; no inefficiency found"
 
