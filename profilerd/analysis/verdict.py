@@ -60,7 +60,7 @@ class Verdict:
             rule = REGISTRY.get(finding.rule)
             correctness = bool(rule and rule.correctness)
             for rec in finding.recommendations:
-                if breaks_training(finding):
+                if _breaks_training(finding):
                     urgent.add(rec.id)
                 if rec.id not in seen or rec.estimated_speedup > seen[rec.id]["estimated_speedup"]:
                     seen[rec.id] = dict(rec.to_json(), rule=finding.rule, correctness=correctness)
@@ -195,7 +195,7 @@ def _level(confidence: float) -> str:
     return "high" if confidence >= 0.8 else "medium" if confidence >= 0.6 else "low"
 
 
-def breaks_training(finding: Finding) -> bool:
+def _breaks_training(finding: Finding) -> bool:
     """A warning or worse from a correctness rule (NaN, runaway or stuck loss, exploding
     gradients, skipped steps): the training itself is wrong, so no share of step time matters
     until it is fixed."""
@@ -203,13 +203,13 @@ def breaks_training(finding: Finding) -> bool:
     return bool(rule and rule.correctness) and Severity(finding.severity).rank >= Severity.WARNING.rank
 
 
-def step_cost(features: Features, finding: Finding) -> float:
+def _step_cost(features: Features, finding: Finding) -> float:
     """The share of step time a finding accounts for: the rule's own measure where it has one
     (a sync's stall, a straggler's victims' wait), else its category's share."""
     return finding.cost or features.fractions[_cost_key(finding.category)]
 
 
-def gain(finding: Finding, min_speedup: float) -> float:
+def _gain(finding: Finding, min_speedup: float) -> float:
     """The share of step time the finding's best speed fix would give back, estimated as its
     recommendation is (bounded by the measured share it can change: Amdahl); 0 for a finding
     with nothing worth doing about it (a compiled bf16 model, syncs on a CPU), i.e. whose fixes
@@ -234,13 +234,13 @@ def _rank(features: Features, finding: Finding, min_speedup: float) -> tuple[int
     headline names the class of the fix worth most, as the recommendations' order does.
     """
     severity = -float(Severity(finding.severity).rank)
-    if breaks_training(finding):
+    if _breaks_training(finding):
         return 0, severity, -finding.cost, 0.0
     rule = REGISTRY.get(finding.rule)
     if rule is not None and rule.correctness:
         # Advice about the result (Adam's weight decay, a plateau), not about where time goes.
         return 2, 0.0, 0.0, severity
-    return 1, -gain(finding, min_speedup), -step_cost(features, finding), severity
+    return 1, -_gain(finding, min_speedup), -_step_cost(features, finding), severity
 
 
 def _choose_primary(features: Features, findings: list[Finding], min_speedup: float) -> tuple[str, str]:
@@ -248,7 +248,7 @@ def _choose_primary(features: Features, findings: list[Finding], min_speedup: fl
     speed fix, with the worst severity among that class's findings (a compute-bound job whose
     GPU throttles is as bad as the throttling). Without one, the job is bound by whatever takes
     the largest share: usually compute, where a healthy job should be."""
-    lead = next((f for f in findings if breaks_training(f) or gain(f, min_speedup) > 0), None)
+    lead = next((f for f in findings if _breaks_training(f) or _gain(f, min_speedup) > 0), None)
     if lead is not None:
         primary = lead.category
     else:
@@ -264,7 +264,7 @@ def _summary(primary: str, features: Features, findings: list[Finding]) -> str:
     optimizer's 15%; the best fix leads the recommendations)."""
     mine = [f for f in findings if f.category == primary]
     if mine:
-        lead = mine[0] if breaks_training(mine[0]) else max(mine, key=lambda f: step_cost(features, f))
+        lead = mine[0] if _breaks_training(mine[0]) else max(mine, key=lambda f: _step_cost(features, f))
         return f"{headline(primary)}: {lead.evidence}"
     share = features.fractions[_cost_key(primary)]
     return f"{headline(primary)}: {share:.0%} of step time; no inefficiency found"
