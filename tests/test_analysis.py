@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from profilerd.analysis.recommendations import removed
 from profilerd.analysis.rules import REGISTRY, load_rules
 from profilerd.analysis.verdict import VerdictTracker, evaluate
 from profilerd.model import StepRecord
-from profilerd_probes.wire import FLAG_HAS_LOSS
+from profilerd_probes.wire import FLAG_HAS_LOSS, FLAG_HAS_LR
 
 RULES, _ = load_rules()
 CPU_CONFIG = {
@@ -437,3 +438,93 @@ def test_live_windows_span_min_seconds_at_any_rate_and_aim_at_500_steps() -> Non
         frame = steps_frame(records)
         window = select_window(frame, records[-1].end_unix_s, 120.0, 4000, RULES)
         assert abs(len(window) - expected) <= 1, (steps_per_s, len(window))
+
+
+# ---- the primary class: where the step time goes that a fix gives back, a broken training first ----
+def hf_trainer_steps(n: int = 200) -> list[StepRecord]:
+    """The phase split the Hugging Face Trainer showed on CPU (docs/compatibility.md): 79%
+    forward, backward and optimizer, 19% host work between the phases, 2% data wait."""
+    return make_steps(n=n, data=0.017, fwd=0.42, bwd=0.344, opt=0.027)
+
+
+def test_a_step_that_is_79_percent_compute_is_compute_bound_with_host_work_as_a_secondary_finding() -> None:
+    verdict = verdict_for(hf_trainer_steps())
+    assert verdict.features.fractions["compute"] == pytest.approx(0.791, abs=0.001)
+    assert verdict.primary == "compute"
+    assert verdict.severity == "info"  # the compute class's own severity: an eager fp32 model on CPU
+    assert verdict.summary.startswith("COMPUTE-BOUND: 79% of step time in forward, backward and optimizer")
+    host = next(f for f in verdict.findings if f.rule == "algorithm.host_overhead")
+    assert host.severity == "warning"  # still reported, with its own severity and its fix
+    assert verdict.findings[0].rule == "compute.bound"
+    document = verdict.to_json("hf")
+    assert (document["primary"], document["severity"]) == ("compute", "info")
+    assert [f["rule"] for f in document["findings"]][:2] == ["compute.bound", "algorithm.host_overhead"]
+    ids = [r["id"] for r in document["recommendations"]]
+    assert ids.index("torch.compile") < ids.index("loop.host_work")  # the headline's fix comes first
+
+
+def test_host_work_that_outweighs_what_compute_could_give_back_is_algorithm() -> None:
+    """45% of the step between the phases: removing half of it gives more than compiling."""
+    verdict = verdict_for(make_steps(data=0.0, fwd=0.25, bwd=0.25, opt=0.05))
+    assert verdict.primary == "algorithm" and verdict.severity == "critical"
+
+
+def test_a_compute_heavy_job_already_compiled_in_bf16_is_bound_by_the_waste_it_can_remove() -> None:
+    config = dict(
+        CPU_CONFIG,
+        cpu_capability="AMX",
+        models=[{"class": "Net", "parameter_dtypes": {"bfloat16": 1000}, "compiled": True}],
+        optimizers=[{"class": "AdamW", "hyperparameters": {"fused": True}}],
+        autocast={"enabled": True},
+    )
+    verdict = verdict_for(make_steps(data=0.3, fwd=0.3, bwd=0.35, opt=0.05), config)
+    assert verdict.features.fractions["compute"] > verdict.features.fractions["data_wait"]
+    assert verdict.primary == "data" and verdict.severity == "critical"
+    bound = next(f for f in verdict.findings if f.rule == "compute.bound")
+    assert bound.recommendations == ()  # nothing left to gain in compute
+
+
+@pytest.mark.parametrize(
+    ("rule", "loss", "lr"),
+    [
+        ("algorithm.loss_nonfinite", lambda i: math.nan if i >= 50 else 2.0, 1e-3),
+        ("algorithm.loss_diverging", lambda i: 2.0 if i < 20 else 40.0 + i % 7, 1e-3),
+        ("algorithm.loss_stuck", lambda i: 2.3 * (1.04 if i % 2 else 0.97), 0.0),
+    ],
+)
+def test_a_broken_training_is_algorithm_whatever_the_time_split(rule: str, loss, lr: float) -> None:
+    """A compute-bound split with a 1.2x compile fix on the table: the broken loss still wins."""
+    records = [
+        replace(s, loss=loss(i), lr=lr, flags=FLAG_HAS_LOSS | FLAG_HAS_LR)
+        for i, s in enumerate(hf_trainer_steps(n=300))
+    ]
+    verdict = verdict_for(records)
+    assert verdict.findings[0].rule == rule
+    assert verdict.primary == "algorithm" and verdict.severity == "critical"
+    assert verdict.summary.startswith("ALGORITHM: ")
+    assert verdict.recommendations()[0]["rule"] == rule  # and its fix comes before any speedup
+
+
+def test_advice_about_the_result_does_not_make_a_compute_bound_job_algorithm() -> None:
+    """Adam's weight decay is an info finding about the model, not about where the time goes."""
+    config = dict(CPU_CONFIG, optimizers=[{"class": "Adam", "hyperparameters": {"weight_decay": 0.01}}])
+    verdict = verdict_for(make_steps(data=0.0, fwd=0.45, bwd=0.45, opt=0.05), config)
+    assert "algorithm.adam_weight_decay" in {f.rule for f in verdict.findings}
+    assert verdict.primary == "compute"
+
+
+def test_syncs_on_a_cpu_cost_nothing_and_do_not_make_a_compute_bound_job_algorithm() -> None:
+    """pytorch/examples word_language_model: 99% compute, a loss.item() per step on CPU."""
+    records = [replace(s, sync_count=1, sync_s=0.0001) for s in make_steps(data=0.0, fwd=0.4, bwd=0.59, opt=0.0)]
+    verdict = verdict_for(records, dict(CPU_CONFIG, models=[]))
+    syncs = next(f for f in verdict.findings if f.rule == "algorithm.sync_in_loop")
+    assert syncs.severity == "info" and "on CPU they cost nothing" in syncs.evidence
+    assert verdict.primary == "compute"
+
+
+def test_a_compute_bound_summary_gives_the_compute_share_and_the_best_fix_leads_the_advice() -> None:
+    """Lightning's MLP: 44% of the step in an unfused AdamW, 96% compute in all."""
+    verdict = verdict_for(make_steps(data=0.02, fwd=0.17, bwd=0.36, opt=0.44))
+    assert verdict.primary == "compute"
+    assert verdict.summary.startswith("COMPUTE-BOUND: 97% of step time in forward, backward and optimizer")
+    assert verdict.recommendations()[0]["id"] == "optimizer.fused"

@@ -108,17 +108,21 @@ def test_live_report_replay_and_attach_give_one_verdict(recording: Path, profile
     probed = probed_verdict(recording, RULES, seconds).to_json("attach")
     attach_says = (probed["primary"], headline_of(probed), straggler_of(probed))
 
-    # The fixture's straggler (rank 1) holds back a job on a power-capped GPU.
-    assert live_says == ("compute", "COMPUTE-BOUND", 1)
+    # The fixture is data-bound (its workers give back the most), with a straggler (rank 1) on a
+    # power-capped GPU as secondary findings.
+    assert live_says == ("data", "DATA-BOUND", 1)
     assert report_says == live_says
     # The end of a replay is the whole run, as `report`; just before, the live window, as the daemon.
     for at_unix_s in (end, end - 0.001):
         assert replay_says(at_unix_s) == (*live_says, live["summary"])
     assert attach_says == live_says
-    # The GPU samples reach every path: the power cap is the evidence everywhere.
     assert (
         live["summary"]
         == report["summary"]
         == probed["summary"]
-        == "COMPUTE-BOUND: power throttling in 50% of GPU samples"
+        == "DATA-BOUND: 37% of step time waiting for batches; 2 DataLoader workers; 11.0 of 16 cores idle"
     )
+    # The GPU samples reach every path: the power cap is found everywhere.
+    for document in (live, report, probed):
+        throttling = [f["evidence"] for f in document["findings"] if f["rule"] == "gpu.throttling"]
+        assert throttling == ["power throttling in 50% of GPU samples"]

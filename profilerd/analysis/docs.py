@@ -35,6 +35,16 @@ def render() -> str:
         f"Speed recommendations estimated under {ruleset.min_speedup:g}x are listed in the report's "
         "details, not among the recommendations.",
         "",
+        "**The primary category.** A broken training (a warning or worse from a correctness rule: "
+        "NaN, runaway or stuck loss, exploding gradients, skipped steps) is `algorithm` whatever the "
+        "time split. Otherwise the primary category is that of the finding whose best speed fix "
+        "gives back the most step time (its estimated speedup, bounded by the measured share it can "
+        f"change; fixes under {ruleset.min_speedup:g}x do not count), then the larger share of step "
+        "time. Without such a finding, the largest share decides (usually compute). A severity says "
+        "how bad a finding is against its own thresholds, not which category holds the step: 79% "
+        "compute with 19% host work is compute-bound, the host work a secondary `warning`. The "
+        "verdict's severity is the worst among its primary category's findings.",
+        "",
         "**On a GPU, device truth.** When steps carry device timing (CUDA events at the phase "
         "boundaries), the shares the rules judge are the device's, over those steps: `compute` is "
         "the GPU busy, `data_wait` the GPU idle while the loop waited for a batch, `communication` "

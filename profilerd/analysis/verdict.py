@@ -60,7 +60,7 @@ class Verdict:
             rule = REGISTRY.get(finding.rule)
             correctness = bool(rule and rule.correctness)
             for rec in finding.recommendations:
-                if correctness and Severity(finding.severity).rank >= Severity.WARNING.rank:
+                if _breaks_training(finding):
                     urgent.add(rec.id)
                 if rec.id not in seen or rec.estimated_speedup > seen[rec.id]["estimated_speedup"]:
                     seen[rec.id] = dict(rec.to_json(), rule=finding.rule, correctness=correctness)
@@ -160,8 +160,8 @@ def evaluate(features: Features, ruleset: RuleSet, estimates: Sequence[Finding] 
     if not enough and not findings:
         summary = f"Not enough evidence yet: {features.steps} of {ruleset.min_steps} steps observed"
         return Verdict("none", "ok", summary, features, min_speedup=ruleset.min_speedup)
-    findings.sort(key=lambda f: (-Severity(f.severity).rank, -(f.cost or features.fractions[_cost_key(f.category)])))
-    primary, severity = _choose_primary(features, findings)
+    findings.sort(key=lambda f: _rank(features, f, ruleset.min_speedup))
+    primary, severity = _choose_primary(features, findings, ruleset.min_speedup)
     summary = _summary(primary, features, findings)
     confidence = _verdict_confidence(features, ruleset, primary, findings)
     return Verdict(
@@ -192,22 +192,77 @@ def _level(confidence: float) -> str:
     return "high" if confidence >= 0.8 else "medium" if confidence >= 0.6 else "low"
 
 
-def _choose_primary(features: Features, findings: list[Finding]) -> tuple[str, str]:
-    """The most severe warning-or-worse finding wins, ties going to the larger share of time;
-    without one, the job is bound by whatever takes the largest share (usually compute)."""
-    actionable = [f for f in findings if Severity(f.severity).rank >= Severity.WARNING.rank]
-    if actionable:
-        return actionable[0].category, actionable[0].severity
-    shares = {str(category): features.fractions[key] for category, key in FRACTION_OF_CATEGORY.items()}
-    primary = max(shares, key=lambda c: shares[c])
-    severities = [f.severity for f in findings if f.category == primary]
-    return primary, severities[0] if severities else "ok"
+def _breaks_training(finding: Finding) -> bool:
+    """A warning or worse from a correctness rule (NaN, runaway or stuck loss, exploding
+    gradients, skipped steps): the training itself is wrong, so no share of step time matters
+    until it is fixed."""
+    rule = REGISTRY.get(finding.rule)
+    return bool(rule and rule.correctness) and Severity(finding.severity).rank >= Severity.WARNING.rank
+
+
+def _step_cost(features: Features, finding: Finding) -> float:
+    """The share of step time a finding accounts for: the rule's own measure where it has one
+    (a sync's stall, a straggler's victims' wait), else its category's share."""
+    return finding.cost or features.fractions[_cost_key(finding.category)]
+
+
+def _gain(finding: Finding, min_speedup: float) -> float:
+    """The share of step time the finding's best speed fix would give back, estimated as its
+    recommendation is (bounded by the measured share it can change: Amdahl); 0 for a finding
+    with nothing worth doing about it (a compiled bf16 model, syncs on a CPU), i.e. whose fixes
+    are all details under ``min_speedup``."""
+    best = max((r.estimated_speedup for r in finding.recommendations), default=1.0)
+    return 1.0 - 1.0 / best if best >= min_speedup and best > 1.0 else 0.0
+
+
+def _rank(features: Features, finding: Finding, min_speedup: float) -> tuple[int, float, float, float]:
+    """The order of the findings; the first one decides the primary class.
+
+    A broken training comes first, the most severe first: a diverging run is called that
+    whatever the time split. Then the finding whose fixes would give back the most step time,
+    then the larger share of step time, then severity. Not severity first: a severity says how
+    bad a finding is against its own thresholds (20% host work is ``critical`` for host work,
+    80% compute only ``info``, since compute is where a healthy job spends its time), not which
+    class holds the step; ranking by severity called Hugging Face's Trainer, 79% compute and
+    19% host work, algorithm-bound. Not the largest share alone either: 47% of the step idle
+    waiting for batches (1.9x from more workers) is the problem of a job computing 53% of it
+    (1.1x from compiling), and a job at 58% compute whose model is already compiled, in bf16
+    and fused has nothing to gain there but 1.4x from its 41% of exposed communication. So the
+    headline names the class of the fix worth most, as the recommendations' order does.
+    """
+    severity = -float(Severity(finding.severity).rank)
+    if _breaks_training(finding):
+        return 0, severity, -finding.cost, 0.0
+    rule = REGISTRY.get(finding.rule)
+    if rule is not None and rule.correctness:
+        # Advice about the result (Adam's weight decay, a plateau), not about where time goes.
+        return 2, 0.0, 0.0, severity
+    return 1, -_gain(finding, min_speedup), -_step_cost(features, finding), severity
+
+
+def _choose_primary(features: Features, findings: list[Finding], min_speedup: float) -> tuple[str, str]:
+    """The class of the first finding in ``_rank`` order that breaks the training or has a
+    speed fix, with the worst severity among that class's findings (a compute-bound job whose
+    GPU throttles is as bad as the throttling). Without one, the job is bound by whatever takes
+    the largest share: usually compute, where a healthy job should be."""
+    lead = next((f for f in findings if _breaks_training(f) or _gain(f, min_speedup) > 0), None)
+    if lead is not None:
+        primary = lead.category
+    else:
+        shares = {str(category): features.fractions[key] for category, key in FRACTION_OF_CATEGORY.items()}
+        primary = max(shares, key=lambda c: shares[c])
+    severities = [Severity(f.severity) for f in findings if f.category == primary]
+    return primary, str(max(severities, key=lambda s: s.rank)) if severities else "ok"
 
 
 def _summary(primary: str, features: Features, findings: list[Finding]) -> str:
-    for finding in findings:
-        if finding.category == primary:
-            return f"{headline(primary)}: {finding.evidence}"
+    """The headline with the evidence of the class: the broken training that decided it, else
+    the finding that holds the most of the step (compute-bound says the compute share, not its
+    optimizer's 15%; the best fix leads the recommendations)."""
+    mine = [f for f in findings if f.category == primary]
+    if mine:
+        lead = mine[0] if _breaks_training(mine[0]) else max(mine, key=lambda f: _step_cost(features, f))
+        return f"{headline(primary)}: {lead.evidence}"
     share = features.fractions[_cost_key(primary)]
     return f"{headline(primary)}: {share:.0%} of step time; no inefficiency found"
 
@@ -224,7 +279,8 @@ class VerdictTracker:
     def update(self, fresh: Verdict) -> Verdict:
         current = self.current
         # Decisive evidence (a NaN loss) is not noise to be waited out.
-        decisive = bool(fresh.findings) and REGISTRY[fresh.findings[0].rule].decisive
+        lead = REGISTRY.get(fresh.findings[0].rule) if fresh.findings else None
+        decisive = lead is not None and lead.decisive
         if current is None or current.primary == "none" or fresh.primary == current.primary or decisive:
             self._candidate, self._count = None, 0
             self.current = fresh

@@ -98,6 +98,7 @@ def check_optimizer_unfused(features: Features, t: dict[str, float], a: dict[str
             {"optimizer_fraction": share},
             t,
             (rec,),
+            cost=share,
         )
     return None
 
