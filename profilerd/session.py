@@ -20,6 +20,7 @@ process group (the training signalling its group: it has it already).
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import logging
@@ -72,6 +73,9 @@ RELAYED_SIGNALS = frozenset(
         signal.SIGUSR2,
     }
 )
+# Sent by SignalRelay.close() to its own thread, to end its wait at once (not at its next
+# timeout): the run's end does not wait for it. Blocked, like the others, in every thread.
+RELAY_WAKE_SIGNAL = signal.SIGRTMIN
 DAEMON_START_TIMEOUT_S = 30.0
 # The daemon reads the run's messages (the last ones, the run_end) in a thread: it may
 # answer "no such run" just before it has; a run with senders is not given up on before this.
@@ -81,6 +85,8 @@ UNKNOWN_RUN_GRACE_S = 3.0
 # runs: past VERDICT_TIMEOUT_S, or when it cannot answer, the verdict is computed here).
 VERDICT_WAIT_S = 2.0
 VERDICT_TIMEOUT_S = 60.0
+# Set once run_command has ended its session: exit_status then leaves without the teardown.
+_run_session_over = False
 # A test and debugging aid: make the live view fail "start" (before it opens) or "running"
 # (from inside the app, after it has drawn), to see `run` fall back to the status line.
 LIVE_VIEW_FAULT_ENV = "PROFILERD_LIVE_VIEW_FAULT"
@@ -107,7 +113,7 @@ class SignalRelay:
     """
 
     def __init__(self, on_stop: Callable[[], None] = lambda: None) -> None:
-        self._previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, RELAYED_SIGNALS)
+        self._previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, RELAYED_SIGNALS | {RELAY_WAKE_SIGNAL})
         self._on_stop = on_stop
         self.child: subprocess.Popen[bytes] | None = None
         self.training_ended = False  # set by the thread that reaped it
@@ -125,14 +131,19 @@ class SignalRelay:
     def close(self) -> None:
         """Stop relaying; signals still pending stay blocked and die with the process."""
         self._done.set()
+        # The thread leaves on this signal only, so it is still there to receive it.
+        if self._thread.is_alive() and self._thread.ident is not None:
+            signal.pthread_kill(self._thread.ident, RELAY_WAKE_SIGNAL)
         self._thread.join(timeout=2.0)
 
     def _loop(self) -> None:
-        while not self._done.is_set():
-            # The timeout bounds how long close() waits at the run's end: 20 wakeups a second.
-            info = signal.sigtimedwait(RELAYED_SIGNALS, 0.05)
-            if info is not None:
+        waited_for = RELAYED_SIGNALS | {RELAY_WAKE_SIGNAL}
+        while True:
+            info = signal.sigwaitinfo(waited_for)
+            if info.si_signo != RELAY_WAKE_SIGNAL:
                 self._handle(info.si_signo, info.si_code, info.si_pid)
+            elif self._done.is_set():
+                return
 
     def _handle(self, signum: int, code: int, sender: int) -> None:
         child = self.child
@@ -579,12 +590,14 @@ def run_command(cmd: list[str], args: argparse.Namespace, config: DaemonConfig, 
     check_output_path(args.json_path)
     show_status = not args.no_status and sys.stderr.isatty()
     relay = SignalRelay(on_stop=_clear_status_line if show_status else lambda: None)
+    global _run_session_over
     try:
         return _run(cmd, args, config, load_rules, relay, show_status)
     except Interrupted as exc:
         return -exc.signum
     finally:
         relay.close()
+        _run_session_over = True
 
 
 def _run(
@@ -729,5 +742,22 @@ def _no_steps_document(run_id: str, job: str, code: int) -> dict[str, Any]:
 
 
 def exit_status(code: int) -> int:
-    """A session's result as this process's exit: a death by signal N is repeated as one."""
-    return die_by_signal(-code) if code < 0 else code
+    """A session's result as this process's exit: a death by signal N is repeated as one.
+
+    Once a run's session is over, the process leaves with ``code`` as soon as the interpreter
+    starts its teardown (the first atexit handler: flush, then os._exit): the rest of it frees
+    objects for tens of milliseconds and writes nothing, while the shell waits for the run.
+    """
+    if code < 0:
+        return die_by_signal(-code)
+    if _run_session_over:
+        atexit.register(_leave_at_once, code)
+    return code
+
+
+def _leave_at_once(code: int) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
