@@ -14,7 +14,7 @@ venv made with --system-site-packages), each through its documented least-change
 gpuprof's ``with gpuprof.profile(name):`` around the script (run by a two-line wrapper) and
 ``traceml run script.py``.
 
-    python benchmarks/bench_launch.py --repeats 5 [--peers-venv /tmp/peers-venv] [--json out.json]
+    python benchmarks/bench_launch.py --repeats 5 [--peers-venv /tmp/peers-venv] [--baseline main] [--json out.json]
 """
 
 from __future__ import annotations
@@ -143,9 +143,28 @@ def jobs(work: Path, steps_scaling: list[int], with_ranks: bool) -> dict[str, li
     return found
 
 
-def wrappers(work: Path, peers_venv: Path | None) -> dict[str, Any]:
+def baseline_tree(work: Path, revision: str) -> Path:
+    """profilerd as of ``revision`` (git archive of this repository), importable from its root
+    as the installed packages are (profilerd, profilerd_probes, profilerd_tui), compiled."""
+    import compileall
+
+    tree = work / f"profilerd-{revision}"
+    tree.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", revision], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    (tree / "profilerd_probes").symlink_to(tree / "probes", target_is_directory=True)
+    (tree / "profilerd_tui").symlink_to(tree / "tui", target_is_directory=True)
+    for package in ("profilerd", "probes", "tui"):
+        compileall.compile_dir(tree / package, quiet=1)
+    return tree
+
+
+def wrappers(work: Path, peers_venv: Path | None, baseline: Path | None = None) -> dict[str, Any]:
     profilerd = [sys.executable, "-m", "profilerd", "run", "--no-status", "--"]
     found: dict[str, Any] = {"profilerd": lambda cmd: [*profilerd, *cmd]}
+    if baseline is not None:  # first on the path: its packages, not this checkout's (nor its daemon)
+        before = ["env", f"PYTHONPATH={baseline}", *profilerd]
+        found[f"profilerd {baseline.name.removeprefix('profilerd-')}"] = lambda cmd: [*before, *cmd]
     if peers_venv is None:
         return found
     python = str(peers_venv / "bin" / "python")
@@ -170,6 +189,7 @@ def main() -> int:
     parser.add_argument("--scaling", default="1,10,10000,100000", help="tiny-step counts for the scaling rows")
     parser.add_argument("--ranks", action="store_true", help="also torchrun with 1 and 2 ranks")
     parser.add_argument("--only", help="only the jobs whose name contains one of these (comma-separated)")
+    parser.add_argument("--baseline", help="also profilerd as of this git revision, side by side (e.g. main)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -180,12 +200,13 @@ def main() -> int:
     scaling = [int(n) for n in args.scaling.split(",") if n]
     rows: list[dict[str, Any]] = []
     compile_bytecode()
+    baseline = baseline_tree(work, args.baseline) if args.baseline else None
     watch = LoadWatch()
     try:
         for job, cmd in jobs(work, scaling, args.ranks).items():
             if args.only and not any(part in job for part in args.only.split(",")):
                 continue
-            for tool, wrap in wrappers(work, args.peers_venv).items():
+            for tool, wrap in wrappers(work, args.peers_venv, baseline).items():
                 wrapped = wrap(cmd)
                 if wrapped is None:
                     continue

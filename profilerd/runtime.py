@@ -20,7 +20,6 @@ import errno
 import fcntl
 import json
 import os
-import secrets
 import shutil
 import stat
 import tempfile
@@ -154,7 +153,7 @@ class Lease:
     def __init__(self, runtime_dir: Path) -> None:
         directory = runtime_dir / LEASES_DIR
         directory.mkdir(mode=0o700, exist_ok=True)
-        self.path = directory / f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.path = directory / f"{os.getpid()}-{os.urandom(4).hex()}"
         # Not inheritable (Python's default): the training must not hold our lease, nor see the fd.
         self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         fcntl.flock(self._fd, fcntl.LOCK_EX)

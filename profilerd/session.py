@@ -27,10 +27,8 @@ import logging
 import os
 import re
 import resource
-import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -54,8 +52,7 @@ from profilerd.runtime import (
     remove_private_runtime_dir,
     runtime_dir_problem,
 )
-from profilerd_probes import transport, wire
-from profilerd_probes.paths import SOCKET_NAME
+from profilerd_probes.paths import RUN_DIR_ENV, SENDER_MARK_SUFFIX, SOCKET_NAME
 from profilerd_probes.signals import NCCL_TIMING_ENV
 
 log = logging.getLogger("profilerd")
@@ -349,6 +346,8 @@ class DaemonHandle:
         return self._client.run_verdict(run_id, exit_code, VERDICT_WAIT_S, VERDICT_WAIT_S + VERDICT_TIMEOUT_S)
 
     def send(self, datagram: bytes) -> None:
+        import socket  # at the run's end only: not on the way to the training's start
+
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             try:
                 sock.sendto(datagram, str(self.socket_path))
@@ -421,7 +420,8 @@ def run_id_for(cmd: list[str]) -> str:
         scripts = [c for c in cmd if c.endswith(".py")]
         name = Path(scripts[0]).stem if scripts else Path(cmd[0]).name
     slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")[:32] or "job"
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{secrets.token_hex(2)}"
+    # os.urandom, not secrets: that imports hmac and OpenSSL, before the training can start.
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{os.urandom(2).hex()}"
 
 
 def scheduler_job_id(cmd: list[str]) -> str | None:
@@ -445,7 +445,7 @@ def training_env(boot: Path, socket_path: Path, run_id: str, job: str) -> dict[s
     env.update({"PROFILERD_SOCKET": str(socket_path), "PROFILERD_RUN_ID": run_id, "PROFILERD_JOB_ID": job})
     marks = boot / "senders"
     marks.mkdir(mode=0o700, exist_ok=True)
-    env[transport.RUN_DIR_ENV] = str(marks)
+    env[RUN_DIR_ENV] = str(marks)
     # Device-side NCCL durations: the probes turn on torch's collective timing and flight
     # recorder in each rank where NCCL can run, under the name that rank's torch reads.
     env.setdefault(NCCL_TIMING_ENV, "1")
@@ -576,7 +576,7 @@ def _wait_for_child(
 def training_has_senders(marks: Path) -> bool:
     """Whether a process of the training has made a message (its probes leave a mark first)."""
     try:
-        return any(name.endswith(transport.SENDER_MARK_SUFFIX) for name in os.listdir(marks))
+        return any(name.endswith(SENDER_MARK_SUFFIX) for name in os.listdir(marks))
     except OSError:
         return False
 
@@ -649,6 +649,8 @@ def _run(
         except UsageError as exc:  # the training ran unprobed; its exit code is still the run's
             print(f"profilerd: {exc}; no verdict", file=sys.stderr)
             return code
+        from profilerd_probes import wire  # after the training's start, not before it
+
         handle.send(wire.encode_json(wire.KIND_RUN_END, {"pid": os.getpid(), "run_id": run_id, "exit_code": code}))
         document = daemon_verdict(handle, run_id, code)  # the recording's close and the verdict: one call
         log.debug(
