@@ -6,8 +6,9 @@ Each job runs plain and wrapped in alternating pairs (the order swaps every repe
 in the machine's load hits both sides alike); a pair's ratio is wrapped/plain of that pair and
 the figure is the median over pairs. CPU is the user+system time of the process tree that was
 waited for (os.wait4): the wrapper and the training, not the detached daemon, whose CPU is
-reported apart (it is shared by every run while it lives). Each `profilerd run` finds no
-daemon (the previous one has left, or is told to): every launch here pays a daemon start.
+reported apart ("daemon CPU": its whole life, start and 2 s linger included, read from /proc
+until it leaves). Each `profilerd run` finds no daemon (the previous one has left, or is told
+to): every launch here pays a daemon start.
 
 Peers, where ``--peers-venv`` has them (pip install gpuprof==0.7.1 traceml-ai==0.5.0 into a
 venv made with --system-site-packages), each through its documented least-change integration:
@@ -67,9 +68,23 @@ GPUPROF_WRAPPER = textwrap.dedent("""
 """)
 
 
+# The empty job, stamped: when its interpreter has started (before `import torch`) and when the
+# import is done (the probes installed, under profilerd), so that a launch's added time splits
+# into the start (the wrapper's own, until the training's interpreter runs), the body (the
+# bootstrap and the probes' install) and the end (the exit path and, wrapped, the verdict).
+EMPTY_JOB = textwrap.dedent("""
+    import os, time
+    started = time.time()
+    import torch
+    if os.environ.get("BENCH_END_STAMP"):
+        open(os.environ["BENCH_END_STAMP"], "w").write(f"{started!r} {time.time()!r}")
+""")
+
+
 def _timed(argv: list[str], env: dict[str, str], cwd: Path) -> dict[str, float]:
     stamp = cwd / "end.stamp"
     stamp.unlink(missing_ok=True)
+    launched_unix_s = time.time()
     started = time.monotonic()
     process = subprocess.Popen(
         argv, env={**env, END_STAMP_ENV: str(stamp)}, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -84,29 +99,47 @@ def _timed(argv: list[str], env: dict[str, str], cwd: Path) -> dict[str, float]:
         raise RuntimeError(f"{argv} exited {process.returncode}: {errors.decode(errors='replace')[-2000:]}")
     timed = {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime}
     if stamp.exists():  # from the training's last step done to the launcher seeing the exit
-        timed["end_s"] = ended_unix_s - float(stamp.read_text())
-    started_in = _daemon_start_phases(cwd / "run")
-    if started_in:
-        timed["daemon_start_phases"] = started_in
+        *began, done = (float(value) for value in stamp.read_text().split())
+        timed["end_s"] = ended_unix_s - done
+        if began:
+            timed["start_s"] = began[0] - launched_unix_s
+            timed["body_s"] = done - began[0]
+    running = _running_daemon(cwd / "run")
+    if running:
+        timed["daemon_start_phases"] = running.get("start_phases") or {}
+        timed["daemon_pid"] = running["pid"]
     return timed
 
 
-def _daemon_start_phases(runtime: Path) -> dict[str, float] | None:
-    """When the run's daemon (still lingering) ingested, had imported the rest, and served:
-    seconds since its process started (profilerd.daemon.Daemon.start_phases)."""
+def _running_daemon(runtime: Path) -> dict[str, Any] | None:
+    """The run's daemon (still lingering): its pid and when it ingested, had imported the rest,
+    and served, in seconds since its process started (profilerd.daemon.Daemon.start_phases)."""
     from profilerd.runtime import read_running_daemon
 
-    running = read_running_daemon(runtime / "profilerd")
-    return running.get("start_phases") if running else None
+    return read_running_daemon(runtime / "profilerd")
 
 
-def _wait_daemon_gone(runtime: Path, limit_s: float = 15.0) -> None:
-    """The for-runs daemon leaves ~2 s after its last run: wait, so the next launch starts one."""
+def _cpu_of(pid: int) -> float | None:
+    """User+system CPU seconds of a process that is not our child, from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _wait_daemon_gone(runtime: Path, limit_s: float = 15.0, pid: int | None = None) -> float | None:
+    """The for-runs daemon leaves ~2 s after its last run: wait, so the next launch starts one.
+    Returns the CPU the daemon ``pid`` had used when last seen (to within its last 0.1 s)."""
     from profilerd.runtime import read_running_daemon
 
+    cpu = None
     deadline = time.monotonic() + limit_s
     while read_running_daemon(runtime / "profilerd") is not None and time.monotonic() < deadline:
+        if pid is not None:
+            cpu = _cpu_of(pid) or cpu
         time.sleep(0.1)
+    return cpu
 
 
 def compile_bytecode() -> None:
@@ -123,7 +156,7 @@ def compile_bytecode() -> None:
 def jobs(work: Path, steps_scaling: list[int], with_ranks: bool) -> dict[str, list[str]]:
     py = sys.executable
     empty = work / "empty.py"
-    empty.write_text("import torch\n")
+    empty.write_text(EMPTY_JOB)
     steps = work / "steps.py"
     steps.write_text(STEPS_JOB)
     found = {
@@ -217,6 +250,9 @@ def main() -> int:
                     order = ("plain", "wrapped") if repeat % 2 == 0 else ("wrapped", "plain")
                     pair = {side: _timed(cmd if side == "plain" else wrapped, env, work) for side in order}
                     pair["others_cpu"] = pair_watch.others()
+                    daemon_cpu = _wait_daemon_gone(runtime, pid=pair["wrapped"].get("daemon_pid"))
+                    if daemon_cpu is not None:
+                        pair["wrapped"]["daemon_cpu_s"] = daemon_cpu
                     pairs.append(pair)
                 row = summarize(job, tool, pairs)
                 rows.append(row)
@@ -262,6 +298,13 @@ def _end_medians(pairs: list[dict[str, Any]]) -> dict[str, float]:
     for side in ("plain", "wrapped"):
         if all("end_s" in p[side] for p in pairs):
             found[f"{side}_end_s"] = statistics.median(p[side]["end_s"] for p in pairs)
+    for phase in ("start", "body", "end"):  # the added wall, phase by phase: medians of the pairs' differences
+        if all(f"{phase}_s" in p[side] for p in pairs for side in ("plain", "wrapped")):
+            found[f"added_{phase}_s"] = statistics.median(
+                p["wrapped"][f"{phase}_s"] - p["plain"][f"{phase}_s"] for p in pairs
+            )
+    if all("daemon_cpu_s" in p["wrapped"] for p in pairs):
+        found["daemon_cpu_s"] = statistics.median(p["wrapped"]["daemon_cpu_s"] for p in pairs)
     for phase in ("ingesting", "imported", "serving"):
         phases = [p["wrapped"].get("daemon_start_phases", {}).get(phase) for p in pairs]
         if phases and None not in phases:
@@ -302,6 +345,13 @@ def format_row(row: dict[str, Any]) -> str:
         + (
             f"  daemon ingests at {row['daemon_ingesting_s']:.2f} s, serves at {row['daemon_serving_s']:.2f} s"
             if "daemon_serving_s" in row
+            else ""
+        )
+        + (f", daemon CPU {row['daemon_cpu_s']:.2f} s" if "daemon_cpu_s" in row else "")
+        + (
+            f"  added: start {row['added_start_s'] * 1e3:+.0f} ms, body {row['added_body_s'] * 1e3:+.0f} ms, "
+            f"end {row['added_end_s'] * 1e3:+.0f} ms"
+            if "added_start_s" in row
             else ""
         )
     )
