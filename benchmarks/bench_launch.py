@@ -2,13 +2,13 @@
 
 Targets: <= 0.1 s added to an empty torch job; <= 1.03x on the 5 s examples; below every peer.
 
-Each job runs plain and wrapped in alternating pairs (the order swaps every repeat, so drift
-in the machine's load hits both sides alike); a pair's ratio is wrapped/plain of that pair and
-the figure is the median over pairs. CPU is the user+system time of the process tree that was
-waited for (os.wait4): the wrapper and the training, not the detached daemon, whose CPU is
-reported apart ("daemon CPU": its whole life, start and 2 s linger included, read from /proc
-until it leaves). Each `profilerd run` finds no daemon (the previous one has left, or is told
-to): every launch here pays a daemon start.
+Each job runs plain and wrapped in alternating pairs (the order swaps every repeat, and the
+tools take turns within a repeat, so drift in the machine's load hits every side alike); a
+pair's ratio is wrapped/plain of that pair and the figure is the median over pairs. CPU is
+the user+system time of the process tree that was waited for (os.wait4): the wrapper and the
+training, not the detached daemon, whose CPU is reported apart ("daemon CPU": its whole life,
+start and 2 s linger included, read from /proc until it leaves). Each `profilerd run` finds
+no daemon (the previous one has left, or is told to): every launch here pays a daemon start.
 
 Peers, where ``--peers-venv`` has them (pip install gpuprof==0.7.1 traceml-ai==0.5.0 into a
 venv made with --system-site-packages), each through its documented least-change integration:
@@ -239,12 +239,13 @@ def main() -> int:
         for job, cmd in jobs(work, scaling, args.ranks).items():
             if args.only and not any(part in job for part in args.only.split(",")):
                 continue
-            for tool, wrap in wrappers(work, args.peers_venv, baseline).items():
-                wrapped = wrap(cmd)
-                if wrapped is None:
-                    continue
-                pairs = []
-                for repeat in range(args.repeats):
+            tools = {tool: wrapped for tool, wrap in wrappers(work, args.peers_venv, baseline).items()
+                     if (wrapped := wrap(cmd)) is not None}  # fmt: skip
+            pairs: dict[str, list[dict[str, Any]]] = {tool: [] for tool in tools}
+            # Repeat by repeat, each tool's pair in turn: a drift in the machine's load hits every
+            # tool alike, not the one whose pairs happened to run during it.
+            for repeat in range(args.repeats):
+                for tool, wrapped in tools.items():
                     _wait_daemon_gone(runtime)
                     pair_watch = LoadWatch()
                     order = ("plain", "wrapped") if repeat % 2 == 0 else ("wrapped", "plain")
@@ -253,8 +254,9 @@ def main() -> int:
                     daemon_cpu = _wait_daemon_gone(runtime, pid=pair["wrapped"].get("daemon_pid"))
                     if daemon_cpu is not None:
                         pair["wrapped"]["daemon_cpu_s"] = daemon_cpu
-                    pairs.append(pair)
-                row = summarize(job, tool, pairs)
+                    pairs[tool].append(pair)
+            for tool in tools:
+                row = summarize(job, tool, pairs[tool])
                 rows.append(row)
                 print(format_row(row), flush=True)
     finally:
