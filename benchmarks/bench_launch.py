@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,7 @@ def _timed(argv: list[str], env: dict[str, str], cwd: Path) -> dict[str, float]:
     running = _running_daemon(cwd / "run")
     if running:
         timed["daemon_start_phases"] = running.get("start_phases") or {}
-        timed["daemon_pid"] = running["pid"]
+        _watch_daemon_cpu(running["pid"], timed)
     return timed
 
 
@@ -128,18 +129,32 @@ def _cpu_of(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _wait_daemon_gone(runtime: Path, limit_s: float = 15.0, pid: int | None = None) -> float | None:
-    """The for-runs daemon leaves ~2 s after its last run: wait, so the next launch starts one.
-    Returns the CPU the daemon ``pid`` had used when last seen (to within its last 0.1 s)."""
+_daemon_watchers: list[threading.Thread] = []
+
+
+def _watch_daemon_cpu(pid: int, timed: dict[str, Any]) -> None:
+    """Sets ``timed["daemon_cpu_s"]`` to the CPU the daemon has used when last seen (to within
+    its last 50 ms), from a thread that follows it until it leaves (while the next run goes on)."""
+
+    def follow() -> None:
+        while (cpu := _cpu_of(pid)) is not None:
+            timed["daemon_cpu_s"] = cpu
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=follow, daemon=True)
+    watcher.start()
+    _daemon_watchers.append(watcher)
+
+
+def _wait_daemon_gone(runtime: Path, limit_s: float = 15.0) -> None:
+    """The for-runs daemon leaves ~2 s after its last run: wait, so the next launch starts one."""
     from profilerd.runtime import read_running_daemon
 
-    cpu = None
     deadline = time.monotonic() + limit_s
     while read_running_daemon(runtime / "profilerd") is not None and time.monotonic() < deadline:
-        if pid is not None:
-            cpu = _cpu_of(pid) or cpu
         time.sleep(0.1)
-    return cpu
+    while _daemon_watchers:
+        _daemon_watchers.pop().join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def compile_bytecode() -> None:
@@ -251,10 +266,8 @@ def main() -> int:
                     order = ("plain", "wrapped") if repeat % 2 == 0 else ("wrapped", "plain")
                     pair = {side: _timed(cmd if side == "plain" else wrapped, env, work) for side in order}
                     pair["others_cpu"] = pair_watch.others()
-                    daemon_cpu = _wait_daemon_gone(runtime, pid=pair["wrapped"].get("daemon_pid"))
-                    if daemon_cpu is not None:
-                        pair["wrapped"]["daemon_cpu_s"] = daemon_cpu
                     pairs[tool].append(pair)
+            _wait_daemon_gone(runtime)  # the last daemon's CPU is in
             for tool in tools:
                 row = summarize(job, tool, pairs[tool])
                 rows.append(row)

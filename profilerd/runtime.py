@@ -42,6 +42,31 @@ PRIVATE_MARK = "private-to-one-run"
 RUNTIME_ENTRIES = (LOCK_NAME, INFO_NAME, LEASES_DIR, LEASES_LOCK, DAEMON_LOG_NAME, SOCKET_NAME, PRIVATE_MARK)
 
 
+def import_yielding_the_cpu(*modules: str) -> None:
+    """Import ``modules`` in a thread at low priority (nice 10), waiting for them.
+
+    A daemon started for runs comes up beside a training that is starting too: its imports
+    (its own modules, then pandas and prometheus-client: most of its start) should not take the
+    CPU from the training's own (on a small or busy box they did: bench_launch.py). A thread,
+    because an unprivileged process cannot raise its priority back: the threads the daemon
+    starts afterwards (ingest, HTTP, samplers) are made by the main thread, at the normal
+    priority. An ImportError is left for the caller's own import to raise, with its traceback.
+    """
+    import importlib
+    import threading
+
+    def load() -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        for module in modules:
+            with contextlib.suppress(ImportError):
+                importlib.import_module(module)
+
+    thread = threading.Thread(target=load, name="profilerd-imports")
+    thread.start()
+    thread.join()
+
+
 def runtime_dir_problem(runtime_dir: Path) -> str | None:
     """Why this user must not use ``runtime_dir`` (someone else's, open to others, or holding
     someone else's files); None when it is the user's own, or does not exist yet."""
