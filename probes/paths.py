@@ -17,6 +17,11 @@ SOCKET_NAME = "ingest.sock"
 # Uids besides the user's own and root's whose runtime directory the probes may send to: the
 # other side of a daemon's ``allowed_uids`` (a colleague's or a node daemon's socket).
 TRUSTED_UIDS_ENV = "PROFILERD_TRUSTED_UIDS"
+# Set by `profilerd run`: a folder where each process leaves a mark before its first message,
+# which is how the run knows, with no daemon yet, that the training has steps to record.
+# Here, not in transport, so that `profilerd run` names it without importing the sender.
+RUN_DIR_ENV = "PROFILERD_RUN_DIR"
+SENDER_MARK_SUFFIX = ".sender"
 
 
 def runtime_dir() -> Path:

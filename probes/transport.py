@@ -21,7 +21,7 @@ from collections import Counter, deque
 from pathlib import Path
 
 from profilerd_probes import wire
-from profilerd_probes.paths import socket_problem
+from profilerd_probes.paths import RUN_DIR_ENV, SENDER_MARK_SUFFIX, socket_problem
 
 # How often to try again after the daemon was found absent; bounds how quickly probes
 # resume after a daemon restart and how much a missing daemon costs per step.
@@ -36,11 +36,6 @@ MAX_HELD_DATAGRAMS = 256
 # At exit outside `profilerd run`, how long held datagrams may wait for a busy daemon's queue.
 BUSY_EXIT_WAIT_S = 0.2
 MAX_HELD_BYTES = 2 << 20
-# Set by `profilerd run`: a folder where each process leaves a mark before its first message,
-# which is how the run knows, with no daemon yet, that the training has steps to record (and
-# starts the daemon then: a job that never steps costs no daemon start).
-RUN_DIR_ENV = "PROFILERD_RUN_DIR"
-SENDER_MARK_SUFFIX = ".sender"
 EXIT_WAIT_S = 5.0
 
 

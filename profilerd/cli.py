@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 # that use them (issue 17; tests/test_launch.py checks `--help`).
 from profilerd import __version__, session
 from profilerd.config import ATTACH_RATE_HZ, DaemonConfig, load
+from profilerd.runtime import import_yielding_the_cpu
 from profilerd.session import UsageError, check_output_path
 
 if TYPE_CHECKING:
@@ -207,30 +208,6 @@ def _duration_s(text: str) -> float:
 
 
 # ---- serve -------------------------------------------------------------------------------------
-def _import_yielding_the_cpu(*modules: str) -> None:
-    """Import ``modules`` in a thread at low priority (nice 10), waiting for them.
-
-    A daemon started for runs comes up beside a training that is starting too: its heavy
-    imports (pandas, prometheus-client: most of its start) should not take the CPU from the
-    training's own (on a small or busy box they did: bench_launch.py). A thread, because an
-    unprivileged process cannot raise its priority back: the threads the daemon starts
-    afterwards (HTTP, samplers) are made by the main thread, at the normal priority.
-    """
-    import importlib
-    import threading
-
-    def load() -> None:
-        with contextlib.suppress(OSError, AttributeError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-        for module in modules:
-            with contextlib.suppress(ImportError):  # raised again, with its traceback, by the caller
-                importlib.import_module(module)
-
-    thread = threading.Thread(target=load, name="profilerd-imports")
-    thread.start()
-    thread.join()
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     """A daemon for runs ingests first, with light imports only, then imports the rest at low
     priority: the probes' first records land while it does (profilerd.daemon)."""
@@ -243,7 +220,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         daemon.start_ingest()
         if args.for_runs:
-            _import_yielding_the_cpu(*SERVING_MODULES)
+            import_yielding_the_cpu(*SERVING_MODULES)
             try:
                 daemon.ruleset = _rules(config)
             except UsageError:

@@ -74,7 +74,8 @@ VERDICT_POLL_S = 0.002
 
 
 # What start_serving and the run verdicts import (the analysis: pandas; HTTP: prometheus-client;
-# the GPU backends): a daemon for runs imports them at low priority once it ingests.
+# the GPU backends; the samplers: psutil): a daemon for runs imports them at low priority once
+# it ingests, so that what start_serving then does at the normal priority is only to start.
 SERVING_MODULES = (
     "profilerd.analysis.rules",
     "profilerd.analysis.live",
@@ -82,6 +83,9 @@ SERVING_MODULES = (
     "profilerd.gpu",
     "profilerd.recordings.reader",
     "profilerd.recordings.offline",
+    "profilerd.samplers.analysis",
+    "profilerd.samplers.gpu",
+    "profilerd.samplers.host",
 )
 
 __all__ = ["SERVING_MODULES", "Daemon", "DaemonError", "read_running_daemon"]

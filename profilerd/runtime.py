@@ -20,7 +20,6 @@ import errno
 import fcntl
 import json
 import os
-import secrets
 import shutil
 import stat
 import tempfile
@@ -41,6 +40,31 @@ DAEMON_LOG_NAME = "daemon-for-runs.log"
 PRIVATE_MARK = "private-to-one-run"
 # What a daemon keeps in its runtime directory: each must be the user's before anyone reads it.
 RUNTIME_ENTRIES = (LOCK_NAME, INFO_NAME, LEASES_DIR, LEASES_LOCK, DAEMON_LOG_NAME, SOCKET_NAME, PRIVATE_MARK)
+
+
+def import_yielding_the_cpu(*modules: str) -> None:
+    """Import ``modules`` in a thread at low priority (nice 10), waiting for them.
+
+    A daemon started for runs comes up beside a training that is starting too: its imports
+    (its own modules, then pandas and prometheus-client: most of its start) should not take the
+    CPU from the training's own (on a small or busy box they did: bench_launch.py). A thread,
+    because an unprivileged process cannot raise its priority back: the threads the daemon
+    starts afterwards (ingest, HTTP, samplers) are made by the main thread, at the normal
+    priority. An ImportError is left for the caller's own import to raise, with its traceback.
+    """
+    import importlib
+    import threading
+
+    def load() -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        for module in modules:
+            with contextlib.suppress(ImportError):
+                importlib.import_module(module)
+
+    thread = threading.Thread(target=load, name="profilerd-imports")
+    thread.start()
+    thread.join()
 
 
 def runtime_dir_problem(runtime_dir: Path) -> str | None:
@@ -154,7 +178,7 @@ class Lease:
     def __init__(self, runtime_dir: Path) -> None:
         directory = runtime_dir / LEASES_DIR
         directory.mkdir(mode=0o700, exist_ok=True)
-        self.path = directory / f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.path = directory / f"{os.getpid()}-{os.urandom(4).hex()}"
         # Not inheritable (Python's default): the training must not hold our lease, nor see the fd.
         self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         fcntl.flock(self._fd, fcntl.LOCK_EX)

@@ -20,16 +20,15 @@ process group (the training signalling its group: it has it already).
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import logging
 import os
 import re
 import resource
-import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -54,8 +53,7 @@ from profilerd.runtime import (
     remove_private_runtime_dir,
     runtime_dir_problem,
 )
-from profilerd_probes import transport, wire
-from profilerd_probes.paths import SOCKET_NAME
+from profilerd_probes.paths import RUN_DIR_ENV, SENDER_MARK_SUFFIX, SOCKET_NAME
 from profilerd_probes.signals import NCCL_TIMING_ENV
 
 log = logging.getLogger("profilerd")
@@ -73,6 +71,9 @@ RELAYED_SIGNALS = frozenset(
         signal.SIGUSR2,
     }
 )
+# Sent by SignalRelay.close() to its own thread, to end its wait at once (not at its next
+# timeout): the run's end does not wait for it. Blocked, like the others, in every thread.
+RELAY_WAKE_SIGNAL = signal.SIGRTMIN
 DAEMON_START_TIMEOUT_S = 30.0
 # The daemon reads the run's messages (the last ones, the run_end) in a thread: it may
 # answer "no such run" just before it has; a run with senders is not given up on before this.
@@ -82,6 +83,8 @@ UNKNOWN_RUN_GRACE_S = 3.0
 # runs: past VERDICT_TIMEOUT_S, or when it cannot answer, the verdict is computed here).
 VERDICT_WAIT_S = 2.0
 VERDICT_TIMEOUT_S = 60.0
+# Set once run_command has ended its session: exit_status then leaves without the teardown.
+_run_session_over = False
 # A test and debugging aid: make the live view fail "start" (before it opens) or "running"
 # (from inside the app, after it has drawn), to see `run` fall back to the status line.
 LIVE_VIEW_FAULT_ENV = "PROFILERD_LIVE_VIEW_FAULT"
@@ -108,7 +111,7 @@ class SignalRelay:
     """
 
     def __init__(self, on_stop: Callable[[], None] = lambda: None) -> None:
-        self._previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, RELAYED_SIGNALS)
+        self._previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, RELAYED_SIGNALS | {RELAY_WAKE_SIGNAL})
         self._on_stop = on_stop
         self.child: subprocess.Popen[bytes] | None = None
         self.training_ended = False  # set by the thread that reaped it
@@ -126,14 +129,19 @@ class SignalRelay:
     def close(self) -> None:
         """Stop relaying; signals still pending stay blocked and die with the process."""
         self._done.set()
+        # The thread leaves on this signal only, so it is still there to receive it.
+        if self._thread.is_alive() and self._thread.ident is not None:
+            signal.pthread_kill(self._thread.ident, RELAY_WAKE_SIGNAL)
         self._thread.join(timeout=2.0)
 
     def _loop(self) -> None:
-        while not self._done.is_set():
-            # The timeout bounds how long close() waits at the run's end: 20 wakeups a second.
-            info = signal.sigtimedwait(RELAYED_SIGNALS, 0.05)
-            if info is not None:
+        waited_for = RELAYED_SIGNALS | {RELAY_WAKE_SIGNAL}
+        while True:
+            info = signal.sigwaitinfo(waited_for)
+            if info.si_signo != RELAY_WAKE_SIGNAL:
                 self._handle(info.si_signo, info.si_code, info.si_pid)
+            elif self._done.is_set():
+                return
 
     def _handle(self, signum: int, code: int, sender: int) -> None:
         child = self.child
@@ -339,6 +347,8 @@ class DaemonHandle:
         return self._client.run_verdict(run_id, exit_code, VERDICT_WAIT_S, VERDICT_WAIT_S + VERDICT_TIMEOUT_S)
 
     def send(self, datagram: bytes) -> None:
+        import socket  # at the run's end only: not on the way to the training's start
+
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             try:
                 sock.sendto(datagram, str(self.socket_path))
@@ -411,7 +421,8 @@ def run_id_for(cmd: list[str]) -> str:
         scripts = [c for c in cmd if c.endswith(".py")]
         name = Path(scripts[0]).stem if scripts else Path(cmd[0]).name
     slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")[:32] or "job"
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{secrets.token_hex(2)}"
+    # os.urandom, not secrets: that imports hmac and OpenSSL, before the training can start.
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{os.urandom(2).hex()}"
 
 
 def scheduler_job_id(cmd: list[str]) -> str | None:
@@ -435,7 +446,7 @@ def training_env(boot: Path, socket_path: Path, run_id: str, job: str) -> dict[s
     env.update({"PROFILERD_SOCKET": str(socket_path), "PROFILERD_RUN_ID": run_id, "PROFILERD_JOB_ID": job})
     marks = boot / "senders"
     marks.mkdir(mode=0o700, exist_ok=True)
-    env[transport.RUN_DIR_ENV] = str(marks)
+    env[RUN_DIR_ENV] = str(marks)
     # Device-side NCCL durations: the probes turn on torch's collective timing and flight
     # recorder in each rank where NCCL can run, under the name that rank's torch reads.
     env.setdefault(NCCL_TIMING_ENV, "1")
@@ -566,7 +577,7 @@ def _wait_for_child(
 def training_has_senders(marks: Path) -> bool:
     """Whether a process of the training has made a message (its probes leave a mark first)."""
     try:
-        return any(name.endswith(transport.SENDER_MARK_SUFFIX) for name in os.listdir(marks))
+        return any(name.endswith(SENDER_MARK_SUFFIX) for name in os.listdir(marks))
     except OSError:
         return False
 
@@ -580,12 +591,14 @@ def run_command(cmd: list[str], args: argparse.Namespace, config: DaemonConfig, 
     check_output_path(args.json_path)
     show_status = not args.no_status and sys.stderr.isatty()
     relay = SignalRelay(on_stop=_clear_status_line if show_status else lambda: None)
+    global _run_session_over
     try:
         return _run(cmd, args, config, load_rules, relay, show_status)
     except Interrupted as exc:
         return -exc.signum
     finally:
         relay.close()
+        _run_session_over = True
 
 
 def _run(
@@ -637,6 +650,8 @@ def _run(
         except UsageError as exc:  # the training ran unprobed; its exit code is still the run's
             print(f"profilerd: {exc}; no verdict", file=sys.stderr)
             return code
+        from profilerd_probes import wire  # after the training's start, not before it
+
         handle.send(wire.encode_json(wire.KIND_RUN_END, {"pid": os.getpid(), "run_id": run_id, "exit_code": code}))
         document = daemon_verdict(handle, run_id, code)  # the recording's close and the verdict: one call
         log.debug(
@@ -718,5 +733,22 @@ def _no_steps(run_id: str, job: str, code: int, cmd: list[str], json_path: Path 
 
 
 def exit_status(code: int) -> int:
-    """A session's result as this process's exit: a death by signal N is repeated as one."""
-    return die_by_signal(-code) if code < 0 else code
+    """A session's result as this process's exit: a death by signal N is repeated as one.
+
+    Once a run's session is over, the process leaves with ``code`` as soon as the interpreter
+    starts its teardown (the first atexit handler: flush, then os._exit): the rest of it frees
+    objects for tens of milliseconds and writes nothing, while the shell waits for the run.
+    """
+    if code < 0:
+        return die_by_signal(-code)
+    if _run_session_over:
+        atexit.register(_leave_at_once, code)
+    return code
+
+
+def _leave_at_once(code: int) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)

@@ -238,3 +238,37 @@ def test_the_daemon_ingests_before_its_heavy_imports(profilerd_env):
         [sys.executable, "-c", probe], env=profilerd_env, cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert "STEPS 1 HEAVY []" in result.stdout, result.stdout + result.stderr
+
+
+def test_the_signal_thread_ends_when_the_run_ends_and_a_stray_wake_signal_is_ignored():
+    """`run` does not poll for its end: close() wakes the signal thread, which has no timeout to
+    fall back on, so a wake that did not arrive would leave it running. The wake signal from
+    elsewhere (kill -RTMIN) changes nothing while the run lasts."""
+    probe = textwrap.dedent("""
+        import os, signal, time
+        from profilerd.session import RELAY_WAKE_SIGNAL, SignalRelay
+        relay = SignalRelay()
+        os.kill(os.getpid(), RELAY_WAKE_SIGNAL)  # as another process would: not the end
+        time.sleep(0.2)
+        print("ALIVE-BEFORE", relay._thread.is_alive())
+        relay.close()
+        print("ALIVE-AFTER", relay._thread.is_alive())
+    """)
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "ALIVE-BEFORE True" in result.stdout and "ALIVE-AFTER False" in result.stdout, result.stdout
+
+
+def test_the_run_exits_with_the_trainings_code_after_printing_everything(profilerd_env, short_tmp):
+    """The wrapper skips the interpreter's teardown (os._exit) once the run is over: what it
+    printed and wrote still comes out whole, and the exit code is the training's."""
+    script = short_tmp / "train.py"
+    script.write_text(STEPS + "raise SystemExit(3)\n")
+    out = short_tmp / "verdict.json"
+    result = run_cli("run", "--no-status", "--json", str(out), "--", sys.executable, str(script), "5",
+                     env=profilerd_env)  # fmt: skip
+    assert result.returncode == 3, result.stderr
+    document = json.loads(out.read_text())
+    assert document["exit_code"] == 3
+    assert _recorded_steps(Path(document["recording"])) == [1, 2, 3, 4, 5]
+    assert f"run {document['run_id']}" in result.stderr
