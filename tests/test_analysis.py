@@ -528,3 +528,24 @@ def test_a_compute_bound_summary_gives_the_compute_share_and_the_best_fix_leads_
     assert verdict.primary == "compute"
     assert verdict.summary.startswith("COMPUTE-BOUND: 97% of step time in forward, backward and optimizer")
     assert verdict.recommendations()[0]["id"] == "optimizer.fused"
+
+
+@pytest.mark.parametrize("free_cores", [0.0, 1.4])
+def test_an_attach_without_steps_gets_the_loader_estimate_the_steps_would_give(free_cores: float) -> None:
+    """Stack samples give shares but no step times: the loader fix is estimated from the shares,
+    as for steps (a 1.0x estimate would leave a data-starved target without advice, and a
+    compute finding's small fix would then name the class)."""
+    from profilerd.analysis.diagnosis import SampledPhases, sampled_features
+
+    shares = {"data_wait": 0.42, "forward": 0.2, "backward": 0.3, "optimizer": 0.08}
+    context = Context(config=CPU_CONFIG, cpu_count=2, host_busy_cores=2.0 - free_cores)
+    sampled = sampled_features(SampledPhases(seconds=5.0, samples=240, phases=shares), context)
+    stepped = compute_features(
+        steps_frame(make_steps(data=0.42, fwd=0.2, bwd=0.3, opt=0.08)), context, RULES.warmup_steps
+    )
+    from_samples, from_steps = evaluate(sampled, RULES), evaluate(stepped, RULES)
+    assert from_samples.primary == from_steps.primary == "data"
+    fix = from_samples.recommendations()[0]
+    assert fix["id"] == from_steps.recommendations()[0]["id"]
+    assert fix["estimated_speedup"] == pytest.approx(from_steps.recommendations()[0]["estimated_speedup"], rel=1e-3)
+    assert fix["estimated_speedup"] > 1.5

@@ -95,14 +95,13 @@ def loader_advice(features: Features, gain: float) -> Recommendation:
 
 
 def _num_workers(features: Features, current: int, suggested: int, reason: str) -> Recommendation:
-    step = features.step_time_mean_s
-    wait = features.fractions["data_wait"] * step
-    compute = step - wait
-    # Per-batch load time: serial in the loop with 0 workers; else the pipeline's throughput
-    # bound (W workers deliver one batch every step time).
-    load = wait if current == 0 else step * current
-    new_step = max(compute, load / suggested)
-    speedup = max(1.0, step / new_step) if new_step > 0 else removed(features.fractions["data_wait"])
+    # In units of the step time (so that an attach, which sees shares but no steps, gets the
+    # same estimate): the per-batch load time is serial in the loop with 0 workers; else the
+    # pipeline's throughput bound (W workers deliver one batch every step time).
+    wait = features.fractions["data_wait"]
+    load = wait if current == 0 else float(current)
+    new_step = max(1.0 - wait, load / suggested)
+    speedup = max(1.0, 1.0 / new_step) if new_step > 0 else removed(wait)
     return Recommendation(
         id="dataloader.num_workers",
         title=f"Raise DataLoader num_workers from {current} to {suggested}",
@@ -117,9 +116,8 @@ def cheaper_samples(
 ) -> Recommendation:
     """The loader saturates the host: each sample must cost less CPU (the pipeline's throughput
     grows by ``gain``, up to the point where compute sets the pace)."""
-    step = features.step_time_mean_s
-    compute = step * (1.0 - features.fractions["data_wait"])
-    speedup = step / max(compute, step / gain) if step > 0 else 1.0
+    # In units of the step time, as for more workers.
+    speedup = 1.0 / max(1.0 - features.fractions["data_wait"], 1.0 / gain)
     running = f"with {workers} DataLoader workers running" if workers else "and the loader runs in the training loop"
     return Recommendation(
         id="dataloader.cheaper_samples",
