@@ -40,7 +40,13 @@ def worker_cpu_need(features: Features) -> float:
             return min(1.0, max(ctx.worker_cpu_max_ratio, 0.1))
         return 1.0
     if ctx.trainer_cpu_cores is not None and features.ranks > 0:
-        return min(1.0, max(ctx.trainer_cpu_cores / features.ranks, 0.1))
+        per_process = ctx.trainer_cpu_cores / features.ranks
+        if (ctx.config or {}).get("device_type") == "cpu":
+            # On a CPU the step outside the data wait is CPU work: a process measured below that
+            # share was sampled outside its steps (a run shorter than the sampler's interval),
+            # and its loader cannot be said to wait on I/O from it.
+            per_process = max(per_process, 1.0 - features.fractions["data_wait"])
+        return min(1.0, max(per_process, 0.1))
     return 1.0
 
 
