@@ -92,7 +92,10 @@ JOB_CONTROL_SHELL = textwrap.dedent("""
         os.tcsetpgrp(0, os.getpgrp())
         signal.signal(signal.SIGTTOU, signal.SIG_DFL)
         os.execvp(sys.argv[1], sys.argv[1:])
-    os.setpgid(job, job)
+    try:  # as shells do, both sides set the group: whichever runs first (the child may have exec'd)
+        os.setpgid(job, job)
+    except (PermissionError, ProcessLookupError):
+        pass
     def said(line):
         with open(os.environ["STATUS"], "a") as f:
             f.write(line + "\\n")
