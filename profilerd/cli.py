@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 # that use them (issue 17; tests/test_launch.py checks `--help`).
 from profilerd import __version__, session
 from profilerd.config import ATTACH_RATE_HZ, DaemonConfig, load
+from profilerd.demo import DEMO_SECONDS
 from profilerd.runtime import import_yielding_the_cpu
 from profilerd.session import UsageError, check_output_path
 
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run a bundled CPU job with a starved input pipeline")
     _daemon_flags(demo)
-    demo.add_argument("--seconds", type=float, default=14.0, help="how long the demo trains")
+    demo.add_argument("--seconds", type=float, default=DEMO_SECONDS, help="how long the demo trains")
     demo.add_argument("--json", dest="json_path", type=Path)
     demo.add_argument("--no-status", action="store_true")
     demo.add_argument("--no-tui", action="store_true", help="the plain status line instead of the TUI")

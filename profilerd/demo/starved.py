@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from profilerd.demo import DEMO_SECONDS
+
 
 class SlowStorageDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __init__(self, size: int, read_latency_s: float) -> None:
@@ -33,7 +35,7 @@ class SlowStorageDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=14.0, help="how long to train")
+    parser.add_argument("--seconds", type=float, default=DEMO_SECONDS, help="how long to train")
     parser.add_argument("--num-workers", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(0)
